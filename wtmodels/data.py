@@ -1,0 +1,517 @@
+"""Datasets, transforms and loaders for the training harness.
+
+Every dataset is reached by name through :func:`get_datasets`, which returns the train and test
+sets (already carrying their normalisation and, for the train set, augmentation) and an ``info``
+dict ``{"name", "num_classes", "in_chans", "image_size"}`` that sizes the model.
+
+================  ==========================================================================
+name              source
+================  ==========================================================================
+``digits``        scikit-learn's ``load_digits`` (1797 real 8x8 digits shipped inside the
+                  package), fixed stratified split: 1437 train / 360 test. Nothing to download.
+``mnist``         torchvision ``MNIST`` from ``data_dir`` (``download=True`` fetches it).
+``fashion_mnist`` torchvision ``FashionMNIST`` from ``data_dir``; when the Debian package
+                  ``dataset-fashion-mnist`` is installed its files are used with no download.
+``cifar10``       torchvision ``CIFAR10`` from ``data_dir`` (MD5 sums checked by torchvision).
+``cifar100``      torchvision ``CIFAR100`` likewise.
+``imagefolder``   ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (ImageNet layout).
+``synthetic``     a learnable generated set of any size and shape (class prototypes + noise).
+================  ==========================================================================
+
+The library writes nothing unless ``download=True`` is passed.
+
+Example:
+    >>> from wtmodels.data import get_datasets, build_loaders
+    >>> train_ds, test_ds, info = get_datasets("digits")
+    >>> info["num_classes"], info["in_chans"], info["image_size"], len(train_ds), len(test_ds)
+    (10, 1, 8, 1437, 360)
+    >>> train_loader, test_loader = build_loaders(train_ds, test_ds, batch_size=64)
+    >>> x, y = next(iter(train_loader))
+    >>> tuple(x.shape), tuple(y.shape)
+    ((64, 1, 8, 8), (64,))
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import v2
+
+# Debian's dataset-fashion-mnist installs the four idx .gz files here.
+FASHION_MNIST_SYSTEM_DIRS = ["/usr/share/datasets/fashion-mnist"]
+
+# per-channel (mean, std) of the training images, in [0, 1] pixel units
+NORMALISATION = {
+    "digits": ((0.3053,), (0.3760,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as a float tensor, with an optional per-image transform.
+
+    Args:
+        images: float tensor ``(N, C, H, W)`` with pixels in [0, 1].
+        targets: integer labels ``(N,)``.
+        transform: callable applied to each ``(C, H, W)`` image.
+
+    Example:
+        >>> import torch
+        >>> ds = TensorImageDataset(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+        >>> x, y = ds[1]
+        >>> tuple(x.shape), y
+        ((1, 8, 8), 1)
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
+        if images.ndim != 4 or len(images) != len(targets):
+            raise ValueError(
+                f"images must be (N, C, H, W) with N == len(targets); got {tuple(images.shape)} "
+                f"and {len(targets)} targets"
+            )
+        self.images = images  # (N, C, H, W)
+        self.targets = targets.long()  # (N,)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]  # (C, H, W)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+class SyntheticImages(Dataset):
+    """A learnable generated classification set of any size and shape.
+
+    Each class has a fixed smooth random prototype (drawn from ``seed``); image ``i`` of a split
+    is its class prototype circularly shifted by up to two pixels plus Gaussian noise, both drawn
+    from a generator seeded by ``(seed, split, i)``, so an image is the same whenever it is read
+    and nothing is held in memory. Labels cycle through the classes (``i % num_classes``).
+
+    Args:
+        size: number of images.
+        num_classes: number of classes.
+        shape: ``(C, H, W)`` of each image.
+        seed: seed of the prototypes and noise.
+        split: 0 for train, 1 for test (different noise, same prototypes).
+        noise: standard deviation of the additive noise (the prototypes have unit std).
+
+    Example:
+        >>> ds = SyntheticImages(100, num_classes=4, shape=(3, 16, 16))
+        >>> x, y = ds[5]
+        >>> tuple(x.shape), y, bool((ds[5][0] == x).all())
+        ((3, 16, 16), 1, True)
+    """
+
+    def __init__(self, size: int, num_classes: int = 10, shape=(3, 32, 32), seed: int = 0,
+                 split: int = 0, noise: float = 0.5):
+        self.size = int(size)
+        self.num_classes = int(num_classes)
+        self.shape = tuple(int(s) for s in shape)
+        self.seed = int(seed)
+        self.split = int(split)
+        self.noise = float(noise)
+        c, h, w = self.shape
+        gen = torch.Generator().manual_seed(self.seed)
+        coarse = torch.randn(self.num_classes, c, max(2, h // 4), max(2, w // 4), generator=gen)
+        protos = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear",
+                                                 align_corners=False)  # (K, C, H, W)
+        protos = protos - protos.mean(dim=(1, 2, 3), keepdim=True)
+        self.prototypes = protos / protos.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        label = index % self.num_classes
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.split) * 1_000_003
+                                            + index)
+        shift = torch.randint(-2, 3, (2,), generator=gen)
+        image = torch.roll(self.prototypes[label], shifts=(int(shift[0]), int(shift[1])),
+                           dims=(1, 2))  # (C, H, W)
+        image = image + self.noise * torch.randn(self.shape, generator=gen)
+        return image, label
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+
+def _to_float_image() -> Callable:
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def _normalise(name: str) -> v2.Normalize:
+    mean, std = NORMALISATION[name]
+    return v2.Normalize(mean=list(mean), std=list(std))
+
+
+def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad: int,
+                            flip: bool, from_pil: bool, resize: int | None):
+    """(train, test) transforms for fixed-size datasets: optional resize, pad-crop, flip."""
+    base = [_to_float_image()] if from_pil else []
+    if resize is not None:
+        base.append(v2.Resize((resize, resize), antialias=True))
+    aug = []
+    if augment and crop_pad > 0:
+        aug.append(v2.RandomCrop(image_size, padding=crop_pad))
+    if augment and flip:
+        aug.append(v2.RandomHorizontalFlip())
+    norm = [_normalise(name)]
+    return v2.Compose(base + aug + norm), v2.Compose(base + norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# subsets
+
+
+def _subset(ds: Dataset, size: int | None, seed: int, field: str) -> Dataset:
+    """A fixed seeded subset of ``size`` items (indices kept in ascending order)."""
+    if size is None or size == len(ds):
+        return ds
+    if size < 1 or size > len(ds):
+        raise ValueError(f"{field} must be in [1, {len(ds)}] for this dataset, got {size}")
+    indices = np.sort(np.random.default_rng(seed).permutation(len(ds))[:size])
+    return Subset(ds, indices.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# the datasets
+
+
+def _digits(data_dir, download, augment, image_size, opts):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    targets = torch.tensor(digits.target)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(targets)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED)
+    size = image_size or 8
+    resize = None if size == 8 else size
+    train_tf, test_tf = _small_image_transforms("digits", size, augment, crop_pad=1, flip=False,
+                                                from_pil=False, resize=resize)
+    train = TensorImageDataset(images[idx_train], targets[idx_train], train_tf)
+    test = TensorImageDataset(images[idx_test], targets[idx_test], test_tf)
+    return train, test, {"num_classes": 10, "in_chans": 1, "image_size": size}
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Read an idx file (``.gz`` or plain) holding unsigned bytes, e.g. MNIST images/labels."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 3:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, holds {len(data) - offset} "
+                         "bytes")
+    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
+
+
+def _idx_files(folder: Path, train: bool) -> tuple[Path, Path] | None:
+    """The (images, labels) idx files of a split in ``folder``, plain or gzipped, if present."""
+    prefix = "train" if train else "t10k"
+    found = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        for name in (f"{prefix}-{kind}", f"{prefix}-{kind}.gz"):
+            if (folder / name).is_file():
+                found.append(folder / name)
+                break
+        else:
+            return None
+    return found[0], found[1]
+
+
+def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size,
+                search: list[str]):
+    """(Fashion-)MNIST through torchvision, from its own layout or any folder of idx files."""
+    import torchvision.datasets as tvd
+
+    tv_cls = getattr(tvd, tv_name)
+    size = image_size or 28
+    resize = None if size == 28 else size
+    train_tf, test_tf = _small_image_transforms(name, size, augment, crop_pad=2,
+                                                flip=name == "fashion_mnist", from_pil=True,
+                                                resize=resize)
+    info = {"num_classes": 10, "in_chans": 1, "image_size": size}
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    if root is not None and download:
+        root.mkdir(parents=True, exist_ok=True)
+        return (tv_cls(root, train=True, transform=train_tf, download=True),
+                tv_cls(root, train=False, transform=test_tf, download=True), info)
+    candidates = []
+    if root is not None:
+        tv_raw = root / tv_name / "raw"
+        if all(f and f[0].suffix != ".gz" and f[1].suffix != ".gz"
+               for f in (_idx_files(tv_raw, True), _idx_files(tv_raw, False))):
+            # torchvision's own layout, uncompressed: its class reads it as is
+            return (tv_cls(root, train=True, transform=train_tf),
+                    tv_cls(root, train=False, transform=test_tf), info)
+        candidates += [tv_raw, root]
+    candidates += [Path(p) for p in search]
+    for folder in candidates:
+        files = (_idx_files(folder, True), _idx_files(folder, False))
+        if files[0] and files[1]:
+            return (_IdxImages(tv_cls, *files[0], train_tf), _IdxImages(tv_cls, *files[1], test_tf),
+                    info)
+    where = ", ".join(str(c) for c in candidates) or "nowhere (no --data-dir)"
+    raise ValueError(f"dataset {name}: no idx files (train-/t10k-images-idx3-ubyte[.gz]) found in "
+                     f"{where}; pass --data-dir DIR or --download")
+
+
+class _IdxImages(Dataset):
+    """A torchvision (Fashion-)MNIST dataset whose idx files may sit in any folder, gzipped."""
+
+    def __init__(self, tv_cls, images_path: Path, labels_path: Path, transform):
+        self.data = _read_idx(images_path)  # (N, 28, 28) uint8
+        self.targets = _read_idx(labels_path).long()  # (N,)
+        if self.data.ndim != 3 or self.targets.ndim != 1 or len(self.data) != len(self.targets):
+            raise ValueError(f"{images_path} and {labels_path} do not form an image/label pair")
+        self.classes = list(tv_cls.classes)
+        # reuse torchvision's item logic (uint8 array -> PIL "L" image -> transform)
+        self._tv_getitem = tv_cls.__getitem__
+        self.transform = transform
+        self.target_transform = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self._tv_getitem(self, index)
+
+
+def _mnist(data_dir, download, augment, image_size, opts):
+    return _mnist_like("mnist", "MNIST", data_dir, download, augment, image_size, [])
+
+
+def _fashion_mnist(data_dir, download, augment, image_size, opts):
+    return _mnist_like("fashion_mnist", "FashionMNIST", data_dir, download, augment, image_size,
+                       FASHION_MNIST_SYSTEM_DIRS)
+
+
+def _cifar(name: str, tv_name: str, num_classes: int, data_dir, download, augment, image_size):
+    import torchvision.datasets as tvd
+
+    if data_dir is None:
+        raise ValueError(f"dataset {name} needs --data-dir (add --download to fetch it there)")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir() and not download:
+        raise ValueError(f"dataset {name}: data dir {root} does not exist (add --download)")
+    tv_cls = getattr(tvd, tv_name)
+    size = image_size or 32
+    resize = None if size == 32 else size
+    train_tf, test_tf = _small_image_transforms(name, size, augment, crop_pad=size // 8,
+                                                flip=True, from_pil=True, resize=resize)
+    try:
+        train = tv_cls(root, train=True, transform=train_tf, download=download)
+        test = tv_cls(root, train=False, transform=test_tf, download=download)
+    except RuntimeError as err:  # torchvision: files missing or failing their MD5 check
+        raise ValueError(f"dataset {name}: no intact {tv_cls.base_folder} under {root} "
+                         f"(files missing or MD5 mismatch: {err}); add --download") from None
+    return train, test, {"num_classes": num_classes, "in_chans": 3, "image_size": size}
+
+
+def _cifar10(data_dir, download, augment, image_size, opts):
+    return _cifar("cifar10", "CIFAR10", 10, data_dir, download, augment, image_size)
+
+
+def _cifar100(data_dir, download, augment, image_size, opts):
+    return _cifar("cifar100", "CIFAR100", 100, data_dir, download, augment, image_size)
+
+
+def _imagefolder(data_dir, download, augment, image_size, opts):
+    from torchvision.datasets import ImageFolder
+
+    if data_dir is None:
+        raise ValueError("dataset imagefolder needs --data-dir ROOT holding ROOT/train/<class>/* "
+                         "and ROOT/val/<class>/*")
+    root = Path(data_dir).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ValueError(f"dataset imagefolder: {root / split} is not a directory "
+                             "(expected ROOT/train/<class>/* and ROOT/val/<class>/*)")
+    size = image_size or 224
+    norm = _normalise("imagefolder")
+    if augment:
+        train_tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True),
+                               v2.RandomHorizontalFlip(), _to_float_image(), norm])
+    else:
+        train_tf = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True),
+                               v2.CenterCrop(size), _to_float_image(), norm])
+    test_tf = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size),
+                          _to_float_image(), norm])
+    try:
+        train = ImageFolder(str(root / "train"), transform=train_tf)
+        test = ImageFolder(str(root / "val"), transform=test_tf)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ValueError(f"dataset imagefolder: {err}".replace("\n", " ")) from None
+    if train.classes != test.classes:
+        raise ValueError(f"dataset imagefolder: train classes {train.classes} differ from val "
+                         f"classes {test.classes}")
+    return train, test, {"num_classes": len(train.classes), "in_chans": 3, "image_size": size}
+
+
+def _synthetic(data_dir, download, augment, image_size, opts):
+    size = image_size or 32
+    chans = opts.get("channels") or 3
+    classes = opts.get("classes") or 10
+    seed = opts["seed"]
+    n_train = opts.get("train_size") or 1024
+    n_test = opts.get("test_size") or 256
+    shape = (chans, size, size)
+    train = SyntheticImages(n_train, classes, shape, seed=seed, split=0)
+    test = SyntheticImages(n_test, classes, shape, seed=seed, split=1)
+    return train, test, {"num_classes": classes, "in_chans": chans, "image_size": size}
+
+
+_DATASETS: dict[str, Callable] = {
+    "digits": _digits,
+    "mnist": _mnist,
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "imagefolder": _imagefolder,
+    "synthetic": _synthetic,
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`get_datasets`.
+
+    Example:
+        >>> "digits" in list_datasets()
+        True
+    """
+    return sorted(_DATASETS)
+
+
+def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 train_size: int | None = None, test_size: int | None = None, seed: int = 0,
+                 augment: bool = True, image_size: int | None = None,
+                 channels: int | None = None, classes: int | None = None):
+    """Build the train and test sets of a named dataset.
+
+    Args:
+        name: one of :func:`list_datasets`.
+        data_dir: where the files are (or go, with ``download``); unused by ``digits`` and
+            ``synthetic``. (Fashion-)MNIST looks in ``data_dir/<MNIST|FashionMNIST>/raw`` (the
+            torchvision layout) and in ``data_dir`` itself for idx files, plain or gzipped.
+        download: let torchvision fetch the files into ``data_dir`` (the only way this function
+            writes anything).
+        train_size: keep a fixed seeded subset of this many training images (synthetic: generate
+            this many, default 1024).
+        test_size: likewise for the test set (synthetic default 256).
+        seed: seed of the subsets and of the synthetic images.
+        augment: apply the dataset's standard training augmentation (digits: pad-1 random crop;
+            (Fashion-)MNIST: pad-2 random crop, plus flip for Fashion; CIFAR: pad-4 random crop +
+            flip; imagefolder: random resized crop + flip). Test sets are never augmented.
+        image_size: resize to this square size (imagefolder default 224, synthetic 32, others
+            their native size).
+        channels: synthetic only: image channels (default 3).
+        classes: synthetic only: number of classes (default 10).
+
+    Returns:
+        ``(train_ds, test_ds, info)`` with ``info = {"name", "num_classes", "in_chans",
+        "image_size"}``; items are ``(float tensor (C, H, W), int label)``.
+
+    Raises:
+        ValueError: unknown name, missing or corrupt files, out-of-range sizes.
+
+    Example:
+        >>> train_ds, test_ds, info = get_datasets("synthetic", train_size=64, test_size=32,
+        ...                                        image_size=16, channels=1, classes=4)
+        >>> len(train_ds), len(test_ds), info["num_classes"], tuple(train_ds[0][0].shape)
+        (64, 32, 4, (1, 16, 16))
+    """
+    if name not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    for field, value in (("train_size", train_size), ("test_size", test_size),
+                         ("image_size", image_size), ("channels", channels),
+                         ("classes", classes)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    opts = {"seed": int(seed), "train_size": train_size, "test_size": test_size,
+            "channels": channels, "classes": classes}
+    if name != "synthetic" and (channels is not None or classes is not None):
+        raise ValueError("channels and classes apply to the synthetic dataset only")
+    train, test, info = _DATASETS[name](data_dir, download, augment, image_size, opts)
+    if name != "synthetic":
+        train = _subset(train, train_size, seed, "train_size")
+        test = _subset(test, test_size, seed + 1, "test_size")
+    return train, test, {"name": name, **info}
+
+
+def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
+                  test_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """Train and test loaders whose order is a pure function of ``(seed, epoch)``.
+
+    The train loader shuffles with a :class:`~torch.utils.data.DistributedSampler` even on one
+    process (call ``train_loader.sampler.set_epoch(epoch)`` each epoch), so that ``N`` processes
+    with ``batch_size / N`` images each see, step by step, the same global batches as one process
+    with ``batch_size``. Its ``generator`` (seeded by ``seed``) seeds the workers and is part of
+    the state a checkpoint saves. The test loader reads this rank's shard ``rank::world_size``
+    in order, without padding, so sums over ranks count each test image once.
+
+    Args:
+        train_ds: training set.
+        test_ds: test set.
+        batch_size: GLOBAL batch size (divisible by ``world_size``).
+        test_batch_size: global test batch size (default: ``2 * batch_size``).
+        num_workers: loader worker processes per rank.
+        seed: shuffling and worker seed.
+        rank: this process's rank.
+        world_size: number of processes.
+        pin_memory: pin host memory (for GPU training).
+
+    Returns:
+        ``(train_loader, test_loader)``.
+
+    Example:
+        >>> from wtmodels.data import get_datasets
+        >>> tr, te, _ = get_datasets("digits")
+        >>> a, _ = build_loaders(tr, te, batch_size=8, seed=3)
+        >>> b, _ = build_loaders(tr, te, batch_size=8, seed=3)
+        >>> a.sampler.set_epoch(1); b.sampler.set_epoch(1)
+        >>> bool((next(iter(a))[1] == next(iter(b))[1]).all())
+        True
+    """
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(f"batch_size must be a positive multiple of the {world_size} "
+                         f"process(es), got {batch_size}")
+    test_batch_size = test_batch_size or 2 * batch_size
+    per_rank_test = max(1, test_batch_size // world_size)
+    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    train_loader = DataLoader(train_ds, batch_size=batch_size // world_size, sampler=sampler,
+                              num_workers=num_workers, pin_memory=pin_memory,
+                              generator=torch.Generator().manual_seed(seed),
+                              persistent_workers=False)
+    shard = Subset(test_ds, list(range(rank, len(test_ds), world_size)))
+    test_loader = DataLoader(shard, batch_size=per_rank_test, shuffle=False,
+                             num_workers=num_workers, pin_memory=pin_memory)
+    return train_loader, test_loader
