@@ -27,10 +27,16 @@ _EXPORTS = {
     "DEQ": "wtmodels.implicit",
     # masks
     "make_masks": "wtmodels.masks",
+    "apply_masks": "wtmodels.masks",
+    "remove_masks": "wtmodels.masks",
     # models
     "create_model": "wtmodels.models",
     "list_models": "wtmodels.models",
     "register_model": "wtmodels.models",
+    "get_config": "wtmodels.models",
+    "ModelConfig": "wtmodels.models",
+    "ImplicitClassifier": "wtmodels.models",
+    "model_summary": "wtmodels.models",
     # parameter-efficient fine-tuning
     "add_lora": "wtmodels.peft",
 }

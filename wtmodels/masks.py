@@ -2,23 +2,44 @@
 
 A weight-tied cell applied D times uses the same weights at every iteration. Giving each
 iteration one of K distinct static sparse masks varies the effective weights from one iteration
-to the next at no extra parameter cost. This module draws those masks.
+to the next at no extra parameter cost. This module draws those masks (:func:`make_masks`)
+and attaches them post-hoc to the layers of a built module, chosen by type, the way weight norm
+is attached (:func:`apply_masks`), so model classes hold no mask logic.
+
+A masked layer keeps its one shared weight ``W`` and a bool buffer ``weight_masks`` of shape
+``(K, *W.shape)`` (saved in the ``state_dict``). It multiplies by mask ``mask_index``; the caller
+(a core running the cell) picks the index per iteration with :func:`set_mask_index` and the
+schedule (:func:`mask_index`). Inside :func:`formed_masks` the K masked weights are formed once,
+in one multiply per layer, and every iteration reads its slice, so a forward pass of D iterations
+pays for the masking once; gradients of all slices reach the shared ``W``.
 
 Example:
-    >>> import wtmodels as wt
+    >>> import torch, wtmodels as wt
     >>> masks = wt.make_masks((8, 4, 3, 3), k=4, density=0.5, kind="nm", seed=0)
     >>> masks.shape, masks.dtype
     (torch.Size([4, 8, 4, 3, 3]), torch.bool)
+    >>> conv = apply_masks(torch.nn.Conv2d(4, 8, 3), k=4, density=0.5)
+    >>> with formed_masks(conv):
+    ...     set_mask_index(conv, 1)
+    ...     y = conv(torch.randn(2, 4, 5, 5))
+    >>> y.shape
+    torch.Size([2, 8, 3, 3])
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 MASK_KINDS = ("random", "bernoulli", "nm")
+MASK_SCHEDULES = ("cyclic", "block")
+MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 # Redraws allowed per mask before giving up on distinctness (only reachable when nearly
 # every possible mask has already been drawn, e.g. bernoulli at a density close to 1).
@@ -198,3 +219,314 @@ def _duplicate_rows(flat: torch.Tensor) -> torch.Tensor:
     first = torch.full((int(inverse.max()) + 1,), flat.shape[0], dtype=torch.long)
     first = first.scatter_reduce(0, inverse, torch.arange(flat.shape[0]), reduce="amin")
     return first[inverse] != torch.arange(flat.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching masks to layers
+
+
+def mask_index(t: int, depth: int, k: int, schedule: str = "cyclic") -> int:
+    """Index of the mask that iteration ``t`` (0-based) of ``depth`` uses among ``k`` masks.
+
+    ``"cyclic"``: ``t mod k`` (masks 0, 1, ..., k-1, 0, 1, ...). ``"block"``: consecutive blocks
+    of about ``depth / k`` iterations share a mask (``t * k // depth``), so every mask is used
+    for the same number of iterations (up to one) when ``k <= depth``.
+
+    Args:
+        t: iteration, ``0 <= t < depth`` for ``"block"``; any ``t >= 0`` for ``"cyclic"``.
+        depth: number of iterations.
+        k: number of masks.
+        schedule: ``"cyclic"`` or ``"block"``.
+
+    Returns:
+        The mask index in ``[0, k)``.
+
+    Example:
+        >>> [mask_index(t, 6, 3, "cyclic") for t in range(6)]
+        [0, 1, 2, 0, 1, 2]
+        >>> [mask_index(t, 6, 3, "block") for t in range(6)]
+        [0, 0, 1, 1, 2, 2]
+    """
+    if schedule == "cyclic":
+        return t % k
+    if schedule == "block":
+        return min(t * k // depth, k - 1)
+    raise ValueError(
+        f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
+    )
+
+
+class MaskedLayer:
+    """Mixin that makes a conv / linear layer multiply its weight by one of its masks.
+
+    :func:`apply_masks` swaps a layer's class to a subclass with this mixin (as
+    ``torch.nn.utils.parametrize`` does), so the layer keeps its parameters, parametrizations
+    (weight norm, spectral norm) and ``state_dict`` keys, plus the buffer ``weight_masks``.
+    """
+
+    weight_masks: torch.Tensor  # (K, *weight.shape) bool
+    mask_index: int
+    mask_schedule: str
+    _mask_stack: tuple[torch.Tensor, ...] | None
+
+    def masked_weight(self) -> torch.Tensor:
+        """The weight times mask ``mask_index`` (a slice of the formed stack when formed)."""
+        if self._mask_stack is not None:
+            return self._mask_stack[self.mask_index]
+        return self.weight * self.weight_masks[self.mask_index]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        weight = self.masked_weight()
+        if isinstance(self, nn.Linear):
+            return F.linear(input, weight, self.bias)
+        return self._conv_forward(input, weight, self.bias)
+
+
+class MaskedConv1d(MaskedLayer, nn.Conv1d):
+    """``nn.Conv1d`` with static masks (made by :func:`apply_masks`)."""
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    """``nn.Conv2d`` with static masks (made by :func:`apply_masks`)."""
+
+
+class MaskedConv3d(MaskedLayer, nn.Conv3d):
+    """``nn.Conv3d`` with static masks (made by :func:`apply_masks`)."""
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    """``nn.Linear`` with static masks (made by :func:`apply_masks`)."""
+
+
+_MASKED_CLASSES: dict[type, type] = {
+    nn.Conv1d: MaskedConv1d,
+    nn.Conv2d: MaskedConv2d,
+    nn.Conv3d: MaskedConv3d,
+    nn.Linear: MaskedLinear,
+}
+
+
+def _masked_class(cls: type) -> type:
+    """The masked subclass of ``cls`` (made once per class, e.g. for parametrized layers)."""
+    if cls not in _MASKED_CLASSES:
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (MaskedLayer, cls), {})
+    return _MASKED_CLASSES[cls]
+
+
+def derive_seed(seed: int, *path: object) -> int:
+    """A seed for a part (layer, cell) derived from a base seed and the part's path.
+
+    Deterministic across runs and platforms (a SHA-256 of the arguments), so every layer gets its
+    own masks and two builds with the same base seed get the same ones.
+
+    Example:
+        >>> derive_seed(0, "conv1") == derive_seed(0, "conv1") != derive_seed(0, "conv2")
+        True
+    """
+    digest = hashlib.sha256(repr((int(seed), *path)).encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def apply_masks(
+    module: nn.Module,
+    k: int,
+    density: float = 0.5,
+    kind: str = "random",
+    seed: int = 0,
+    schedule: str = "cyclic",
+    types: tuple[type, ...] = (nn.Conv2d,),
+    *,
+    n: int | None = None,
+    m: int | None = None,
+) -> nn.Module:
+    """Attach ``k`` distinct static masks to every layer of the given types inside ``module``.
+
+    Post-hoc, like weight norm: each matching layer (``module`` itself included) gets a bool
+    buffer ``weight_masks`` ``(k, *weight.shape)`` drawn by :func:`make_masks` with a seed
+    derived from ``seed`` and the layer's name, and multiplies its weight by mask
+    ``mask_index`` (0 until :func:`set_mask_index` changes it). Parameters are unchanged: masks
+    add no trainable parameters. Weight norm / spectral norm parametrizations may be attached
+    before or after; the mask multiplies the parametrized weight.
+
+    Args:
+        module: the module to mask (e.g. a cell).
+        k: number of masks per layer (>= 1).
+        density: share of kept weights, in (0, 1].
+        kind: ``"random"``, ``"bernoulli"`` or ``"nm"`` (see :func:`make_masks`).
+        seed: base seed.
+        schedule: which mask iteration t uses, ``"cyclic"`` or ``"block"`` (see
+            :func:`mask_index`); stored on the layers for the caller to read with
+            :func:`mask_schedule`.
+        types: layer types to mask, among ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (subclasses
+            included).
+        n: ones per group for ``kind="nm"``.
+        m: group size for ``kind="nm"``.
+
+    Returns:
+        ``module`` (masked in place).
+
+    Raises:
+        ValueError: bad mask arguments, an unknown schedule, an unsupported type, no layer of
+            the types in ``module``, or a layer that is already masked.
+
+    Example:
+        >>> import torch
+        >>> cell = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        >>> cell = apply_masks(cell, k=4, density=0.25, seed=0)
+        >>> mask_count(cell), cell[0].weight_masks.shape
+        (4, torch.Size([4, 8, 3, 3, 3]))
+    """
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(
+            f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
+        )
+    types = tuple(types)
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, MASKABLE_TYPES))]
+    if not types or bad:
+        raise ValueError(
+            f"types must be layer classes among "
+            f"{', '.join(t.__name__ for t in MASKABLE_TYPES)} (or subclasses), got {types}"
+        )
+    layers = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, types)]
+    if not layers:
+        raise ValueError(
+            f"no layer of types {', '.join(t.__name__ for t in types)} in "
+            f"{type(module).__name__}"
+        )
+    for name, layer in layers:
+        if isinstance(layer, MaskedLayer):
+            raise ValueError(f"layer {name or type(layer).__name__!r} is already masked")
+    drawn = [
+        make_masks(
+            tuple(layer.weight.shape), k, density, kind, derive_seed(seed, name), n=n, m=m
+        )
+        for name, layer in layers
+    ]  # validate every layer before changing any
+    for (_, layer), masks in zip(layers, drawn):
+        layer.register_buffer("weight_masks", masks.to(layer.weight.device))
+        layer.mask_index = 0
+        layer.mask_schedule = schedule
+        layer._mask_stack = None
+        layer.__class__ = _masked_class(type(layer))
+    return module
+
+
+def remove_masks(module: nn.Module) -> nn.Module:
+    """Detach the masks from every masked layer in ``module`` (weights stay dense).
+
+    Example:
+        >>> import torch
+        >>> conv = remove_masks(apply_masks(torch.nn.Conv2d(2, 2, 1), k=2))
+        >>> mask_count(conv), hasattr(conv, "weight_masks")
+        (0, False)
+    """
+    for layer in _masked_layers(module):
+        if type(layer) not in _MASKED_CLASSES.values():
+            raise ValueError(
+                f"cannot remove masks from {type(layer).__name__}: a parametrization was "
+                "registered after the masks; remove it first"
+            )
+        del layer._buffers["weight_masks"]
+        for attr in ("mask_index", "mask_schedule", "_mask_stack"):
+            delattr(layer, attr)
+        layer.__class__ = type(layer).__bases__[1]  # (MaskedLayer, base)
+    return module
+
+
+def _masked_layers(module: nn.Module) -> list[MaskedLayer]:
+    return [sub for sub in module.modules() if isinstance(sub, MaskedLayer)]
+
+
+def mask_count(module: nn.Module) -> int:
+    """Number K of masks of the masked layers in ``module``; 0 when none is masked.
+
+    Raises:
+        ValueError: masked layers with different K.
+
+    Example:
+        >>> import torch
+        >>> mask_count(torch.nn.Conv2d(2, 2, 1))
+        0
+    """
+    ks = {int(layer.weight_masks.shape[0]) for layer in _masked_layers(module)}
+    if len(ks) > 1:
+        raise ValueError(f"masked layers of {type(module).__name__} hold different K: {ks}")
+    return ks.pop() if ks else 0
+
+
+def mask_schedule(module: nn.Module) -> str:
+    """The schedule given to :func:`apply_masks` (``"cyclic"`` when nothing is masked).
+
+    Example:
+        >>> import torch
+        >>> mask_schedule(apply_masks(torch.nn.Conv2d(2, 2, 1), k=2, schedule="block"))
+        'block'
+    """
+    schedules = {layer.mask_schedule for layer in _masked_layers(module)}
+    if len(schedules) > 1:
+        raise ValueError(f"masked layers of {type(module).__name__} hold schedules {schedules}")
+    return schedules.pop() if schedules else "cyclic"
+
+
+def set_mask_index(module: nn.Module, index: int) -> None:
+    """Make every masked layer in ``module`` use mask ``index`` from now on.
+
+    Example:
+        >>> import torch
+        >>> conv = apply_masks(torch.nn.Conv2d(2, 2, 1), k=3)
+        >>> set_mask_index(conv, 2); conv.mask_index
+        2
+    """
+    for layer in _masked_layers(module):
+        if not 0 <= index < layer.weight_masks.shape[0]:
+            raise ValueError(
+                f"mask index must be in [0, {layer.weight_masks.shape[0]}), got {index}"
+            )
+        layer.mask_index = index
+
+
+@contextlib.contextmanager
+def formed_masks(module: nn.Module) -> Iterator[None]:
+    """Form the K masked weights of every masked layer once, for a whole forward pass.
+
+    Inside the block each masked layer reads its weight as a slice of ``W * masks`` (one
+    ``(K, *W.shape)`` multiply per layer, done on entry), so iterating a cell D times costs one
+    masking instead of D. Gradients of all slices reach the shared weight. Outside the block
+    layers mask on the fly, which gives the same values. Nesting is allowed (inner blocks reuse
+    the outer stack).
+
+    Example:
+        >>> import torch
+        >>> conv = apply_masks(torch.nn.Linear(4, 4), k=2, types=(torch.nn.Linear,))
+        >>> x = torch.randn(3, 4)
+        >>> with formed_masks(conv):
+        ...     y = conv(x)
+        >>> torch.allclose(y, conv(x))
+        True
+    """
+    fresh = [layer for layer in _masked_layers(module) if layer._mask_stack is None]
+    try:
+        for layer in fresh:
+            w = layer.weight  # evaluates weight norm / spectral norm once
+            layer._mask_stack = (w.unsqueeze(0) * layer.weight_masks).unbind(0)  # K x (*W)
+        yield
+    finally:
+        for layer in fresh:
+            layer._mask_stack = None
+
+
+def masked_out_per_iter(module: nn.Module) -> float:
+    """Weights zeroed by the masks in one application of ``module``, averaged over the K masks.
+
+    Example:
+        >>> import torch
+        >>> conv = apply_masks(torch.nn.Conv2d(2, 4, 1, bias=False), k=2, density=0.25)
+        >>> masked_out_per_iter(conv)
+        6.0
+    """
+    return float(
+        sum(
+            (~layer.weight_masks).flatten(1).sum(1).float().mean().item()
+            for layer in _masked_layers(module)
+        )
+    )

@@ -1,0 +1,90 @@
+"""Accounting of a model: parameters, non-zero weights per iteration, cell evaluations, FLOPs.
+
+Example:
+    >>> import wtmodels as wt
+    >>> model = wt.create_model("test_wt", in_chans=1, mask_k=2, mask_density=0.5)
+    >>> info = model_summary(model, input_shape=(1, 8, 8))
+    >>> info["nonzero_params_per_iter"] < info["params"]
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from wtmodels.masks import masked_out_per_iter
+
+
+def count_params(module: nn.Module) -> int:
+    """Trainable parameters of ``module`` (mask buffers are not parameters).
+
+    Example:
+        >>> count_params(torch.nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def nonzero_params_per_iter(model: nn.Module) -> float:
+    """Trainable weights that one iteration of every core uses, masked-out weights excluded.
+
+    Counts every parameter outside the cores (stem, transitions, head) plus, per stage, the
+    parameters of one cell minus the weights its masks zero (averaged over the K masks; exact
+    for ``"random"`` and ``"nm"`` masks). For a tied core that is the whole cell; for an untied
+    core one of its D cells.
+
+    Example:
+        >>> import wtmodels as wt
+        >>> tied = wt.create_model("test_wt", in_chans=1)
+        >>> untied = wt.create_model("test_untied", in_chans=1)
+        >>> nonzero_params_per_iter(tied) == nonzero_params_per_iter(untied)
+        True
+    """
+    total = count_params(model) - sum(count_params(core) for core in model.cores)
+    for core in model.cores:
+        cell = core.cells[0] if hasattr(core, "cells") else core.cell
+        total += count_params(cell) - masked_out_per_iter(cell)
+    return float(total)
+
+
+def model_summary(
+    model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)
+) -> dict[str, float]:
+    """Size and cost of a model on one image of ``input_shape`` ``(C, H, W)``.
+
+    Runs one forward pass in eval mode under ``torch.no_grad`` and
+    ``torch.utils.flop_counter.FlopCounterMode`` on a random image drawn from a private
+    generator (the global random state is untouched); the model's train/eval mode is restored.
+
+    Returns:
+        ``params`` (trainable), ``nonzero_params_per_iter`` (:func:`nonzero_params_per_iter`),
+        ``cell_evals`` (cell applications in that forward; for DEQ and adaptive ODE cores it
+        depends on the input), ``flops_per_image`` (FLOPs counted by torch: dense convolutions
+        and matmuls, masked weights count as dense).
+
+    Example:
+        >>> import wtmodels as wt
+        >>> info = model_summary(wt.create_model("test_wt", in_chans=1), (1, 8, 8))
+        >>> sorted(info)
+        ['cell_evals', 'flops_per_image', 'nonzero_params_per_iter', 'params']
+    """
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, *input_shape, generator=generator).to(param.device, param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(image)
+    finally:
+        model.train(was_training)
+    stats = model.core_stats()
+    return {
+        "params": float(count_params(model)),
+        "nonzero_params_per_iter": nonzero_params_per_iter(model),
+        "cell_evals": float(stats.get("cell_evals", 0.0)),
+        "flops_per_image": float(counter.get_total_flops()),
+    }

@@ -1,0 +1,241 @@
+"""Cores: the ways to run a weight-tied cell ``f(z, x)`` inside a model stage.
+
+Every core maps the stage input ``x`` ``(B, C, H, W)`` to features ``z`` of the same shape,
+starting from ``z0 = 0``, and keeps the statistics of its last forward pass in ``last_stats``
+(read through ``ImplicitClassifier.core_stats()``):
+
+- :class:`UnrolledCore`: the cell applied ``depth`` times (weight-tied network).
+- :class:`DEQCore`: the fixed point ``z* = f(z*, x)`` found by :class:`wtmodels.DEQ`; with K
+  masks, the fixed point of the K-periodic composite ``f_{K-1} o ... o f_0`` (one solver step =
+  K masked cell applications).
+- :class:`UntiedCore`: ``depth`` independent cells (the explicit baseline, D times the params).
+- :class:`wtmodels.ode.ODECore`: ``dz/dt = f(z, x) - z`` integrated over ``[0, T]``.
+
+Masks (:func:`wtmodels.masks.apply_masks`) are attached to the cell after the core is built;
+the core only chooses the mask index of each iteration and forms the masked weights once per
+forward pass (:func:`wtmodels.masks.formed_masks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from wtmodels.cells import reset_dropout
+from wtmodels.masks import formed_masks, mask_count, mask_index, mask_schedule, set_mask_index
+
+
+@contextlib.contextmanager
+def forward_pass(cell: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Per-forward set-up of a cell: fresh dropout masks, weights and masked weights formed once.
+
+    Inside the block weight norm / spectral norm parametrizations are evaluated once
+    (``parametrize.cached``) and the K masked weights are formed once (``formed_masks``).
+
+    Example:
+        >>> import torch
+        >>> from wtmodels.cells import ConvCell
+        >>> cell, x = ConvCell(8), torch.randn(1, 8, 4, 4)
+        >>> with forward_pass(cell, x):
+        ...     z = cell(cell(torch.zeros_like(x), x), x)
+    """
+    reset_dropout(cell, x)
+    with parametrize.cached(), formed_masks(cell):
+        yield
+
+
+class Core(nn.Module):
+    """Base of the cores: ``forward(x) -> z`` plus the per-forward statistics ``last_stats``."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_stats: dict[str, float] = {}
+
+    def set_depth(self, depth: int) -> None:
+        """Set the test-time depth (meaning depends on the core)."""
+        raise NotImplementedError
+
+    def set_pretrain(self, enabled: bool) -> None:
+        """DEQ warm-up switch; a no-op for cores that are not implicit."""
+
+    def set_jac_reg(self, enabled: bool) -> None:
+        """Jacobian-regularisation switch; a no-op for cores that are not implicit."""
+
+    def jac_loss(self) -> torch.Tensor | None:
+        """Jacobian regulariser of the last forward pass (None when not computed)."""
+        return None
+
+
+def _check_depth(depth: int) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    return depth
+
+
+def unroll(cell: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
+    """Apply ``cell`` ``depth`` times from ``z0 = 0``, mask ``mask_index(t)`` at iteration t.
+
+    Call inside :func:`forward_pass` so masked weights are formed once.
+
+    Example:
+        >>> import torch
+        >>> from wtmodels.cells import ConvCell
+        >>> unroll(ConvCell(8), torch.randn(2, 8, 4, 4), depth=3).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    k, schedule = mask_count(cell), mask_schedule(cell)
+    z = torch.zeros_like(x)  # (B, C, H, W)
+    for t in range(depth):
+        if k:
+            set_mask_index(cell, mask_index(t, depth, k, schedule))
+        z = cell(z, x)
+    return z
+
+
+class UnrolledCore(Core):
+    """The weight-tied cell applied ``depth`` times: ``z_{t+1} = f_t(z_t, x)``, ``z_0 = 0``.
+
+    ``f_t`` uses mask ``mask_index(t, depth, K, schedule)`` when the cell is masked.
+    ``set_depth(D')`` evaluates at another depth (for the "block" schedule the blocks stretch to
+    D').
+
+    Example:
+        >>> import torch
+        >>> from wtmodels.cells import ConvCell
+        >>> core = UnrolledCore(ConvCell(8), depth=4)
+        >>> core(torch.randn(2, 8, 4, 4)).shape, core.last_stats
+        (torch.Size([2, 8, 4, 4]), {'cell_evals': 4.0})
+    """
+
+    def __init__(self, cell: nn.Module, depth: int):
+        super().__init__()
+        self.cell = cell
+        self.depth = _check_depth(depth)
+
+    def set_depth(self, depth: int) -> None:
+        self.depth = _check_depth(depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with forward_pass(self.cell, x):
+            z = unroll(self.cell, x, self.depth)
+        self.last_stats = {"cell_evals": float(self.depth)}
+        return z
+
+
+class UntiedCore(Core):
+    """``depth`` independent cells applied in sequence: the explicit (untied) baseline.
+
+    Cell t uses mask ``mask_index(t, depth, K, schedule)`` of its own mask buffer when masked,
+    so an untied model whose cells hold copies of one weight computes exactly what the tied
+    model computes. The depth is fixed by the parameters: ``set_depth`` raises ``ValueError``.
+
+    Example:
+        >>> import torch
+        >>> from wtmodels.cells import ConvCell
+        >>> core = UntiedCore([ConvCell(8) for _ in range(3)])
+        >>> core(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def __init__(self, cells: list[nn.Module]):
+        super().__init__()
+        if len(cells) < 1:
+            raise ValueError("an untied core needs at least one cell (depth >= 1)")
+        self.cells = nn.ModuleList(cells)
+
+    @property
+    def depth(self) -> int:
+        """Number of cells."""
+        return len(self.cells)
+
+    def set_depth(self, depth: int) -> None:
+        raise ValueError(
+            f"the depth of an untied core is fixed by its {len(self.cells)} cells; "
+            "test-time depth is available for the unrolled, deq and ode cores"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(x)  # (B, C, H, W)
+        depth = len(self.cells)
+        for t, cell in enumerate(self.cells):
+            k = mask_count(cell)
+            if k:
+                set_mask_index(cell, mask_index(t, depth, k, mask_schedule(cell)))
+            reset_dropout(cell, x)
+            with parametrize.cached():  # one masked weight per cell: mask on the fly
+                z = cell(z, x)
+        self.last_stats = {"cell_evals": float(depth)}
+        return z
+
+
+class DEQCore(Core):
+    """The fixed point ``z* = F(z*, x)`` of the cell, by the engine's :class:`wtmodels.DEQ`.
+
+    ``F`` is the cell, or with K masks the K-periodic composite ``f_{K-1} o ... o f_0`` (one
+    solver step = K masked cell applications; the mask schedule does not apply). In pretrain
+    mode (``set_pretrain(True)``, the DEQ warm-up) the core instead unrolls the cell ``depth``
+    times with plain backprop, as :class:`UnrolledCore`. ``set_depth(n)`` sets the forward
+    solver budget of both training and evaluation to ``n`` iterations.
+
+    Args:
+        cell: the weight-tied cell ``f(z, x)``.
+        deq: a :class:`wtmodels.DEQ` (solver, budgets, gradient mode).
+        depth: unrolled depth in pretrain mode.
+
+    Example:
+        >>> import torch, wtmodels as wt
+        >>> from wtmodels.cells import ConvCell
+        >>> core = DEQCore(ConvCell(8), wt.DEQ(f_max_iter=10), depth=4)
+        >>> core(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def __init__(self, cell: nn.Module, deq: nn.Module, depth: int):
+        super().__init__()
+        self.cell = cell
+        self.deq = deq
+        self.depth = _check_depth(depth)
+        self.pretrain = False
+        self.jac_reg = False
+        self._jac_loss: torch.Tensor | None = None
+
+    def set_depth(self, depth: int) -> None:
+        depth = _check_depth(depth)
+        self.deq.f_max_iter = depth
+        self.deq.eval_f_max_iter = depth
+
+    def set_pretrain(self, enabled: bool) -> None:
+        self.pretrain = bool(enabled)
+
+    def set_jac_reg(self, enabled: bool) -> None:
+        self.jac_reg = bool(enabled)
+
+    def jac_loss(self) -> torch.Tensor | None:
+        return self._jac_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._jac_loss = None
+        with forward_pass(self.cell, x):
+            if self.pretrain:
+                z = unroll(self.cell, x, self.depth)
+                self.last_stats = {"cell_evals": float(self.depth)}
+                return z
+            k = mask_count(self.cell)
+            evals = [0]
+
+            def f(z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+                for i in range(max(k, 1)):
+                    if k:
+                        set_mask_index(self.cell, i)
+                    z = self.cell(z, x)
+                evals[0] += max(k, 1)
+                return z
+
+            z, stats = self.deq(f, torch.zeros_like(x), jac_reg=self.jac_reg)
+        self._jac_loss = getattr(stats, "jac_loss", None)
+        self.last_stats = {"cell_evals": float(evals[0]), **stats.summary()}
+        return z

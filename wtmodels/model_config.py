@@ -1,0 +1,184 @@
+"""``ModelConfig``: every field a model variant or an override can set, and its validation.
+
+Field types stay simple (int, float, str, bool, optional int) so that the training command line
+can build one flag per field from ``dataclasses.fields(ModelConfig)``.
+
+Example:
+    >>> cfg = ModelConfig(core="unrolled", depth=4, width=16).validate()
+    >>> cfg.depth, cfg.stage_widths()
+    (4, [16])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from wtmodels.cells import NORMS
+from wtmodels.masks import MASK_KINDS, MASK_SCHEDULES
+
+CORES = ("unrolled", "deq", "ode", "untied")
+GRADS = ("ift", "phantom", "unroll")
+STOP_MODES = ("rel", "abs")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, core, mask, solver and ODE settings of an ``ImplicitClassifier``.
+
+    Attributes:
+        num_classes: output classes.
+        in_chans: input image channels.
+        core: ``"unrolled"`` | ``"deq"`` | ``"ode"`` | ``"untied"``.
+        depth: cell applications (unrolled), cells (untied), pretrain unroll depth (deq),
+            segments / fixed-grid steps (ode).
+        width: channels of the first stage; stage i has ``width * 2**i``.
+        stages: number of stages (each a core; a stride-2 transition between stages).
+        norm: ``"group"`` | ``"layer"`` | ``"none"`` normalisation in cell, stem and transitions.
+        norm_groups: GroupNorm groups (must divide every stage width).
+        dropout: variational dropout rate inside the cell (one mask per sample per forward).
+        weight_norm: weight-normalise the cell convolutions.
+        spectral_norm: spectrally normalise the cell convolutions.
+        mask_k: masks per cell convolution, 0 = no masks.
+        mask_density: share of kept weights per mask, in (0, 1].
+        mask_kind: ``"random"`` | ``"bernoulli"`` | ``"nm"``.
+        mask_seed: base seed of the masks (same seed, same masks).
+        mask_schedule: ``"cyclic"`` (iteration t uses mask t mod K) | ``"block"``.
+        f_solver: DEQ forward solver (``wt.list_solvers()``).
+        f_max_iter: DEQ forward iteration budget in training.
+        f_tol: DEQ forward tolerance.
+        b_solver: DEQ backward solver (IFT).
+        b_max_iter: DEQ backward iteration budget.
+        b_tol: DEQ backward tolerance.
+        grad: DEQ gradient, ``"ift"`` | ``"phantom"`` | ``"unroll"``.
+        phantom_steps: damped steps of the phantom gradient.
+        stop_mode: solver stopping criterion, ``"rel"`` | ``"abs"``.
+        eval_f_max_iter: DEQ forward budget in eval mode (None = ``f_max_iter``).
+        ode_method: torchdiffeq method.
+        ode_rtol: relative tolerance (adaptive methods).
+        ode_atol: absolute tolerance (adaptive methods).
+        ode_adjoint: backpropagate through the adjoint ODE.
+        ode_T: integration end time.
+    """
+
+    num_classes: int = 10
+    in_chans: int = 3
+    core: str = "unrolled"
+    depth: int = 6
+    width: int = 32
+    stages: int = 1
+    norm: str = "group"
+    norm_groups: int = 8
+    dropout: float = 0.0
+    weight_norm: bool = False
+    spectral_norm: bool = False
+    mask_k: int = 0
+    mask_density: float = 0.5
+    mask_kind: str = "random"
+    mask_seed: int = 0
+    mask_schedule: str = "cyclic"
+    f_solver: str = "anderson"
+    f_max_iter: int = 30
+    f_tol: float = 1e-4
+    b_solver: str = "anderson"
+    b_max_iter: int = 30
+    b_tol: float = 1e-6
+    grad: str = "ift"
+    phantom_steps: int = 5
+    stop_mode: str = "rel"
+    eval_f_max_iter: int | None = None
+    ode_method: str = "dopri5"
+    ode_rtol: float = 1e-3
+    ode_atol: float = 1e-3
+    ode_adjoint: bool = False
+    ode_T: float = 3.0
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """Build and validate from a dict; unknown keys raise ``ValueError`` listing the fields.
+
+        Example:
+            >>> ModelConfig.from_dict({"depth": 3}).depth
+            3
+        """
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown model field(s) {', '.join(unknown)}; valid fields: "
+                f"{', '.join(cls.field_names())}"
+            )
+        return cls(**values).validate()
+
+    def stage_widths(self) -> list[int]:
+        """Channels of each stage: ``width * 2**i``."""
+        return [self.width * 2**i for i in range(self.stages)]
+
+    def validate(self) -> ModelConfig:
+        """Check every field; raise ``ValueError`` naming the field and what is allowed.
+
+        Returns:
+            ``self``.
+        """
+        for name in ("num_classes", "in_chans", "depth", "width", "stages", "norm_groups",
+                     "f_max_iter", "b_max_iter", "phantom_steps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("mask_k", self.mask_k, minimum=0)
+        _check_int("mask_seed", self.mask_seed, minimum=0)
+        if self.eval_f_max_iter is not None:
+            _check_int("eval_f_max_iter", self.eval_f_max_iter, minimum=1)
+        for name in ("weight_norm", "spectral_norm", "ode_adjoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_choice("core", self.core, CORES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("mask_kind", self.mask_kind, MASK_KINDS)
+        _check_choice("mask_schedule", self.mask_schedule, MASK_SCHEDULES)
+        _check_choice("grad", self.grad, GRADS)
+        _check_choice("stop_mode", self.stop_mode, STOP_MODES)
+        _check_float("mask_density", self.mask_density)
+        if not 0.0 < self.mask_density <= 1.0:
+            raise ValueError(f"mask_density must be in (0, 1], got {self.mask_density}")
+        _check_float("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("f_tol", "b_tol", "ode_rtol", "ode_atol", "ode_T"):
+            _check_float(name, getattr(self, name))
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.norm == "group":
+            for w in self.stage_widths():
+                if w % self.norm_groups:
+                    raise ValueError(
+                        f"norm_groups={self.norm_groups} must divide every stage width "
+                        f"{self.stage_widths()} (width * 2**stage)"
+                    )
+        if self.core == "deq":
+            from wtmodels.solvers import list_solvers
+
+            _check_choice("f_solver", self.f_solver, tuple(list_solvers()))
+            _check_choice("b_solver", self.b_solver, tuple(list_solvers()))
+        if self.core == "ode":
+            from wtmodels.ode import check_method
+
+            check_method(self.ode_method)
+        return self
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")

@@ -1,0 +1,155 @@
+"""Continuous-depth core: ``dz/dt = f(z, x) - z`` over ``[0, T]`` with torchdiffeq.
+
+The interval is cut into ``depth`` segments of length ``T / depth``; segment t uses mask
+``mask_index(t, depth, K, schedule)`` when the cell is masked (consecutive segments with the same
+mask are integrated in one call). Fixed-grid methods (euler, rk4, ...) take steps of
+``T / depth``, so with ``method="euler"`` and ``T = depth`` the core computes exactly the
+unrolled weight-tied network. Adaptive methods (dopri5, ...) use ``rtol`` / ``atol``.
+``set_depth(D')`` integrates over ``[0, T * D' / D]`` with the same segment length.
+
+Example:
+    >>> import torch
+    >>> from wtmodels.cells import ConvCell
+    >>> core = ODECore(ConvCell(8), depth=4, T=1.0, method="rk4")
+    >>> z = core(torch.randn(2, 8, 4, 4))
+    >>> core.last_stats["nfe"]  # 4 rk4 steps x 4 evaluations
+    16.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+from wtmodels.cores import Core, _check_depth, forward_pass
+from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
+
+# "scipy_solver" needs a backend option of its own; every other torchdiffeq method is offered.
+ODE_METHODS = tuple(name for name in SOLVERS if name != "scipy_solver")
+
+
+def is_fixed_grid(method: str) -> bool:
+    """True for torchdiffeq's fixed-step methods (euler, midpoint, rk4, ...).
+
+    Example:
+        >>> is_fixed_grid("rk4"), is_fixed_grid("dopri5")
+        (True, False)
+    """
+    check_method(method)
+    return issubclass(SOLVERS[method], FixedGridODESolver)
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` or raise ``ValueError`` listing the valid ODE methods."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ode_method {method!r}; valid methods: {', '.join(ODE_METHODS)}")
+    return method
+
+
+class _Dynamics(nn.Module):
+    """``dz/dt = f_i(z, x) - z`` for one segment (mask ``i``), counting evaluations."""
+
+    def __init__(self, cell: nn.Module, x: torch.Tensor, index: int | None, counter: list):
+        super().__init__()
+        self.cell = cell
+        self.x = x
+        self.index = index
+        self.counter = counter
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:  # set on every call: the adjoint pass revisits segments
+            set_mask_index(self.cell, self.index)
+        self.counter[0] += 1
+        return self.cell(z, self.x) - z  # (B, C, H, W)
+
+
+class ODECore(Core):
+    """Neural-ODE core: ``z(T)`` of ``dz/dt = f(z, x) - z``, ``z(0) = 0``.
+
+    Args:
+        cell: the cell ``f(z, x)``.
+        depth: number of segments (and of fixed-grid steps), >= 1.
+        T: end time, > 0.
+        method: a torchdiffeq method (see ``ODE_METHODS``).
+        rtol: relative tolerance of adaptive methods.
+        atol: absolute tolerance of adaptive methods.
+        adjoint: backpropagate with the adjoint ODE (memory independent of the steps).
+
+    ``last_stats`` holds ``nfe`` and ``cell_evals`` (both the number of evaluations of the
+    dynamics in the last forward pass; the adjoint backward pass is not counted).
+
+    Example:
+        >>> import torch
+        >>> from wtmodels.cells import ConvCell
+        >>> core = ODECore(ConvCell(8), depth=2, method="dopri5", rtol=1e-3, atol=1e-3)
+        >>> core(torch.randn(1, 8, 4, 4)).shape
+        torch.Size([1, 8, 4, 4])
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        depth: int,
+        T: float = 1.0,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint: bool = False,
+    ):
+        super().__init__()
+        if not T > 0:
+            raise ValueError(f"ode_T must be > 0, got {T}")
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"ode_rtol and ode_atol must be > 0, got {rtol}, {atol}")
+        self.cell = cell
+        self.depth = _check_depth(depth)
+        self.train_depth = self.depth
+        self.T = float(T)
+        self.method = check_method(method)
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.adjoint = bool(adjoint)
+
+    @property
+    def end_time(self) -> float:
+        """Current end time: ``T * depth / train_depth`` (``set_depth`` scales it)."""
+        return self.T * self.depth / self.train_depth
+
+    def set_depth(self, depth: int) -> None:
+        """Integrate ``depth`` segments of length ``T / train_depth`` (end time scales)."""
+        self.depth = _check_depth(depth)
+
+    def _segments(self) -> list[tuple[int, int, int | None]]:
+        """``(first, end, mask)`` runs of segments sharing a mask (one run without masks)."""
+        k = mask_count(self.cell)
+        if not k:
+            return [(0, self.depth, None)]
+        schedule = mask_schedule(self.cell)
+        runs: list[tuple[int, int, int | None]] = []
+        for t in range(self.depth):
+            i = mask_index(t, self.depth, k, schedule)
+            if runs and runs[-1][2] == i:
+                runs[-1] = (runs[-1][0], t + 1, i)
+            else:
+                runs.append((t, t + 1, i))
+        return runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.T / self.train_depth
+        options = {"step_size": step} if is_fixed_grid(self.method) else None
+        counter = [0]
+        z = torch.zeros_like(x)  # (B, C, H, W)
+        with forward_pass(self.cell, x):
+            for first, end, index in self._segments():
+                func = _Dynamics(self.cell, x, index, counter)
+                times = torch.tensor([first * step, end * step], dtype=x.dtype, device=x.device)
+                kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
+                if self.adjoint:
+                    params = (*self.cell.parameters(), x)
+                    z = odeint_adjoint(func, z, times, adjoint_params=params, **kwargs)[-1]
+                else:
+                    z = odeint(func, z, times, **kwargs)[-1]
+        self.last_stats = {"nfe": float(counter[0]), "cell_evals": float(counter[0])}
+        return z
