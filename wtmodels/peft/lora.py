@@ -1,0 +1,347 @@
+"""LoRA with CapaBoost masked parallel copies, for ``Conv2d`` and ``Linear`` layers.
+
+A wrapped layer computes ``base(x) + scale * x @ dW.T`` with the update
+
+    dW = sum_{i=1..d} (M_B^i * B) @ (M_A^i * A),    A: (r, in), B: (out, r)
+
+where ``M_A^i``, ``M_B^i`` are the static masks of copy ``i`` (bool, from
+:func:`wtmodels.make_masks`: exact count, seeded, distinct per copy). The copies share ``A`` and
+``B``, so the trainable parameters do not depend on ``d`` or the density, while the rank of
+``dW`` can reach ``d * r`` (CapaBoost). ``d = 1`` at density 1 is plain LoRA. For a ``Conv2d``
+with a ``k x k`` kernel, ``A`` is ``(r, in, k, k)`` and the update is the factorised convolution
+``k x k`` conv to ``r`` channels (with the base's stride, padding and dilation), then ``1 x 1``
+conv to ``out``; ``dW`` is the equivalent ``(out, in, k, k)`` kernel.
+
+The sum over copies is one product: the masked ``A`` copies are concatenated along the rank
+dimension and the masked ``B`` copies along their input dimension, so the update runs as one
+down-projection to ``d * r`` channels and one up-projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wtmodels.masks import MaskedLayer, derive_seed
+from wtmodels.peft.wrap import (
+    PEFTLayer,
+    check_copy_args,
+    check_int,
+    concat_copies,
+    draw_copy_masks,
+    find_targets,
+    freeze_base,
+    install_forming_hooks,
+    peft_layers,
+    replace_layers,
+    resolve_head,
+)
+
+
+class LoRALayer(PEFTLayer):
+    """A frozen ``Conv2d`` / ``Linear`` plus a (CapaBoost) low-rank update.
+
+    Use :func:`add_lora` to wrap the layers of a model; this class wraps one layer.
+
+    Attributes:
+        base: the wrapped layer (its parameters are not touched here; :func:`add_lora` freezes
+            them).
+        lora_A: ``(rank, in)`` for Linear, ``(rank, in, kh, kw)`` for Conv2d; Kaiming-uniform
+            init (as ``nn.Linear``).
+        lora_B: ``(out, rank)``, zero init, so the wrapped layer starts equal to ``base``.
+        mask_A, mask_B: bool buffers ``(copies, *lora_A.shape)``, ``(copies, *lora_B.shape)``;
+            None (not stored) at density 1.
+        scale: ``alpha / rank``.
+        merged: whether the update is folded into ``base.weight`` (saved in the state dict).
+
+    Args:
+        base: the layer to wrap (``nn.Conv2d`` with ``groups=1``, or ``nn.Linear``).
+        rank: rank ``r`` of each copy (>= 1).
+        copies: number ``d`` of masked copies (>= 1).
+        density: share of entries each mask keeps, in (0, 1].
+        kind: mask kind, ``"random"`` (exact count), ``"bernoulli"`` or ``"nm"``.
+        seed: seed of this layer's masks (A and B masks derive their own from it).
+        alpha: scale numerator; the update is multiplied by ``alpha / rank`` (default
+            ``alpha = rank``: scale 1).
+
+    Example:
+        >>> import torch
+        >>> layer = LoRALayer.wrap(torch.nn.Linear(16, 8), rank=2, copies=4, density=0.5)
+        >>> _ = torch.nn.init.normal_(layer.lora_B)
+        >>> int(torch.linalg.matrix_rank(layer.delta_weight().detach()))
+        8
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        copies: int = 1,
+        density: float = 1.0,
+        kind: str = "random",
+        seed: int = 0,
+        alpha: float | None = None,
+    ):
+        super().__init__(base)
+        self.rank = rank
+        self.copies = copies
+        self.density = float(density)
+        self.kind = kind
+        self.scale = (rank if alpha is None else float(alpha)) / rank
+        self.merged = False
+        weight = base.weight
+        a_shape = (rank, *weight.shape[1:])  # (r, in) or (r, in, kh, kw)
+        b_shape = (weight.shape[0], rank)  # (out, r)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+        for name, shape in (("A", a_shape), ("B", b_shape)):
+            masks = draw_copy_masks(shape, copies, density, kind, derive_seed(seed, name))
+            self.register_buffer(
+                f"mask_{name}", None if masks is None else masks.to(weight.device)
+            )
+
+    @staticmethod
+    def wrap(base: nn.Module, rank: int, **kw) -> LoRALayer:
+        """Wrap one layer in the LoRA class matching its type (validated).
+
+        Example:
+            >>> import torch
+            >>> type(LoRALayer.wrap(torch.nn.Conv2d(3, 4, 3), rank=2)).__name__
+            'LoRAConv2d'
+        """
+        check_lora_args(rank, kw.get("copies", 1), kw.get("density", 1.0),
+                        kw.get("kind", "random"), kw.get("alpha"))
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(
+                    f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported; "
+                    "leave it out of targets"
+                )
+            return LoRAConv2d(base, rank, **kw)
+        if isinstance(base, nn.Linear):
+            return LoRALinear(base, rank, **kw)
+        raise ValueError(f"LoRA wraps nn.Conv2d or nn.Linear, got {type(base).__name__}")
+
+    def peft_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    @property
+    def active(self) -> bool:
+        return not self.merged
+
+    def form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_cat, B_cat)``: masked copies concatenated, ``(d r, in, ...)`` and ``(out, d r)``."""
+        a_cat = concat_copies(self.lora_A, self.mask_A, self.copies, 0)  # (d*r, in[, kh, kw])
+        b_cat = concat_copies(self.lora_B, self.mask_B, self.copies, 1)  # (out, d*r)
+        return a_cat, b_cat
+
+    def delta_weight(self) -> torch.Tensor:
+        """The effective update ``scale * sum_i (M_B^i * B)(M_A^i * A)``, shaped like the weight.
+
+        Example:
+            >>> import torch
+            >>> layer = LoRALayer.wrap(torch.nn.Conv2d(3, 4, 3), rank=2)
+            >>> layer.delta_weight().shape
+            torch.Size([4, 3, 3, 3])
+        """
+        a_cat, b_cat = self.form()
+        delta = b_cat @ a_cat.flatten(1)  # (out, in * kh * kw)
+        return self.scale * delta.view_as(self.base.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        a_cat, b_cat = self.formed()
+        return out + self.scale * self._update(x, a_cat, b_cat)
+
+    def _update(self, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_mergeable(self) -> None:
+        if isinstance(self.base, MaskedLayer):
+            raise ValueError(
+                "cannot merge into a layer with static masks: the mask would also cut the "
+                "update; run it unmerged"
+            )
+        if "weight" not in self.base._parameters:
+            raise ValueError(
+                "cannot merge: the base weight is computed (weight norm or another "
+                "parametrization); run it unmerged"
+            )
+
+    def merge(self) -> None:
+        """Fold ``delta_weight()`` into ``base.weight``: the layer then costs what the base does.
+
+        Raises:
+            RuntimeError: already merged.
+            ValueError: the base weight is masked or parametrized (no exact merge).
+        """
+        if self.merged:
+            raise RuntimeError("LoRA update is already merged; unmerge() first")
+        self._check_mergeable()
+        with torch.no_grad():
+            self.base.weight.add_(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the merged update again (equal to the original weight up to rounding).
+
+        Raises:
+            RuntimeError: not merged.
+        """
+        if not self.merged:
+            raise RuntimeError("LoRA update is not merged; nothing to unmerge")
+        with torch.no_grad():
+            self.base.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def get_extra_state(self) -> dict:
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.merged = bool(state["merged"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, copies={self.copies}, density={self.density:g}, "
+            f"kind={self.kind!r}, scale={self.scale:g}, merged={self.merged}"
+        )
+
+
+class LoRALinear(LoRALayer):
+    """LoRA / CapaBoost update of an ``nn.Linear``: ``x -> (x A_cat^T) B_cat^T``."""
+
+    def _update(self, x, a_cat, b_cat):
+        return F.linear(F.linear(x, a_cat), b_cat)  # (..., d*r) -> (..., out)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA / CapaBoost update of an ``nn.Conv2d``: ``k x k`` conv to ``d r`` channels, then 1x1."""
+
+    def _update(self, x, a_cat, b_cat):
+        h = self.base._conv_forward(x, a_cat, None)  # (N, d*r, H', W'), base stride/padding
+        return F.conv2d(h, b_cat[:, :, None, None])  # (N, out, H', W')
+
+
+def check_lora_args(rank, copies, density, kind, alpha) -> None:
+    """Validate the arguments of :func:`add_lora` before anything is changed."""
+    check_int("rank", rank)
+    check_copy_args(copies, density, kind)
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+    ):
+        raise ValueError(f"alpha must be a number > 0 or None, got {alpha!r}")
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    copies: int = 1,
+    density: float = 1.0,
+    kind: str = "random",
+    seed: int = 0,
+    targets: type | str | Sequence[type | str] = (nn.Conv2d,),
+    alpha: float | None = None,
+    train_head: bool | str = False,
+) -> list[LoRALayer]:
+    """Add LoRA (``copies=1, density=1``) or CapaBoost-LoRA updates to layers of ``model``.
+
+    Each selected ``Conv2d`` / ``Linear`` is replaced, under every parent holding it, by a
+    :class:`LoRALayer` wrapping it (its keys in the state dict move to ``<name>.base.*``; load
+    pretrained weights before this call). Then every parameter of ``model`` is frozen except the
+    LoRA factors (of this and earlier calls) and, if asked, the head. The masked copies are
+    formed once per forward pass of ``model``. Each layer's masks are drawn from a seed derived
+    from ``seed`` and the layer's name, so two calls with equal arguments give equal masks.
+
+    Args:
+        model: the model to adapt (in place).
+        rank: rank ``r`` of the shared factors (>= 1).
+        copies: CapaBoost copies ``d`` (>= 1); the update's rank can reach ``d * r`` at the
+            same number of trainable parameters.
+        density: share of entries kept by each copy's masks, in (0, 1].
+        kind: mask kind: ``"random"`` (exact count), ``"bernoulli"`` or ``"nm"``.
+        seed: base seed of the masks.
+        targets: which layers to wrap: layer types (``nn.Conv2d``, ``nn.Linear`` or
+            subclasses) and/or ``fnmatch`` name patterns matched against a layer's qualified
+            name or any enclosing module's name (``"core"`` = every layer inside ``core``);
+            a layer is wrapped when any item selects it. Default: every ``Conv2d``.
+        alpha: the update is scaled by ``alpha / rank`` (default ``alpha = rank``, scale 1).
+        train_head: ``True`` keeps the module named ``"head"`` trainable, a string names
+            another module; that module is never wrapped. ``False`` trains the factors only.
+
+    Returns:
+        The new wrappers, in module order.
+
+    Raises:
+        ValueError: ``rank < 1``, ``copies < 1``, density outside (0, 1], unknown mask kind,
+            bad alpha or targets, no layer matched, an unknown head, a grouped convolution.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+        >>> layers = add_lora(net, rank=2, copies=4, density=0.5, seed=0)
+        >>> [type(m).__name__ for m in net], len(layers)
+        (['LoRAConv2d', 'ReLU', 'Flatten', 'Linear'], 1)
+        >>> sum(p.numel() for p in net.parameters() if p.requires_grad)  # A: 2*9, B: 8*2
+        34
+        >>> net(torch.randn(5, 1, 3, 3)).shape
+        torch.Size([5, 3])
+    """
+    check_lora_args(rank, copies, density, kind, alpha)
+    head = resolve_head(model, train_head)
+    selected = find_targets(model, targets, exclude=() if head is None else (head,))
+    wrappers = {
+        id(layer): LoRALayer.wrap(
+            layer, rank, copies=copies, density=density, kind=kind,
+            seed=derive_seed(seed, name), alpha=alpha,
+        )
+        for name, layer in selected
+    }  # every layer validated before the model changes
+    replace_layers(model, wrappers)
+    freeze_base(model, head)
+    install_forming_hooks(model)
+    return list(wrappers.values())
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merge every LoRA update in ``model`` into its base weight; returns how many.
+
+    Merged, the model runs at the base model's cost and gives the same outputs (up to
+    rounding). Raises ``RuntimeError`` if a layer is already merged (nothing is changed then).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = add_lora(net, rank=2, targets=torch.nn.Linear)
+        >>> merge_lora(net), unmerge_lora(net)
+        (1, 1)
+    """
+    layers = peft_layers(model, LoRALayer)
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("some LoRA layers are already merged; unmerge_lora(model) first")
+    for layer in layers:
+        layer._check_mergeable()
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`; returns how many layers were unmerged.
+
+    Raises:
+        RuntimeError: a LoRA layer of ``model`` is not merged (nothing is changed then).
+    """
+    layers = peft_layers(model, LoRALayer)
+    if not all(layer.merged for layer in layers):
+        raise RuntimeError("some LoRA layers are not merged; merge_lora(model) first")
+    for layer in layers:
+        layer.unmerge()
+    return len(layers)

@@ -1,0 +1,287 @@
+"""Shared machinery of the PEFT wrappers: masked copies, target matching, freezing, forming.
+
+A PEFT wrapper (:class:`PEFTLayer`) replaces a ``Conv2d`` / ``Linear`` layer of a built model,
+keeps that layer as its frozen ``base`` and adds a small trainable update. CapaBoost turns one
+shared set of update weights into ``copies`` differently masked copies whose outputs are summed;
+:func:`concat_copies` lays the masked copies side by side so that the sum costs one wide
+product instead of a loop over copies. The masked copies are formed once per forward pass of the
+model the wrapper was added to (:func:`install_forming_hooks`), so a weight-tied cell applied D
+times pays for the masking once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from wtmodels.masks import MASK_KINDS, make_masks
+
+SUPPORTED_TYPES = (nn.Conv2d, nn.Linear)
+
+
+class PEFTLayer(nn.Module):
+    """Base of the wrappers: a frozen ``base`` layer plus a trainable update.
+
+    Subclasses implement :meth:`form` (the concatenated masked-copy weights, recomputed from the
+    trainable parameters) and :meth:`peft_parameters`. While the model the wrapper was added to
+    runs its forward pass, :meth:`formed` returns the weights formed once on entry; called on its
+    own the wrapper forms them on the fly (same values).
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self._formed: tuple[torch.Tensor, ...] | None = None
+
+    def form(self) -> tuple[torch.Tensor, ...]:
+        """The update weights with the copies' masks applied and concatenated."""
+        raise NotImplementedError
+
+    def formed(self) -> tuple[torch.Tensor, ...]:
+        """The weights formed for the current forward pass, or freshly formed ones."""
+        return self._formed if self._formed is not None else self.form()
+
+    def peft_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this wrapper adds (the base's are not among them)."""
+        raise NotImplementedError
+
+    @property
+    def active(self) -> bool:
+        """Whether the update takes part in the forward pass (False once merged)."""
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and masked copies
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int, or ``ValueError`` naming ``name`` and the valid range."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_copy_args(copies: object, density: object, kind: object) -> None:
+    """Validate the CapaBoost arguments shared by every wrapper."""
+    check_int("copies", copies)
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
+        0.0 < density <= 1.0
+    ):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {', '.join(MASK_KINDS)}")
+
+
+def draw_copy_masks(
+    shape: Sequence[int], copies: int, density: float, kind: str, seed: int
+) -> torch.Tensor | None:
+    """Masks ``(copies, *shape)`` (bool) for the copies of one weight; None at density 1.
+
+    At density 1 every copy is the unmasked weight, so no mask is stored.
+
+    Example:
+        >>> draw_copy_masks((4, 3), copies=2, density=0.5, kind="random", seed=0).shape
+        torch.Size([2, 4, 3])
+        >>> draw_copy_masks((4, 3), copies=2, density=1.0, kind="random", seed=0) is None
+        True
+    """
+    if density == 1.0:
+        return None
+    return make_masks(tuple(shape), k=copies, density=density, kind=kind, seed=seed)
+
+
+def concat_copies(
+    weight: torch.Tensor, masks: torch.Tensor | None, copies: int, dim: int
+) -> torch.Tensor:
+    """The ``copies`` masked copies of ``weight`` concatenated along dimension ``dim``.
+
+    Copy ``i`` is ``masks[i] * weight`` (or ``weight`` itself when ``masks`` is None) and fills
+    positions ``i * n ... (i + 1) * n - 1`` of ``dim`` (``n = weight.shape[dim]``). Summing
+    products of masked copies pairwise, ``sum_i (M_B^i * B) @ (M_A^i * A)``, then equals one
+    product ``concat_copies(B, M_B, d, 1) @ concat_copies(A, M_A, d, 0)``.
+
+    Args:
+        weight: the shared weight, e.g. ``A`` ``(r, in)`` or ``B`` ``(out, r)``.
+        masks: bool ``(copies, *weight.shape)`` or None.
+        copies: number of copies.
+        dim: dimension to concatenate along (0 for ``A``, 1 for ``B``).
+
+    Returns:
+        Tensor with ``weight.shape[dim] * copies`` entries along ``dim``.
+
+    Example:
+        >>> import torch
+        >>> a = torch.ones(2, 3)
+        >>> m = torch.tensor([[[1, 0, 0], [0, 1, 0]], [[0, 0, 1], [1, 1, 1]]], dtype=torch.bool)
+        >>> concat_copies(a, m, 2, 0).tolist()
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    if masks is None:
+        return weight if copies == 1 else torch.cat([weight] * copies, dim=dim)
+    stacked = masks * weight.unsqueeze(0)  # (copies, *weight.shape)
+    return stacked.movedim(0, dim).flatten(dim, dim + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding, wrapping and freezing layers
+
+
+def _check_targets(targets: object) -> tuple[tuple[type, ...], tuple[str, ...]]:
+    items = (targets,) if isinstance(targets, (str, type)) else tuple(targets)
+    valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    types, patterns = [], []
+    for item in items:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif isinstance(item, type) and issubclass(item, SUPPORTED_TYPES):
+            types.append(item)
+        else:
+            raise ValueError(
+                f"targets must hold layer types among {valid} (or subclasses) and/or module "
+                f"name patterns (str), got {item!r}"
+            )
+    if not items:
+        raise ValueError(f"targets is empty; give layer types among {valid} or name patterns")
+    return tuple(types), tuple(patterns)
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def find_targets(
+    model: nn.Module, targets: object, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """The ``Conv2d`` / ``Linear`` layers of ``model`` selected by ``targets``.
+
+    ``targets`` is a layer type, a name pattern, or a sequence of them. A layer is selected when
+    it is an instance of one of the given types, or when a pattern (``fnmatch`` glob, e.g.
+    ``"core.*"`` or ``"head"``) matches its qualified name or the name of a module containing
+    it (so ``"core"`` selects every supported layer inside ``core``). Layers under a name in
+    ``exclude`` and layers already inside a PEFT wrapper are skipped; a layer shared by several
+    parents counts once.
+
+    Raises:
+        ValueError: bad ``targets``, no layer selected, or ``model`` itself selected.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> [name for name, _ in find_targets(net, nn.Conv2d)]
+        ['0']
+        >>> [name for name, _ in find_targets(net, ["2"])]
+        ['2']
+    """
+    types, patterns = _check_targets(targets)
+    skipped: list[str] = list(exclude)
+    selected = []
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skipped if s):
+            continue
+        if isinstance(module, PEFTLayer):
+            skipped.append(name)
+            continue
+        if not isinstance(module, SUPPORTED_TYPES):
+            continue
+        by_type = isinstance(module, types) if types else False
+        by_name = any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(name) for pat in patterns)
+        if by_type or by_name:
+            selected.append((name, module))
+    if not selected:
+        shown = ", ".join(
+            n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES)
+        )
+        raise ValueError(
+            f"no module matched targets {targets!r} (layers already wrapped and excluded ones "
+            f"are skipped); candidate layers: {shown or 'none'}"
+        )
+    if any(name == "" for name, _ in selected):
+        raise ValueError(
+            f"the model itself ({type(model).__name__}) is a target; pass a module containing "
+            "the layers to wrap"
+        )
+    return selected
+
+
+def replace_layers(model: nn.Module, wrappers: dict[int, nn.Module]) -> None:
+    """Put each wrapper where its base layer (keyed by ``id``) sits, under every parent."""
+    parents = list(model.modules())  # listed before the swap: never recurse into wrappers
+    for parent in parents:
+        for child_name, child in list(parent.named_children()):
+            if id(child) in wrappers:
+                setattr(parent, child_name, wrappers[id(child)])
+
+
+def resolve_head(model: nn.Module, train_head: bool | str) -> str | None:
+    """Name of the module whose parameters stay trainable (``True`` means ``"head"``)."""
+    if train_head is False or train_head is None:
+        return None
+    name = "head" if train_head is True else train_head
+    if not isinstance(name, str):
+        raise ValueError(f"train_head must be a bool or a module name, got {train_head!r}")
+    names = dict(model.named_modules())
+    if name not in names or name == "":
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ValueError(f"train_head: no module named {name!r}; top-level modules: {top}")
+    return name
+
+
+def freeze_base(model: nn.Module, head: str | None) -> None:
+    """Freeze every parameter except those of PEFT wrappers and of the module ``head``."""
+    keep = {id(p) for m in model.modules() if isinstance(m, PEFTLayer) for p in m.peft_parameters()}
+    if head is not None:
+        keep |= {id(p) for p in model.get_submodule(head).parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable parameter entries of ``model`` (shared parameters counted once).
+
+    Example:
+        >>> from torch import nn
+        >>> count_trainable(nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peft_layers(model: nn.Module, kind: type = PEFTLayer) -> list[PEFTLayer]:
+    """The PEFT wrappers of class ``kind`` inside ``model`` (each once)."""
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+# --------------------------------------------------------------------------------------------
+# Forming the masked copies once per forward pass
+
+
+def _form_all(model: nn.Module, args: tuple) -> None:
+    fresh = [m for m in peft_layers(model) if m._formed is None and m.active]
+    for layer in fresh:
+        layer._formed = layer.form()
+    model._peft_formed_stack.append(fresh)
+
+
+def _release_all(model: nn.Module, args: tuple, output: object) -> None:
+    stack = model._peft_formed_stack
+    for layer in stack.pop() if stack else ():
+        layer._formed = None
+
+
+def install_forming_hooks(model: nn.Module) -> None:
+    """Make ``model``'s forward pass form every wrapper's masked copies once, on entry.
+
+    A forward pre-hook forms them, a forward hook (run even when the forward raises) drops
+    them, so every call of a wrapper inside the pass (D calls in a weight-tied cell) reuses one
+    formed tensor and gradients of all calls meet in it. Installing twice is a no-op.
+    """
+    if _form_all in model._forward_pre_hooks.values():
+        return
+    model._peft_formed_stack = []
+    model.register_forward_pre_hook(_form_all)
+    model.register_forward_hook(_release_all, always_call=True)
