@@ -1,0 +1,144 @@
+"""Command-line flags generated from dataclass fields, and one-line usage errors.
+
+``python -m wtmodels.train`` gets one flag per :class:`~wtmodels.train_config.TrainConfig` field
+and per ``ModelConfig`` field (underscores become dashes; booleans get ``--x`` / ``--no-x``;
+optional values accept ``none``), plus ``--config FILE``. Only the flags actually given end up in
+the parsed settings, so a config file supplies the rest and the run's defaults fill the gaps.
+
+Example:
+    >>> from wtmodels.cli import parse_settings
+    >>> parse_settings(["--model", "test_wt", "--epochs", "2", "--no-augment", "--depth", "3"])
+    {'model': 'test_wt', 'epochs': 2, 'augment': False, 'depth': 3}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from wtmodels.train_config import (
+    TrainConfig,
+    field_type,
+    load_config_file,
+    model_config_class,
+    train_field_names,
+    unwrap_optional,
+)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (unknown flag, unparsable or out-of-range value)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _converter(tp, flag: str):
+    """A string -> value converter for annotation ``tp`` (``none``/``null`` -> None if optional)."""
+    inner, optional = unwrap_optional(tp)
+    base = {int: int, float: float, str: str}.get(inner)
+    if base is None:
+        origin = typing.get_origin(inner)
+        if origin in (tuple, list):
+            (item,) = {a for a in typing.get_args(inner) if a is not Ellipsis} or {str}
+            item_conv = {int: int, float: float}.get(item, str)
+
+            def base(text: str):
+                return tuple(item_conv(v) for v in text.split(",") if v.strip())
+        else:
+            raise TypeError(f"{flag}: cannot build a flag for type {tp!r}")
+
+    def convert(text: str):
+        if optional and text.strip().lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    convert.__name__ = getattr(inner, "__name__", "value")  # argparse: "invalid int value"
+    return convert
+
+
+def _add_field_flags(group, cls, names, helps: dict[str, str]):
+    for name in names:
+        tp = field_type(cls, name)
+        flag = "--" + name.replace("_", "-")
+        inner, _ = unwrap_optional(tp)
+        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+        help_text = helps.get(name) or meta.get("help") or f"{cls.__name__}.{name}"
+        if inner is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        group.add_argument(flag, dest=name, type=_converter(tp, flag), default=argparse.SUPPRESS,
+                           choices=meta.get("choices"), metavar=name.upper(), help=help_text)
+
+
+def _model_field_helps(cls) -> dict[str, str]:
+    """Per-field help from the ``Attributes:`` section of the ModelConfig docstring."""
+    helps, current = {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        head, sep, rest = stripped.partition(":")
+        if sep and head.isidentifier() and head in {f.name for f in dataclasses.fields(cls)}:
+            current = head
+            helps[current] = rest.strip()
+        elif current and stripped and line.startswith(" " * 12):
+            helps[current] += " " + stripped
+        else:
+            current = None
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def build_parser(prog: str = "python -m wtmodels.train") -> OneLineParser:
+    """The training parser: ``--config`` plus one flag per TrainConfig and ModelConfig field.
+
+    Example:
+        >>> "--mask-density" in build_parser().format_help()
+        True
+    """
+    parser = OneLineParser(
+        prog=prog, allow_abbrev=False,
+        description="Train one model on one dataset into a run directory (config.json, "
+                    "metrics.jsonl, checkpoint.pt, model_info.json, done.json).")
+    parser.add_argument("--config", dest="config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="JSON or YAML file of settings (flags given here override it)")
+    train_group = parser.add_argument_group("training (TrainConfig)")
+    _add_field_flags(train_group, TrainConfig, train_field_names(), {})
+    model_cls = model_config_class()
+    model_group = parser.add_argument_group("model (ModelConfig; default: the variant's value)")
+    model_names = [f.name for f in dataclasses.fields(model_cls)]
+    clash = set(model_names) & set(train_field_names())
+    if clash:
+        raise RuntimeError(f"ModelConfig and TrainConfig share field names: {sorted(clash)}")
+    _add_field_flags(model_group, model_cls, model_names, _model_field_helps(model_cls))
+    return parser
+
+
+def parse_settings(argv: list[str]) -> dict:
+    """The settings given on a command line: ``--config FILE`` entries overridden by flags.
+
+    Args:
+        argv: arguments without the program name.
+
+    Returns:
+        A flat dict (train and model settings, underscores) of the settings given.
+
+    Raises:
+        UsageError: an unknown flag or an unparsable value.
+        ValueError: an unreadable config file.
+
+    Example:
+        >>> parse_settings(["--lr", "0.1", "--eval-f-max-iter", "none"])
+        {'lr': 0.1, 'eval_f_max_iter': None}
+    """
+    args = vars(build_parser().parse_args(argv))
+    settings = {}
+    if "config" in args:
+        settings.update({str(k).replace("-", "_"): v
+                         for k, v in load_config_file(args.pop("config")).items()})
+    settings.update(args)
+    return settings

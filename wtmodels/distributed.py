@@ -1,0 +1,147 @@
+"""Process-group set-up for ``torchrun`` and the few collectives the trainer needs.
+
+On one process everything here is a no-op, so the trainer calls it unconditionally.
+
+Example:
+    >>> from wtmodels.distributed import DistContext
+    >>> ctx = DistContext.from_env(device="cpu")   # no torchrun variables: a single process
+    >>> ctx.world_size, ctx.rank, ctx.is_main
+    (1, 0, True)
+    >>> ctx.all_reduce_sum([2.0, 3.0])
+    [2.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    """Rank, world size and device of this process.
+
+    Args:
+        rank: global rank.
+        world_size: number of processes.
+        local_rank: rank on this node (selects the GPU).
+        device: the torch device this process computes on.
+        initialised: whether this context created the process group (and must destroy it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialised: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that writes files and prints."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> DistContext:
+        """Join the process group that ``torchrun`` describes in the environment, if any.
+
+        Backend: ``nccl`` when computing on CUDA, else ``gloo``.
+
+        Args:
+            device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+
+        Returns:
+            The context of this process.
+
+        Example:
+            >>> DistContext.from_env("cpu").device
+            device(type='cpu')
+        """
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available")
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device("cpu")
+        initialised = False
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+            initialised = True
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                   initialised=initialised)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a list of floats over all ranks (float64 on the wire).
+
+        Example:
+            >>> DistContext().all_reduce_sum([1.0])
+            [1.0]
+        """
+        if self.world_size == 1:
+            return list(values)
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of a list of floats over all ranks.
+
+        Example:
+            >>> DistContext().all_reduce_max([1.0, -2.0])
+            [1.0, -2.0]
+        """
+        if self.world_size == 1:
+            return list(values)
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` in rank order (on every rank).
+
+        Example:
+            >>> DistContext().gather_objects({"a": 1})
+            [{'a': 1}]
+        """
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every rank.
+
+        Example:
+            >>> DistContext().broadcast_object("x")
+            'x'
+        """
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group if this context created it."""
+        if self.initialised and dist.is_initialized():
+            dist.destroy_process_group()
+            self.initialised = False

@@ -1,0 +1,109 @@
+"""Per-epoch metric accumulation, reduced across processes.
+
+:class:`EpochMeter` sums a pass's loss, correct predictions and image count, and averages the
+model's ``core_stats()`` (solver steps, residuals, NFE ...) over the batches, weighted by batch
+size (keys ending in ``_max`` take the maximum instead). :meth:`EpochMeter.reduce` combines the
+sums of all ranks, so a DDP run reports the same numbers one process would.
+
+Example:
+    >>> import torch
+    >>> from wtmodels.metrics import EpochMeter
+    >>> m = EpochMeter()
+    >>> m.update(loss_sum=2.0, correct=3, count=4, stats={"nstep": 10.0, "rel_residual_max": 0.1})
+    >>> m.update(loss_sum=1.0, correct=1, count=4, stats={"nstep": 20.0, "rel_residual_max": 0.3})
+    >>> m.reduce()
+    {'loss': 0.375, 'acc': 0.5, 'count': 8, 'nstep': 15.0, 'rel_residual_max': 0.3}
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from wtmodels.distributed import DistContext
+
+
+class EpochMeter:
+    """Running sums of one pass (train or test) over an epoch."""
+
+    def __init__(self):
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.count = 0
+        self.stat_sums: dict[str, float] = {}
+        self.stat_counts: dict[str, int] = {}
+        self.stat_max: dict[str, float] = {}
+
+    def update(self, loss_sum: float, correct: int, count: int, stats: dict | None = None) -> None:
+        """Add one batch.
+
+        Args:
+            loss_sum: the batch's summed per-image loss.
+            correct: correctly classified images.
+            count: images in the batch.
+            stats: the model's ``core_stats()`` after this batch's forward pass.
+        """
+        self.loss_sum += float(loss_sum)
+        self.correct += int(correct)
+        self.count += int(count)
+        for key, value in (stats or {}).items():
+            if key.endswith("_max"):
+                self.stat_max[key] = max(self.stat_max.get(key, float("-inf")), float(value))
+            else:
+                self.stat_sums[key] = self.stat_sums.get(key, 0.0) + float(value) * count
+                self.stat_counts[key] = self.stat_counts.get(key, 0) + count
+
+    def reduce(self, ctx: DistContext | None = None) -> dict[str, float]:
+        """Mean loss, accuracy, image count and mean/max core statistics over all ranks.
+
+        Every rank must call this (it is a collective under DDP) with the same stat keys.
+
+        Args:
+            ctx: the process context (``None``: a single process).
+
+        Returns:
+            ``{"loss", "acc", "count", <stat keys>...}``; loss and acc are NaN for an empty pass.
+        """
+        ctx = ctx or DistContext()
+        sum_keys = sorted(self.stat_sums)
+        max_keys = sorted(self.stat_max)
+        sums = ctx.all_reduce_sum([self.loss_sum, float(self.correct), float(self.count)]
+                                  + [self.stat_sums[k] for k in sum_keys]
+                                  + [float(self.stat_counts[k]) for k in sum_keys])
+        maxes = ctx.all_reduce_max([self.stat_max[k] for k in max_keys])
+        count = sums[2]
+        out = {"loss": sums[0] / count if count else float("nan"),
+               "acc": sums[1] / count if count else float("nan"),
+               "count": int(count)}
+        n = len(sum_keys)
+        for i, key in enumerate(sum_keys):
+            out[key] = sums[3 + i] / sums[3 + n + i] if sums[3 + n + i] else float("nan")
+        for key, value in zip(max_keys, maxes):
+            out[key] = value
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's
+    peak resident set size (``ru_maxrss``, a lifetime peak).
+
+    Example:
+        >>> peak_memory_mb(torch.device("cpu")) > 0
+        True
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB else
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (GPU only; the CPU RSS peak cannot be reset).
+
+    Example:
+        >>> reset_peak_memory(torch.device("cpu"))
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

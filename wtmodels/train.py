@@ -1,0 +1,650 @@
+"""Train one model on one dataset into a run directory: ``python -m wtmodels.train``.
+
+Command line (one flag per :class:`~wtmodels.train_config.TrainConfig` and ``ModelConfig``
+field; ``--help`` lists them)::
+
+    python -m wtmodels.train --model wt_s --dataset digits --epochs 8 --out runs/a [--seed 0]
+    python -m wtmodels.train --out runs/a --resume          # continue after a kill
+    torchrun --nproc_per_node 2 -m wtmodels.train --model wt_s --out runs/ddp  # DDP
+
+The run directory holds ``config.json`` (``train`` settings, ``model_overrides``, the resolved
+``model_config``, ``data_info`` and ``env`` provenance), ``model_info.json``
+(``model_summary``), ``metrics.jsonl`` (one object per finished epoch), ``checkpoint.pt``
+(written atomically after every epoch) and, once every epoch is done, ``done.json``.
+
+Metrics per epoch (``metrics.jsonl``): ``epoch`` (1-based), ``train_loss`` and ``train_acc``
+(plain cross-entropy and accuracy of the training batches as trained: augmented, train mode,
+without label smoothing or the Jacobian term, skipped steps excluded), ``test_loss``,
+``test_acc``, ``epoch_time_s`` (the training pass; ``eval_time_s`` the test pass),
+``images_per_s`` (training images / epoch_time_s, all processes), ``peak_mem_mb``,
+``skipped_steps`` (non-finite losses skipped), ``lr`` (of the epoch's last step), ``steps``
+(optimizer steps so far), and the model's ``core_stats()`` averaged over the test batches
+(weighted by batch size; ``*_max`` keys: the maximum): ``cell_evals`` always, ``nstep``,
+``rel_residual``, ``rel_residual_max``, ``converged``, ``diverged`` for DEQ cores, ``nfe`` for
+ODE cores; the same averaged over the training batches with a ``train_`` prefix, and
+``jac_loss`` when the Jacobian regulariser is on.
+
+Exit status: 0 done, 2 bad input (one line on stderr, nothing overwritten), 3 training stopped
+after ``max_bad_steps`` consecutive non-finite losses (the last good checkpoint is kept).
+
+Example:
+    >>> from wtmodels.train import run
+    >>> final = run({"model": "test_wt", "dataset": "digits", "epochs": 1, "train_size": 128,
+    ...              "test_size": 64, "progress": "none"})
+    >>> sorted(k for k in final if k.startswith("test_"))
+    ['test_acc', 'test_loss']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wtmodels import data as datasets
+from wtmodels import models as model_registry
+from wtmodels.atomic import atomic_write_json, atomic_write_jsonl
+from wtmodels.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from wtmodels.cli import UsageError, parse_settings
+from wtmodels.distributed import DistContext
+from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
+from wtmodels.optim import build_optimizer, build_scheduler
+from wtmodels.train_config import RUNTIME_FIELDS, TrainConfig, resolve_config, train_field_names
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_INFO_FILE = "model_info.json"
+DONE_FILE = "done.json"
+
+
+class BadInput(ValueError):
+    """A run cannot start: bad settings, missing data, a foreign checkpoint, a busy --out."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped after ``max_bad_steps`` consecutive non-finite losses."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python's ``random``.
+
+    Example:
+        >>> seed_everything(1); a = torch.rand(1)
+        >>> seed_everything(1); bool(a == torch.rand(1))
+        True
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy global generator
+    random.seed(seed)
+
+
+def jac_reg_step(seed: int, step: int, freq: float) -> bool:
+    """Whether training step ``step`` adds the Jacobian term: a share ``freq`` of the steps,
+    chosen by a generator seeded from ``(seed, step)`` (no state, so resume-exact).
+
+    Example:
+        >>> sum(jac_reg_step(0, s, 0.25) for s in range(1000)) in range(200, 300)
+        True
+        >>> all(jac_reg_step(0, s, 1.0) for s in range(10))
+        True
+    """
+    return freq >= 1.0 or random.Random(seed * 1_000_003 + step).random() < freq
+
+
+def _json_safe(value):
+    """Floats that JSON cannot hold (NaN, inf) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _identity(cfg: TrainConfig) -> dict:
+    """The settings that define what a run computes (runtime fields excluded)."""
+    train = {k: v for k, v in cfg.to_dict().items()
+             if k not in RUNTIME_FIELDS and k != "model_overrides"}
+    return {"train": train, "model_overrides": dict(sorted(cfg.model_overrides.items()))}
+
+
+def _jsonable(d: dict) -> dict:
+    """Round-trip through JSON so tuples compare equal to lists."""
+    return json.loads(json.dumps(d))
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory: fresh / resume decision (before anything is written)
+
+
+def _read_saved_config(out: Path) -> dict:
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        if not isinstance(saved, dict) or "train" not in saved:
+            raise ValueError("no 'train' section")
+        return saved
+    except (OSError, ValueError) as err:
+        raise BadInput(f"--resume: {out / CONFIG_FILE} is unreadable ({err})") from None
+
+
+def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """Check ``--out``/``--resume`` against the directory; on resume, the saved settings
+    (explicitly given identity settings must match them)."""
+    if cfg.out is None:
+        if cfg.resume:
+            raise BadInput("--resume needs --out DIR (the run to continue)")
+        return cfg
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a directory")
+    holds_run = any((out / name).exists() for name in (CONFIG_FILE, CHECKPOINT_FILE,
+                                                        METRICS_FILE))
+    if not cfg.resume:
+        if holds_run:
+            raise BadInput(f"--out {out} already holds a run; add --resume to continue it or "
+                           "choose another --out")
+        return cfg
+    if not (out / CONFIG_FILE).is_file():
+        raise BadInput(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+    saved = _read_saved_config(out)
+    try:
+        saved_cfg = resolve_config({**saved["train"],
+                                    "model_overrides": saved.get("model_overrides", {})})
+    except ValueError as err:
+        raise BadInput(f"--resume: {out / CONFIG_FILE} holds bad settings: {err}") from None
+    for key in sorted(explicit):
+        if key in RUNTIME_FIELDS or key == "model_overrides":
+            continue
+        if key in train_field_names():
+            new, old = getattr(cfg, key), getattr(saved_cfg, key)
+        else:
+            new = cfg.model_overrides.get(key)
+            old = saved_cfg.model_overrides.get(key, saved.get("model_config", {}).get(key))
+        if _jsonable({"v": new}) != _jsonable({"v": old}):
+            raise BadInput(f"--resume: {key}={new!r} differs from the run in {out} ({old!r}); "
+                           "use another --out to change it")
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+    return dataclasses.replace(saved_cfg, **runtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+class _Trainer:
+    """One run: set-up (all checks before any write), the epoch loop, checkpoints, metrics."""
+
+    def __init__(self, cfg: TrainConfig, explicit: set[str]):
+        self.ctx = DistContext.from_env(cfg.device)
+        self._threads = torch.get_num_threads()
+        try:
+            self._setup(cfg, explicit)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Leave the process as found: torch threads back, process group destroyed."""
+        torch.set_num_threads(self._threads)
+        self.ctx.close()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _setup(self, cfg: TrainConfig, explicit: set[str]) -> None:
+        ctx = self.ctx
+        try:
+            verdict = None
+            if ctx.is_main:
+                try:
+                    verdict = ("ok", _resolve_run_dir(cfg, explicit))
+                except BadInput as err:
+                    verdict = ("error", str(err))
+            verdict = ctx.broadcast_object(verdict)
+            if verdict[0] == "error":
+                raise BadInput(verdict[1])
+            cfg = verdict[1]
+            self.cfg = cfg
+            self.out = Path(cfg.out) if cfg.out is not None else None
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)  # restored by close()
+            seed_everything(cfg.seed)
+            self._build_data()
+            self._build_model()
+            self._build_optimisation()
+            self.start_epoch, self.global_step, self.consecutive_bad = 0, 0, 0
+            self.history: list[dict] = []
+            if self.out is not None and cfg.resume and (self.out / CHECKPOINT_FILE).exists():
+                self._load(self.out / CHECKPOINT_FILE)
+        except BadInput:
+            raise
+        except ValueError as err:
+            raise BadInput(str(err)) from None
+        if ctx.rank and not cfg.resume:
+            seed_everything(cfg.seed + 7919 * ctx.rank)  # distinct augmentation per rank
+        self._write_start_files()
+        self._wrap_model()
+
+    def _build_data(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        kwargs = dict(data_dir=cfg.data_dir, download=cfg.download, train_size=cfg.train_size,
+                      test_size=cfg.test_size, seed=cfg.data_seed, augment=cfg.augment,
+                      image_size=cfg.image_size, channels=cfg.synthetic_channels,
+                      classes=cfg.synthetic_classes)
+        if cfg.download and ctx.world_size > 1 and not ctx.is_main:
+            ctx.barrier()  # rank 0 downloads first
+        train_ds, test_ds, info = datasets.get_datasets(cfg.dataset, **kwargs)
+        if cfg.download and ctx.world_size > 1 and ctx.is_main:
+            ctx.barrier()
+        self.info = info
+        self.train_loader, self.test_loader = datasets.build_loaders(
+            train_ds, test_ds, cfg.batch_size, test_batch_size=cfg.test_batch_size,
+            num_workers=cfg.num_workers, seed=cfg.seed, rank=ctx.rank,
+            world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+        if len(self.train_loader) == 0:
+            raise BadInput("the training set is empty")
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        overrides = dict(cfg.model_overrides)
+        for key, value in (("num_classes", self.info["num_classes"]),
+                           ("in_chans", self.info["in_chans"])):
+            if key in overrides and overrides[key] != value:
+                raise BadInput(f"{key}={overrides[key]} does not match dataset {cfg.dataset} "
+                               f"({value})")
+            overrides[key] = value
+        self.model_config = model_registry.get_config(cfg.model, **overrides)
+        self.model = model_registry.create_model(cfg.model, **overrides).to(self.ctx.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _build_optimisation(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                         cfg.momentum, cfg.nesterov)
+        steps_per_epoch = len(self.train_loader)
+        self.scheduler = build_scheduler(
+            self.optimizer, total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), min_lr=cfg.min_lr,
+            cosine=cfg.schedule == "cosine")
+        fp16 = cfg.amp and cfg.amp_dtype == "float16" and self.ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("identity") != _jsonable(_identity(self.cfg)):
+            theirs = state.get("identity") or {}
+            ours = _jsonable(_identity(self.cfg))
+            diff = sorted(k for part in ("train", "model_overrides")
+                          for k in set(ours.get(part, {})) | set(theirs.get(part, {}))
+                          if ours.get(part, {}).get(k) != theirs.get(part, {}).get(k))
+            raise BadInput(f"checkpoint {path} belongs to a different run (differs in: "
+                           f"{', '.join(diff) or 'format'})")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise BadInput(f"checkpoint {path} does not fit this model: {first[:200]}") from None
+        if not 0 <= state["epoch"] <= self.cfg.epochs:
+            raise BadInput(f"checkpoint {path} is at epoch {state['epoch']}, beyond the run's "
+                           f"{self.cfg.epochs} epochs")
+        self.start_epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.consecutive_bad = int(state.get("consecutive_bad", 0))
+        self.history = list(state["history"])[: self.start_epoch]
+        rngs = state["rng"]
+        rng = rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0]
+        restore_rng_state(rng, self.train_loader.generator)
+
+    def _write_start_files(self) -> None:
+        if self.out is None or not self.ctx.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        if not (self.out / CONFIG_FILE).exists():
+            atomic_write_json(self.out / CONFIG_FILE, {
+                "train": {k: v for k, v in cfg.to_dict().items() if k != "model_overrides"},
+                "model_overrides": dict(sorted(cfg.model_overrides.items())),
+                "model_config": dataclasses.asdict(self.model_config),
+                "data_info": self.info, "env": self._env()})
+        if not (self.out / MODEL_INFO_FILE).exists():
+            with torch.random.fork_rng(devices=[]):  # the summary's forward pass draws nothing
+                summary = model_registry.model_summary(
+                    self.model, input_shape=(self.info["in_chans"], self.info["image_size"],
+                                             self.info["image_size"]))
+            atomic_write_json(self.out / MODEL_INFO_FILE, summary)
+        # metrics.jsonl must agree with the checkpoint: rewrite it from the checkpoint's history
+        atomic_write_jsonl(self.out / METRICS_FILE, self.history)
+
+    def _env(self) -> dict:
+        return {"git_sha": _git_sha(), "torch_version": torch.__version__,
+                "python": platform.python_version(), "device": str(self.ctx.device),
+                "device_name": (torch.cuda.get_device_name(self.ctx.device)
+                                if self.ctx.device.type == "cuda" else platform.processor()
+                                or platform.machine()),
+                "threads": torch.get_num_threads(), "world_size": self.ctx.world_size}
+
+    def _wrap_model(self) -> None:
+        self.train_model = self.model
+        if self.ctx.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def _batch(self, x, y):
+        x = x.to(self.ctx.device, non_blocking=True)  # (B, C, H, W)
+        y = y.to(self.ctx.device, non_blocking=True)  # (B,)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(value).all())
+        if self.ctx.world_size > 1:  # every rank must take the same branch
+            finite = self.ctx.all_reduce_sum([0.0 if finite else 1.0])[0] == 0.0
+        return finite
+
+    def _progress(self, loader, epoch: int):
+        mode = self.cfg.progress
+        bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        if not (bar and self.ctx.is_main):
+            return loader, None
+        from tqdm import tqdm
+
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
+                   file=sys.stderr, dynamic_ncols=True)
+        return bar, bar
+
+    def _train_epoch(self, epoch: int) -> tuple[dict, dict]:
+        cfg, model = self.cfg, self.model
+        self.train_model.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        meter, jac_meter = EpochMeter(), EpochMeter()
+        skipped, seen = 0, 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        pretrain_on = None
+        iterator, bar = self._progress(self.train_loader, epoch + 1)
+        reset_peak_memory(self.ctx.device)
+        start = time.perf_counter()
+        for x, y in iterator:
+            x, y = self._batch(x, y)
+            step = self.global_step
+            if cfg.pretrain_steps and pretrain_on != (step < cfg.pretrain_steps):
+                pretrain_on = step < cfg.pretrain_steps
+                model.set_pretrain(pretrain_on)
+            use_jac = cfg.jac_reg_weight > 0 and jac_reg_step(cfg.seed, step, cfg.jac_reg_freq)
+            if cfg.jac_reg_weight > 0:
+                model.set_jac_reg(use_jac)
+            with self._autocast():
+                logits = self.train_model(x)  # (B, num_classes)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            jac = model.jac_loss() if use_jac else None
+            if jac is not None:
+                loss = loss + cfg.jac_reg_weight * jac.float()
+            seen += len(y)
+            ok = self._all_finite(loss)
+            if ok:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        ok = bool(torch.isfinite(norm))
+                    if ok:
+                        self.optimizer.step()
+            self.lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.global_step += 1
+            if not ok:
+                skipped += 1
+                self.consecutive_bad += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.consecutive_bad >= cfg.max_bad_steps:
+                    self._stop_diverged(epoch)  # raises
+                continue
+            self.consecutive_bad = 0
+            with torch.no_grad():
+                plain = (F.cross_entropy(logits, y, reduction="sum") if cfg.label_smoothing
+                         else loss.detach() * len(y) if jac is None
+                         else F.cross_entropy(logits, y, reduction="sum"))
+                correct = (logits.argmax(1) == y).sum()
+            meter.update(float(plain), int(correct), len(y), model.core_stats())
+            if jac is not None:
+                jac_meter.update(float(jac) * len(y), 0, len(y))
+            if bar is not None and self.global_step % 10 == 0:
+                bar.set_postfix(loss=f"{float(plain) / len(y):.4f}")
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        elapsed = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        stats = meter.reduce(self.ctx)
+        extra = {"skipped_steps": int(self.ctx.all_reduce_max([float(skipped)])[0]),
+                 "seen": self.ctx.all_reduce_sum([float(seen)])[0],
+                 "time": self.ctx.all_reduce_max([elapsed])[0]}
+        if cfg.jac_reg_weight > 0:
+            extra["jac_loss"] = jac_meter.reduce(self.ctx)["loss"]
+        return stats, extra
+
+    def _stop_diverged(self, epoch: int) -> None:
+        where = (f"the last good checkpoint is {self.out / CHECKPOINT_FILE} (epoch {epoch})"
+                 if self.out is not None and epoch > 0 else "no checkpoint had been written yet")
+        raise TrainingDiverged(
+            f"training stopped: {self.consecutive_bad} consecutive non-finite losses in epoch "
+            f"{epoch + 1} (step {self.global_step}); {where}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss, accuracy and core statistics on this rank's test shard, reduced over ranks."""
+        model = self.model
+        model.eval()
+        if self.cfg.pretrain_steps:
+            model.set_pretrain(False)
+        if self.cfg.jac_reg_weight > 0:
+            model.set_jac_reg(False)
+        meter = EpochMeter()
+        for x, y in self.test_loader:
+            x, y = self._batch(x, y)
+            with self._autocast():
+                logits = model(x).float()  # (B, num_classes)
+            meter.update(float(F.cross_entropy(logits, y, reduction="sum")),
+                         int((logits.argmax(1) == y).sum()), len(y), model.core_stats())
+        model.train()
+        return meter.reduce(self.ctx)
+
+    def _epoch_row(self, epoch: int, train: dict, extra: dict, test: dict,
+                   eval_time: float) -> dict:
+        row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
+               "test_loss": test["loss"], "test_acc": test["acc"],
+               "epoch_time_s": extra["time"], "eval_time_s": eval_time,
+               "images_per_s": extra["seen"] / extra["time"] if extra["time"] > 0 else None,
+               "peak_mem_mb": self.ctx.all_reduce_max([peak_memory_mb(self.ctx.device)])[0],
+               "skipped_steps": extra["skipped_steps"], "lr": self.lr, "steps": self.global_step}
+        for key, value in test.items():
+            if key not in ("loss", "acc", "count"):
+                row[key] = value
+        for key, value in train.items():
+            if key not in ("loss", "acc", "count"):
+                row["train_" + key] = value
+        if "jac_loss" in extra:
+            row["jac_loss"] = extra["jac_loss"]
+        return {k: _json_safe(v) for k, v in row.items()}
+
+    def _save(self, epoch_done: int) -> None:
+        rngs = self.ctx.gather_objects(capture_rng_state(self.train_loader.generator))
+        if self.out is None or not self.ctx.is_main:
+            return
+        save_checkpoint(self.out / CHECKPOINT_FILE, {
+            "epoch": epoch_done, "global_step": self.global_step,
+            "consecutive_bad": self.consecutive_bad, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs, "history": self.history, "identity": _jsonable(_identity(self.cfg)),
+            "world_size": self.ctx.world_size})
+        atomic_write_jsonl(self.out / METRICS_FILE, self.history)
+
+    def _print_row(self, row: dict) -> None:
+        if self.cfg.progress == "none" or not self.ctx.is_main:
+            return
+        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}"]
+        for key, fmt in (("train_loss", ".4f"), ("train_acc", ".4f"), ("test_loss", ".4f"),
+                         ("test_acc", ".4f"), ("nstep", ".1f"), ("rel_residual", ".2e"),
+                         ("nfe", ".1f"), ("skipped_steps", "d")):
+            if row.get(key) is not None and (key != "skipped_steps" or row[key]):
+                parts.append(f"{key} {row[key]:{fmt}}")
+        parts.append(f"{row['epoch_time_s']:.1f}s")
+        if row.get("images_per_s"):
+            parts.append(f"{row['images_per_s']:.0f} img/s")
+        print("  ".join(parts), flush=True)
+
+    def _finish(self) -> dict:
+        best = max(self.history, key=lambda r: r["test_acc"] if r["test_acc"] is not None
+                   else -1.0)
+        final = {**self.history[-1], "best_test_acc": best["test_acc"],
+                 "best_epoch": best["epoch"]}
+        if self.out is not None and self.ctx.is_main:
+            atomic_write_json(self.out / DONE_FILE, {"epochs": self.cfg.epochs, "final": final})
+        return final
+
+    def fit(self) -> dict:
+        """Train the remaining epochs (none if the checkpoint holds them all); write done.json;
+        return the final epoch's metrics plus the best test accuracy."""
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                train, extra = self._train_epoch(epoch)
+                start = time.perf_counter()
+                test = self.evaluate()
+                row = self._epoch_row(epoch, train, extra, test, time.perf_counter() - start)
+                self.history.append(row)
+                self._save(epoch + 1)
+                self._print_row(row)
+            return self._finish()
+        finally:
+            self.close()
+
+
+def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict:
+    """Train as configured and return the final epoch's metrics (plus ``best_test_acc``).
+
+    Writes the run directory only when ``out`` is set. With ``resume=True`` the run in ``out``
+    continues from its checkpoint with its saved settings; settings given here must agree with
+    them (``out``, ``resume``, ``data_dir``, ``download``, ``num_workers``, ``progress``,
+    ``threads`` and ``device`` may differ).
+
+    Args:
+        config: a flat dict of TrainConfig and ModelConfig settings, or a TrainConfig.
+        explicit: the settings the caller chose (default: the dict's keys; every field of a
+            TrainConfig); only these are compared with a resumed run's.
+
+    Returns:
+        The last ``metrics.jsonl`` row with ``best_test_acc`` and ``best_epoch`` added.
+
+    Raises:
+        BadInput: (a ``ValueError``) bad settings, missing data, an ``out`` holding another
+            run, nothing to resume, an unreadable or foreign checkpoint. Nothing is written.
+        TrainingDiverged: ``max_bad_steps`` consecutive non-finite losses.
+
+    Example:
+        >>> m = run({"model": "test_wt", "epochs": 1, "train_size": 64, "test_size": 32,
+        ...          "progress": "none"})
+        >>> 0.0 <= m["test_acc"] <= 1.0
+        True
+    """
+    try:
+        cfg = resolve_config(config)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    if explicit is None:
+        if isinstance(config, TrainConfig):
+            explicit = set(train_field_names()) | set(cfg.model_overrides)
+        else:
+            explicit = {str(k).replace("-", "_") for k in config if k != "model_overrides"}
+            explicit |= set(config.get("model_overrides") or {})
+    return _Trainer(cfg, explicit).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status.
+
+    Example:
+        >>> main(["--epochs", "0"])
+        2
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        settings = parse_settings(argv)
+        if "out" not in settings or settings["out"] is None:
+            raise UsageError("--out DIR is required")
+        run(settings)
+    except (UsageError, BadInput) as err:
+        if is_main:
+            print(f"wtmodels.train: error: {err}".replace("\n", " "), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as err:
+        if is_main:
+            print(f"wtmodels.train: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        if is_main:
+            print("wtmodels.train: interrupted; --resume continues from the last checkpoint",
+                  file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""``TrainConfig``: every training setting, its range, and how config dicts and files map onto it.
+
+A training run is described by a :class:`TrainConfig` plus ``model_overrides``, a dict of
+``wtmodels.models.ModelConfig`` fields (``depth``, ``width``, ``mask_density`` ...) that the
+trainer passes to ``create_model``. :func:`resolve_config` splits a flat dict (as a config file or
+the command line gives it) into the two, checking every key and value.
+
+Example:
+    >>> from wtmodels.train_config import TrainConfig
+    >>> cfg = TrainConfig(model="wt_s", epochs=3, lr=0.01)
+    >>> cfg.optimizer, cfg.batch_size
+    ('adamw', 64)
+    >>> TrainConfig(optimizer="rmsprop")
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer must be one of sgd, adam, adamw; got 'rmsprop'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _opt(default, help: str, **meta):
+    """A dataclass field with help text and validation metadata (choices, ge, gt, le, lt)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# Fields that may differ when a run is resumed: they change how, not what, is computed.
+RUNTIME_FIELDS = ("out", "resume", "data_dir", "download", "num_workers", "progress", "threads",
+                  "device")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one training run (model shape settings live in ``model_overrides``).
+
+    Every field is also a command-line flag of ``python -m wtmodels.train`` (``lr`` ->
+    ``--lr``, ``label_smoothing`` -> ``--label-smoothing``, booleans as ``--amp`` /
+    ``--no-amp``). Values are checked on construction: a bad one raises ``ValueError`` naming
+    the field and the valid choices or range.
+
+    Example:
+        >>> cfg = TrainConfig(model="deq_s", pretrain_steps=100, jac_reg_weight=0.5)
+        >>> cfg.schedule, cfg.warmup_epochs
+        ('cosine', 0.5)
+    """
+
+    # what to train, where
+    model: str = _opt("wt_s", "registered model name (wtmodels.list_models())")
+    dataset: str = _opt("digits", "dataset name (wtmodels.data.list_datasets())")
+    epochs: int = _opt(8, "number of training epochs", ge=1)
+    out: str | None = _opt(None, "run directory (config.json, metrics.jsonl, checkpoint.pt ...)")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint")
+    seed: int = _opt(0, "seed of initialisation, data order and augmentation", ge=0)
+    # data
+    data_dir: str | None = _opt(None, "where dataset files are (or go, with --download)")
+    download: bool = _opt(False, "let torchvision download the dataset into --data-dir")
+    train_size: int | None = _opt(None, "fixed seeded subset of the training set", ge=1)
+    test_size: int | None = _opt(None, "fixed seeded subset of the test set", ge=1)
+    data_seed: int = _opt(0, "seed of the --train-size/--test-size subsets and synthetic data",
+                          ge=0)
+    augment: bool = _opt(True, "standard training augmentation of the dataset")
+    image_size: int | None = _opt(None, "resize images to this size (default: native / 224)",
+                                  ge=1)
+    synthetic_channels: int | None = _opt(None, "synthetic dataset: image channels (3)", ge=1)
+    synthetic_classes: int | None = _opt(None, "synthetic dataset: classes (10)", ge=2)
+    batch_size: int = _opt(64, "global training batch size (split over processes)", ge=1)
+    test_batch_size: int | None = _opt(None, "global test batch size (default 2x batch size)",
+                                       ge=1)
+    num_workers: int = _opt(0, "data-loader worker processes per process", ge=0)
+    # optimisation
+    optimizer: str = _opt("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = _opt(3e-3, "peak learning rate", gt=0)
+    momentum: float = _opt(0.9, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = _opt(False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(0.05, "weight decay (matrices and kernels only, not biases or "
+                               "norm scales)", ge=0)
+    schedule: str = _opt("cosine", "learning-rate schedule", choices=("cosine", "constant"))
+    warmup_epochs: float = _opt(0.5, "linear warm-up length in epochs", ge=0)
+    min_lr: float = _opt(0.0, "final learning rate of the cosine schedule", ge=0)
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss", ge=0, lt=1)
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)", ge=0)
+    max_bad_steps: int = _opt(20, "stop after this many consecutive non-finite losses", ge=1)
+    # speed
+    amp: bool = _opt(False, "autocast mixed precision (bfloat16 by default)")
+    amp_dtype: str = _opt("bfloat16", "autocast dtype", choices=("bfloat16", "float16"))
+    channels_last: bool = _opt(False, "channels-last memory format for model and images")
+    compile: bool = _opt(False, "torch.compile the model")
+    device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", ge=1)
+    # DEQ practice
+    pretrain_steps: int = _opt(0, "DEQ cores: first N steps iterate unrolled (model.set_pretrain)",
+                               ge=0)
+    jac_reg_weight: float = _opt(0.0, "DEQ cores: weight of the Jacobian regulariser", ge=0)
+    jac_reg_freq: float = _opt(1.0, "DEQ cores: share of steps that add the Jacobian term",
+                               gt=0, le=1)
+    # reporting
+    progress: str = _opt("auto", "progress display: tqdm bar on a terminal (auto), bar, lines, "
+                         "none", choices=("auto", "bar", "lines", "none"))
+    # model shape (ModelConfig fields), not a flag of its own
+    model_overrides: dict = _opt({}, "ModelConfig overrides passed to create_model", flag=False)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_value(f.name, getattr(self, f.name), field_type(
+                TrainConfig, f.name), f.metadata))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready copy of every field.
+
+        Example:
+            >>> TrainConfig(epochs=2).to_dict()["epochs"]
+            2
+        """
+        return dataclasses.asdict(self)
+
+
+def field_type(cls, name: str):
+    """The resolved annotation of dataclass field ``name`` of ``cls``.
+
+    Example:
+        >>> field_type(TrainConfig, "epochs")
+        <class 'int'>
+    """
+    return typing.get_type_hints(cls)[name]
+
+
+def unwrap_optional(tp) -> tuple[Any, bool]:
+    """``(inner type, allows None)`` of a type such as ``int | None``.
+
+    Example:
+        >>> unwrap_optional(int | None)
+        (<class 'int'>, True)
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
+            return args[0], True
+    return tp, False
+
+
+def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
+    """Check (and lightly coerce: int -> float, list -> tuple) one config value.
+
+    Args:
+        name: field name, used in the error message.
+        value: the value.
+        tp: the field's annotation.
+        meta: field metadata with optional ``choices``, ``ge``, ``gt``, ``le``, ``lt``.
+
+    Returns:
+        The value, coerced to the field type.
+
+    Raises:
+        ValueError: wrong type, not one of the choices, or out of range.
+
+    Example:
+        >>> check_value("lr", 1, float, {"gt": 0})
+        1.0
+        >>> check_value("lr", -1.0, float, {"gt": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: lr must be > 0; got -1.0
+    """
+    meta = meta or {}
+    inner, optional = unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} may not be None")
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false; got {value!r}")
+    elif inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer; got {value!r}")
+    elif inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number; got {value!r}")
+        value = float(value)
+    elif inner is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string; got {value!r}")
+    elif origin in (tuple, list) or inner in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{name} must be a list; got {value!r}")
+        value = tuple(value) if (origin or inner) is tuple else list(value)
+    elif inner is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping; got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if key in meta and not ok(value, meta[key]):
+            raise ValueError(f"{name} must be {word} {meta[key]}; got {value!r}")
+    return value
+
+
+def train_field_names() -> list[str]:
+    """Names of the TrainConfig fields that are settings (flags), in declaration order.
+
+    Example:
+        >>> "lr" in train_field_names(), "model_overrides" in train_field_names()
+        (True, False)
+    """
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def model_config_class():
+    """``wtmodels.models.ModelConfig`` (imported on first use).
+
+    Example:
+        >>> import dataclasses
+        >>> "depth" in {f.name for f in dataclasses.fields(model_config_class())}
+        True
+    """
+    from wtmodels.models import ModelConfig
+
+    return ModelConfig
+
+
+def model_field_names() -> list[str]:
+    """Names of the ModelConfig fields, i.e. the keys ``model_overrides`` may hold.
+
+    Example:
+        >>> "mask_density" in model_field_names()
+        True
+    """
+    return [f.name for f in dataclasses.fields(model_config_class())]
+
+
+def check_model_overrides(overrides: dict) -> dict:
+    """Type-check a dict of ModelConfig overrides (ranges are checked by ``get_config``).
+
+    Example:
+        >>> check_model_overrides({"depth": 4})
+        {'depth': 4}
+    """
+    cls = model_config_class()
+    names = model_field_names()
+    out = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown model setting {key!r}; valid: {', '.join(names)}")
+        meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
+        out[key] = check_value(key, value, field_type(cls, key), meta)
+    return out
+
+
+def resolve_config(config: dict | TrainConfig) -> TrainConfig:
+    """A validated TrainConfig from a TrainConfig or a flat dict of train and model settings.
+
+    Keys of the flat dict may use dashes or underscores; keys that are ModelConfig fields go to
+    ``model_overrides`` (as does a nested ``model_overrides`` dict).
+
+    Args:
+        config: a TrainConfig, or a dict such as ``{"model": "wt_s", "lr": 0.01, "depth": 4}``.
+
+    Returns:
+        The TrainConfig.
+
+    Raises:
+        ValueError: an unknown key or a bad value, naming the key and the valid choices.
+
+    Example:
+        >>> cfg = resolve_config({"model": "wt_s", "epochs": 2, "mask-density": 0.25})
+        >>> cfg.epochs, cfg.model_overrides
+        (2, {'mask_density': 0.25})
+    """
+    if isinstance(config, TrainConfig):
+        return dataclasses.replace(config, model_overrides=check_model_overrides(
+            dict(config.model_overrides)))
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict or TrainConfig; got {type(config).__name__}")
+    train_names = set(train_field_names())
+    model_names = set(model_field_names())
+    train, model = {}, dict(config.get("model_overrides") or {})
+    for raw_key, value in config.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "model_overrides":
+            continue
+        if key in train_names:
+            train[key] = value
+        elif key in model_names:
+            model[key] = value
+        else:
+            valid = sorted(train_names | model_names)
+            raise ValueError(f"unknown setting {raw_key!r}; valid: {', '.join(valid)}")
+    return TrainConfig(**train, model_overrides=check_model_overrides(model))
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a flat settings dict from a JSON or YAML file (``.yaml``/``.yml`` -> YAML).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The dict (keys not yet checked; pass it to :func:`resolve_config`).
+
+    Raises:
+        ValueError: the file is missing, unparsable, or not a mapping.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "c.yaml")
+        >>> _ = open(p, "w").write("lr: 0.1\\ndepth: 4\\n")
+        >>> load_config_file(p)
+        {'lr': 0.1, 'depth': 4}
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"config file {path}: {err.strerror or err}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is bad input
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"config file {path} is not valid "
+                         f"{'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+                         f"{first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    return data
