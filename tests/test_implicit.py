@@ -1,0 +1,230 @@
+"""DEQ layer: gradients against exact implicit gradients and finite differences, options, stats."""
+
+import pytest
+import torch
+from torch import nn
+
+import wtmodels as wt
+
+F64 = torch.float64
+
+
+def contraction(D, rho, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(D, D, generator=g, dtype=dtype)
+    return rho * A / torch.linalg.matrix_norm(A, ord=2)
+
+
+def tight(**kw):
+    opts = dict(f_tol=1e-12, b_tol=1e-12, f_max_iter=200, b_max_iter=200)
+    opts.update(kw)
+    return wt.DEQ(**opts)
+
+
+@pytest.mark.parametrize("b_solver", ["fixed_point", "anderson", "broyden"])
+def test_ift_gradient_equals_exact_implicit_gradient(b_solver):
+    B, D = 3, 6
+    A = contraction(D, 0.8).requires_grad_()
+    c = torch.randn(B, D, dtype=F64, requires_grad=True)
+    w = torch.randn(B, D, dtype=F64)
+    z, stats = tight(b_solver=b_solver)(lambda z: z @ A.T + c, torch.zeros(B, D, dtype=F64))
+    gA, gc = torch.autograd.grad((z * w).sum(), [A, c])
+    # exact: z* = (I - A)^-1 c, so dL/dc = (I - A)^-T w and dL/dA = (dL/dc) z*^T
+    I = torch.eye(D, dtype=F64)
+    z_exact = torch.linalg.solve(I - A.detach(), c.detach().T).T
+    u = torch.linalg.solve((I - A.detach()).T, w.T).T  # (B, D)
+    torch.testing.assert_close(z, z_exact, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gc, u, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(gA, u.T @ z_exact, rtol=1e-8, atol=1e-9)
+    assert stats.converged.all()
+
+
+def test_ift_gradcheck_nonlinear_float64():
+    B, D = 2, 4
+    A = contraction(D, 0.7).requires_grad_()
+    x = torch.randn(B, D, dtype=F64, requires_grad=True)
+    deq = tight()
+
+    def fn(A, x):
+        return deq(lambda z: torch.tanh(z @ A.T + x), torch.zeros(B, D, dtype=F64))[0]
+
+    assert torch.autograd.gradcheck(fn, (A, x), eps=1e-6, atol=1e-6)
+
+
+def exact_gradient(A, x, w):
+    """Gradient of sum(w * z*) for z* = tanh(A z* + x), by a dense solve of the adjoint system."""
+    z = torch.zeros_like(x)
+    for _ in range(500):
+        z = torch.tanh(z @ A.T + x)
+    s = 1 - z ** 2  # (B, D) tanh'
+    gx = []
+    for b in range(x.shape[0]):
+        J = s[b, :, None] * A  # dz/dz
+        gx.append(torch.linalg.solve((torch.eye(len(A), dtype=F64) - J).T, w[b]) * s[b])
+    return torch.stack(gx)
+
+
+@pytest.mark.parametrize("grad, min_cos", [("ift", 0.999999), ("phantom", 0.9),
+                                           ("unroll", 0.999999)])
+def test_gradients_close_to_exact(grad, min_cos):
+    B, D = 4, 10
+    A = contraction(D, 0.6)
+    x = torch.randn(B, D, dtype=F64, requires_grad=True)
+    w = torch.randn(B, D, dtype=F64)
+    deq = tight(grad=grad, phantom_steps=5, tau=0.8)
+    z, _ = deq(lambda z: torch.tanh(z @ A.T + x), torch.zeros(B, D, dtype=F64))
+    (gx,) = torch.autograd.grad((z * w).sum(), [x])
+    exact = exact_gradient(A, x.detach(), w)
+    cos = torch.nn.functional.cosine_similarity(gx.flatten(), exact.flatten(), dim=0)
+    assert cos > min_cos
+    if grad == "phantom":
+        assert cos < 0.999999  # inexact by design: 5 damped steps
+
+
+class Cell(nn.Module):
+    """A conv cell with input injection; the DEQ must send gradients to every parameter."""
+
+    def __init__(self, C=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(C, C, 3, padding=1)
+        self.norm = nn.GroupNorm(2, C)
+        self.conv2 = nn.Conv2d(C, C, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight.mul_(0.3)
+            self.conv2.weight.mul_(0.3)
+
+    def forward(self, z, x):
+        return torch.relu(self.norm(self.conv2(torch.relu(self.conv1(z))) + x))
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_gradients_reach_every_parameter_and_input(grad):
+    torch.manual_seed(0)
+    cell, stem = Cell(), nn.Conv2d(1, 4, 3, padding=1)
+    x = torch.randn(3, 1, 6, 6)
+    inj = stem(x)
+    deq = wt.DEQ(grad=grad, f_max_iter=20, b_max_iter=20)
+    z, stats = deq(lambda z: cell(z, inj), torch.zeros(3, 4, 6, 6))
+    z.square().mean().backward()
+    for name, p in list(cell.named_parameters()) + list(stem.named_parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.isfinite(p.grad).all(), name
+    assert stats.nstep.shape == (3,) and stats.jac_loss is None
+
+
+def saved_bytes(fn):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_ift_memory_independent_of_forward_iterations_unroll_grows():
+    torch.manual_seed(0)
+    cell = Cell()
+    x = torch.randn(2, 4, 6, 6)
+    z0 = torch.zeros(2, 4, 6, 6)
+
+    def f(z):  # converges at rate >= 1/2: never exactly in 15 steps
+        return 0.5 * z + 0.5 * cell(z, x)
+
+    def run(grad, iters):
+        deq = wt.DEQ(grad=grad, f_max_iter=iters, f_tol=1e-30)  # never converges early
+        return saved_bytes(lambda: deq(f, z0))
+
+    assert run("ift", 5) == run("ift", 15) > 0
+    assert run("unroll", 15) > 2.5 * run("unroll", 5)
+
+
+def test_eval_budget_and_train_budget():
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return 0.9 * z + 1.0
+
+    deq = wt.DEQ(f_max_iter=3, eval_f_max_iter=7, f_tol=1e-30, f_solver="fixed_point")
+    assert list(deq.parameters()) == []
+    _, stats = deq(f, torch.zeros(2, 3))
+    assert stats.n_iter == 3 and not stats.converged.any()
+    deq.eval()
+    calls.clear()
+    with torch.no_grad():
+        _, stats = deq(f, torch.zeros(2, 3))
+    assert stats.n_iter == 7 and len(calls) == 7  # no extra call: grad is off
+    parent = nn.Sequential(nn.Linear(2, 2), deq)
+    parent.train()
+    assert deq.training and deq.budget == 3
+
+
+def test_jacobian_regulariser_known_value_and_gradient():
+    a = torch.tensor(0.5, requires_grad=True)
+    deq = wt.DEQ(jac_reg=True)
+    z, stats = deq(lambda z: a * z + 1.0, torch.zeros(4, 10))
+    # J = a I: ||J||_F^2 / D = a^2 exactly with Rademacher probes
+    torch.testing.assert_close(stats.jac_loss, torch.tensor(0.25))
+    assert stats.jac_loss.dim() == 0
+    (ga,) = torch.autograd.grad(stats.jac_loss, [a])
+    torch.testing.assert_close(ga, torch.tensor(1.0))  # d(a^2)/da
+    # a general linear map: the estimate is unbiased for ||A||_F^2 / D
+    A = contraction(8, 0.9)
+    deq = wt.DEQ(jac_reg_samples=400, grad="phantom")
+    _, stats = deq(lambda z: z @ A.T, torch.zeros(2, 8, dtype=F64), jac_reg=True)
+    expected = torch.linalg.matrix_norm(A) ** 2 / 8
+    assert abs(float(stats.jac_loss) - float(expected)) < 0.1 * float(expected)
+
+
+def test_spectral_radius_power_iteration():
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=F64))[0]
+    eig = torch.linspace(-0.3, 0.8, 12, dtype=F64)
+    A = Q @ torch.diag(eig) @ Q.T
+    r = wt.DEQ().spectral_radius(lambda z: torch.tanh(0.0 * z) + z @ A.T,
+                                 torch.zeros(3, 12, dtype=F64), n_iter=100)
+    assert r.shape == (3,)
+    torch.testing.assert_close(r, torch.full((3,), 0.8, dtype=F64), rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(0)
+    cell = Cell()
+    x = torch.randn(2, 4, 6, 6)
+    deq = wt.DEQ(f_tol=1e-2, b_tol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, stats = deq(lambda z: cell(z, x), torch.zeros(2, 4, 6, 6))
+        loss = z.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(z.float()).all() and stats.converged.all()
+    assert all(torch.isfinite(p.grad).all() for p in cell.parameters())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"grad": "exact"}, r"grad must be one of \['ift', 'phantom', 'unroll'\]"),
+    ({"f_solver": "newton"}, "valid solvers"), ({"b_solver": "x"}, "valid solvers"),
+    ({"f_opts": {"history": 3}}, "valid options"), ({"b_opts": {"tau": 0.5}}, "valid options"),
+    ({"f_max_iter": 0}, "f_max_iter"), ({"b_tol": 0}, "b_tol"), ({"tau": 1.5}, "tau"),
+    ({"phantom_steps": 0}, "phantom_steps"), ({"stop_mode": "max"}, "stop_mode"),
+    ({"eval_f_max_iter": 0}, "eval_f_max_iter"), ({"jac_reg": 1}, "jac_reg"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        wt.DEQ(**kwargs)
+
+
+def test_solver_options_are_used():
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(20, 20, generator=g))[0]
+    A = Q @ torch.diag(torch.linspace(0, 0.95, 20)) @ Q.T
+
+    def f(z):
+        return z @ A.T + 1.0
+
+    z0 = torch.zeros(2, 20)
+    _, m1 = wt.DEQ(f_opts={"m": 1}, f_tol=1e-6, f_max_iter=200)(f, z0)
+    _, m5 = wt.DEQ(f_opts={"m": 5}, f_tol=1e-6, f_max_iter=200)(f, z0)
+    assert m5.n_iter < m1.n_iter

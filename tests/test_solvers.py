@@ -1,0 +1,299 @@
+"""Fixed-point solvers against known answers: exact linear solutions, scipy, fault cases."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+import wtmodels as wt
+from wtmodels.solvers import anderson, broyden, fixed_point
+
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+
+
+def linear_problem(shape, dtype, contraction=0.8, seed=0):
+    """``z = A_b z + c_b`` per sample with ``||A_b||_2 = contraction``; exact solution."""
+    g = torch.Generator().manual_seed(seed)
+    B, D = shape[0], math.prod(shape[1:])
+    A = torch.randn(B, D, D, generator=g, dtype=dtype)
+    A = contraction * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(B, D, generator=g, dtype=dtype)
+    exact = torch.linalg.solve(torch.eye(D, dtype=dtype) - A, c).reshape(shape)
+
+    def f(z):
+        return (torch.bmm(A, z.reshape(B, D, 1)).squeeze(2) + c).reshape(shape)
+
+    return f, exact
+
+
+def residuals(f, z):
+    B = z.shape[0]
+    fz = f(z)
+    r = (fz - z).reshape(B, -1).norm(dim=1)
+    return r, r / (fz.reshape(B, -1).norm(dim=1) + 1e-8)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("shape", [(4, 12), (3, 2, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_contraction_exact_solution(method, shape, dtype):
+    f, exact = linear_problem(shape, dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-11
+    z, stats = wt.solve(f, torch.zeros(shape, dtype=dtype), method=method, max_iter=300, tol=tol)
+    assert z.shape == shape and z.dtype == dtype
+    assert stats.converged.all() and not stats.diverged.any()
+    err = (z - exact).reshape(shape[0], -1).norm(dim=1) / exact.reshape(shape[0], -1).norm(dim=1)
+    assert err.max() < (1e-4 if dtype == torch.float32 else 1e-9)
+    # the reported residuals are those of the returned iterate
+    abs_r, rel_r = residuals(f, z)
+    torch.testing.assert_close(stats.abs_lowest, abs_r, rtol=1e-2, atol=1e-6)
+    assert (stats.rel_lowest <= tol).all() and (rel_r <= 1.5 * tol).all()
+    B = shape[0]
+    assert stats.nstep.shape == (B,) and stats.abs_trace.shape == (B, stats.n_iter)
+    assert stats.rel_trace.shape == (B, stats.n_iter) and int(stats.nstep.max()) == stats.n_iter
+    torch.testing.assert_close(stats.abs_trace.min(dim=1).values, stats.abs_lowest)
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_accelerated_solvers_beat_plain_iteration(method):
+    # symmetric A with eigenvalues spread over [0, 0.95]: plain iteration needs ~360 steps
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.linspace(0, 0.95, 30, dtype=torch.float64)) @ Q.T
+    c = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(30, dtype=torch.float64) - A, c.T).T
+
+    def f(z):
+        return z @ A.T + c
+
+    z0 = torch.zeros(4, 30, dtype=torch.float64)
+    _, plain = wt.solve(f, z0, method="fixed_point", max_iter=1000, tol=1e-8)
+    z, fast = wt.solve(f, z0, method=method, max_iter=1000, tol=1e-8)
+    assert fast.converged.all() and plain.converged.all()
+    assert fast.n_iter < plain.n_iter / 4
+    torch.testing.assert_close(z, exact, rtol=1e-6, atol=1e-6)
+
+
+def test_broyden_small_window_wraps_and_converges():
+    f, exact = linear_problem((3, 20), torch.float64, contraction=0.9)
+    z, stats = broyden(f, torch.zeros(3, 20, dtype=torch.float64), max_iter=200, tol=1e-10, m=3)
+    assert stats.converged.all() and stats.n_iter > 4  # the ring of 3 pairs wrapped
+    torch.testing.assert_close(z, exact, rtol=1e-8, atol=1e-8)
+
+
+def chandrasekhar(n=40, c=0.9):
+    """Chandrasekhar H-equation, midpoint rule: H = 1 / (1 - c/2 * A H) (Kelley's test)."""
+    mu = (np.arange(1, n + 1) - 0.5) / n
+    A = (c / (2 * n)) * mu[:, None] / (mu[:, None] + mu[None, :])
+    return A
+
+
+def test_nonlinear_problems_match_scipy():
+    A = chandrasekhar()
+    At = torch.tensor(A)
+
+    def f_np(h):
+        return 1.0 / (1.0 - A @ h)
+
+    reference = scipy.optimize.root(lambda h: f_np(h) - h, np.ones(len(A)), tol=1e-13).x
+    ref_anderson = scipy.optimize.anderson(lambda h: f_np(h) - h, np.ones(len(A)), f_tol=1e-12)
+    np.testing.assert_allclose(ref_anderson, reference, atol=1e-9)
+
+    def f(h):  # (1, n)
+        return 1.0 / (1.0 - h @ At.T)
+
+    # a small tanh network with input injection (contraction ~0.6)
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(16, 16))
+    W *= 0.6 / np.linalg.norm(W, 2)
+    x = rng.normal(size=16)
+    ref_net = scipy.optimize.broyden1(lambda z: np.tanh(W @ z + x) - z, np.zeros(16), f_tol=1e-12)
+    Wt, xt = torch.tensor(W), torch.tensor(x)
+
+    def g(z):
+        return torch.tanh(z @ Wt.T + xt)
+
+    for method in SOLVERS:
+        h, stats = wt.solve(f, torch.ones(1, len(A), dtype=torch.float64), method=method,
+                            max_iter=200, tol=1e-12)
+        assert stats.converged.all()
+        np.testing.assert_allclose(h[0].numpy(), reference, atol=1e-9)
+        z, stats = wt.solve(g, torch.zeros(1, 16, dtype=torch.float64), method=method,
+                            max_iter=200, tol=1e-12)
+        assert stats.converged.all()
+        np.testing.assert_allclose(z[0].numpy(), ref_net, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_cosine_dottie_number_scalar_per_sample(method):
+    z, stats = wt.solve(torch.cos, torch.tensor([0.0, 1.0, -2.0]), method=method, tol=1e-10,
+                        max_iter=200, stop_mode="abs")
+    assert z.shape == (3,)
+    torch.testing.assert_close(z, torch.full((3,), 0.7390851332151607), atol=1e-6, rtol=0)
+    assert stats.converged.all()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_per_sample_stopping_freezes_easy_sample(method):
+    D = 8
+    rate = torch.tensor([0.1, 0.97])[:, None]  # easy, hard
+    c = torch.linspace(-1, 1, D).repeat(2, 1)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return rate * torch.sin(z) + c
+
+    z, stats = wt.solve(f, torch.zeros(2, D), method=method, max_iter=300, tol=1e-6)
+    assert stats.converged.all()
+    easy, hard = stats.nstep.tolist()
+    assert easy < hard and hard == len(seen)
+    # after the easy sample stopped, f only ever saw its returned iterate
+    for z_seen in seen[easy - 1:]:
+        torch.testing.assert_close(z_seen[0], z[0], rtol=0, atol=0)
+    # its trace holds its lowest residual after it stopped
+    assert (stats.rel_trace[0, easy:] == stats.rel_lowest[0]).all()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_map_without_fixed_point_is_not_converged_and_finite(method):
+    # z = exp(z) has no real solution; plain iteration overflows to inf after 5 steps
+    z, stats = wt.solve(torch.exp, torch.zeros(3, 4), method=method, max_iter=50, tol=1e-6)
+    assert torch.isfinite(z).all() and not stats.converged.any()
+    if method == "fixed_point":
+        assert stats.diverged.all() and stats.nstep.tolist() == [5, 5, 5]  # f(3.8e6) = inf
+    abs_r, _ = residuals(torch.exp, z)
+    torch.testing.assert_close(stats.abs_lowest, abs_r)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_nan_in_one_sample_does_not_touch_the_other(method):
+    bad = torch.tensor([False, True])[:, None]
+
+    def f(z):  # sample 0: z = 0.5 z + 1; sample 1: z = log z, NaN once z < 0
+        return torch.where(bad, torch.log(z), 0.5 * z + 1.0)
+
+    z, stats = wt.solve(f, torch.full((2, 3), 2.0), method=method, max_iter=60, tol=1e-6)
+    assert torch.isfinite(z).all()
+    assert stats.converged.tolist() == [True, False]
+    assert stats.diverged.tolist() == [False, True]
+    torch.testing.assert_close(z[0], torch.full((3,), 2.0), atol=1e-4, rtol=0)
+
+
+def test_growing_residual_rule_flags_expansive_iteration():
+    # plain iteration on z = 2 z + 1 moves away from the fixed point -1: residual doubles
+    z0 = torch.zeros(2, 3)
+    for stop_mode in ["abs", "rel"]:  # the rule watches the absolute residual in both modes
+        z, stats = fixed_point(lambda z: 2 * z + 1, z0, max_iter=100, tol=1e-6, div_factor=10,
+                               patience=3, stop_mode=stop_mode)
+        assert stats.diverged.all() and not stats.converged.any()
+        # 2^k > 10 first at k = 4, three consecutive evaluations: stopped after 7
+        assert stats.nstep.tolist() == [7, 7]
+    torch.testing.assert_close(z, torch.full((2, 3), 63.0))  # rel residual 64/127 is lowest
+    z, _ = fixed_point(lambda z: 2 * z + 1, z0, stop_mode="abs")
+    torch.testing.assert_close(z, z0)  # the lowest absolute residual is at the start
+
+
+@pytest.mark.parametrize("lam", [1e-4, 0.0])
+def test_singular_anderson_system_falls_back_and_stays_finite(lam):
+    # f(z) = z + 1 has no fixed point; every residual is the same, so the Gram matrix is singular
+    z, stats = anderson(lambda z: z + 1.0, torch.zeros(2, 5), max_iter=20, tol=1e-6, lam=lam)
+    assert torch.isfinite(z).all() and not stats.converged.any()
+    assert torch.isfinite(stats.abs_trace).all()
+
+
+def test_never_reports_unreached_convergence():
+    f, _ = linear_problem((3, 10), torch.float64, contraction=0.99)
+    for method in SOLVERS:
+        z, stats = wt.solve(f, torch.zeros(3, 10, dtype=torch.float64), method=method,
+                            max_iter=3, tol=1e-12)
+        assert not stats.converged.any() and stats.n_iter == 3
+        _, rel_r = residuals(f, z)
+        torch.testing.assert_close(stats.rel_lowest, rel_r)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_bf16_autocast(method):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(4, 16)
+    dtypes = []
+
+    def f(z):
+        out = torch.tanh(lin(z)) + x
+        dtypes.append(lin(z).dtype)
+        return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, stats = wt.solve(f, torch.zeros(4, 16), method=method, tol=2e-2, max_iter=40)
+    assert torch.bfloat16 in dtypes  # f ran under autocast
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert stats.converged.all()
+    z_ref, _ = wt.solve(f, torch.zeros(4, 16), method=method, tol=1e-6)
+    assert (z - z_ref).abs().max() < 0.1
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError, match="valid solvers: .*anderson.*broyden.*fixed_point"):
+        wt.solve(torch.cos, torch.zeros(2, 2), method="newton")
+    with pytest.raises(ValueError, match="anderson"):
+        wt.get_solver("nope")
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_unknown_option_raises_naming_valid_options(method):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['history'\].*valid options"):
+        wt.solve(torch.cos, torch.zeros(2, 2), method=method, history=3)
+    with pytest.raises(TypeError):  # direct calls reject it too
+        wt.get_solver(method)(torch.cos, torch.zeros(2, 2), history=3)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_iter": 0}, "max_iter"), ({"max_iter": 2.5}, "max_iter"), ({"tol": 0.0}, "tol"),
+    ({"tol": -1e-3}, "tol"), ({"stop_mode": "max"}, "stop_mode"), ({"m": 0}, "m"),
+    ({"lam": -1.0}, "lam"), ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"),
+    ({"patience": 0}, "patience"), ({"div_factor": 0.5}, "div_factor"),
+])
+def test_bad_values_raise_value_error_naming_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        wt.solve(torch.cos, torch.zeros(2, 2), method="anderson", **kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="tau"):
+        wt.solve(torch.cos, torch.zeros(2, 2), method="fixed_point", tau=0)
+    with pytest.raises(ValueError, match="shape"):
+        wt.solve(lambda z: z[:, :1], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="floating"):
+        wt.solve(torch.cos, torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_register_solver_and_duplicates():
+    def halfway(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel"):
+        return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=0.5)
+
+    wt.register_solver("test_halfway", halfway, overwrite=True)
+    assert "test_halfway" in wt.list_solvers()
+    z, stats = wt.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 2), method="test_halfway",
+                        tol=1e-8, max_iter=100)
+    torch.testing.assert_close(z, torch.full((2, 2), 2.0))
+    with pytest.raises(ValueError, match="already registered"):
+        wt.register_solver("test_halfway", halfway)
+    with pytest.raises(ValueError, match="valid options: \\[\\]"):
+        wt.solve(torch.cos, torch.zeros(2, 2), method="test_halfway", m=3)
+    with pytest.raises(ValueError, match="max_iter"):
+        wt.register_solver("test_bad", lambda f, z0: (z0, None))
+
+
+def test_summary_schema():
+    f, _ = linear_problem((4, 6), torch.float32)
+    _, stats = wt.solve(f, torch.zeros(4, 6), tol=1e-5, max_iter=100)
+    s = stats.summary()
+    assert set(s) == {"nstep", "rel_residual", "rel_residual_max", "converged", "diverged"}
+    assert s["converged"] == 1.0 and s["diverged"] == 0.0
+    assert s["rel_residual"] <= s["rel_residual_max"] <= 1e-5
+    assert s["nstep"] == float(stats.nstep.double().mean())

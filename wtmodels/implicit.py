@@ -1,0 +1,274 @@
+"""Deep equilibrium layer: solve ``z* = f(z*)`` forward, differentiate implicitly backward.
+
+``z_star, stats = DEQ(...)(f, z0)`` where ``f`` closes over its parameters and inputs. Three
+ways to get gradients:
+
+- ``"ift"``: the forward solve runs without an autograd graph; one call ``f(z*)`` with autograd
+  is the output, and its backward solves the adjoint fixed point ``u = J^T u + grad``
+  (``J = df/dz`` at ``z*``) with the backward solver, by vector-Jacobian products. Memory does
+  not depend on the number of forward iterations.
+- ``"phantom"``: ``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z)`` from ``z*``
+  with autograd (an inexact, cheap gradient).
+- ``"unroll"``: plain iteration ``z <- f(z)`` with autograd for up to the iteration budget
+  (samples that reach the tolerance stop); memory grows with the iterations. A reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .solvers import check_options, get_solver, list_solvers
+from .solvers.common import (
+    STOP_MODES,
+    Problem,
+    Tracker,
+    check_float,
+    check_positive_int,
+)
+from .solvers.stats import SolverStats
+
+GRAD_MODES = ("ift", "phantom", "unroll")
+
+
+class DEQ(nn.Module):
+    """A parameter-free module that finds and differentiates the fixed point of ``f``.
+
+    Args:
+        f_solver: forward solver name (:func:`wtmodels.list_solvers`).
+        f_max_iter: forward iteration budget in training mode.
+        f_tol: forward tolerance (``stop_mode`` residual).
+        b_solver: solver for the adjoint fixed point of ``grad="ift"``.
+        b_max_iter: backward iteration budget.
+        b_tol: backward tolerance (``stop_mode`` residual).
+        grad: ``"ift"``, ``"phantom"`` or ``"unroll"``.
+        stop_mode: ``"rel"`` or ``"abs"``, for both solves.
+        phantom_steps: damped steps with autograd for ``grad="phantom"``.
+        tau: damping of the phantom steps, in ``(0, 1]``.
+        eval_f_max_iter: forward budget when ``not self.training`` (default ``f_max_iter``).
+        f_opts: extra options of the forward solver (e.g. ``{"m": 5}``), validated now.
+        b_opts: extra options of the backward solver.
+        jac_reg: compute ``stats.jac_loss`` on every call (or ask per call).
+        jac_reg_samples: Hutchinson probe vectors per call.
+
+    The attributes of the same names may be changed after construction (e.g. a model's
+    ``set_depth`` sets ``f_max_iter``/``eval_f_max_iter``).
+
+    Example:
+        >>> import torch, wtmodels as wt
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> with torch.no_grad():
+        ...     lin.weight.mul_(0.3)
+        >>> x = torch.randn(8, 4)
+        >>> deq = wt.DEQ(f_tol=1e-5)
+        >>> z, stats = deq(lambda z: torch.tanh(lin(z)) + x, torch.zeros(8, 4))
+        >>> z.sum().backward()
+        >>> lin.weight.grad.shape, bool(stats.converged.all())
+        (torch.Size([4, 4]), True)
+    """
+
+    def __init__(self, f_solver: str = "anderson", f_max_iter: int = 30, f_tol: float = 1e-4,
+                 b_solver: str = "anderson", b_max_iter: int = 30, b_tol: float = 1e-6,
+                 grad: str = "ift", stop_mode: str = "rel", phantom_steps: int = 5,
+                 tau: float = 1.0, eval_f_max_iter: int | None = None,
+                 f_opts: dict | None = None, b_opts: dict | None = None,
+                 jac_reg: bool = False, jac_reg_samples: int = 1):
+        super().__init__()
+        if f_solver not in list_solvers():
+            raise ValueError(f"unknown f_solver {f_solver!r}; valid solvers: {list_solvers()}")
+        if b_solver not in list_solvers():
+            raise ValueError(f"unknown b_solver {b_solver!r}; valid solvers: {list_solvers()}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad must be one of {list(GRAD_MODES)}, got {grad!r}")
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
+        self.f_solver, self.b_solver = f_solver, b_solver
+        self.f_max_iter = check_positive_int("f_max_iter", f_max_iter)
+        self.b_max_iter = check_positive_int("b_max_iter", b_max_iter)
+        self.f_tol = check_float("f_tol", f_tol, 0.0)
+        self.b_tol = check_float("b_tol", b_tol, 0.0)
+        self.grad, self.stop_mode = grad, stop_mode
+        self.phantom_steps = check_positive_int("phantom_steps", phantom_steps)
+        self.tau = check_float("tau", tau, 0.0, 1.0)
+        if eval_f_max_iter is not None:
+            check_positive_int("eval_f_max_iter", eval_f_max_iter)
+        self.eval_f_max_iter = eval_f_max_iter
+        self.f_opts, self.b_opts = dict(f_opts or {}), dict(b_opts or {})
+        check_options(f_solver, self.f_opts)
+        check_options(b_solver, self.b_opts)
+        if not isinstance(jac_reg, bool):
+            raise ValueError(f"jac_reg must be a bool, got {jac_reg!r}")
+        self.jac_reg = jac_reg
+        self.jac_reg_samples = check_positive_int("jac_reg_samples", jac_reg_samples)
+        self.last_backward_stats: SolverStats | None = None
+
+    def extra_repr(self) -> str:
+        return (f"f_solver={self.f_solver!r}, f_max_iter={self.f_max_iter}, "
+                f"f_tol={self.f_tol}, b_solver={self.b_solver!r}, b_max_iter={self.b_max_iter}, "
+                f"b_tol={self.b_tol}, grad={self.grad!r}")
+
+    @property
+    def budget(self) -> int:
+        """Forward iteration budget of the current mode (train or eval)."""
+        if not self.training and self.eval_f_max_iter is not None:
+            return self.eval_f_max_iter
+        return self.f_max_iter
+
+    def forward(self, f, z0: torch.Tensor, *, jac_reg: bool | None = None
+                ) -> tuple[torch.Tensor, SolverStats]:
+        """Fixed point of ``f`` from ``z0``, differentiable w.r.t. what ``f`` closes over.
+
+        Args:
+            f: maps ``(B, ...)`` to the same shape; samples independent.
+            z0: ``(B, ...)`` initial guess (no gradient flows to it).
+            jac_reg: overrides the module's ``jac_reg`` for this call.
+
+        Returns:
+            ``(z_star, stats)``; ``stats.jac_loss`` set when Jacobian regularisation is on.
+            With autograd off (``torch.no_grad()``, eval) ``z_star`` is the solver's iterate
+            itself (no extra call of ``f``); with autograd on it is ``f`` applied at it once
+            (``"ift"``), the phantom steps' result, or the last unrolled iterate.
+        """
+        jac = self.jac_reg if jac_reg is None else jac_reg
+        if self.grad == "unroll":
+            z_star, stats, z_in, z_out = self._unroll(f, z0)
+        else:
+            solver = get_solver(self.f_solver)
+            z_sol, stats = solver(f, z0.detach(), max_iter=self.budget, tol=self.f_tol,
+                                  stop_mode=self.stop_mode, **self.f_opts)
+            z_in = z_out = None
+            if not torch.is_grad_enabled():  # inference: the solver's iterate is the output
+                z_star = z_sol
+            elif self.grad == "ift":
+                z_star, z_in, z_out = self._ift(f, z_sol)
+            else:
+                z_star = z_sol.detach()
+                for _ in range(self.phantom_steps):
+                    z_star = torch.lerp(z_star, f(z_star).to(z_star.dtype), self.tau)
+        if jac:
+            stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
+        return z_star, stats
+
+    def _ift(self, f, z_sol: torch.Tensor):
+        """``f(z_sol)`` whose backward solves the adjoint fixed point."""
+        z_in = z_sol.detach().requires_grad_()
+        z_out = f(z_in)
+        if not z_out.requires_grad:  # f has nothing to differentiate
+            return z_out, z_in, z_out
+        return _AdjointSolve.apply(z_out, z_in, self), z_in, z_out
+
+    def _backward_solve(self, z_out: torch.Tensor, z_in: torch.Tensor,
+                        grad: torch.Tensor) -> torch.Tensor:
+        """Solve ``u = J^T u + grad`` (``J = dz_out/dz_in``) with the backward solver."""
+        def adjoint(u):
+            vjp = torch.autograd.grad(z_out, z_in, u.to(z_out.dtype), retain_graph=True)[0]
+            return vjp.to(grad.dtype) + grad
+
+        solver = get_solver(self.b_solver)
+        u, stats = solver(adjoint, grad, max_iter=self.b_max_iter, tol=self.b_tol,
+                          stop_mode=self.stop_mode, **self.b_opts)
+        self.last_backward_stats = stats
+        return u
+
+    def _unroll(self, f, z0: torch.Tensor):
+        """Plain iteration with autograd; samples stop (freeze) once at the tolerance."""
+        prob = Problem(f, z0)
+        tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
+                          div_factor=float("inf"), patience=1)
+        z = z0
+        z_in = z_out = None
+        B = z0.shape[0]
+        for _ in range(self.budget):
+            z_in, z_out = z, f(z)
+            with torch.no_grad():
+                x = z.detach().reshape(B, -1).to(prob.compute_dtype)
+                fx = z_out.detach().reshape(B, -1).to(prob.compute_dtype)
+                done = tracker.update(x, fx, fx - x)
+            if done:
+                break
+            keep = tracker.active.view(B, *([1] * (z0.dim() - 1)))
+            z = torch.where(keep, z_out.to(z.dtype), z)
+        stats = tracker.stats()
+        return z, stats, z_in, z_out
+
+    def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Hutchinson estimate of ``||df/dz||_F^2 / numel`` at ``z_star``, batch mean, 0-dim.
+
+        Uses Rademacher probes ``v``: ``E ||v^T J||^2 = ||J||_F^2``.
+
+        Differentiable w.r.t. the parameters of ``f`` when autograd is on.
+
+        Args:
+            f: the map.
+            z_star: ``(B, ...)`` point; if ``z_out`` is given, ``z_out = f(z_star)`` with
+                ``z_star`` requiring grad (reused instead of calling ``f`` again).
+            z_out: optional precomputed ``f(z_star)``.
+
+        Example:
+            >>> import torch, wtmodels as wt
+            >>> loss = wt.DEQ().jacobian_loss(lambda z: 0.5 * z, torch.ones(2, 100))
+            >>> abs(float(loss) - 0.25) < 1e-6
+            True
+        """
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if z_out is None or not z_star.requires_grad:
+                z_star = z_star.detach().requires_grad_()
+                z_out = f(z_star)
+            if not z_out.requires_grad:
+                return z_out.new_zeros(())
+            total = z_out.new_zeros(())
+            for _ in range(self.jac_reg_samples):
+                v = torch.randint_like(z_out, 2) * 2 - 1  # Rademacher probe
+                vjp = torch.autograd.grad(z_out, z_star, v, retain_graph=True,
+                                          create_graph=create)[0]
+                total = total + vjp.float().pow(2).sum() / vjp.numel()
+        loss = total / self.jac_reg_samples
+        return loss if create else loss.detach()
+
+    def spectral_radius(self, f, z_star: torch.Tensor, n_iter: int = 20) -> torch.Tensor:
+        """Power-iteration estimate of the spectral radius of ``df/dz`` at ``z_star``, per sample.
+
+        Args:
+            f: the map.
+            z_star: ``(B, ...)`` point.
+            n_iter: power iterations (vector-Jacobian products).
+
+        Returns:
+            ``(B,)`` estimates (no gradient).
+
+        Example:
+            >>> import torch, wtmodels as wt
+            >>> r = wt.DEQ().spectral_radius(lambda z: 0.7 * z, torch.ones(3, 5))
+            >>> torch.allclose(r, torch.full((3,), 0.7))
+            True
+        """
+        check_positive_int("n_iter", n_iter)
+        B = z_star.shape[0]
+        with torch.enable_grad():
+            z_in = z_star.detach().requires_grad_()
+            z_out = f(z_in)
+            v = torch.randn_like(z_in)
+            radius = z_in.new_zeros(B)
+            for _ in range(n_iter):
+                v = v / (v.reshape(B, -1).norm(dim=1).view(B, *([1] * (v.dim() - 1))) + 1e-30)
+                w = torch.autograd.grad(z_out, z_in, v, retain_graph=True)[0]
+                radius = w.reshape(B, -1).norm(dim=1)
+                v = w
+        return radius.detach()
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """Identity forward; backward replaces ``grad`` by the adjoint fixed point solution."""
+
+    @staticmethod
+    def forward(ctx, z_out, z_in, deq):
+        ctx.graph = (z_out, z_in, deq)  # kept as attributes: a graph, not saved tensors
+        return z_out.view_as(z_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z_out, z_in, deq = ctx.graph
+        u = deq._backward_solve(z_out, z_in, grad)
+        return u, None, None

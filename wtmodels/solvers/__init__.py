@@ -1,0 +1,157 @@
+"""Batched fixed-point solvers with one signature, a string-keyed registry and ``SolverStats``.
+
+Every solver is a function ``(f, z0, *, max_iter, tol, stop_mode, **opts) -> (z, SolverStats)``
+working on ``(B, ...)`` tensors, stopping per sample (see :mod:`wtmodels.solvers.common`).
+
+Example:
+    >>> import torch, wtmodels as wt
+    >>> wt.list_solvers()
+    ['anderson', 'broyden', 'fixed_point']
+    >>> z, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.zeros(2, 3), method="broyden")
+    >>> torch.allclose(z, torch.full((2, 3), 2.0), atol=1e-3)
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from .anderson import anderson
+from .broyden import broyden
+from .fixed_point import fixed_point
+from .stats import SolverStats
+
+__all__ = ["SolverStats", "anderson", "broyden", "fixed_point", "get_solver", "list_solvers",
+           "register_solver", "solve", "solver_options"]
+
+_SOLVERS: dict[str, Callable] = {}
+_COMMON = ("max_iter", "tol", "stop_mode")
+
+
+def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> Callable:
+    """Register ``solver`` under ``name`` for :func:`solve` and :class:`wtmodels.DEQ`.
+
+    Args:
+        name: registry key.
+        solver: ``(f, z0, *, max_iter, tol, stop_mode, **opts) -> (z, SolverStats)``.
+        overwrite: allow replacing an existing entry.
+
+    Returns:
+        ``solver`` (so this also works as a decorator factory's target).
+
+    Example:
+        >>> import wtmodels as wt
+        >>> from wtmodels.solvers import fixed_point
+        >>> def damped(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel"):
+        ...     return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=0.5)
+        >>> _ = wt.register_solver("damped_demo", damped)
+        >>> "damped_demo" in wt.list_solvers()
+        True
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"solver name must be a non-empty str, got {name!r}")
+    if not callable(solver):
+        raise ValueError(f"solver must be callable, got {type(solver).__name__}")
+    if name in _SOLVERS and not overwrite:
+        raise ValueError(f"solver {name!r} is already registered (pass overwrite=True)")
+    params = inspect.signature(solver).parameters
+    missing = [p for p in _COMMON if p not in params
+               and not any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())]
+    if missing:
+        raise ValueError(f"solver {name!r} must accept the keyword arguments {missing}")
+    _SOLVERS[name] = solver
+    return solver
+
+
+def list_solvers() -> list[str]:
+    """Sorted names of the registered solvers.
+
+    Example:
+        >>> "anderson" in list_solvers()
+        True
+    """
+    return sorted(_SOLVERS)
+
+
+def get_solver(name: str) -> Callable:
+    """The solver registered under ``name``; ``ValueError`` listing the valid names otherwise.
+
+    Example:
+        >>> get_solver("anderson").__name__
+        'anderson'
+    """
+    try:
+        return _SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {list_solvers()}") from None
+
+
+def solver_options(name: str) -> list[str] | None:
+    """Keyword options of solver ``name`` beyond ``max_iter, tol, stop_mode``.
+
+    Returns ``None`` if the solver takes arbitrary keywords.
+
+    Example:
+        >>> solver_options("fixed_point")
+        ['div_factor', 'patience', 'tau']
+    """
+    params = inspect.signature(get_solver(name)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return sorted(p.name for p in params
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON)
+
+
+def check_options(name: str, opts: dict) -> None:
+    """``ValueError`` if ``opts`` holds a keyword solver ``name`` does not take.
+
+    Example:
+        >>> check_options("anderson", {"m": 3})
+    """
+    valid = solver_options(name)
+    if valid is None:
+        return
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; "
+                         f"valid options: {valid}")
+
+
+def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
+          method: str = "anderson", max_iter: int = 50, tol: float = 1e-4,
+          stop_mode: str = "rel", **opts) -> tuple[torch.Tensor, SolverStats]:
+    """Find ``z = f(z)`` for a batch, per sample, with a registered solver.
+
+    No autograd graph is built (use :class:`wtmodels.DEQ` for gradients). Inside a bf16
+    autocast region ``f`` runs under autocast and the solver's own arithmetic in float32.
+
+    Args:
+        f: maps a ``(B, ...)`` tensor to one of the same shape; samples independent.
+        z0: ``(B, ...)`` initial iterate (float32, float64, or bf16/fp16: solved in float32).
+        method: a name from :func:`list_solvers`.
+        max_iter: most f-evaluations.
+        tol: per-sample tolerance on the residual chosen by ``stop_mode``.
+        stop_mode: ``"rel"`` (``||f(z)-z|| / ||f(z)||``) or ``"abs"`` (``||f(z)-z||``).
+        **opts: solver options, e.g. ``m``, ``lam``, ``beta`` for ``"anderson"``; unknown ones
+            raise ``ValueError`` listing the valid ones.
+
+    Returns:
+        ``(z, stats)``: per sample the lowest-residual iterate, and its :class:`SolverStats`.
+
+    Example:
+        >>> import torch
+        >>> z, stats = solve(lambda z: torch.cos(z), torch.zeros(3, 1), tol=1e-6)
+        >>> round(float(z[0]), 4), stats.converged.tolist()
+        (0.7391, [True, True, True])
+    """
+    solver = get_solver(method)
+    check_options(method, opts)
+    return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **opts)
+
+
+register_solver("fixed_point", fixed_point)
+register_solver("anderson", anderson)
+register_solver("broyden", broyden)
