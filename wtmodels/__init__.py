@@ -39,6 +39,9 @@ _EXPORTS = {
     "model_summary": "wtmodels.models",
     # parameter-efficient fine-tuning
     "add_lora": "wtmodels.peft",
+    "add_adapters": "wtmodels.peft",
+    "merge_lora": "wtmodels.peft",
+    "unmerge_lora": "wtmodels.peft",
 }
 
 __all__ = sorted(_EXPORTS)

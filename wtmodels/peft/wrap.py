@@ -212,7 +212,7 @@ def replace_layers(model: nn.Module, wrappers: dict[int, nn.Module]) -> None:
     """Put each wrapper where its base layer (keyed by ``id``) sits, under every parent."""
     parents = list(model.modules())  # listed before the swap: never recurse into wrappers
     for parent in parents:
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # duplicates included
             if id(child) in wrappers:
                 setattr(parent, child_name, wrappers[id(child)])
 
