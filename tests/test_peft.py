@@ -106,12 +106,50 @@ def test_plain_lora_stores_no_masks():
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2), (2, 0, 1)])
 def test_conv_factorisation_equals_delta_weight_as_conv(stride, padding, dilation):
     base = nn.Conv2d(5, 7, 3, stride=stride, padding=padding, dilation=dilation).double()
-    layer = LoRALayer.wrap(base, rank=2, copies=3, density=0.5, alpha=3.0, seed=0)
+    layer = LoRALayer.wrap(
+        base, rank=2, copies=3, density=0.5, alpha=3.0, seed=0, impl="factorized"
+    )
     _randomise([layer])
     x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
     update = layer(x) - base(x)
     expected = F.conv2d(x, layer.delta_weight(), None, stride, padding, dilation)
     torch.testing.assert_close(update, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1),
+    lambda: nn.Linear(6, 5),
+    lambda: apply_masks(nn.Conv2d(5, 7, 3, padding=1), k=3, density=0.5),
+])
+def test_dense_and_factorized_paths_agree_in_values_and_gradients(make_base):
+    torch.manual_seed(0)
+    base = make_base().double()
+    dense = LoRALayer.wrap(base, rank=2, copies=4, density=0.5, seed=3, impl="dense")
+    fact = LoRALayer.wrap(base, rank=2, copies=4, density=0.5, seed=3, impl="factorized")
+    _randomise([dense]), _randomise([fact])
+    if hasattr(base, "mask_index"):
+        base.mask_index = 2  # the mask cuts the base weight, never the update
+    shape = (3, 6) if isinstance(base, nn.Linear) else (2, 5, 6, 6)
+    x = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for layer in (dense, fact):
+        out = layer(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for d, f in zip(*grads):
+        torch.testing.assert_close(d, f, rtol=1e-10, atol=1e-10)
+    # and both equal the base output plus the update applied as one weight
+    if isinstance(base, nn.Conv2d):
+        delta = F.conv2d(x, dense.delta_weight(), None, base.stride, base.padding)
+    else:
+        delta = x @ dense.delta_weight().T
+    torch.testing.assert_close(grads[0][0], base(x).detach() + delta.detach())
+
+
+def test_auto_impl_picks_dense_for_wide_updates():
+    wide = LoRALayer.wrap(nn.Conv2d(64, 64, 3), rank=4, copies=4, density=0.5)
+    thin = LoRALayer.wrap(nn.Conv2d(64, 64, 3), rank=2)
+    assert (wide.impl, thin.impl) == ("dense", "factorized")  # 16*640/36864 > 0.2 > 2*640/..
 
 
 def test_linear_update_equals_delta_weight_on_any_leading_dims():
@@ -297,6 +335,7 @@ def test_fine_tuning_a_weight_tied_model_learns():
         (dict(rank=2, density=1.5), r"density must be in \(0, 1\]"),
         (dict(rank=2, kind="gaussian"), "valid kinds: random, bernoulli, nm"),
         (dict(rank=2, alpha=-1.0), "alpha"),
+        (dict(rank=2, impl="fast"), "valid impls: auto, factorized, dense"),
         (dict(rank=2, targets="nothing_here"), "no module matched"),
         (dict(rank=2, targets=[nn.ReLU]), "Conv2d, Linear"),
         (dict(rank=2, targets=[]), "targets is empty"),

@@ -40,6 +40,10 @@ from wtmodels.peft.wrap import (
     resolve_head,
 )
 
+IMPLS = ("auto", "factorized", "dense")
+# factorised-update cost (share of the base layer's) above which "auto" computes densely
+DENSE_THRESHOLD = 0.2
+
 
 class LoRALayer(PEFTLayer):
     """A frozen ``Conv2d`` / ``Linear`` plus a (CapaBoost) low-rank update.
@@ -66,6 +70,11 @@ class LoRALayer(PEFTLayer):
         seed: seed of this layer's masks (A and B masks derive their own from it).
         alpha: scale numerator; the update is multiplied by ``alpha / rank`` (default
             ``alpha = rank``: scale 1).
+        impl: how the update runs (same values either way): ``"factorized"`` (base output
+            plus the thin down / up products), ``"dense"`` (one conv / linear with
+            ``W + delta_weight()``, formed once per forward pass) or ``"auto"``
+            (:func:`choose_impl`: dense once the factorised update would cost more than a
+            fifth of the base layer).
 
     Example:
         >>> import torch
@@ -84,8 +93,17 @@ class LoRALayer(PEFTLayer):
         kind: str = "random",
         seed: int = 0,
         alpha: float | None = None,
+        impl: str = "auto",
     ):
         super().__init__(base)
+        check_impl(impl)
+        if impl == "auto":
+            impl = choose_impl(base, rank * copies)
+        if impl == "dense" and not dense_capable(base):
+            raise ValueError(
+                f"impl='dense' needs a plain Conv2d / Linear forward, got {type(base).__name__}"
+            )
+        self.impl = impl
         self.rank = rank
         self.copies = copies
         self.density = float(density)
@@ -93,6 +111,7 @@ class LoRALayer(PEFTLayer):
         self.scale = (rank if alpha is None else float(alpha)) / rank
         self.merged = False
         weight = base.weight
+        self.weight_shape = tuple(weight.shape)
         a_shape = (rank, *weight.shape[1:])  # (r, in) or (r, in, kh, kw)
         b_shape = (weight.shape[0], rank)  # (out, r)
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -115,7 +134,7 @@ class LoRALayer(PEFTLayer):
             'LoRAConv2d'
         """
         check_lora_args(rank, kw.get("copies", 1), kw.get("density", 1.0),
-                        kw.get("kind", "random"), kw.get("alpha"))
+                        kw.get("kind", "random"), kw.get("alpha"), kw.get("impl", "auto"))
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise ValueError(
@@ -134,11 +153,17 @@ class LoRALayer(PEFTLayer):
     def active(self) -> bool:
         return not self.merged
 
-    def form(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_cat, B_cat)``: masked copies concatenated, ``(d r, in, ...)`` and ``(out, d r)``."""
         a_cat = concat_copies(self.lora_A, self.mask_A, self.copies, 0)  # (d*r, in[, kh, kw])
         b_cat = concat_copies(self.lora_B, self.mask_B, self.copies, 1)  # (out, d*r)
         return a_cat, b_cat
+
+    def form(self) -> tuple[torch.Tensor, ...]:
+        """What a forward pass needs: ``(A_cat, B_cat)`` (factorized) or ``(delta_weight,)``."""
+        if self.impl == "dense":
+            return (self.delta_weight(),)
+        return self.concatenated()
 
     def delta_weight(self) -> torch.Tensor:
         """The effective update ``scale * sum_i (M_B^i * B)(M_A^i * A)``, shaped like the weight.
@@ -149,18 +174,24 @@ class LoRALayer(PEFTLayer):
             >>> layer.delta_weight().shape
             torch.Size([4, 3, 3, 3])
         """
-        a_cat, b_cat = self.form()
+        a_cat, b_cat = self.concatenated()
         delta = b_cat @ a_cat.flatten(1)  # (out, in * kh * kw)
-        return self.scale * delta.view_as(self.base.weight)
+        return self.scale * delta.view(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
-        a_cat, b_cat = self.formed()
-        return out + self.scale * self._update(x, a_cat, b_cat)
+            return self.base(x)
+        formed = self.formed()
+        if self.impl == "dense":
+            base = self.base
+            weight = base.masked_weight() if isinstance(base, MaskedLayer) else base.weight
+            return self._apply_weight(x, weight + formed[0])
+        return self.base(x) + self.scale * self._update(x, *formed)
 
     def _update(self, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _check_mergeable(self) -> None:
@@ -210,7 +241,7 @@ class LoRALayer(PEFTLayer):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, copies={self.copies}, density={self.density:g}, "
-            f"kind={self.kind!r}, scale={self.scale:g}, merged={self.merged}"
+            f"kind={self.kind!r}, scale={self.scale:g}, impl={self.impl!r}, merged={self.merged}"
         )
 
 
@@ -220,6 +251,9 @@ class LoRALinear(LoRALayer):
     def _update(self, x, a_cat, b_cat):
         return F.linear(F.linear(x, a_cat), b_cat)  # (..., d*r) -> (..., out)
 
+    def _apply_weight(self, x, weight):
+        return F.linear(x, weight, self.base.bias)
+
 
 class LoRAConv2d(LoRALayer):
     """LoRA / CapaBoost update of an ``nn.Conv2d``: ``k x k`` conv to ``d r`` channels, then 1x1."""
@@ -228,11 +262,60 @@ class LoRAConv2d(LoRALayer):
         h = self.base._conv_forward(x, a_cat, None)  # (N, d*r, H', W'), base stride/padding
         return F.conv2d(h, b_cat[:, :, None, None])  # (N, out, H', W')
 
+    def _apply_weight(self, x, weight):
+        return self.base._conv_forward(x, weight, self.base.bias)
 
-def check_lora_args(rank, copies, density, kind, alpha) -> None:
+
+def dense_capable(base: nn.Module) -> bool:
+    """Whether ``base``'s forward is the plain (or statically masked) conv / linear forward."""
+    return type(base).forward in (nn.Conv2d.forward, nn.Linear.forward, MaskedLayer.forward)
+
+
+def update_cost_ratio(base: nn.Module, width: int) -> float:
+    """Multiply-adds of the factorised update at ``width = copies * rank`` over the base's.
+
+    Per output position the factorised update costs ``width * (fan_in + out)`` and the base
+    ``fan_in * out`` (``fan_in = in * kh * kw``).
+
+    Example:
+        >>> from torch import nn
+        >>> update_cost_ratio(nn.Linear(100, 100), width=10)
+        0.2
+    """
+    out, fan_in = base.weight.shape[0], base.weight[0].numel()
+    return width * (fan_in + out) / (fan_in * out)
+
+
+def choose_impl(base: nn.Module, width: int, threshold: float = DENSE_THRESHOLD) -> str:
+    """``"dense"`` when the factorised update would cost more than ``threshold`` of the base.
+
+    The dense path runs one conv / linear with ``W + delta_weight()`` (its weight gradient flows
+    to A and B); the factorised path runs the base plus two thin products. Thin products use the
+    CPU poorly, so from about a fifth of the base's cost (measured in
+    ``benchmarks/peft_speed.py``) the dense path is faster, and its cost does not grow with the
+    number of copies. Layers whose forward is not the plain conv / linear one stay factorised.
+
+    Example:
+        >>> from torch import nn
+        >>> choose_impl(nn.Conv2d(64, 64, 3), width=2), choose_impl(nn.Conv2d(64, 64, 3), width=16)
+        ('factorized', 'dense')
+    """
+    if not dense_capable(base):
+        return "factorized"
+    return "dense" if update_cost_ratio(base, width) > threshold else "factorized"
+
+
+def check_impl(impl: object) -> None:
+    """``ValueError`` unless ``impl`` is one of :data:`IMPLS`."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid impls: {', '.join(IMPLS)}")
+
+
+def check_lora_args(rank, copies, density, kind, alpha, impl="auto") -> None:
     """Validate the arguments of :func:`add_lora` before anything is changed."""
     check_int("rank", rank)
     check_copy_args(copies, density, kind)
+    check_impl(impl)
     if alpha is not None and (
         isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
     ):
@@ -249,6 +332,7 @@ def add_lora(
     targets: type | str | Sequence[type | str] = (nn.Conv2d,),
     alpha: float | None = None,
     train_head: bool | str = False,
+    impl: str = "auto",
 ) -> list[LoRALayer]:
     """Add LoRA (``copies=1, density=1``) or CapaBoost-LoRA updates to layers of ``model``.
 
@@ -274,6 +358,8 @@ def add_lora(
         alpha: the update is scaled by ``alpha / rank`` (default ``alpha = rank``, scale 1).
         train_head: ``True`` keeps the module named ``"head"`` trainable, a string names
             another module; that module is never wrapped. ``False`` trains the factors only.
+        impl: ``"auto"`` (per layer, see :func:`choose_impl`), ``"factorized"`` or ``"dense"``
+            (see :class:`LoRALayer`); outputs and gradients are the same.
 
     Returns:
         The new wrappers, in module order.
@@ -294,13 +380,13 @@ def add_lora(
         >>> net(torch.randn(5, 1, 3, 3)).shape
         torch.Size([5, 3])
     """
-    check_lora_args(rank, copies, density, kind, alpha)
+    check_lora_args(rank, copies, density, kind, alpha, impl)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
     wrappers = {
         id(layer): LoRALayer.wrap(
             layer, rank, copies=copies, density=density, kind=kind,
-            seed=derive_seed(seed, name), alpha=alpha,
+            seed=derive_seed(seed, name), alpha=alpha, impl=impl,
         )
         for name, layer in selected
     }  # every layer validated before the model changes
