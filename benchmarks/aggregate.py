@@ -1,0 +1,113 @@
+"""Average results rows over seeds: one entry per configuration with mean, std and count.
+
+Rows that share a ``config_id`` (the same label and arguments, different seed) form a group.
+Rows written without a ``config_id`` are grouped by :data:`GROUP_COLUMNS` instead.
+
+Example:
+    >>> rows = [{"config_id": "a", "label": "WT", "depth": 2, "test_acc": 0.8},
+    ...         {"config_id": "a", "label": "WT", "depth": 2, "test_acc": 0.9},
+    ...         {"config_id": "b", "label": "WT", "depth": 4, "test_acc": 0.7}]
+    >>> groups = aggregate(rows, ["test_acc"])
+    >>> [(g["depth"], g["n"], round(g["test_acc_mean"], 2)) for g in groups]
+    [(2, 2, 0.85), (4, 1, 0.7)]
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+
+#: what defines a configuration when rows carry no ``config_id``
+GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages", "mask_k",
+                 "mask_density", "mask_kind", "f_solver", "b_solver", "grad", "ode_method",
+                 "epochs", "batch_size", "lr", "train_size")
+
+#: metrics averaged by default
+METRICS = ("test_acc", "best_test_acc", "train_acc", "epoch_time_s", "train_time_s",
+           "images_per_s", "peak_mem_mb", "params", "nonzero_params_per_iter", "cell_evals",
+           "flops_per_image", "nstep", "rel_residual", "rel_residual_max", "converged",
+           "diverged", "diverged_max", "skipped_steps", "nfe", "wall_s")
+
+
+def number(value) -> float | None:
+    """``value`` as a finite-or-nan float, or None when it is not a number.
+
+    Example:
+        >>> number(3), number("x"), number(None), number(True)
+        (3.0, None, None, None)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the finite values.
+
+    Example:
+        >>> mean_std([1.0, 3.0, float("nan")])
+        (2.0, 1.4142135623730951, 2)
+    """
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return statistics.fmean(finite), std, len(finite)
+
+
+def config_key(row: dict) -> tuple:
+    """The grouping key of a row: its ``config_id``, else its :data:`GROUP_COLUMNS` values.
+
+    Example:
+        >>> config_key({"config_id": "x", "seed": 3})
+        ('x',)
+    """
+    if row.get("config_id") is not None:
+        return (row["config_id"],)
+    return tuple(row.get(c) for c in GROUP_COLUMNS)
+
+
+def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
+    """One dict per configuration: its config columns, ``n`` (seeds), ``seeds``, and for each
+    metric ``<m>_mean``, ``<m>_std`` (over seeds; nan when absent).
+
+    Args:
+        rows: results rows.
+        metrics: the columns to average.
+
+    Returns:
+        Groups in the order their first row appears.
+
+    Example:
+        >>> aggregate([{"label": "DEQ", "test_acc": 0.5, "seed": 0}])[0]["n"]
+        1
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(config_key(row), []).append(row)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        entry = {c: first.get(c) for c in GROUP_COLUMNS if c in first}
+        if "config_id" in first:
+            entry["config_id"] = first["config_id"]
+        entry["n"] = len(members)
+        entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
+        for metric in metrics:
+            mean, std, count = mean_std(number(m.get(metric)) for m in members)
+            entry[f"{metric}_mean"] = mean
+            entry[f"{metric}_std"] = std
+            entry[f"{metric}_count"] = count
+        out.append(entry)
+    return out
+
+
+def has(groups: Sequence[dict], metric: str) -> bool:
+    """Whether any group has a finite mean of ``metric``.
+
+    Example:
+        >>> has([{"x_mean": float("nan")}], "x"), has([{"x_mean": 1.0}], "x")
+        (False, True)
+    """
+    return any(math.isfinite(g.get(f"{metric}_mean", math.nan)) for g in groups)

@@ -1,0 +1,595 @@
+"""Guideline plots and the summary table of a sweep: ``python -m benchmarks.plot DIR``.
+
+Reads ``DIR/results.csv`` (and ``DIR/extrapolation.csv`` when present) and writes
+``DIR/plots/<panel>.png``, ``DIR/summary.csv`` and ``DIR/summary.md``. Each panel function
+takes the rows and returns a matplotlib ``Figure``, or ``None`` when the rows cannot support it
+(for example no sweep over width): only supported panels are drawn. Points are means over seeds
+with error bars of one standard deviation. The notebook ``notebooks/guidelines.ipynb`` calls the
+same functions.
+
+=========================  =================================================================
+panel                      drawn when
+=========================  =================================================================
+``accuracy_vs_depth``      some label has two depths or more (a line per width)
+``accuracy_vs_width``      some label has two widths or more (a line per depth)
+``masks``                  at one depth and width, two mask counts or two densities
+                           (distinct vs one shared mask vs none)
+``capacity``               two labels or more with parameter counts (tied, tied + masks,
+                           untied: the capacity frontier), and FLOPs per image when known
+``time_memory``            training time for two labels or more (WT vs DEQ), peak memory
+``stability``              solver residuals, divergence / skipped steps, seed spread
+``extrapolation``          ``extrapolation.csv`` exists (test-time depth / training depth)
+=========================  =================================================================
+
+Example:
+    >>> rows = [{"label": "WT", "config_id": f"c{d}", "depth": d, "width": 8, "seed": s,
+    ...          "test_acc": 0.7 + 0.02 * d + 0.01 * s} for d in (1, 2, 4) for s in (0, 1)]
+    >>> fig = plot_accuracy_vs_depth(rows)
+    >>> fig.axes[0].get_xlabel()
+    'depth (cell applications)'
+    >>> plot_accuracy_vs_width(rows) is None      # one width only: nothing to draw
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from matplotlib.figure import Figure
+
+from benchmarks.aggregate import aggregate, has, mean_std, number
+from benchmarks.results_io import read_rows, write_rows
+from benchmarks.summary import summary_table, to_csv_rows, to_markdown
+from wtmodels.atomic import atomic_write_text
+
+RESULTS = "results.csv"
+EXTRAPOLATION = "extrapolation.csv"
+PLOTS = "plots"
+
+#: fixed colours of the presets' labels (others take the next free colour)
+LABEL_COLORS = {"WT": "C0", "WT + distinct masks": "C2", "WT + shared mask": "C9",
+                "untied": "C3", "DEQ": "C1", "ODE": "C4"}
+_SPARE_COLORS = ("C5", "C6", "C7", "C8", "#8c564b", "#bcbd22", "#17becf", "#393b79")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def label_color(label: str, _assigned: dict = {}) -> str:  # noqa: B006 (a deliberate cache)
+    """A colour per label, fixed for the presets' labels, stable for the others.
+
+    Example:
+        >>> label_color("WT"), label_color("DEQ")
+        ('C0', 'C1')
+    """
+    if label in LABEL_COLORS:
+        return LABEL_COLORS[label]
+    if label not in _assigned:
+        _assigned[label] = _SPARE_COLORS[len(_assigned) % len(_SPARE_COLORS)]
+    return _assigned[label]
+
+
+def load_results(sweep_dir: str) -> list[dict]:
+    """The rows of ``sweep_dir/results.csv`` (``[]`` when there are none).
+
+    Example:
+        >>> load_results("/nonexistent")
+        []
+    """
+    return read_rows(os.path.join(sweep_dir, RESULTS))
+
+
+def load_extrapolation(sweep_dir: str) -> list[dict]:
+    """The rows of ``sweep_dir/extrapolation.csv`` (``[]`` when there are none).
+
+    Example:
+        >>> load_extrapolation("/nonexistent")
+        []
+    """
+    return read_rows(os.path.join(sweep_dir, EXTRAPOLATION))
+
+
+def _labels(groups: Sequence[dict]) -> list[str]:
+    seen: list[str] = []
+    for g in groups:
+        if g.get("label") not in seen:
+            seen.append(g.get("label"))
+    return seen
+
+
+def _pct(value: float) -> float:
+    return 100.0 * value
+
+
+def _errorbar(ax, xs, groups, metric, **style):
+    ys = [_pct(g[f"{metric}_mean"]) for g in groups]
+    es = [_pct(g[f"{metric}_std"]) if g["n"] > 1 else 0.0 for g in groups]
+    ax.errorbar(xs, ys, yerr=es, capsize=3, markersize=5, linewidth=1.5, **style)
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def _log2_axis(ax, values: Sequence[float]) -> None:
+    values = sorted({v for v in values if v and v > 0})
+    if len(values) >= 3 and values[-1] / values[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values)
+    ax.set_xticklabels([f"{v:g}" for v in values])
+    ax.minorticks_off()
+
+
+def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
+                    linestyle: str = "--") -> None:
+    """A configuration without the x-axis variable (e.g. a DEQ on a depth axis): a band."""
+    mean, std = _pct(g[f"{metric}_mean"]), _pct(g[f"{metric}_std"]) if g["n"] > 1 else 0.0
+    color = label_color(g.get("label"))
+    ax.axhline(mean, color=color, linestyle=linestyle, linewidth=1.3, label=label)
+    if std > 0:
+        ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+
+
+def _setting(g: dict, x: str) -> tuple:
+    """What else distinguishes configurations of one label on an ``x`` axis: the mask count
+    (``"D"`` when it follows the depth, as in ``mask_k = depth``), density, solver, gradient."""
+    k = g.get("mask_k")
+    if k and k == g.get("depth"):
+        k = "D"
+    return (k, g.get("mask_density") if g.get("mask_k") else None, g.get("f_solver"),
+            g.get("grad"))
+
+
+def _setting_name(setting: tuple) -> str:
+    k, density, solver, grad = setting
+    parts = []
+    if k:
+        parts.append(f"K={k}")
+    if density is not None:
+        parts.append(f"density {density:g}")
+    parts += [str(v) for v in (solver, grad) if v]
+    return " ".join(parts)
+
+
+def _legend_outside(ax) -> None:
+    if len(ax.get_legend_handles_labels()[0]) > 5:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), framealpha=0.85)
+
+
+def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str,
+                line_name: str) -> Figure | None:
+    """Accuracy vs ``x`` with a line per (label, ``line`` value, other setting); labels without
+    a sweep over ``x`` drawn as reference bands."""
+    groups = [g for g in aggregate(rows, ["test_acc"]) if has([g], "test_acc")]
+    lines: dict[tuple, list[dict]] = {}
+    for g in groups:
+        if g.get(x) is not None:
+            lines.setdefault((g.get("label"), g.get(line), _setting(g, x)), []).append(g)
+    lines = {k: v for k, v in lines.items() if len({g[x] for g in v}) >= 2}
+    if not lines:
+        return None
+    swept_labels = {k[0] for k in lines}
+    line_values = sorted({k[1] for k in lines if k[1] is not None})
+    settings = {}
+    for label, value, setting in lines:
+        settings.setdefault((label, value), set()).add(setting)
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for (label, value, setting), pts in lines.items():
+        pts = sorted(pts, key=lambda g: g[x])
+        i = line_values.index(value) if value in line_values else 0
+        name = label
+        if len(line_values) > 1 and not (line == "depth" and pts[0].get("core") in ("deq", "ode")):
+            name += f", {line_name} {value}"
+        if len(settings[(label, value)]) > 1:
+            name += f" ({_setting_name(setting)})"
+        _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=label_color(label),
+                  marker=_MARKERS[i % len(_MARKERS)],
+                  linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
+    for g in groups:  # implicit / continuous cores have no depth or are not swept: a band
+        if g.get("label") not in swept_labels and g.get("core") in ("deq", "ode"):
+            name = f"{g.get('label')} (no {x} axis)"
+            i = line_values.index(g.get(line)) if g.get(line) in line_values else 1
+            if len(line_values) > 1 and g.get(line) is not None:
+                name = f"{g.get('label')}, {line_name} {g.get(line)} (no {x} axis)"
+            _reference_line(ax, g, name, linestyle=_LINESTYLES[i % len(_LINESTYLES)])
+    _log2_axis(ax, [g[x] for pts in lines.values() for g in pts])
+    _finish(ax, xlabel, "test accuracy (%)", title)
+    _legend_outside(ax)
+    return fig
+
+
+def plot_accuracy_vs_depth(rows: Sequence[dict]) -> Figure | None:
+    """Test accuracy vs depth, a line per (label, width); DEQ / ODE as reference bands.
+
+    Example:
+        >>> plot_accuracy_vs_depth([{"label": "WT", "depth": 2, "test_acc": 0.5}]) is None
+        True
+    """
+    return _sweep_plot(rows, "depth", "width", "depth (cell applications)",
+                       "Accuracy vs depth (mean ± std over seeds)", "width")
+
+
+def plot_accuracy_vs_width(rows: Sequence[dict]) -> Figure | None:
+    """Test accuracy vs width, a line per (label, depth).
+
+    Example:
+        >>> plot_accuracy_vs_width([{"label": "WT", "width": 8, "test_acc": 0.5}]) is None
+        True
+    """
+    return _sweep_plot(rows, "width", "depth", "width (channels of the first stage)",
+                       "Accuracy vs width (mean ± std over seeds)", "depth")
+
+
+def _sequential(i: int, n: int):
+    """Colour ``i`` of ``n`` ordered values (viridis, avoiding its pale yellow end)."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](0.85 * i / max(n - 1, 1))
+
+
+def _masked_setting(groups: Sequence[dict]) -> tuple | None:
+    """The (depth, width) with the most distinct mask settings, if it has two or more."""
+    by_setting: dict[tuple, set] = {}
+    for g in groups:
+        if g.get("core") not in (None, "unrolled") or not g.get("mask_k"):
+            continue
+        by_setting.setdefault((g.get("depth"), g.get("width")), set()).add(
+            (g.get("mask_k"), g.get("mask_density")))
+    best = max(by_setting.items(), key=lambda kv: len(kv[1]), default=None)
+    return best[0] if best and len(best[1]) >= 2 else None
+
+
+def plot_masks(rows: Sequence[dict]) -> Figure | None:
+    """Accuracy vs number of distinct masks (a line per density) and vs density (a line per
+    number of masks), at the depth and width with the most mask settings; one shared mask is
+    ``K = 1``; no mask and the untied model are reference bands.
+
+    Example:
+        >>> rows = [{"label": "WT + distinct masks", "core": "unrolled", "depth": 4, "width": 8,
+        ...          "mask_k": k, "mask_density": 0.5, "test_acc": 0.8} for k in (1, 2, 4)]
+        >>> len(plot_masks(rows).axes)
+        1
+    """
+    groups = [g for g in aggregate(rows, ["test_acc"]) if has([g], "test_acc")]
+    setting = _masked_setting(groups)
+    if setting is None:
+        return None
+    here = [g for g in groups if (g.get("depth"), g.get("width")) == setting]
+    masked = [g for g in here if g.get("mask_k") and g.get("core") in (None, "unrolled")]
+    refs = [g for g in here if not g.get("mask_k") and g.get("core") in (None, "unrolled",
+                                                                         "untied")]
+    ks = sorted({g["mask_k"] for g in masked})
+    densities = sorted({g.get("mask_density") for g in masked if g.get("mask_density")})
+    panels = [p for p, ok in (("k", len(ks) >= 2), ("density", len(densities) >= 2)) if ok]
+    fig = Figure(figsize=(6.5 * len(panels), 4.5), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        outer, inner = (densities, ks) if panel == "k" else (ks, densities)
+        for j, value in enumerate(outer):
+            key_out, key_in = ("mask_density", "mask_k") if panel == "k" else (
+                "mask_k", "mask_density")
+            pts = sorted((g for g in masked if g.get(key_out) == value), key=lambda g: g[key_in])
+            if not pts:
+                continue
+            name = f"density {value:g}" if panel == "k" else (
+                "1 shared mask" if value == 1 else f"{value} distinct masks")
+            _errorbar(ax, [g[key_in] for g in pts], pts, "test_acc",
+                      color=_sequential(j, len(outer)), marker=_MARKERS[j % len(_MARKERS)],
+                      label=name)
+        for g in refs:
+            name = "no mask" if g.get("core") in (None, "unrolled") else g.get("label")
+            _reference_line(ax, g, name)
+        if panel == "k":
+            _log2_axis(ax, inner)
+            _finish(ax, "distinct masks K (1 = one shared mask)", "test accuracy (%)",
+                    f"Masks at depth {setting[0]}, width {setting[1]}")
+        else:
+            ax.set_xticks(inner)
+            _finish(ax, "mask density (share of weights kept)", "test accuracy (%)",
+                    f"Density at depth {setting[0]}, width {setting[1]}")
+    return fig
+
+
+def pareto_front(groups: Sequence[dict], x: str, y: str = "test_acc") -> list[dict]:
+    """The groups no other group beats on both axes (smaller mean ``x``, higher mean ``y``),
+    sorted by ``x``: the best accuracy reachable at each budget.
+
+    Example:
+        >>> gs = [{"p_mean": p, "a_mean": a} for p, a in ((1, .5), (2, .4), (3, .9))]
+        >>> [g["p_mean"] for g in pareto_front(gs, "p", "a")]
+        [1, 3]
+    """
+    front, best = [], -math.inf
+    for g in sorted(groups, key=lambda g: (g[f"{x}_mean"], -g[f"{y}_mean"])):
+        if g[f"{y}_mean"] > best:
+            front.append(g)
+            best = g[f"{y}_mean"]
+    return front
+
+
+def _frontier(ax, groups: Sequence[dict], x: str, xlabel: str, title: str) -> None:
+    """Every configuration as a faint point, each label's Pareto front as a line."""
+    for label in _labels(groups):
+        mine = [g for g in groups if g.get("label") == label and has([g], x)]
+        if not mine:
+            continue
+        color = label_color(label)
+        ax.scatter([g[f"{x}_mean"] for g in mine], [_pct(g["test_acc_mean"]) for g in mine],
+                   color=color, alpha=0.3, s=14)
+        front = pareto_front(mine, x)
+        _errorbar(ax, [g[f"{x}_mean"] for g in front], front, "test_acc", color=color,
+                  marker="o", linestyle="-" if len(front) > 1 else "none", label=label)
+    ax.set_xscale("log")
+    _finish(ax, xlabel, "test accuracy (%)", title + "\n(line: best configuration per budget, "
+            "faint: all)")
+
+
+def plot_capacity(rows: Sequence[dict]) -> Figure | None:
+    """The capacity frontier: accuracy vs trainable parameters (and vs FLOPs per image).
+
+    Example:
+        >>> rows = [{"label": l, "params": p, "test_acc": a}
+        ...         for l, p, a in (("WT", 1e3, .8), ("untied", 4e3, .85))]
+        >>> plot_capacity(rows).axes[0].get_xscale()
+        'log'
+    """
+    groups = [g for g in aggregate(rows, ["test_acc", "params", "flops_per_image"])
+              if has([g], "test_acc")]
+    if len(_labels([g for g in groups if has([g], "params")])) < 2:
+        return None
+    with_flops = len(_labels([g for g in groups if has([g], "flops_per_image")])) >= 2
+    fig = Figure(figsize=(13 if with_flops else 7, 4.5), layout="constrained")
+    ax = fig.add_subplot(1, 2 if with_flops else 1, 1)
+    _frontier(ax, [g for g in groups if has([g], "params")], "params",
+              "trainable parameters", "Capacity: accuracy vs parameters")
+    if with_flops:
+        _frontier(fig.add_subplot(1, 2, 2), [g for g in groups if has([g], "flops_per_image")],
+                  "flops_per_image", "FLOPs per image (forward)", "Accuracy vs compute")
+    return fig
+
+
+def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
+    """Accuracy vs total training time, and vs peak memory, one colour per label.
+
+    Example:
+        >>> rows = [{"label": l, "train_time_s": t, "test_acc": .8, "peak_mem_mb": 50}
+        ...         for l, t in (("WT", 10), ("DEQ", 30))]
+        >>> [ax.get_xlabel() for ax in plot_time_memory(rows).axes]
+        ['training time (s)', 'peak memory (MB)']
+    """
+    groups = [g for g in aggregate(rows, ["test_acc", "train_time_s", "peak_mem_mb"])
+              if has([g], "test_acc")]
+    timed = [g for g in groups if has([g], "train_time_s")]
+    if len(_labels(timed)) < 2:
+        return None
+    with_mem = len(_labels([g for g in groups if has([g], "peak_mem_mb")])) >= 2
+    fig = Figure(figsize=(13 if with_mem else 7, 4.5), layout="constrained")
+    panels = [("train_time_s", "training time (s)", "Accuracy vs training time")]
+    if with_mem:
+        panels.append(("peak_mem_mb", "peak memory (MB)", "Accuracy vs peak memory"))
+    for i, (metric, xlabel, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label in _labels(groups):
+            pts = [g for g in groups if g.get("label") == label and has([g], metric)]
+            if not pts:
+                continue
+            ax.errorbar([g[f"{metric}_mean"] for g in pts],
+                        [_pct(g["test_acc_mean"]) for g in pts],
+                        xerr=[g[f"{metric}_std"] if g["n"] > 1 else 0 for g in pts],
+                        yerr=[_pct(g["test_acc_std"]) if g["n"] > 1 else 0 for g in pts],
+                        color=label_color(label), marker="o", linestyle="none", capsize=3,
+                        label=label)
+        _finish(ax, xlabel, "test accuracy (%)", title)
+    return fig
+
+
+def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
+           log: bool = False) -> None:
+    for i, (label, values) in enumerate(values_by_label.items()):
+        n = len(values)
+        xs = [i + (0.3 * (j / max(n - 1, 1) - 0.5) if n > 1 else 0.0) for j in range(n)]
+        ax.scatter(xs, values, color=label_color(label), s=22, alpha=0.8)
+        mean, _, _ = mean_std(values)
+        if math.isfinite(mean):
+            ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.2)
+    ax.set_xticks(range(len(values_by_label)))
+    ax.set_xticklabels(list(values_by_label), rotation=20, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    _finish(ax, "", ylabel, title, legend=False)
+
+
+def plot_stability(rows: Sequence[dict]) -> Figure | None:
+    """Stability: final solver residuals per run (implicit cores), share of diverged solves and
+    skipped (non-finite) steps per label, and the seed spread of accuracy per configuration.
+
+    Example:
+        >>> rows = [{"label": "DEQ", "config_id": "d", "seed": s, "rel_residual": 1e-3 * (s + 1),
+        ...          "diverged": 0.0, "skipped_steps": 0, "test_acc": .8 + .01 * s}
+        ...         for s in range(3)]
+        >>> len(plot_stability(rows).axes)
+        3
+    """
+    labels = _labels(rows)
+    residuals = {lab: [v for r in rows if r.get("label") == lab
+                       for v in [number(r.get("rel_residual"))] if v is not None and v > 0]
+                 for lab in labels}
+    residuals = {k: v for k, v in residuals.items() if v}
+    divergence = {}
+    for lab in labels:
+        mine = [r for r in rows if r.get("label") == lab]
+        div = [number(r.get("diverged")) for r in mine]
+        skipped = [number(r.get("skipped_steps")) for r in mine]
+        if any(v is not None for v in div + skipped):
+            divergence[lab] = (
+                mean_std(v for v in div if v is not None)[0],
+                mean_std(1.0 if (v or 0) > 0 else 0.0 for v in skipped if v is not None)[0])
+    groups = [g for g in aggregate(rows, ["test_acc"]) if g["test_acc_count"] >= 2]
+    spread = {}
+    for g in groups:
+        spread.setdefault(g.get("label"), []).append(_pct(g["test_acc_std"]))
+    panels = [p for p, data in (("residual", residuals), ("divergence", divergence),
+                                ("spread", spread)) if data]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5 * len(panels), 4.5), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if panel == "residual":
+            _strip(ax, residuals, "final relative residual (test, per run)",
+                   "Solver residuals (bar: mean)", log=True)
+        elif panel == "divergence":
+            names = list(divergence)
+            xs = range(len(names))
+            div = [_pct(divergence[n][0]) if math.isfinite(divergence[n][0]) else 0 for n in names]
+            skip = [_pct(divergence[n][1]) if math.isfinite(divergence[n][1]) else 0 for n in names]
+            ax.bar([x - 0.2 for x in xs], div, width=0.4, color="C3", label="diverged solves (%)")
+            ax.bar([x + 0.2 for x in xs], skip, width=0.4, color="C7",
+                   label="runs with skipped steps (%)")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+            ax.set_ylim(0, max(5.0, *div, *skip) * 1.15)
+            _finish(ax, "", "percent", "Divergence")
+        else:
+            _strip(ax, spread, "std of test accuracy over seeds (points)",
+                   "Seed spread per configuration")
+    return fig
+
+
+def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
+    """Test-time depth extrapolation: accuracy vs (test depth / training depth), a panel per
+    label and a line per training depth.
+
+    Example:
+        >>> rows = [{"label": "WT", "config_id": "a", "seed": 0, "train_depth": 4,
+        ...          "test_depth": d, "factor": d / 4, "test_acc": .8} for d in (2, 4, 8)]
+        >>> plot_extrapolation(rows).axes[0].get_title()
+        'WT'
+    """
+    rows = [r for r in extra_rows if number(r.get("test_acc")) is not None]
+    labels = [lab for lab in _labels(rows)
+              if len({r.get("factor") for r in rows if r.get("label") == lab}) >= 2]
+    if not labels:
+        return None
+    fig = Figure(figsize=(4.5 * len(labels), 4.2), layout="constrained")
+    axes = []
+    for i, label in enumerate(labels):
+        ax = fig.add_subplot(1, len(labels), i + 1, sharey=axes[0] if axes else None)
+        axes.append(ax)
+        mine = [r for r in rows if r.get("label") == label]
+        widths = {r.get("width") for r in mine}
+        lines = sorted({(r.get("train_depth"), r.get("width")) for r in mine},
+                       key=lambda k: tuple(-1 if v is None else v for v in k))
+        for j, (depth, width) in enumerate(lines):
+            by_factor: dict[float, list[float]] = {}
+            for r in mine:
+                if (r.get("train_depth"), r.get("width")) == (depth, width):
+                    by_factor.setdefault(float(r["factor"]), []).append(_pct(r["test_acc"]))
+            xs = sorted(by_factor)
+            stats = [mean_std(by_factor[x]) for x in xs]
+            name = f"trained at {depth}" + (f", width {width}" if len(widths) > 1 else "")
+            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
+                        marker=_MARKERS[j % len(_MARKERS)], color=_sequential(j, len(lines)),
+                        linestyle=_LINESTYLES[j % len(_LINESTYLES)], label=name)
+        ax.axvline(1.0, color="gray", linewidth=0.8, linestyle=":")
+        unit = "solver iterations" if mine[0].get("core") == "deq" else "depth"
+        _finish(ax, f"test {unit} / training {unit}", "test accuracy (%)" if i == 0 else "",
+                label)
+    return fig
+
+
+#: panel name -> function of the results rows (extrapolation reads its own file)
+PANELS: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
+    "accuracy_vs_depth": plot_accuracy_vs_depth,
+    "accuracy_vs_width": plot_accuracy_vs_width,
+    "masks": plot_masks,
+    "capacity": plot_capacity,
+    "time_memory": plot_time_memory,
+    "stability": plot_stability,
+}
+
+
+def make_plots(sweep_dir: str, out_dir: str | None = None) -> list[str]:
+    """Draw every supported panel of a sweep as PNG; returns the paths written.
+
+    Args:
+        sweep_dir: a directory with ``results.csv``.
+        out_dir: where the PNGs go (default ``sweep_dir/plots``).
+
+    Example:
+        >>> make_plots("/nonexistent")
+        []
+    """
+    rows = load_results(sweep_dir)
+    figures = {name: fn(rows) for name, fn in PANELS.items()} if rows else {}
+    figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir))
+    figures = {k: v for k, v in figures.items() if v is not None}
+    if not figures:
+        return []
+    out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        path = os.path.join(out_dir, f"{name}.png")
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def write_summary(sweep_dir: str) -> str:
+    """Write ``summary.csv`` and ``summary.md`` beside ``results.csv``; returns the Markdown.
+
+    Example:
+        >>> write_summary("/nonexistent")
+        '(no finished runs)'
+    """
+    rows = load_results(sweep_dir)
+    table = summary_table(rows)
+    markdown = to_markdown(table)
+    if table:
+        write_rows(os.path.join(sweep_dir, "summary.csv"), to_csv_rows(table))
+        atomic_write_text(os.path.join(sweep_dir, "summary.md"), markdown + "\n")
+    return markdown
+
+
+def make_report(sweep_dir: str) -> tuple[list[str], str]:
+    """Plots and summary table of a sweep: ``(png paths, markdown table)``.
+
+    Example:
+        >>> make_report("/nonexistent")
+        ([], '(no finished runs)')
+    """
+    return make_plots(sweep_dir), write_summary(sweep_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.plot DIR``: plots and summary table; prints the table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
+                                     description="Plots and summary table of a sweep directory.")
+    parser.add_argument("sweep_dir", help="a directory with results.csv")
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.sweep_dir, RESULTS)):
+        print(f"python -m benchmarks.plot: error: sweep_dir: no {RESULTS} in {args.sweep_dir!r}",
+              file=sys.stderr)
+        return 2
+    paths, table = make_report(args.sweep_dir)
+    print(table)
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Sweep presets: Python configs that list the runs of an experiment, each with a smoke size.
+
+A preset is a function ``build(smoke: bool) -> list[Variant]`` registered with :func:`preset`.
+A :class:`Variant` is a plot label plus the arguments of one training run (``model``,
+``dataset``, ``epochs`` and any ``TrainConfig`` / ``ModelConfig`` field of ``python -m
+wtmodels.train``). :func:`build_runs` crosses the variants with the seeds and gives every run a
+stable ``run_id`` (a readable prefix and a hash of its arguments), so a rerun of the same sweep
+finds its finished runs again. ``smoke=True`` keeps every variant's label and varied fields but
+shrinks the models, data and epochs so that the tests can run the whole preset in seconds.
+
+A preset can hand its runs to another function than the training CLI: ``runner="module:function"``
+names ``function(config: dict, out_dir: str) -> dict`` (called in a fresh process by
+:mod:`benchmarks.custom_runner`), and ``source="module:function"`` names the
+``function(smoke: bool) -> list[dict]`` that lists its runs (each dict a config, with an optional
+``"label"`` key). The ``capaboost`` preset is defined this way by ``benchmarks/capaboost.py``.
+
+Example:
+    >>> runs = build_runs("quick", smoke=True, seeds=[0])
+    >>> sorted({r.label for r in runs}) == sorted(LABELS_QUICK)
+    True
+    >>> runs[0].run_id == build_runs("quick", smoke=True, seeds=[0])[0].run_id
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------------------------
+# the vocabulary the presets use (model names from wtmodels.models' registry)
+
+#: model name per core at each size; ``test`` is the tiny family the smoke sizes use
+MODELS = {
+    "test": {"unrolled": "test_wt", "deq": "test_deq", "ode": "test_ode", "untied": "test_untied"},
+    "s": {"unrolled": "wt_s", "deq": "deq_s", "ode": "ode_s", "untied": "untied_s"},
+    "m": {"unrolled": "wt_m", "deq": "deq_m", "ode": "ode_m", "untied": "untied_m"},
+}
+
+#: plot labels shared by the presets (the plots colour by label)
+WT, WT_MASKS, WT_SHARED, UNTIED, DEQ, ODE = (
+    "WT", "WT + distinct masks", "WT + shared mask", "untied", "DEQ", "ODE")
+LABELS_QUICK = (WT, WT_MASKS, UNTIED, DEQ)
+
+#: smoke-size data: a few dozen images, so a smoke run takes about a second after start-up
+SMOKE_DATA = {"train_size": 64, "test_size": 32, "epochs": 1, "batch_size": 32}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a sweep before seeds are applied.
+
+    Args:
+        label: the name the plots and tables group it under (e.g. ``"WT + distinct masks"``).
+        config: arguments of one run (``model``, ``dataset``, ``epochs``, and config fields).
+
+    Example:
+        >>> Variant("WT", {"model": "wt_s", "depth": 4}).config["depth"]
+        4
+    """
+
+    label: str
+    config: dict
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: a variant with its seed and a stable id.
+
+    Args:
+        run_id: stable identifier (also the run directory's name).
+        label: plot / table group.
+        config: full argument dict, ``seed`` included.
+        runner: ``"module:function"`` of a custom runner, or None for ``python -m wtmodels.train``.
+
+    Example:
+        >>> spec = build_runs("quick", smoke=True, seeds=[1])[0]
+        >>> spec.config["seed"], spec.runner is None
+        (1, True)
+    """
+
+    run_id: str
+    label: str
+    config: dict
+    runner: str | None = None
+
+    def to_json(self) -> dict:
+        """Plain-dict form (saved as ``spec.json`` in the run directory).
+
+        Example:
+            >>> RunSpec("a", "WT", {"seed": 0}).to_json()["run_id"]
+            'a'
+        """
+        return {"run_id": self.run_id, "label": self.label, "config": self.config,
+                "runner": self.runner}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A registered sweep.
+
+    Args:
+        name: the name given on the command line.
+        description: one line for ``--help`` and the dry-run listing.
+        build: ``build(smoke) -> list[Variant]`` (None when ``source`` lists the runs).
+        seeds: default seeds.
+        extrapolate: test-time depth factors for the post-hoc depth extrapolation of unrolled
+            and DEQ runs (empty: none).
+        jobs: default number of runs at once.
+        threads: default torch threads per run.
+        runner: ``"module:function"`` custom runner, or None for the training CLI.
+        source: ``"module:function"`` that lists the runs, for presets defined elsewhere.
+
+    Example:
+        >>> get_preset("quick").seeds
+        (0, 1)
+    """
+
+    name: str
+    description: str
+    build: Callable[[bool], list[Variant]] | None
+    seeds: tuple[int, ...] = (0,)
+    extrapolate: tuple[float, ...] = ()
+    jobs: int = 1
+    threads: int = 1
+    runner: str | None = None
+    source: str | None = None
+    smoke_seeds: tuple[int, ...] = field(default=(0,))
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def preset(name: str, description: str, **options):
+    """Register ``build(smoke) -> list[Variant]`` as the preset ``name``.
+
+    Example:
+        >>> @preset("demo_once", "a one-run demo")
+        ... def _demo(smoke):
+        ...     return [Variant("WT", {"model": "test_wt", "dataset": "digits", "epochs": 1})]
+        >>> len(build_runs("demo_once", smoke=True))
+        1
+    """
+
+    def register(build: Callable[[bool], list[Variant]]):
+        _PRESETS[name] = Preset(name, description, build, **options)
+        return build
+
+    return register
+
+
+def list_presets() -> list[str]:
+    """Names of the registered presets.
+
+    Example:
+        >>> {"quick", "fashion", "cifar10", "capaboost"} <= set(list_presets())
+        True
+    """
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """The registered :class:`Preset` called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+
+    Example:
+        >>> get_preset("depth").name
+        'depth'
+    """
+    if name not in _PRESETS:
+        raise ValueError(f"preset: unknown name {name!r}; choose one of: "
+                         f"{', '.join(list_presets())}")
+    return _PRESETS[name]
+
+
+def _load(target: str, what: str):
+    """Import ``"module:function"``; a missing module or name is a clear ValueError."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module_name.startswith(err.name):
+            raise ValueError(f"{what}: module {module_name!r} is not there ({target!r} is "
+                             "needed); it is written by the work that owns this experiment"
+                             ) from err
+        raise
+    if not hasattr(module, attr):
+        raise ValueError(f"{what}: {module_name!r} has no function {attr!r} (needed: {target!r})")
+    return getattr(module, attr)
+
+
+def load_callable(target: str, what: str = "runner") -> Callable:
+    """Resolve ``"package.module:function"`` to the function, with a clear error if absent.
+
+    Example:
+        >>> load_callable("json:dumps")([1])
+        '[1]'
+    """
+    return _load(target, what)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def run_id_for(label: str, config: dict) -> str:
+    """A stable, readable, unique id: ``<label>_d<depth>_w<width>_k<mask_k>_s<seed>_<hash>``.
+
+    The hash covers the label and every argument, so two runs differing in anything get two ids
+    and the same run always gets the same one.
+
+    Example:
+        >>> run_id_for("WT", {"model": "wt_s", "depth": 4, "seed": 0})
+        'wt_d4_s0_788e8612'
+    """
+    digest = hashlib.sha256(json.dumps([label, config], sort_keys=True, default=str).encode())
+    parts = [_slug(label)]
+    for key, tag in (("depth", "d"), ("width", "w"), ("mask_k", "k"), ("seed", "s")):
+        if config.get(key) is not None:
+            parts.append(f"{tag}{config[key]}")
+    return "_".join(parts) + "_" + digest.hexdigest()[:8]
+
+
+def config_id_for(label: str, config: dict) -> str:
+    """Id of a configuration across seeds: the hash of the label and the arguments but the seed.
+
+    Runs with the same ``config_id`` differ only in their seed; plots and tables average them.
+
+    Example:
+        >>> a = config_id_for("WT", {"depth": 2, "seed": 0})
+        >>> a == config_id_for("WT", {"depth": 2, "seed": 1}), a == config_id_for("DEQ", {})
+        (True, False)
+    """
+    rest = {k: v for k, v in config.items() if k != "seed"}
+    return hashlib.sha256(json.dumps([label, rest], sort_keys=True, default=str).encode()
+                          ).hexdigest()[:10]
+
+
+def _variants(name: str, smoke: bool) -> tuple[Preset, list[Variant]]:
+    spec = get_preset(name)
+    if spec.source is not None:
+        listed = load_callable(spec.source, f"preset {name!r}")(smoke)
+        variants = []
+        for item in listed:
+            config = dict(item)
+            variants.append(Variant(str(config.pop("label", name)), config))
+        return spec, variants
+    return spec, spec.build(smoke)
+
+
+def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = None) -> list[RunSpec]:
+    """Every run of preset ``name``: its variants crossed with the seeds.
+
+    Args:
+        name: a preset of :func:`list_presets`.
+        smoke: the tiny size the tests run.
+        seeds: override the preset's seeds.
+
+    Returns:
+        The runs in a fixed order (seed-major, so a partial sweep covers every variant early).
+
+    Raises:
+        ValueError: unknown preset, empty seeds, or two runs with the same id.
+
+    Example:
+        >>> [r.config["seed"] for r in build_runs("quick", smoke=True, seeds=[3, 4])][:2]
+        [3, 3]
+    """
+    spec, variants = _variants(name, smoke)
+    if seeds is None:
+        seeds = spec.smoke_seeds if smoke else spec.seeds
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds: give at least one seed, e.g. --seeds 0,1,2")
+    runs = []
+    for seed in seeds:
+        for variant in variants:
+            config = {**variant.config, "seed": int(seed)}
+            runs.append(RunSpec(run_id_for(variant.label, config), variant.label, config,
+                                spec.runner))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"preset {name!r}: two runs share an id; make the variants differ")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _data(dataset: str, smoke: bool, **full) -> dict:
+    """Dataset arguments: the full ones, or the smoke size (same dataset family, tiny)."""
+    if smoke:
+        return {"dataset": dataset, **full, **SMOKE_DATA}
+    return {"dataset": dataset, **full}
+
+
+def _smoke_dataset(shape: tuple[int, int, int]) -> dict:
+    """Smoke data for presets whose real data may be absent: synthetic images of that shape."""
+    channels, size, _ = shape
+    return {"dataset": "synthetic", "synthetic_channels": channels, "image_size": size,
+            "synthetic_classes": 10}
+
+
+def _model(core: str, size: str, smoke: bool) -> str:
+    return MODELS["test" if smoke else size][core]
+
+
+def _tied(depth: int, width: int, size: str, smoke: bool, **extra) -> dict:
+    return {"model": _model("unrolled", size, smoke), "depth": depth, "width": width, **extra}
+
+
+def _masked(depth: int, width: int, size: str, smoke: bool, density: float = 0.5, k=None,
+            **extra) -> dict:
+    return _tied(depth, width, size, smoke, mask_k=depth if k is None else k,
+                 mask_density=density, **extra)
+
+
+def _untied(depth: int, width: int, size: str, smoke: bool, **extra) -> dict:
+    return {"model": _model("untied", size, smoke), "depth": depth, "width": width, **extra}
+
+
+def _deq(width: int, size: str, smoke: bool, solver: str = "anderson", grad: str = "ift",
+         **extra) -> dict:
+    return {"model": _model("deq", size, smoke), "width": width, "f_solver": solver,
+            "b_solver": solver, "grad": grad, **extra}
+
+
+def _ode(width: int, size: str, smoke: bool, **extra) -> dict:
+    return {"model": _model("ode", size, smoke), "width": width, **extra}
+
+
+def _depth_grid(variants_by_depth: Callable[[int], list[Variant]], depths: Sequence[int]):
+    return [v for d in depths for v in variants_by_depth(d)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the presets
+
+
+@preset("quick", "digits: weight-tied vs DEQ vs untied vs WT + distinct masks at a few depths "
+        "(< 10 min on 2 CPU cores)", seeds=(0, 1), extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
+def quick(smoke: bool) -> list[Variant]:
+    """The README's main job: four model families on scikit-learn's digits."""
+    data = _data("digits", smoke, epochs=15, batch_size=64)
+    width = 8 if smoke else 32
+    depths = (2, 3) if smoke else (2, 4, 8)
+
+    def at(d: int) -> list[Variant]:
+        return [Variant(WT, {**_tied(d, width, "s", smoke), **data}),
+                Variant(WT_MASKS, {**_masked(d, width, "s", smoke), **data}),
+                Variant(UNTIED, {**_untied(d, width, "s", smoke), **data})]
+
+    return _depth_grid(at, depths) + [Variant(DEQ, {**_deq(width, "s", smoke), **data})]
+
+
+@preset("deq_vs_wt", "digits: WT vs DEQ (Anderson / Broyden x IFT / phantom) vs ODE: accuracy, "
+        "stability, time, memory", seeds=(0, 1, 2), extrapolate=(0.5, 1.0, 2.0))
+def deq_vs_wt(smoke: bool) -> list[Variant]:
+    """Weight-tied unrolled models against their implicit and continuous counterparts."""
+    data = _data("digits", smoke, epochs=20, batch_size=64)
+    width, depth = (8, 2) if smoke else (32, 8)
+    variants = [Variant(WT, {**_tied(depth, width, "s", smoke), **data}),
+                Variant(WT_MASKS, {**_masked(depth, width, "s", smoke), **data}),
+                Variant(UNTIED, {**_untied(depth, width, "s", smoke), **data})]
+    for solver in ("anderson", "broyden"):
+        for grad in ("ift", "phantom"):
+            variants.append(Variant(f"DEQ {solver} / {grad}",
+                                    {**_deq(width, "s", smoke, solver, grad), **data}))
+    variants.append(Variant(ODE, {**_ode(width, "s", smoke), **data}))
+    return variants
+
+
+@preset("depth", "digits: accuracy vs depth for WT, WT + masks and untied at two widths, "
+        "with test-time depth extrapolation", seeds=(0, 1, 2),
+        extrapolate=(0.5, 1.0, 1.5, 2.0, 3.0))
+def depth(smoke: bool) -> list[Variant]:
+    """Depth sweep; a line per width in the accuracy-vs-depth plot."""
+    data = _data("digits", smoke, epochs=20, batch_size=64)
+    widths = (8,) if smoke else (16, 32)
+    depths = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    return [Variant(label, {**make(d, w, "s", smoke), **data})
+            for w in widths for d in depths
+            for label, make in ((WT, _tied), (WT_MASKS, _masked), (UNTIED, _untied))]
+
+
+@preset("width", "digits: accuracy vs width for WT, WT + masks and untied at depth 4",
+        seeds=(0, 1, 2))
+def width(smoke: bool) -> list[Variant]:
+    """Width sweep at a fixed depth."""
+    data = _data("digits", smoke, epochs=20, batch_size=64)
+    widths = (4, 8) if smoke else (8, 16, 32, 64)
+    d = 2 if smoke else 4
+    return [Variant(label, {**make(d, w, "s", smoke), **data})
+            for w in widths
+            for label, make in ((WT, _tied), (WT_MASKS, _masked), (UNTIED, _untied))]
+
+
+@preset("sparsity", "digits: mask density x number of distinct masks vs one shared mask "
+        "(mask_k=1) and no mask, WT depth 8", seeds=(0, 1, 2))
+def sparsity(smoke: bool) -> list[Variant]:
+    """Does varying the shared weights with distinct masks add capacity, and at which density?"""
+    data = _data("digits", smoke, epochs=20, batch_size=64)
+    width, d = (8, 2) if smoke else (32, 8)
+    densities = (0.5,) if smoke else (0.25, 0.5, 0.75)
+    ks = (1, 2) if smoke else (1, 2, 4, 8)
+    variants = [Variant(WT, {**_tied(d, width, "s", smoke), **data}),
+                Variant(UNTIED, {**_untied(d, width, "s", smoke), **data})]
+    for density in densities:
+        for k in ks:
+            label = WT_SHARED if k == 1 else WT_MASKS
+            variants.append(Variant(label, {**_masked(d, width, "s", smoke, density, k), **data}))
+    return variants
+
+
+@preset("fashion", "Fashion-MNIST sized for a CPU: WT vs WT + masks vs untied vs DEQ at three "
+        "depths", seeds=(0, 1), extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
+def fashion(smoke: bool) -> list[Variant]:
+    """A real 28x28 task: a 10k-image subset of Fashion-MNIST, full 10k test set."""
+    if smoke:
+        data = {**_smoke_dataset((1, 28, 28)), **SMOKE_DATA}
+    else:
+        data = _data("fashion_mnist", smoke, train_size=10000, epochs=6, batch_size=128)
+    width = 8 if smoke else 24
+    depths = (2, 3) if smoke else (2, 4, 8)
+
+    def at(d: int) -> list[Variant]:
+        return [Variant(WT, {**_tied(d, width, "s", smoke), **data}),
+                Variant(WT_MASKS, {**_masked(d, width, "s", smoke), **data}),
+                Variant(UNTIED, {**_untied(d, width, "s", smoke), **data})]
+
+    return _depth_grid(at, depths) + [Variant(DEQ, {**_deq(width, "s", smoke), **data})]
+
+
+def _cifar(num_classes: int, smoke: bool) -> list[Variant]:
+    if smoke:
+        data = {**_smoke_dataset((3, 32, 32)), **SMOKE_DATA}
+    else:
+        data = _data(f"cifar{num_classes}", smoke, epochs=100, batch_size=128)
+    widths = (8,) if smoke else (64, 128)
+    depths = (1, 2) if smoke else (4, 8, 16)
+    variants = []
+    for w in widths:
+        for d in depths:
+            variants += [Variant(WT, {**_tied(d, w, "m", smoke), **data}),
+                         Variant(WT_MASKS, {**_masked(d, w, "m", smoke), **data}),
+                         Variant(UNTIED, {**_untied(d, w, "m", smoke), **data})]
+        variants += [Variant(DEQ, {**_deq(w, "m", smoke), **data}),
+                     Variant(ODE, {**_ode(w, "m", smoke), **data})]
+    return variants
+
+
+@preset("cifar10", "CIFAR-10, full size, for a GPU: WT / WT + masks / untied at depths 4-16 and "
+        "widths 64, 128, plus DEQ and ODE", seeds=(0, 1, 2), extrapolate=(0.5, 1.0, 2.0))
+def cifar10(smoke: bool) -> list[Variant]:
+    """Full-size CIFAR-10 sweep (``data_dir`` must hold the dataset or pass ``download``)."""
+    return _cifar(10, smoke)
+
+
+@preset("cifar100", "CIFAR-100, full size, for a GPU: as cifar10", seeds=(0, 1, 2),
+        extrapolate=(0.5, 1.0, 2.0))
+def cifar100(smoke: bool) -> list[Variant]:
+    """Full-size CIFAR-100 sweep."""
+    return _cifar(100, smoke)
+
+
+_PRESETS["capaboost"] = Preset(
+    "capaboost", "CapaBoost: LoRA vs masked parallel copies at equal trainable parameters "
+    "(runs listed and run by benchmarks/capaboost.py)", build=None, seeds=(0, 1, 2),
+    runner="benchmarks.capaboost:run", source="benchmarks.capaboost:sweep")

@@ -1,0 +1,129 @@
+"""Provenance of benchmark rows: git sha, library versions, device and machine description.
+
+Example:
+    >>> info = provenance()
+    >>> sorted(info) == ["git_sha", "torch_version"]
+    True
+    >>> machine = describe_machine()
+    >>> machine["cpu_count"] >= 1
+    True
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_sha(root: str = _ROOT) -> str:
+    """Short sha of ``HEAD`` with ``-dirty`` when tracked files differ ("unknown" outside git).
+
+    Example:
+        >>> isinstance(git_sha(), str)
+        True
+    """
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def provenance() -> dict:
+    """The sweep-wide provenance columns (cheap: no torch import).
+
+    Example:
+        >>> provenance()["torch_version"] != ""
+        True
+    """
+    return {"git_sha": git_sha(), "torch_version": _version("torch")}
+
+
+def now_utc() -> str:
+    """The current UTC time as ISO 8601, seconds resolution.
+
+    Example:
+        >>> now_utc().endswith("+00:00")
+        True
+    """
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report it).
+
+    Example:
+        >>> load_average() is None or load_average() >= 0
+        True
+    """
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def describe_machine() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, load, OS, Python, torch, GPU.
+
+    Example:
+        >>> "cpu_model" in describe_machine()
+        True
+    """
+    info = {
+        "date": now_utc(),
+        "host": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count() or 1,
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": _memory_gb(),
+        "load_average_1min": load_average(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch_version": _version("torch"),
+        "torchvision_version": _version("torchvision"),
+        "git_sha": git_sha(),
+    }
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        info["gpus"] = [g.strip() for g in out.stdout.splitlines() if g.strip()]
+    except (OSError, subprocess.SubprocessError):
+        info["gpus"] = []
+    return info

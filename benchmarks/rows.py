@@ -1,0 +1,204 @@
+"""Turn a finished run directory into one ``results.csv`` row.
+
+A run directory (written by ``python -m wtmodels.train`` or a custom runner, plus the harness's
+``spec.json`` and ``harness.json``) is read as follows:
+
+=====================  ====================================================================
+file                   row columns
+=====================  ====================================================================
+``spec.json``          ``run_id``, ``label``, and every argument the sweep gave the run
+``config.json``        the resolved model fields (``core``, ``depth``, ``width``, masks, solver)
+``metrics.jsonl``      ``test_acc`` (last epoch), ``best_test_acc`` (max), final losses,
+                       ``epoch_time_s`` / ``images_per_s`` (medians over epochs),
+                       ``train_time_s`` (sum), ``peak_mem_mb`` (max), ``skipped_steps`` (sum),
+                       solver statistics of the last epoch (``nstep``, ``rel_residual``,
+                       ``converged``, ``diverged``, ``nfe``, ``cell_evals``), and
+                       ``rel_residual_max`` / ``diverged_max`` (max over epochs)
+``model_info.json``    ``params``, ``nonzero_params_per_iter``, ``cell_evals``, ``flops_per_image``
+``done.json``          final metrics (fill what ``metrics.jsonl`` lacks; custom runners)
+``harness.json``       ``status`` (``ok``, or ``diverged`` when the trainer stopped on
+                       non-finite losses), ``wall_s``, ``threads``, ``load_average_1min``
+=====================  ====================================================================
+
+plus the sweep's provenance (``git_sha``, ``torch_version``) and ``date``.
+
+Example:
+    >>> import json, os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> json.dump({"run_id": "r", "label": "WT", "config": {"model": "wt_s", "seed": 0}},
+    ...           open(os.path.join(d, "spec.json"), "w"))
+    >>> with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    ...     _ = f.write(json.dumps({"epoch": 1, "test_acc": 0.8, "epoch_time_s": 2.0}) + "\\n")
+    ...     _ = f.write(json.dumps({"epoch": 2, "test_acc": 0.7, "epoch_time_s": 4.0}) + "\\n")
+    >>> row = assemble_row(d)
+    >>> row["test_acc"], row["best_test_acc"], row["train_time_s"]
+    (0.7, 0.8, 6.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+from benchmarks.presets import config_id_for
+
+#: columns first in every results.csv, in this order (DESIGN.md's list, then the rest)
+LEADING_COLUMNS = (
+    "run_id", "label", "config_id", "status", "model", "dataset", "core", "depth", "width",
+    "mask_k", "mask_density", "seed", "epochs", "test_acc", "best_test_acc", "train_acc",
+    "train_loss", "test_loss",
+    "epoch_time_s", "train_time_s", "images_per_s", "peak_mem_mb", "params",
+    "nonzero_params_per_iter", "cell_evals", "flops_per_image", "nstep", "rel_residual",
+    "rel_residual_max", "converged", "diverged", "diverged_max", "skipped_steps", "nfe",
+    "git_sha", "torch_version", "device", "threads", "wall_s", "date",
+)
+
+#: fields of the run's resolved config copied into the row when present
+CONFIG_COLUMNS = (
+    "model", "dataset", "core", "depth", "width", "stages", "mask_k", "mask_density", "mask_kind",
+    "mask_schedule", "f_solver", "f_max_iter", "f_tol", "b_solver", "grad", "ode_method",
+    "epochs", "batch_size", "lr", "train_size", "test_size", "device", "seed",
+)
+
+_LAST = ("test_acc", "train_acc", "train_loss", "test_loss", "nstep", "rel_residual",
+         "converged", "diverged", "nfe", "cell_evals")
+_MEDIAN = ("epoch_time_s", "images_per_s")
+_MODEL_INFO = ("params", "nonzero_params_per_iter", "cell_evals", "flops_per_image")
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The epochs of ``run_dir/metrics.jsonl`` (a torn last line, if any, is ignored).
+
+    Example:
+        >>> read_metrics("/nonexistent")
+        []
+    """
+    rows = []
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def _flatten(config: dict) -> dict:
+    """``{"model": {"depth": 4}, "epochs": 2} -> {"depth": 4, "epochs": 2}`` (one level)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if not isinstance(v, dict)})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _numbers(epochs: list[dict], key: str) -> list[float]:
+    values = []
+    for e in epochs:
+        v = e.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            values.append(float(v))
+    return values
+
+
+def summarise_metrics(epochs: list[dict]) -> dict:
+    """Per-run summary of the per-epoch metrics (see the module table).
+
+    Example:
+        >>> s = summarise_metrics([{"test_acc": 0.5, "peak_mem_mb": 9}, {"test_acc": 0.6}])
+        >>> s["test_acc"], s["best_test_acc"], s["peak_mem_mb"]
+        (0.6, 0.6, 9.0)
+    """
+    out: dict = {}
+    if not epochs:
+        return out
+    last = epochs[-1]
+    for key in _LAST:
+        if key in last:
+            out[key] = last[key]
+    accs = _numbers(epochs, "test_acc")
+    if accs:
+        out["best_test_acc"] = max(accs)
+    for key in _MEDIAN:
+        values = _numbers(epochs, key)
+        if values:
+            out[key] = statistics.median(values)
+    times = _numbers(epochs, "epoch_time_s")
+    if times:
+        out["train_time_s"] = sum(times)
+    for key, source in (("peak_mem_mb", "peak_mem_mb"), ("rel_residual_max", "rel_residual_max"),
+                        ("diverged_max", "diverged")):
+        values = [v for v in _numbers(epochs, source) if not math.isnan(v)]
+        if values:
+            out[key] = max(values)
+    skipped = _numbers(epochs, "skipped_steps")
+    if skipped:
+        out["skipped_steps"] = int(sum(skipped))
+    out["epochs_done"] = len(epochs)
+    return out
+
+
+def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
+    """One results row for a finished run directory.
+
+    Args:
+        run_dir: the run's directory (with ``spec.json``; see the module table).
+        provenance: sweep-wide columns (``git_sha``, ``torch_version``, ...) to add.
+
+    Returns:
+        The row, ordered with :data:`LEADING_COLUMNS` first.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> json.dump({"run_id": "r", "label": "DEQ", "config": {"seed": 1}},
+        ...           open(os.path.join(d, "spec.json"), "w"))
+        >>> json.dump({"test_acc": 0.9}, open(os.path.join(d, "done.json"), "w"))
+        >>> assemble_row(d, {"git_sha": "abc"})["git_sha"]
+        'abc'
+    """
+    spec = _read_json(os.path.join(run_dir, "spec.json")) or {}
+    config = _flatten(_read_json(os.path.join(run_dir, "config.json")) or {})
+    info = _read_json(os.path.join(run_dir, "model_info.json")) or {}
+    done = _read_json(os.path.join(run_dir, "done.json")) or {}
+    harness = _read_json(os.path.join(run_dir, "harness.json")) or {}
+
+    row: dict = {"run_id": spec.get("run_id", os.path.basename(os.path.normpath(run_dir))),
+                 "label": spec.get("label"),
+                 "config_id": config_id_for(spec.get("label"), spec.get("config") or {})}
+    row.update({k: v for k, v in (spec.get("config") or {}).items() if not isinstance(v, dict)})
+    row.update({k: config[k] for k in CONFIG_COLUMNS if k in config})
+    env = (_read_json(os.path.join(run_dir, "config.json")) or {}).get("env") or {}
+    row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
+    if row.get("mask_k") == 0:  # no mask: the density setting means nothing
+        row["mask_density"] = None
+    row.update({k: info[k] for k in _MODEL_INFO if k in info})
+    summary = summarise_metrics(read_metrics(run_dir))
+    for key, value in _flatten(done).items():  # done.json fills what the epochs lack
+        if key not in summary and key not in ("run_id", "label"):
+            summary[key] = value
+    if "best_test_acc" not in summary and "test_acc" in summary:
+        summary["best_test_acc"] = summary["test_acc"]
+    row.update(summary)
+    row.update(harness)
+    row.update(provenance or {})
+    ordered = {k: row[k] for k in LEADING_COLUMNS if k in row}
+    ordered.update({k: v for k, v in row.items() if k not in ordered})
+    return ordered

@@ -1,0 +1,495 @@
+"""Run a sweep preset: ``python -m benchmarks.run PRESET --out DIR``.
+
+Each run is one process (``python -m wtmodels.train``, or :mod:`benchmarks.custom_runner` for a
+preset with its own runner) writing ``DIR/runs/<run_id>/``. When a run has finished (its
+``done.json`` exists) its row is appended to ``DIR/results.csv`` under a lock, by an atomic
+rewrite, unless the ``run_id`` is already there. A rerun of the same command therefore skips the
+finished runs, records a run that finished just before a kill, resumes a run that has a
+checkpoint, and restarts one that has none: whenever the sweep is killed, the rerun ends with
+every run present in ``results.csv`` exactly once.
+
+After the runs: the post-hoc test-time depth extrapolation (presets that ask for it, written to
+``DIR/extrapolation.csv``), the plots and the summary table (:mod:`benchmarks.plot`), and a
+Markdown summary printed on stdout with the harness's own overhead.
+
+Command line::
+
+    python -m benchmarks.run quick --out results/quick            # the README's main job
+    python -m benchmarks.run depth --out results/depth --seeds 0,1 --jobs 2
+    python -m benchmarks.run cifar10 --out results/c10 --launcher submitit --gpus-per-node 1
+    python -m benchmarks.run sparsity --out results/sp --dry-run  # list the runs, run nothing
+    python -m benchmarks.run quick --out /tmp/q --smoke           # the tiny size the tests use
+
+Example:
+    >>> import tempfile
+    >>> report = sweep("quick", tempfile.mkdtemp(), smoke=True, dry_run=True, echo=lambda s: None)
+    >>> report.planned == len(build_runs("quick", smoke=True)) and report.ran == 0
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.launch import LAUNCHERS, run_tasks
+from benchmarks.presets import RunSpec, build_runs, get_preset, list_presets
+from benchmarks.provenance import describe_machine, load_average, now_utc, provenance
+from benchmarks.results_io import append_row, finished_ids, lock_path
+from benchmarks.rows import assemble_row
+from wtmodels.atomic import atomic_write_json
+
+RESULTS = "results.csv"
+RUNS = "runs"
+LOG = "train.log"
+DONE = "done.json"  # written by the trainer when every epoch is done
+STOPPED = "stopped.json"  # written here when the trainer gave up on non-finite losses
+EXIT_DIVERGED = 3  # python -m wtmodels.train's status for "stopped: non-finite losses"
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Everything one worker needs to run and record one run (picklable for submitit).
+
+    Args:
+        spec: the run (:class:`benchmarks.presets.RunSpec` as a dict).
+        sweep_dir: the sweep directory.
+        threads: torch CPU threads for the run's process.
+        provenance: sweep-wide columns added to the row.
+        device: ``--device`` for the training CLI (None: its default).
+    """
+
+    spec: dict
+    sweep_dir: str
+    threads: int | None = 1
+    provenance: dict = field(default_factory=dict)
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What happened to one run.
+
+    Attributes:
+        run_id: the run.
+        status: ``"ran"``, ``"diverged"`` (ran, stopped by non-finite losses),
+            ``"recorded"`` (finished earlier, row added now), ``"busy"`` (another process
+            holds it), ``"failed"``.
+        wall_s: seconds in the run's process (0 when it did not run now).
+        harness_s: seconds the harness spent on the run outside that process.
+        message: the failure's last log line, or "".
+    """
+
+    run_id: str
+    status: str
+    wall_s: float = 0.0
+    harness_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class SweepReport:
+    """Summary of one ``sweep`` call (printed at the end of the command).
+
+    Attributes:
+        planned: runs in the preset.
+        skipped: runs already in results.csv.
+        ran: runs executed now.
+        diverged: of those, runs the trainer stopped for non-finite losses (recorded).
+        busy: runs another process was executing (left alone).
+        recorded: finished runs whose row was missing and was added.
+        failed: outcomes of the runs that failed.
+        runs_wall_s: sum of the run processes' wall times.
+        harness_s: time the harness itself spent around the runs.
+        sweep_wall_s: wall time of the run phase.
+        post_s: seconds in extrapolation, plots and the summary.
+    """
+
+    planned: int = 0
+    skipped: int = 0
+    ran: int = 0
+    diverged: int = 0
+    busy: int = 0
+    recorded: int = 0
+    failed: list[RunOutcome] = field(default_factory=list)
+    runs_wall_s: float = 0.0
+    harness_s: float = 0.0
+    sweep_wall_s: float = 0.0
+    post_s: float = 0.0
+
+    @property
+    def overhead(self) -> float:
+        """Harness time as a share of the runs' own time (0 when nothing ran)."""
+        return self.harness_s / self.runs_wall_s if self.runs_wall_s > 0 else 0.0
+
+
+def run_dir_of(sweep_dir: str, run_id: str) -> str:
+    """``sweep_dir/runs/run_id``.
+
+    Example:
+        >>> run_dir_of("out", "wt_d2_s0_ab")
+        'out/runs/wt_d2_s0_ab'
+    """
+    return os.path.join(sweep_dir, RUNS, run_id)
+
+
+def _flag(key: str, value) -> list[str]:
+    name = "--" + key.replace("_", "-")
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [name] if value else ["--no-" + key.replace("_", "-")]
+    return [name, str(value)]
+
+
+def train_command(config: dict, run_dir: str, *, resume: bool, threads: int | None = None,
+                  device: str | None = None) -> list[str]:
+    """The ``python -m wtmodels.train`` command line of one run.
+
+    Args:
+        config: the run's arguments (TrainConfig and ModelConfig fields).
+        run_dir: ``--out``.
+        resume: add ``--resume`` (the run directory holds a checkpoint).
+        threads: ``--threads``.
+        device: ``--device``.
+
+    Example:
+        >>> cmd = train_command({"model": "wt_s", "mask_k": 2, "augment": False}, "r", resume=True)
+        >>> cmd[3:]  # doctest: +NORMALIZE_WHITESPACE
+        ['--out', 'r', '--progress', 'none', '--model', 'wt_s', '--mask-k', '2', '--no-augment',
+         '--resume']
+    """
+    cmd = [sys.executable, "-m", "wtmodels.train", "--out", run_dir, "--progress", "none"]
+    for key, value in config.items():
+        cmd += _flag(key, value)
+    cmd += _flag("threads", threads) + _flag("device", device)
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def custom_command(run_dir: str) -> list[str]:
+    """The command line of a run with a custom runner (see :mod:`benchmarks.custom_runner`).
+
+    Example:
+        >>> custom_command("r")[1:]
+        ['-m', 'benchmarks.custom_runner', 'r']
+    """
+    return [sys.executable, "-m", "benchmarks.custom_runner", run_dir]
+
+
+def run_state(sweep_dir: str, run_id: str, recorded: set[str]) -> str:
+    """``"recorded"`` (row in results.csv), ``"finished"`` (done.json, no row yet),
+    ``"partial"`` (a checkpoint to resume) or ``"todo"``.
+
+    Example:
+        >>> run_state("/nonexistent", "x", set())
+        'todo'
+    """
+    if run_id in recorded:
+        return "recorded"
+    run_dir = run_dir_of(sweep_dir, run_id)
+    if _finished(run_dir):
+        return "finished"
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return "partial"
+    return "todo"
+
+
+def _finished(run_dir: str) -> bool:
+    return any(os.path.exists(os.path.join(run_dir, name)) for name in (DONE, STOPPED))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the launching thread dies (Linux), so a
+    killed sweep leaves no orphaned training process writing into its run directory."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _record(task: RunTask, run_dir: str) -> None:
+    row = assemble_row(run_dir, task.provenance)
+    append_row(os.path.join(task.sweep_dir, RESULTS), row)
+
+
+def execute_run(task: RunTask) -> RunOutcome:
+    """Run one run in its own process if it has not finished, then record its row.
+
+    Safe to call again after a kill at any point: a finished run is only recorded (once), a run
+    with a checkpoint resumes, a run without one starts over in a clean directory. A run that
+    another process is executing right now (its lock is held) is left alone (``"busy"``). A
+    training stopped by non-finite losses (exit status 3) is a result: it is recorded with
+    ``status = "diverged"`` and not retried.
+
+    Args:
+        task: the run and where to put it.
+
+    Returns:
+        A :class:`RunOutcome`; failures are reported, not raised.
+    """
+    start = time.perf_counter()
+    spec = RunSpec(**task.spec)
+    run_dir = run_dir_of(task.sweep_dir, spec.run_id)
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    lock_fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return RunOutcome(spec.run_id, "busy", 0.0, time.perf_counter() - start,
+                              "another process is running it")
+        if _finished(run_dir):
+            _record(task, run_dir)
+            return RunOutcome(spec.run_id, "recorded", 0.0, time.perf_counter() - start)
+        code, wall, resumed = _launch(task, spec, run_dir)
+        if code == EXIT_DIVERGED and spec.runner is None:
+            atomic_write_json(os.path.join(run_dir, STOPPED), {
+                "status": "diverged", "reason": _last_line(os.path.join(run_dir, LOG))})
+        elif code != 0 or not os.path.exists(os.path.join(run_dir, DONE)):
+            why = _last_line(os.path.join(run_dir, LOG)) or f"exit status {code}"
+            return RunOutcome(spec.run_id, "failed", wall, time.perf_counter() - start - wall,
+                              f"exit {code}: {why} (log: {os.path.join(run_dir, LOG)})")
+        status = "ok" if code == 0 else "diverged"
+        atomic_write_json(os.path.join(run_dir, "harness.json"), {
+            "wall_s": round(wall, 3), "threads": task.threads, "status": status,
+            "load_average_1min": load_average(), "date": now_utc(), "resumed": resumed})
+        _record(task, run_dir)
+        return RunOutcome(spec.run_id, "ran" if code == 0 else "diverged", wall,
+                          time.perf_counter() - start - wall)
+    finally:
+        os.close(lock_fd)
+
+
+def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, bool]:
+    """Start the run's process (resuming when there is a checkpoint).
+
+    Returns:
+        ``(exit status, wall seconds, resumed)``.
+    """
+    resume = spec.runner is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    if not resume and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # started but left nothing to resume: start clean
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(os.path.join(run_dir, "spec.json"), spec.to_json())
+    if spec.runner is None:
+        cmd = train_command(spec.config, run_dir, resume=resume, threads=task.threads,
+                            device=task.device)
+    else:
+        cmd = custom_command(run_dir)
+    env = dict(os.environ)
+    if task.threads:
+        env.update(OMP_NUM_THREADS=str(task.threads), MKL_NUM_THREADS=str(task.threads))
+    with open(os.path.join(run_dir, LOG), "a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        run_start = time.perf_counter()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=_die_with_parent).returncode
+        wall = time.perf_counter() - run_start
+    return code, wall, resume
+
+
+def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None = None,
+          jobs: int | None = None, launcher: str = "local", threads: int | None = None,
+          device: str | None = None, dry_run: bool = False, plots: bool = True,
+          only: str | None = None, launcher_options: dict | None = None,
+          echo=print) -> SweepReport:
+    """Run (or list) the runs of ``preset`` into ``out``; see the module docstring.
+
+    Args:
+        preset: a name of :func:`benchmarks.presets.list_presets`.
+        out: the sweep directory.
+        smoke: the preset's tiny size.
+        seeds: override the preset's seeds.
+        jobs: runs at once (default: the preset's).
+        launcher: ``"local"`` or ``"submitit"``.
+        threads: torch threads per run (default: the preset's).
+        device: ``--device`` for every run.
+        dry_run: list the runs and their state; run and write nothing.
+        plots: draw the plots and summary table at the end.
+        only: run only the runs whose id contains this text.
+        launcher_options: extra keyword arguments of :func:`benchmarks.launch.run_tasks`.
+        echo: where progress lines go.
+
+    Returns:
+        A :class:`SweepReport`.
+
+    Example:
+        >>> import tempfile
+        >>> sweep("depth", tempfile.mkdtemp(), smoke=True, dry_run=True, echo=lambda *a: None).ran
+        0
+    """
+    spec = get_preset(preset)
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher: unknown {launcher!r}; choose one of: {', '.join(LAUNCHERS)}")
+    jobs = spec.jobs if jobs is None else jobs
+    threads = spec.threads if threads is None else threads
+    if jobs < 1:
+        raise ValueError(f"jobs: must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {threads}")
+    runs = build_runs(preset, smoke=smoke, seeds=seeds)
+    if only:
+        runs = [r for r in runs if only in r.run_id]
+    report = SweepReport(planned=len(runs))
+    recorded = finished_ids(os.path.join(out, RESULTS))
+    states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
+    if dry_run:
+        for r in runs:
+            echo(f"{states[r.run_id]:>9}  {r.run_id:<40} {r.label:<22} "
+                 + " ".join(f"{k}={v}" for k, v in r.config.items()))
+        echo(f"{len(runs)} runs: " + ", ".join(
+            f"{sum(s == k for s in states.values())} {k}"
+            for k in ("recorded", "finished", "partial", "todo")))
+        return report
+    setup_start = time.perf_counter()
+    os.makedirs(os.path.join(out, RUNS), exist_ok=True)
+    prov = provenance()
+    atomic_write_json(os.path.join(out, "machine.json"), {
+        **describe_machine(), "preset": preset, "smoke": smoke, "jobs": jobs,
+        "threads_per_run": threads, "launcher": launcher})
+    todo = [r for r in runs if states[r.run_id] != "recorded"]
+    report.skipped = len(runs) - len(todo)
+    echo(f"{preset}: {len(runs)} runs, {report.skipped} already recorded, {len(todo)} to go "
+         f"({jobs} at a time, {threads} thread(s) each) -> {out}")
+    tasks = [RunTask(dataclasses.asdict(r), out, threads, prov, device) for r in todo]
+    setup_s = time.perf_counter() - setup_start
+    phase_start = time.perf_counter()
+    outcomes = run_tasks(_execute_and_echo if echo is print else execute_run, tasks, jobs=jobs,
+                         launcher=launcher, folder=os.path.join(out, "submitit"),
+                         **(launcher_options or {}))
+    report.sweep_wall_s = time.perf_counter() - phase_start + setup_s
+    for outcome in outcomes:
+        report.runs_wall_s += outcome.wall_s
+        report.harness_s += outcome.harness_s
+        if outcome.status in ("ran", "diverged"):
+            report.ran += 1
+            report.diverged += outcome.status == "diverged"
+        elif outcome.status == "recorded":
+            report.recorded += 1
+        elif outcome.status == "busy":
+            report.busy += 1
+        else:
+            report.failed.append(outcome)
+    report.harness_s += setup_s
+    if jobs == 1 and launcher == "local":  # sequential: everything outside the runs is ours
+        report.harness_s = report.sweep_wall_s - report.runs_wall_s
+    post_start = time.perf_counter()
+    if spec.extrapolate:
+        from benchmarks.extrapolate import extrapolate_sweep
+
+        extrapolate_sweep(out, spec.extrapolate, threads=threads, device=device, echo=echo)
+    if plots:
+        from benchmarks.plot import make_report
+
+        paths, table = make_report(out)
+        echo(table)
+        echo(f"plots: {', '.join(os.path.basename(p) for p in paths) or 'none'}")
+    report.post_s = time.perf_counter() - post_start
+    _save_timing(out, report)
+    return report
+
+
+def _execute_and_echo(task: RunTask) -> RunOutcome:
+    outcome = execute_run(task)
+    print(f"  {outcome.status:>8}  {outcome.run_id}  {outcome.wall_s:6.1f} s"
+          + (f"  {outcome.message}" if outcome.message else ""), flush=True)
+    return outcome
+
+
+def _save_timing(out: str, report: SweepReport) -> None:
+    timing = {k: v for k, v in dataclasses.asdict(report).items() if k != "failed"}
+    timing.update(failed=[o.run_id for o in report.failed], harness_overhead=report.overhead,
+                  date=now_utc())
+    atomic_write_json(os.path.join(out, "harness_timing.json"), timing)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds: expected integers like 0,1,2, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds: expected integers >= 0 like 0,1,2, got {text!r}")
+    return seeds
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m benchmarks.run``."""
+    p = _Parser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("preset", help=f"one of: {', '.join(list_presets())}")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--jobs", type=int, help="runs at once (default: the preset's)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the preset's)")
+    p.add_argument("--launcher", default="local", choices=LAUNCHERS)
+    p.add_argument("--cluster", help="submitit cluster (default: slurm if present, else local)")
+    p.add_argument("--partition", help="Slurm partition (submitit)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per Slurm job (submitit)")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per Slurm job (submitit)")
+    p.add_argument("--timeout-min", type=int, default=240, help="per-job limit (submitit)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device of each run")
+    p.add_argument("--only", help="run only the runs whose id contains this text")
+    p.add_argument("--smoke", action="store_true", help="the preset's tiny size (for tests)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
+    p.add_argument("--no-plots", action="store_true", help="skip plots and the summary table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1 if a run failed)."""
+    args = build_parser().parse_args(argv)
+    options = {}
+    if args.launcher == "submitit":
+        options = dict(cluster=args.cluster, slurm_partition=args.partition,
+                       gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                       timeout_min=args.timeout_min)
+    try:
+        report = sweep(args.preset, args.out, smoke=args.smoke, seeds=args.seeds, jobs=args.jobs,
+                       launcher=args.launcher, threads=args.threads, device=args.device,
+                       dry_run=args.dry_run, plots=not args.no_plots, only=args.only,
+                       launcher_options=options)
+    except ValueError as err:
+        print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    print(f"ran {report.ran} ({report.diverged} diverged), recorded {report.recorded}, skipped "
+          f"{report.skipped}, busy elsewhere {report.busy}, failed "
+          f"{len(report.failed)}; runs {report.runs_wall_s:.1f} s, harness "
+          f"{report.harness_s:.2f} s ({100 * report.overhead:.2f}% of the runs), "
+          f"extrapolation + plots {report.post_s:.1f} s")
+    for outcome in report.failed:
+        print(f"failed: {outcome.run_id}: {outcome.message}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The summary table of a sweep: one line per configuration, averaged over seeds.
+
+Written as ``summary.csv`` (raw means and standard deviations) and ``summary.md`` (rounded,
+``mean ± std``), and printed at the end of ``python -m benchmarks.run``.
+
+Example:
+    >>> rows = [{"config_id": "a", "label": "WT", "depth": 2, "width": 8, "seed": s,
+    ...          "test_acc": acc, "params": 100} for s, acc in ((0, 0.80), (1, 0.90))]
+    >>> print(to_markdown(summary_table(rows)).splitlines()[2])
+    | WT | 2 | 8 | 2 | 85.0 ± 7.1 | 100 |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from benchmarks.aggregate import aggregate
+
+#: (column title, group key, kind) of the table, in order; a column shows when any row has it
+COLUMNS = (
+    ("label", "label", "text"),
+    ("model", "model", "hidden"),
+    ("depth", "depth", "text"),
+    ("width", "width", "text"),
+    ("masks", "mask_k", "text"),
+    ("density", "mask_density", "text"),
+    ("solver", "f_solver", "text"),
+    ("grad", "grad", "text"),
+    ("seeds", "n", "text"),
+    ("test acc %", "test_acc", "pct"),
+    ("best acc %", "best_test_acc", "pct_mean"),
+    ("params", "params", "int"),
+    ("train time s", "train_time_s", "num"),
+    ("epoch s", "epoch_time_s", "num"),
+    ("img/s", "images_per_s", "int"),
+    ("peak MB", "peak_mem_mb", "int"),
+    ("cell evals", "cell_evals", "num"),
+    ("solver steps", "nstep", "num"),
+    ("rel residual", "rel_residual", "sci"),
+    ("converged %", "converged", "pct_mean"),
+    ("diverged %", "diverged", "pct_mean"),
+    ("skipped steps", "skipped_steps", "num"),
+)
+
+
+def _only_for(core_values: set, key: str) -> bool:
+    """Solver columns matter only when a DEQ is in the table."""
+    return key not in ("f_solver", "grad") or "deq" in core_values
+
+
+def summary_table(rows: Sequence[dict]) -> list[dict]:
+    """Aggregate rows into the summary's entries (see :func:`benchmarks.aggregate.aggregate`).
+
+    Args:
+        rows: results rows.
+
+    Returns:
+        One dict per configuration, sorted by label (first appearance), depth, width, masks.
+
+    Example:
+        >>> summary_table([{"label": "DEQ", "test_acc": 0.5}])[0]["test_acc_mean"]
+        0.5
+    """
+    groups = aggregate(rows)
+    order = {}
+    for g in groups:
+        order.setdefault(g.get("label"), len(order))
+
+    def key(g):
+        return (order[g.get("label")], *(g.get(k) if isinstance(g.get(k), (int, float)) else -1
+                                         for k in ("depth", "width", "mask_k", "mask_density")))
+
+    return sorted(groups, key=key)
+
+
+def _visible(table: Sequence[dict]) -> list[tuple[str, str, str]]:
+    cores = {g.get("core") for g in table}
+    shown = []
+    for title, key, kind in COLUMNS:
+        if kind == "hidden" or not _only_for(cores, key):
+            continue
+        if kind == "text":
+            present = any(g.get(key) is not None for g in table)
+            varies = len({g.get(key) for g in table}) > 1 or key in ("label", "n", "depth", "width")
+            if present and varies:
+                shown.append((title, key, kind))
+        elif any(math.isfinite(g.get(f"{key}_mean", math.nan)) for g in table):
+            shown.append((title, key, kind))
+    return shown
+
+
+def _cell(g: dict, key: str, kind: str) -> str:
+    if kind == "text":
+        value = g.get(key)
+        return "" if value is None else str(value)
+    mean, std = g.get(f"{key}_mean", math.nan), g.get(f"{key}_std", math.nan)
+    if not math.isfinite(mean):
+        return ""
+    if kind == "pct":
+        return f"{100 * mean:.1f} ± {100 * std:.1f}" if g.get("n", 1) > 1 else f"{100 * mean:.1f}"
+    if kind == "pct_mean":
+        return f"{100 * mean:.1f}"
+    if kind == "int":
+        return f"{mean:.0f}"
+    if kind == "sci":
+        return f"{mean:.1e}"
+    return f"{mean:.3g}" if abs(mean) < 100 else f"{mean:.0f}"
+
+
+def to_markdown(table: Sequence[dict]) -> str:
+    """The table as GitHub Markdown, showing only columns with data (and text columns that vary).
+
+    Example:
+        >>> print(to_markdown([{"label": "WT", "n": 1, "test_acc_mean": 0.5, "test_acc_std": 0.0}]))
+        | label | seeds | test acc % |
+        | --- | --- | --- |
+        | WT | 1 | 50.0 |
+    """
+    if not table:
+        return "(no finished runs)"
+    columns = _visible(table)
+    lines = ["| " + " | ".join(t for t, _, _ in columns) + " |",
+             "| " + " | ".join("---" for _ in columns) + " |"]
+    for g in table:
+        lines.append("| " + " | ".join(_cell(g, k, kind) for _, k, kind in columns) + " |")
+    return "\n".join(lines)
+
+
+def to_csv_rows(table: Sequence[dict]) -> list[dict]:
+    """The table's entries as flat CSV rows (means, stds and counts; the seed list joined).
+
+    Example:
+        >>> to_csv_rows([{"label": "WT", "seeds": [0, 1]}])[0]["seeds"]
+        '0 1'
+    """
+    out = []
+    for g in table:
+        row = dict(g)
+        row["seeds"] = " ".join(str(s) for s in g.get("seeds", []))
+        out.append(row)
+    return out
