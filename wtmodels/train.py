@@ -47,6 +47,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +195,9 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         if _jsonable({"v": new}) != _jsonable({"v": old}):
             raise BadInput(f"--resume: {key}={new!r} differs from the run in {out} ({old!r}); "
                            "use another --out to change it")
-    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
-    return dataclasses.replace(saved_cfg, **runtime)
+    # runtime settings: the ones given now, else the saved ones (threads change the numerics)
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k in explicit}
+    return dataclasses.replace(saved_cfg, **{**runtime, "out": cfg.out, "resume": True})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +448,12 @@ class _Trainer:
                     if ok:
                         self.optimizer.step()
             self.lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+            if ok:
+                self.scheduler.step()
+            else:  # the schedule advances on skipped steps too (torch warns if none stepped yet)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
             self.global_step += 1
             if not ok:
                 skipped += 1
@@ -463,7 +470,7 @@ class _Trainer:
                 correct = (logits.argmax(1) == y).sum()
             meter.update(float(plain), int(correct), len(y), model.core_stats())
             if jac is not None:
-                jac_meter.update(float(jac) * len(y), 0, len(y))
+                jac_meter.update(float(jac.detach()) * len(y), 0, len(y))
             if bar is not None and self.global_step % 10 == 0:
                 bar.set_postfix(loss=f"{float(plain) / len(y):.4f}")
         if self.ctx.device.type == "cuda":

@@ -1,0 +1,206 @@
+"""The training loop: learning, metrics schema, schedules, DEQ practice, non-finite steps.
+
+Runs use the registered tiny models (``test_wt``, ``test_deq``, ``test_ode``) on subsets of the
+built-in digits with one CPU thread, so each takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from wtmodels import models as model_registry
+from wtmodels import train as train_mod
+from wtmodels.checkpoint import load_checkpoint
+from wtmodels.optim import warmup_cosine
+from wtmodels.train import TrainingDiverged, jac_reg_step, run
+
+BASE = dict(model="test_wt", dataset="digits", train_size=256, test_size=128, batch_size=32,
+            threads=1, progress="none")
+STEPS_PER_EPOCH = 256 // 32
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learns_digits_and_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    final = run({**BASE, "train_size": None, "epochs": 3, "lr": 0.02, "out": str(out)})
+    assert final["test_acc"] > 0.3  # chance is 0.1; the tiny model is well above it in 3 epochs
+    assert final["train_loss"] < math.log(10)
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
+                "images_per_s", "peak_mem_mb", "skipped_steps", "lr", "cell_evals"):
+        assert key in rows[0], key
+    assert rows[0]["cell_evals"] == 2.0  # test_wt: depth 2, one stage
+    assert rows[-1]["steps"] == 3 * math.ceil(1437 / 32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["model"] == "test_wt" and config["model_config"]["depth"] == 2
+    assert config["data_info"] == {"name": "digits", "num_classes": 10, "in_chans": 1,
+                                   "image_size": 8}
+    assert config["env"]["torch_version"] == torch.__version__
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["params"] == sum(p.numel() for p in
+                                 model_registry.create_model("test_wt", in_chans=1).parameters())
+    done = json.loads((out / "done.json").read_text())
+    assert done["epochs"] == 3 and done["final"]["test_acc"] == final["test_acc"]
+    assert final["best_test_acc"] == max(r["test_acc"] for r in rows)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 3 and ckpt["global_step"] == rows[-1]["steps"]
+
+
+def test_run_without_out_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run({**BASE, "epochs": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_are_restored():
+    before = torch.get_num_threads()
+    run({**BASE, "epochs": 1, "threads": 1, "train_size": 64})
+    assert torch.get_num_threads() == before
+
+
+def test_deq_metrics_and_eval_budget(tmp_path):
+    out = tmp_path / "deq"
+    run({**BASE, "model": "test_deq", "epochs": 1, "eval_f_max_iter": 3, "f_max_iter": 6,
+         "out": str(out)})
+    (row,) = _rows(out)
+    for key in ("nstep", "rel_residual", "rel_residual_max", "converged", "diverged",
+                "cell_evals", "train_nstep"):
+        assert key in row, key
+    assert 1 <= row["nstep"] <= 3  # the test pass uses the eval budget ...
+    assert row["train_nstep"] <= 6  # ... the training pass the training one
+    assert 0.0 <= row["converged"] <= 1.0 and row["rel_residual_max"] >= row["rel_residual"]
+
+
+def test_ode_metrics_have_nfe(tmp_path):
+    final = run({**BASE, "model": "test_ode", "epochs": 1, "train_size": 64, "test_size": 32})
+    assert final["nfe"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optimizers_and_cosine_schedule(optimizer):
+    final = run({**BASE, "optimizer": optimizer, "epochs": 2, "lr": 0.05, "warmup_epochs": 0.5,
+                 "min_lr": 0.001})
+    total, warm = 2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH // 2
+    # the last step of the run uses the cosine's value at step total-1
+    expected = 0.001 + (0.05 - 0.001) * 0.5 * (1 + math.cos(math.pi * (total - 1 - warm)
+                                                            / (total - warm)))
+    assert final["lr"] == pytest.approx(expected, rel=1e-9)
+    assert math.isfinite(final["train_loss"])
+
+
+def test_constant_schedule_and_warmup_values():
+    final = run({**BASE, "epochs": 1, "schedule": "constant", "warmup_epochs": 0, "lr": 0.01})
+    assert final["lr"] == pytest.approx(0.01)
+    assert [warmup_cosine(s, 100, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(52, 100, 4) == pytest.approx(0.5)
+
+
+def _spy_models(monkeypatch, on_create):
+    """Wrap create_model so a test can watch or perturb the model the trainer builds."""
+    real = model_registry.create_model
+
+    def create(name, **overrides):
+        model = real(name, **overrides)
+        on_create(model)
+        return model
+
+    monkeypatch.setattr(model_registry, "create_model", create)
+
+
+def test_pretrain_steps_then_solver(monkeypatch):
+    calls = []
+
+    def watch(model):
+        real = model.set_pretrain
+        model.set_pretrain = lambda enabled: (calls.append(bool(enabled)), real(enabled))[1]
+
+    _spy_models(monkeypatch, watch)
+    final = run({**BASE, "model": "test_deq", "epochs": 2, "pretrain_steps": 5})
+    # epoch 1: on at step 0, off at step 5, off for the evaluation; epoch 2 (steps 8-15):
+    # the training mode is set again at its first step (off), then off for the evaluation
+    assert calls == [True, False, False, False, False]
+    assert "nstep" in final
+
+
+def test_jacobian_regularisation_weight_and_frequency(monkeypatch):
+    enabled = []
+
+    def watch(model):
+        real = model.set_jac_reg
+        model.set_jac_reg = lambda on: (enabled.append(bool(on)), real(on))[1]
+
+    _spy_models(monkeypatch, watch)
+    final = run({**BASE, "model": "test_deq", "epochs": 1, "jac_reg_weight": 0.5,
+                 "jac_reg_freq": 0.5, "seed": 4})
+    train_calls = enabled[:STEPS_PER_EPOCH]
+    assert train_calls == [jac_reg_step(4, s, 0.5) for s in range(STEPS_PER_EPOCH)]
+    assert 0 < sum(train_calls) < STEPS_PER_EPOCH
+    assert final["jac_loss"] > 0
+
+
+def _poison(model, bad_steps):
+    """Make the training forward pass return NaN logits at the given call numbers."""
+    real_forward = model.forward
+    count = {"n": 0}
+
+    def forward(x):
+        logits = real_forward(x)
+        if model.training:
+            count["n"] += 1
+            if count["n"] - 1 in bad_steps:
+                return logits * float("nan")
+        return logits
+
+    model.forward = forward
+
+
+def test_non_finite_losses_are_skipped_and_counted(monkeypatch, tmp_path):
+    _spy_models(monkeypatch, lambda m: _poison(m, {2, 5, 11}))
+    out = tmp_path / "skip"
+    final = run({**BASE, "epochs": 2, "out": str(out)})
+    rows = _rows(out)
+    assert [r["skipped_steps"] for r in rows] == [2, 1]
+    assert math.isfinite(final["train_loss"]) and math.isfinite(final["test_loss"])
+    weights = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_a_run_of_non_finite_losses_stops_with_the_checkpoint_intact(monkeypatch, tmp_path):
+    _spy_models(monkeypatch, lambda m: _poison(m, set(range(STEPS_PER_EPOCH + 3, 10_000))))
+    out = tmp_path / "diverge"
+    with pytest.raises(TrainingDiverged, match="5 consecutive non-finite losses in epoch 2.*"
+                                               "last good checkpoint .* \\(epoch 1\\)"):
+        run({**BASE, "epochs": 3, "max_bad_steps": 5, "out": str(out)})
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in _rows(out)] == [1]
+    assert not (out / "done.json").exists()
+
+
+def test_diverged_exit_status_and_message(monkeypatch, tmp_path, capsys):
+    _spy_models(monkeypatch, lambda m: _poison(m, set(range(10_000))))
+    code = train_mod.main(["--model", "test_wt", "--train-size", "64", "--batch-size", "16",
+                           "--threads", "1",
+                           "--progress", "none", "--max-bad-steps", "2", "--out",
+                           str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == train_mod.EXIT_DIVERGED == 3
+    assert err.count("\n") == 1 and "no checkpoint had been written yet" in err
+
+
+def test_amp_bf16_and_channels_last_run(tmp_path):
+    final = run({**BASE, "epochs": 1, "amp": True, "channels_last": True})
+    assert math.isfinite(final["train_loss"]) and final["test_acc"] >= 0
+
+
+def test_label_smoothing_and_sgd_nesterov_run():
+    final = run({**BASE, "epochs": 1, "optimizer": "sgd", "nesterov": True,
+                 "label_smoothing": 0.1, "grad_clip": 0.0})
+    assert math.isfinite(final["train_loss"])
