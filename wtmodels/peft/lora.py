@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from wtmodels.masks import MaskedLayer, derive_seed
 from wtmodels.peft.wrap import (
@@ -42,7 +43,7 @@ from wtmodels.peft.wrap import (
 
 IMPLS = ("auto", "factorized", "dense")
 # factorised-update cost (share of the base layer's) above which "auto" computes densely
-DENSE_THRESHOLD = 0.2
+DENSE_THRESHOLD = 0.1
 
 
 class LoRALayer(PEFTLayer):
@@ -74,7 +75,7 @@ class LoRALayer(PEFTLayer):
             plus the thin down / up products), ``"dense"`` (one conv / linear with
             ``W + delta_weight()``, formed once per forward pass) or ``"auto"``
             (:func:`choose_impl`: dense once the factorised update would cost more than a
-            fifth of the base layer).
+            tenth of the base layer).
 
     Example:
         >>> import torch
@@ -200,24 +201,48 @@ class LoRALayer(PEFTLayer):
                 "cannot merge into a layer with static masks: the mask would also cut the "
                 "update; run it unmerged"
             )
-        if "weight" not in self.base._parameters:
+        if "weight" not in self.base._parameters and not parametrize.is_parametrized(
+            self.base, "weight"
+        ):
             raise ValueError(
-                "cannot merge: the base weight is computed (weight norm or another "
-                "parametrization); run it unmerged"
+                "cannot merge: the base weight is neither a parameter nor a "
+                "torch.nn.utils.parametrize parametrization; run it unmerged"
             )
 
+    def _shift_weight(self, delta: torch.Tensor) -> None:
+        """Make the base's effective weight ``W + delta`` (exactly, up to rounding)."""
+        base = self.base
+        with torch.no_grad():
+            if "weight" in base._parameters:
+                base.weight.add_(delta)
+                return
+            # parametrized (e.g. weight norm): assign through the parametrization's right
+            # inverse, then check that it gives the target back
+            saved = {k: v.clone() for k, v in base.parametrizations.weight.state_dict().items()}
+            target = base.weight + delta
+            base.weight = target
+            if not torch.allclose(base.weight, target, rtol=1e-5, atol=1e-6):
+                base.parametrizations.weight.load_state_dict(saved)
+                raise ValueError(
+                    f"cannot merge exactly into {type(base).__name__}: its weight "
+                    "parametrization has no exact right inverse (e.g. spectral norm); run it "
+                    "unmerged"
+                )
+
     def merge(self) -> None:
-        """Fold ``delta_weight()`` into ``base.weight``: the layer then costs what the base does.
+        """Fold ``delta_weight()`` into the base weight: the layer then costs what the base does.
+
+        A plain weight gets the update added; a parametrized one (weight norm) is assigned
+        ``W + delta`` through the parametrization's right inverse.
 
         Raises:
             RuntimeError: already merged.
-            ValueError: the base weight is masked or parametrized (no exact merge).
+            ValueError: the base weight is masked, or parametrized without an exact inverse.
         """
         if self.merged:
             raise RuntimeError("LoRA update is already merged; unmerge() first")
         self._check_mergeable()
-        with torch.no_grad():
-            self.base.weight.add_(self.delta_weight())
+        self._shift_weight(self.delta_weight())
         self.merged = True
 
     def unmerge(self) -> None:
@@ -228,8 +253,7 @@ class LoRALayer(PEFTLayer):
         """
         if not self.merged:
             raise RuntimeError("LoRA update is not merged; nothing to unmerge")
-        with torch.no_grad():
-            self.base.weight.sub_(self.delta_weight())
+        self._shift_weight(-self.delta_weight())
         self.merged = False
 
     def get_extra_state(self) -> dict:
@@ -279,8 +303,8 @@ def update_cost_ratio(base: nn.Module, width: int) -> float:
 
     Example:
         >>> from torch import nn
-        >>> update_cost_ratio(nn.Linear(100, 100), width=10)
-        0.2
+        >>> update_cost_ratio(nn.Linear(100, 100), width=5)
+        0.1
     """
     out, fan_in = base.weight.shape[0], base.weight[0].numel()
     return width * (fan_in + out) / (fan_in * out)
@@ -291,9 +315,9 @@ def choose_impl(base: nn.Module, width: int, threshold: float = DENSE_THRESHOLD)
 
     The dense path runs one conv / linear with ``W + delta_weight()`` (its weight gradient flows
     to A and B); the factorised path runs the base plus two thin products. Thin products use the
-    CPU poorly, so from about a fifth of the base's cost (measured in
-    ``benchmarks/peft_speed.py``) the dense path is faster, and its cost does not grow with the
-    number of copies. Layers whose forward is not the plain conv / linear one stay factorised.
+    CPU poorly: from about a tenth of the base's cost the dense path was the faster one on the
+    CPU we measured (``benchmarks/peft_speed.py``), and its cost does not grow with the number
+    of copies. Layers whose forward is not the plain conv / linear one stay factorised.
 
     Example:
         >>> from torch import nn
@@ -400,7 +424,8 @@ def merge_lora(model: nn.Module) -> int:
     """Merge every LoRA update in ``model`` into its base weight; returns how many.
 
     Merged, the model runs at the base model's cost and gives the same outputs (up to
-    rounding). Raises ``RuntimeError`` if a layer is already merged (nothing is changed then).
+    rounding). Raises ``RuntimeError`` if a layer is already merged, ``ValueError`` if one
+    cannot be merged exactly (nothing is changed then).
 
     Example:
         >>> import torch
@@ -414,8 +439,15 @@ def merge_lora(model: nn.Module) -> int:
         raise RuntimeError("some LoRA layers are already merged; unmerge_lora(model) first")
     for layer in layers:
         layer._check_mergeable()
-    for layer in layers:
-        layer.merge()
+    done = []
+    try:
+        for layer in layers:
+            layer.merge()
+            done.append(layer)
+    except ValueError:
+        for layer in done:
+            layer.unmerge()
+        raise
     return len(layers)
 
 
