@@ -37,6 +37,11 @@ _EXPORTS = {
     "ModelConfig": "wtmodels.models",
     "ImplicitClassifier": "wtmodels.models",
     "model_summary": "wtmodels.models",
+    # data and training
+    "get_datasets": "wtmodels.data",
+    "list_datasets": "wtmodels.data",
+    "build_loaders": "wtmodels.data",
+    "TrainConfig": "wtmodels.train_config",
     # parameter-efficient fine-tuning
     "add_lora": "wtmodels.peft",
     "add_adapters": "wtmodels.peft",

@@ -128,8 +128,7 @@ def parse_settings(argv: list[str]) -> dict:
         A flat dict (train and model settings, underscores) of the settings given.
 
     Raises:
-        UsageError: an unknown flag or an unparsable value.
-        ValueError: an unreadable config file.
+        UsageError: an unknown flag, an unparsable value or an unreadable config file.
 
     Example:
         >>> parse_settings(["--lr", "0.1", "--eval-f-max-iter", "none"])
@@ -138,7 +137,10 @@ def parse_settings(argv: list[str]) -> dict:
     args = vars(build_parser().parse_args(argv))
     settings = {}
     if "config" in args:
-        settings.update({str(k).replace("-", "_"): v
-                         for k, v in load_config_file(args.pop("config")).items()})
+        try:
+            from_file = load_config_file(args.pop("config"))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        settings.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
     settings.update(args)
     return settings

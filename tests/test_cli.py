@@ -1,0 +1,181 @@
+"""``python -m wtmodels.train``: generated flags, config files, and bad input.
+
+Bad input must give exactly one line on stderr, exit status 2, no traceback, and leave every
+existing file untouched. Most cases call ``main(argv)`` in-process (fast); one runs the real
+module in a subprocess to check the process-level behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wtmodels.cli import build_parser, parse_settings
+from wtmodels.train import main, run
+
+FAST = ["--dataset", "digits", "--train-size", "64", "--test-size", "32", "--threads", "1",
+        "--progress", "none"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _bad(argv, capsys, match: str):
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("wtmodels.train: error: ")
+    assert "Traceback" not in captured.err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture()
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert main(["--model", "test_wt", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_one_flag_per_config_field():
+    text = build_parser().format_help()
+    for flag in ("--model", "--dataset", "--epochs", "--out", "--seed", "--resume", "--data-dir",
+                 "--download", "--config", "--lr", "--label-smoothing", "--amp", "--no-amp",
+                 "--channels-last", "--compile", "--pretrain-steps", "--jac-reg-weight",
+                 "--jac-reg-freq", "--depth", "--width", "--mask-density", "--mask-k",
+                 "--f-solver", "--eval-f-max-iter", "--ode-method"):
+        assert flag in text, flag
+    assert parse_settings(["--mask-density", "0.25", "--f-solver", "broyden", "--amp",
+                           "--eval-f-max-iter", "none"]) == {
+        "mask_density": 0.25, "f_solver": "broyden", "amp": True, "eval_f_max_iter": None}
+
+
+def test_flags_reach_the_model_and_the_run_files(tmp_path):
+    out = tmp_path / "r"
+    assert main(["--model", "test_wt", "--epochs", "1", "--depth", "3", "--width", "12",
+                 "--mask-k", "2", "--lr", "0.01", "--out", str(out), *FAST]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_overrides"] == {"depth": 3, "mask_k": 2, "width": 12}
+    assert config["model_config"]["depth"] == 3 and config["train"]["lr"] == 0.01
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["cell_evals"] == 3.0
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_with_flags_overriding_it(tmp_path, suffix):
+    settings = {"model": "test_wt", "epochs": 1, "lr": 0.02, "depth": 3, "train-size": 64,
+                "test_size": 32, "threads": 1, "progress": "none"}
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
+    out = tmp_path / "r"
+    assert main(["--config", str(path), "--lr", "0.03", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["lr"] == 0.03  # the flag wins over the file
+    assert config["train"]["train_size"] == 64 and config["model_config"]["depth"] == 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--epochs", "2.5"], "argument --epochs: invalid int value"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--mask-density", "1.5"], "mask_density"),
+    (["--depth", "0"], "depth"),
+    (["--jac-reg-freq", "0"], "jac_reg_freq must be > 0"),
+    (["--train-size", "99999"], "train_size must be in [1, 1437]"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
+    (["--dataset", "imagefolder"], "needs --data-dir"),
+    (["--num-classes", "3"], "num_classes=3 does not match dataset digits (10)"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
+    out = tmp_path / "never"
+    _bad(["--model", "test_wt", *FAST, "--out", str(out), *argv], capsys, match)
+    assert not out.exists()  # nothing was written
+
+
+def test_missing_out_and_bad_config_files(tmp_path, capsys):
+    _bad(["--model", "test_wt"], capsys, "--out DIR is required")
+    _bad(["--config", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "o")], capsys,
+         "config file")
+    (tmp_path / "bad.json").write_text("{not json")
+    _bad(["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")], capsys,
+         "is not valid JSON")
+    (tmp_path / "unknown.yaml").write_text("lr: 0.1\nfrobnicate: 3\n")
+    _bad(["--config", str(tmp_path / "unknown.yaml"), "--out", str(tmp_path / "o")], capsys,
+         "unknown setting 'frobnicate'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_holding_a_run_is_not_overwritten(finished_run, capsys):
+    before = _snapshot(finished_run)
+    _bad(["--model", "test_deq", "--epochs", "1", "--out", str(finished_run), *FAST], capsys,
+         "already holds a run; add --resume")
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    _bad(["--resume", "--out", str(tmp_path / "empty")], capsys, "holds no run to resume")
+    (tmp_path / "plain").mkdir()
+    _bad(["--resume", "--out", str(tmp_path / "plain")], capsys, "holds no run to resume")
+
+
+def test_resume_with_a_different_setting_is_refused(finished_run, capsys):
+    before = _snapshot(finished_run)
+    _bad(["--resume", "--out", str(finished_run), "--lr", "0.5"], capsys,
+         "lr=0.5 differs from the run")
+    _bad(["--resume", "--out", str(finished_run), "--depth", "7"], capsys,
+         "depth=7 differs from the run")
+    assert _snapshot(finished_run) == before
+
+
+def test_truncated_checkpoint(finished_run, capsys):
+    ckpt = finished_run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
+    before = _snapshot(finished_run)
+    _bad(["--resume", "--out", str(finished_run)], capsys, "is unreadable (truncated")
+    assert _snapshot(finished_run) == before
+
+
+def test_foreign_checkpoints(finished_run, tmp_path, capsys):
+    ckpt = finished_run / "checkpoint.pt"
+    torch.save({"weight": torch.ones(3)}, ckpt)  # e.g. a bare state_dict
+    before = _snapshot(finished_run)
+    _bad(["--resume", "--out", str(finished_run)], capsys, "not a wtmodels training checkpoint")
+    assert _snapshot(finished_run) == before
+    ckpt.write_bytes(b"garbage, not a torch file")
+    _bad(["--resume", "--out", str(finished_run)], capsys, "is unreadable")
+    # a real checkpoint of another run (another model and learning rate)
+    other = tmp_path / "other"
+    run({"model": "test_deq", "epochs": 1, "lr": 0.01, "train_size": 64, "test_size": 32,
+         "threads": 1, "progress": "none", "out": str(other)})
+    ckpt.write_bytes((other / "checkpoint.pt").read_bytes())
+    before = _snapshot(finished_run)
+    _bad(["--resume", "--out", str(finished_run)], capsys,
+         "belongs to a different run (differs in: lr, model)")
+    assert _snapshot(finished_run) == before
+
+
+def test_real_process_exit_status_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wtmodels.train", "--model", "test_wt",
+                           "--lr", "fast", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "wtmodels.train: error: argument --lr: invalid float value: 'fast'"]
+    assert proc.stdout == "" and not (tmp_path / "x").exists()
