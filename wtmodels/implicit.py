@@ -186,7 +186,7 @@ class DEQ(nn.Module):
                 done = tracker.update(x, fx, fx - x)
             if done:
                 break
-            keep = tracker.active.view(B, *([1] * (z0.dim() - 1)))
+            keep = tracker.active_mask.view(B, *([1] * (z0.dim() - 1)))
             z = torch.where(keep, z_out.to(z.dtype), z)
         stats = tracker.stats()
         return z, stats, z_in, z_out

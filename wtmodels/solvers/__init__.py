@@ -21,11 +21,12 @@ import torch
 
 from .anderson import anderson
 from .broyden import broyden
+from .common import clear_workspace
 from .fixed_point import fixed_point
 from .stats import SolverStats
 
-__all__ = ["SolverStats", "anderson", "broyden", "fixed_point", "get_solver", "list_solvers",
-           "register_solver", "solve", "solver_options"]
+__all__ = ["SolverStats", "anderson", "broyden", "check_options", "clear_workspace", "fixed_point",
+           "get_solver", "list_solvers", "register_solver", "solve", "solver_options"]
 
 _SOLVERS: dict[str, Callable] = {}
 _COMMON = ("max_iter", "tol", "stop_mode")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from .common import Problem, Tracker, check_common, check_float, check_positive_int
+from .common import Problem, Tracker, check_common, check_float, check_positive_int, scratch
 from .stats import SolverStats
 
 
@@ -55,52 +56,63 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     check_float("lam", lam, 0.0, low_open=False)
     check_float("beta", beta, 0.0, 1.0)
     prob = Problem(f, z0)
-    with prob.solver_mode():
+    with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         B, D = x.shape
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience)
-        F = x.new_empty(B, m, D)  # f(x_i) history
-        G = x.new_empty(B, m, D)  # residual history f(x_i) - x_i
-        H = x.new_zeros(B, m, m)  # Gram matrix G G^T
-        eye = torch.eye(m, device=x.device, dtype=x.dtype)
-        ones = x.new_ones(B, m, 1)
-        tiny = torch.finfo(x.dtype).tiny
+        sm = tracker.small
+        F = ctx.enter_context(scratch("anderson.F", (B, m, D), x))  # f(x_i) history
+        G = ctx.enter_context(scratch("anderson.G", (B, m, D), x))  # residuals f(x_i) - x_i
+        F_slot, G_slot = F.unbind(1), G.unbind(1)  # views (B, D), made once
+        F_hist = [F[:, :n] for n in range(m + 1)]  # (B, n, D)
+        G_histT = [G[:, :n].transpose(1, 2) for n in range(m + 1)]  # (B, D, n)
+        H = sm.full((B, m, m), 0.0)  # Gram matrix G G^T
+        eye = sm.of(torch.eye(m, dtype=x.dtype, device=x.device))
+        ones = sm.full((B, m), 1.0)
         for k in range(max_iter):
             fx = prob(x)
             slot = k % m
-            g = torch.sub(fx, x, out=G[:, slot])  # (B, D)
-            if tracker.update(x, fx, g) or tracker.n_iter == max_iter:
-                break
-            F[:, slot] = fx
+            g = torch.sub(fx, x, out=G_slot[slot])  # (B, D)
             n = min(k + 1, m)
-            row = torch.bmm(G[:, :n], g.unsqueeze(2)).squeeze(2)  # (B, n)
+            row = sm.of(torch.bmm(g.unsqueeze(1), G_histT[n]).squeeze(1))  # (B, n): g . G_i
+            if tracker.update(x, fx, g, g_sq=row[:, slot]) or tracker.n_iter == max_iter:
+                break
+            F_slot[slot].copy_(fx)
             H[:, slot, :n] = row
             H[:, :n, slot] = row
             if n == 1:
                 x_new = fx if beta == 1.0 else torch.add(x, g, alpha=beta)
             else:
-                alpha = _mixing_weights(H[:, :n, :n], lam, tiny, ones[:, :n], eye[slot, :n])
+                alpha = sm.torch(_mixing_weights(sm, H[:, :n, :n], lam, ones[:, :n],
+                                                 eye[slot, :n]))
                 a = alpha.unsqueeze(1)  # (B, 1, n)
-                x_new = torch.bmm(a, F[:, :n])  # (B, 1, D)
+                x_new = torch.bmm(a, F_hist[n])  # (B, 1, D)
                 if beta != 1.0:
-                    x_new = torch.baddbmm(x_new, a, G[:, :n], alpha=beta - 1.0)
+                    x_new = torch.baddbmm(x_new, a, G_histT[n].transpose(1, 2),
+                                          alpha=beta - 1.0)
                 x_new = x_new.squeeze(1)
             x = tracker.freeze(x_new)
         return prob.restore(tracker.best_x), tracker.stats()
 
 
-def _mixing_weights(H: torch.Tensor, lam: float, tiny: float, ones: torch.Tensor,
-                    fallback: torch.Tensor) -> torch.Tensor:
+def _mixing_weights(sm, H, lam: float, ones, fallback):
     """Weights ``alpha`` (B, n) summing to 1 that minimise ``alpha^T H alpha``.
 
     ``H`` (B, n, n) is regularised by ``lam * max(diag)``; samples whose system stays singular
-    get ``fallback`` (n,), the one-hot weight of the newest iterate.
+    get ``fallback`` (n,), the one-hot weight of the newest iterate. Arrays of ``sm``.
     """
-    A = H.clone()
-    diag = A.diagonal(dim1=1, dim2=2)  # (B, n) view
-    diag.add_(diag.amax(1, keepdim=True) * lam + tiny)
-    y, info = torch.linalg.solve_ex(A, ones)  # (B, n, 1)
-    y = y.squeeze(2)
-    alpha = y / y.sum(1, keepdim=True)
-    ok = (info == 0) & torch.isfinite(alpha).all(1)
-    return torch.where(ok[:, None], alpha, fallback)
+    xp = sm.xp
+    n = H.shape[-1]
+    idx = xp.arange(n) if sm.cpu else torch.arange(n, device=H.device)
+    A = H.clone() if not sm.cpu else H.copy()
+    diag = A[:, idx, idx]  # (B, n)
+    reg = diag.max(1)[:, None] if sm.cpu else diag.amax(1, keepdim=True)
+    A[:, idx, idx] = diag + (reg * lam + _TINY)
+    y, ok = sm.solve(A, ones)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        alpha = y / y.sum(1)[:, None]
+        ok = ok & xp.isfinite(alpha).all(1)
+    return xp.where(ok[:, None], alpha, fallback)
+
+
+_TINY = 1e-30

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Problem, Tracker, check_common, check_positive_int
+from .common import Problem, Tracker, check_common, check_positive_int, scratch
 from .stats import SolverStats
 
 
@@ -56,17 +56,20 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     check_common(max_iter, tol, stop_mode, div_factor, patience)
     check_positive_int("m", m)
     prob = Problem(f, z0)
-    with prob.solver_mode():
+    with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         B, D = x.shape
-        dev, dt = x.device, x.dtype
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience)
-        hist = x.new_empty(B, m, 2, D)  # slot i: (s_i, p_i)
-        gs = x.new_empty(2, B, 2, D)  # two alternating buffers of (g, s) rows
-        SY = x.new_zeros(B, m, m)  # s_i^T y_j
-        SS = x.new_zeros(B, m, m)  # s_i^T s_j
-        Sg_old = x.new_zeros(B, m)  # s_i^T g of the previous step
-        newer = _newer_masks(m, dev, dt)  # (m + 1, m, m)
+        sm = tracker.small
+        hist = ctx.enter_context(scratch("broyden.hist", (B, m, 2, D), x))  # slot i: (s_i, p_i)
+        gs = ctx.enter_context(scratch("broyden.gs", (2, B, 2, D), x))  # alternating (g, s) rows
+        slots = [hist[:, i].unbind(1) for i in range(m)]  # (s_i, p_i) views (B, D), made once
+        rows_T = [hist[:, :n].reshape(B, 2 * n, D).transpose(1, 2) for n in range(m + 1)]
+        P_hist = [hist[:, :n, 1] for n in range(m + 1)]  # (B, n, D)
+        SY = sm.full((B, m, m), 0.0)  # s_i^T y_j
+        SS = sm.full((B, m, m), 0.0)  # s_i^T s_j
+        Sg_old = sm.full((B, m), 0.0)  # s_i^T g of the previous step
+        newer = sm.of(_newer_masks(m, x.device, x.dtype))  # (m + 1, m, m)
         x_prev = fx_prev = None
         for k in range(max_iter):
             fx = prob(x)
@@ -78,24 +81,24 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 x_new = fx
             else:
                 n, slot = min(k, m), (k - 1) % m
-                s = torch.sub(x, x_prev, out=cur[:, 1])
-                hist[:, slot, 0] = s
-                torch.sub(fx, fx_prev, out=hist[:, slot, 1])  # p = s + y
-                prods = torch.bmm(hist[:, :n].reshape(B, 2 * n, D), cur.transpose(1, 2))
-                prods = prods.view(B, n, 2, 2)  # [i, (s_i|p_i), (g|s)]
-                Sg, Ss = prods[:, :, 0, 0], prods[:, :, 0, 1]  # (B, n)
-                Ys = prods[:, :, 1, 1] - Ss  # y_i^T s
+                s_slot, p_slot = slots[slot]
+                torch.sub(x, x_prev, out=cur[:, 1])  # s
+                s_slot.copy_(cur[:, 1])
+                torch.sub(fx, fx_prev, out=p_slot)  # p = s + y = f(x) - f(x_prev)
+                prods = sm.of(torch.bmm(cur, rows_T[n]))  # (B, 2, 2n): (g|s) . (s_i|p_i)
+                prods = prods.reshape(B, 2, n, 2)
+                Sg, Ss = prods[:, 0, :, 0], prods[:, 1, :, 0]  # (B, n)
+                Ys = prods[:, 1, :, 1] - Ss  # y_i^T s
                 SY[:, :n, slot] = Sg - Sg_old[:, :n]  # s_i^T y = s_i^T g - s_i^T g_old
                 SY[:, slot, :n] = Ys
                 SS[:, slot, :n] = Ss
                 SS[:, :n, slot] = Ss
                 Sg_old[:, :n] = Sg
                 mask = newer[slot if k > m else m, :n, :n]
-                M = torch.addcmul(SY[:, :n, :n], SS[:, :n, :n], mask)
-                c, info = torch.linalg.solve_ex(M, Sg.unsqueeze(2))  # (B, n, 1)
-                ok = (info == 0) & torch.isfinite(c).all(2).all(1)
-                c = torch.where(ok[:, None, None], c, 0.0)
-                x_new = torch.baddbmm(fx.unsqueeze(1), c.transpose(1, 2), hist[:, :n, 1],
+                M = SY[:, :n, :n] + SS[:, :n, :n] * mask
+                c, ok = sm.solve(M, Sg)  # (B, n)
+                c = sm.torch(sm.xp.where(ok[:, None], c, 0.0))
+                x_new = torch.baddbmm(fx.unsqueeze(1), c.unsqueeze(1), P_hist[n],
                                       alpha=-1.0).squeeze(1)  # f(x) - P c
             x_prev, fx_prev = x, fx
             x = tracker.freeze(x_new)

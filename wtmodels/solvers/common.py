@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .stats import SolverStats
@@ -57,6 +59,48 @@ def check_common(max_iter, tol, stop_mode, div_factor, patience) -> None:
     check_positive_int("patience", patience)
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> Iterator[torch.Tensor]:
+    """An uninitialised ``shape`` buffer (dtype/device of ``like``) for a solver's history.
+
+    On CPU the buffer is kept per thread and handed out again to the next solve asking for the
+    same ``name`` and shape: first writes to freshly allocated memory page-fault, which on CPU
+    costs more than a whole solve's arithmetic. A nested solve (the buffer is in use) gets a
+    fresh one. :func:`clear_workspace` releases the kept buffers. On GPUs the caching allocator
+    already reuses memory, so a plain allocation is returned.
+    """
+    dtype, device = like.dtype, like.device
+    if device.type != "cpu":
+        yield torch.empty(shape, dtype=dtype, device=device)
+        return
+    cache = _local.__dict__.setdefault("buffers", {})
+    buf, busy = cache.get(name, (None, False))
+    if busy:
+        yield torch.empty(shape, dtype=dtype, device=device)
+        return
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        cache.pop(name, None)
+        buf = torch.empty(shape, dtype=dtype, device=device)
+    cache[name] = (buf, True)
+    try:
+        yield buf
+    finally:
+        cache[name] = (buf, False)
+
+
+def clear_workspace() -> None:
+    """Release the history buffers kept between CPU solves (in this thread).
+
+    Example:
+        >>> from wtmodels.solvers import clear_workspace
+        >>> clear_workspace()
+    """
+    _local.__dict__.pop("buffers", None)
+
+
 class Problem:
     """A fixed-point problem ``z = f(z)`` seen by a solver as ``(B, D)`` in a compute dtype.
 
@@ -82,8 +126,9 @@ class Problem:
                                if self.autocast else None)
         self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype)  # (B, D)
 
-    def solver_mode(self):
-        """Context for the solver body: no autograd graph, autocast off."""
+    def solver_mode(self) -> contextlib.ExitStack:
+        """Context for the solver body: no autograd graph, autocast off; yields an ExitStack
+        to enter :func:`scratch` buffers on."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
         if self.autocast:
@@ -109,6 +154,48 @@ class Problem:
         return x.view(self.shape).to(self.dtype)
 
 
+class Small:
+    """Array namespace for the per-sample vectors and small systems of a solve.
+
+    On CPU these live in numpy arrays sharing memory with torch tensors (``.numpy()``,
+    ``torch.from_numpy``): an op on a ``(B,)`` vector costs well under a microsecond there,
+    several in torch. On other devices they stay torch tensors on the device.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.cpu = like.device.type == "cpu"
+        self.device, self.dtype = like.device, like.dtype
+        self.xp = np if self.cpu else torch
+
+    def of(self, t: torch.Tensor):
+        """A torch tensor as an array of this namespace (no copy on CPU)."""
+        return t.numpy() if self.cpu else t
+
+    def torch(self, a) -> torch.Tensor:
+        """An array of this namespace as a torch tensor (no copy on CPU)."""
+        return torch.from_numpy(a) if self.cpu else a
+
+    def full(self, shape, value, dtype=None):
+        dtype = self.dtype if dtype is None else dtype
+        return self.of(torch.full(shape, value, dtype=dtype, device=self.device))
+
+    def solve(self, A, b):
+        """Batched ``A x = b`` (``(B, n, n)``, ``(B, n)``) -> ``(x, ok)``, ``ok`` (B,) bool
+        marking samples whose system was regular (finite solution)."""
+        if not self.cpu:
+            x, info = torch.linalg.solve_ex(A, b.unsqueeze(-1))
+            x = x.squeeze(-1)
+            return x, (info == 0) & torch.isfinite(x).all(-1)
+        try:
+            x = np.linalg.solve(A, b[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # some sample is singular: solve one by one
+            x = np.full(b.shape, np.nan, dtype=b.dtype)
+            for i in range(len(b)):
+                with contextlib.suppress(np.linalg.LinAlgError):
+                    x[i] = np.linalg.solve(A[i], b[i])
+        return x, np.isfinite(x).all(-1)
+
+
 class Tracker:
     """Per-sample residuals, best iterates, stopping and divergence flags of one solve.
 
@@ -119,36 +206,50 @@ class Tracker:
     def __init__(self, x0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
                  div_factor: float, patience: int):
         B = x0.shape[0]
-        dev, dt = x0.device, x0.dtype
+        self.small = sm = Small(x0)
         self.tol, self.rel = tol, stop_mode == "rel"
         self.div_factor, self.patience = div_factor, patience
-        self.abs_trace = torch.empty(B, max_iter, device=dev, dtype=dt)
-        self.rel_trace = torch.empty(B, max_iter, device=dev, dtype=dt)
-        self.best_abs = torch.full((B,), math.inf, device=dev, dtype=dt)
-        self.best_rel = torch.full((B,), math.inf, device=dev, dtype=dt)
-        self.min_abs = torch.full((B,), math.inf, device=dev, dtype=dt)
+        self.abs_trace = sm.full((B, max_iter), math.nan)
+        self.rel_trace = sm.full((B, max_iter), math.nan)
+        self.best_abs = sm.full((B,), math.inf)
+        self.best_rel = sm.full((B,), math.inf)
+        self.min_abs = sm.full((B,), math.inf)
         self.best_x = x0  # (B, D), never written in place
-        self.active = torch.ones(B, device=dev, dtype=torch.bool)
-        self.converged = torch.zeros(B, device=dev, dtype=torch.bool)
-        self.diverged = torch.zeros(B, device=dev, dtype=torch.bool)
-        self.streak = torch.zeros(B, device=dev, dtype=torch.int32)
-        self.nstep = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.active = sm.full((B,), True, torch.bool)
+        self.converged = sm.full((B,), False, torch.bool)
+        self.diverged = sm.full((B,), False, torch.bool)
+        self.streak = sm.full((B,), 0, torch.int64)
+        self.nstep = sm.full((B,), 0, torch.int64)
         self.n_iter = 0
         self.all_active = True
 
-    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor) -> bool:
+    @property
+    def active_mask(self) -> torch.Tensor:
+        """``(B,)`` bool torch tensor: samples still iterating."""
+        return self.small.torch(self.active)
+
+    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, g_sq=None) -> bool:
         """Record the evaluation ``fx = f(x)``, ``g = fx - x`` (all ``(B, D)``).
+
+        Args:
+            g_sq: ``||g||^2`` per sample (an array of :attr:`small`) if the solver already has
+                it, saving a pass over ``g``.
 
         Returns:
             ``True`` when every sample has stopped.
         """
+        sm, xp = self.small, self.small.xp
         k = self.n_iter
         self.n_iter += 1
-        abs_r = torch.linalg.vector_norm(g, dim=1)  # (B,)
-        f_norm = torch.linalg.vector_norm(fx, dim=1)
-        bad = ~torch.isfinite(abs_r + f_norm)  # non-finite f(x), or an overflowing norm
-        abs_r = abs_r.masked_fill(bad, math.inf)
-        rel_r = (abs_r / (f_norm + EPS)).masked_fill(bad, math.inf)
+        f_norm = sm.of(torch.linalg.vector_norm(fx, dim=1))  # (B,)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if g_sq is None:
+                abs_r = sm.of(torch.linalg.vector_norm(g, dim=1))
+            else:
+                abs_r = xp.sqrt(xp.maximum(g_sq, 0.0))  # NaN stays NaN
+            bad = ~xp.isfinite(abs_r + f_norm)  # non-finite f(x), or an overflowing norm
+            abs_r = xp.where(bad, math.inf, abs_r)
+            rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
         self.abs_trace[:, k] = abs_r
         self.rel_trace[:, k] = rel_r
         res = rel_r if self.rel else abs_r
@@ -158,12 +259,12 @@ class Tracker:
         if self.all_active and bool(improved.all()):
             self.best_x = x
         else:
-            self.best_x = torch.where(improved[:, None], x, self.best_x)
-        self.best_abs = torch.where(improved, abs_r, self.best_abs)
-        self.best_rel = torch.where(improved, rel_r, self.best_rel)
+            self.best_x = torch.where(sm.torch(improved)[:, None], x, self.best_x)
+        self.best_abs = xp.where(improved, abs_r, self.best_abs)
+        self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
-        self.min_abs = torch.minimum(self.min_abs, abs_r)
-        self.streak = (self.streak + 1) * (abs_r > self.div_factor * self.min_abs)
+        self.min_abs = xp.minimum(self.min_abs, abs_r)
+        self.streak = xp.where(abs_r > self.div_factor * self.min_abs, self.streak + 1, 0)
         conv = act & (res <= self.tol)
         div = act & ~conv & ((self.streak >= self.patience) | bad)
         self.nstep += act
@@ -171,29 +272,31 @@ class Tracker:
         self.diverged |= div
         self.active = act & ~(conv | div)
         n_active = int(self.active.sum())
-        self.all_active = n_active == self.active.shape[0]
+        self.all_active = n_active == len(self.active)
         return n_active == 0
 
     def freeze(self, x_new: torch.Tensor) -> torch.Tensor:
         """Stopped samples stay at their best iterate; the others take ``x_new``."""
         if self.all_active:
             return x_new
-        return torch.where(self.active[:, None], x_new, self.best_x)
+        return torch.where(self.active_mask[:, None], x_new, self.best_x)
 
     def stats(self) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""
+        sm = self.small
         n = self.n_iter
-        steps = torch.arange(n, device=self.nstep.device)
-        after = steps[None, :] >= self.nstep[:, None]  # (B, n): columns after the sample stopped
-        abs_trace = torch.where(after, self.best_abs[:, None], self.abs_trace[:, :n])
-        rel_trace = torch.where(after, self.best_rel[:, None], self.rel_trace[:, :n])
-        best = self.best_rel if self.rel else self.best_abs
+        nstep = sm.torch(self.nstep)
+        best_abs, best_rel = sm.torch(self.best_abs), sm.torch(self.best_rel)
+        after = torch.arange(n, device=nstep.device)[None, :] >= nstep[:, None]  # (B, n)
+        abs_trace = torch.where(after, best_abs[:, None], sm.torch(self.abs_trace)[:, :n])
+        rel_trace = torch.where(after, best_rel[:, None], sm.torch(self.rel_trace)[:, :n])
+        best = best_rel if self.rel else best_abs
         return SolverStats(
-            nstep=self.nstep.clone(),
-            abs_lowest=self.best_abs.clone(),
-            rel_lowest=self.best_rel.clone(),
-            converged=self.converged & (best <= self.tol),
-            diverged=self.diverged.clone(),
+            nstep=nstep.clone(),
+            abs_lowest=best_abs.clone(),
+            rel_lowest=best_rel.clone(),
+            converged=sm.torch(self.converged) & (best <= self.tol),
+            diverged=sm.torch(self.diverged).clone(),
             abs_trace=abs_trace,
             rel_trace=rel_trace,
         )

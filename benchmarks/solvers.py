@@ -1,0 +1,306 @@
+"""Solver benchmark on conv DEQ cells: f-evaluations, wall time and overhead, ours vs torchdeq.
+
+For each cell (batch B, channels C, size H; ``relu(GroupNorm(conv3x3(z) + x))``, conv weights
+``N(0, gain^2 / (9 C))``) and each solver, repeated and interleaved:
+
+- ``f_evals``: calls of ``f`` until every sample reached ``tol`` (or the budget ran out);
+- ``wall_ms``: wall time of the solve (median over repeats);
+- ``overhead``: ``solve time / (f_evals x time of one f)``, each repeat's solve timed next to
+  ``f_evals`` plain calls of ``f`` at the same point, median of the per-repeat ratios;
+- ``converged``: share of samples whose returned iterate has ``rel residual <= tol``.
+
+Then the IFT memory check: peak memory of one forward + backward of ``wt.DEQ(grad="ift")`` as
+``f_max_iter`` goes 10 -> 40 (the solver never converges early), against ``grad="unroll"``; on
+CPU the peak is replayed from ``torch.profiler`` memory events, on CUDA
+``torch.cuda.max_memory_allocated``; also the bytes autograd saves for backward.
+
+Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--out DIR]``.
+Writes ``DIR/solvers.csv``, ``DIR/solvers_memory.csv`` and ``DIR/solvers.md`` (``--quick``:
+``solvers_quick*``), each with provenance (git sha, torch version, device, threads, date, load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import wtmodels as wt
+from benchmarks.provenance import describe_machine
+from wtmodels.atomic import atomic_write_text
+
+TARGETS = {"anderson": 1.3, "broyden": 1.6}
+FULL_CELLS = [(32, 16, 8), (64, 16, 16), (32, 32, 16), (64, 64, 8), (32, 64, 16)]
+QUICK_CELLS = [(32, 16, 8)]
+
+
+class ConvCell(nn.Module):
+    """``f(z) = relu(GroupNorm(conv3x3(z) + x))``: a conv-norm-relu cell with input injection."""
+
+    def __init__(self, channels: int, gain: float = 1.25, groups: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        nn.init.normal_(self.conv.weight, std=gain / (9 * channels) ** 0.5)
+        self.norm = nn.GroupNorm(groups, channels)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(z) + x))  # (B, C, H, W)
+
+
+class Counted:
+    """``f`` with a call counter."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        return self.f(z)
+
+
+def solver_table(max_iter: int, tol: float) -> dict:
+    """name -> (implementation, solve(f, z0) -> (z, converged (B,) bool))."""
+    from torchdeq.solver import get_solver as torchdeq_solver
+
+    def ours(method):
+        def run(f, z0):
+            z, stats = wt.solve(f, z0, method=method, max_iter=max_iter, tol=tol)
+            return z, stats.converged
+        return run
+
+    def theirs(method):
+        def run(f, z0):
+            z, _, info = torchdeq_solver(method)(f, z0, max_iter=max_iter, tol=tol,
+                                                 stop_mode="rel")
+            return z, info["rel_lowest"] <= tol
+        return run
+
+    return {
+        "anderson": ("wtmodels", ours("anderson")),
+        "broyden": ("wtmodels", ours("broyden")),
+        "fixed_point": ("wtmodels", ours("fixed_point")),
+        "torchdeq_anderson": ("torchdeq", theirs("anderson")),
+        "torchdeq_broyden": ("torchdeq", theirs("broyden")),
+    }
+
+
+def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
+               gain: float) -> list[dict]:
+    """Time every solver on one cell; returns one row per solver."""
+    torch.manual_seed(0)
+    cell = ConvCell(C, gain)
+    x = torch.randn(B, C, H, H)
+    z0 = torch.zeros(B, C, H, H)
+    f = Counted(lambda z: cell(z, x))
+    solvers = solver_table(max_iter, tol)
+    samples = {name: [] for name in solvers}
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: allocator, kernels, the solvers' buffers
+            for _, run in solvers.values():
+                run(f, z0)
+        for rep in range(repeats):
+            order = list(solvers.items())
+            if rep % 2:
+                order.reverse()  # interleave: no solver always runs first
+            for name, (_, run) in order:
+                f.calls = 0
+                t0 = time.perf_counter()
+                z, converged = run(f, z0)
+                t_solve = time.perf_counter() - t0
+                n = f.calls
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f(z)
+                t_f = (time.perf_counter() - t0) / n
+                samples[name].append((n, t_solve, t_f, float(converged.float().mean())))
+    rows = []
+    for name, (impl, _) in solvers.items():
+        s = samples[name]
+        rows.append({
+            "B": B, "C": C, "H": H, "solver": name, "impl": impl,
+            "f_evals": int(statistics.median(r[0] for r in s)),
+            "wall_ms": round(1e3 * statistics.median(r[1] for r in s), 2),
+            "f_ms": round(1e3 * statistics.median(r[2] for r in s), 3),
+            "overhead": round(statistics.median(r[1] / (r[0] * r[2]) for r in s), 3),
+            "converged": round(statistics.median(r[3] for r in s), 3),
+        })
+    return rows
+
+
+def peak_memory_bytes(fn) -> int:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+    for e in prof.events():  # op events carry their own allocations, [memory] events frees
+        d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if d:
+            deltas.append((e.time_range.start, d))
+    current = peak = 0
+    for _, d in sorted(deltas, key=lambda t: t[0]):
+        current += d
+        peak = max(peak, current)
+    return peak
+
+
+def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16) -> list[dict]:
+    """Peak memory of forward + backward per gradient mode and forward budget."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cell = ConvCell(C).to(device)
+    x = torch.randn(B, C, H, H, device=device)
+    z0 = torch.zeros(B, C, H, H, device=device)
+    rows = []
+    for grad in ("ift", "unroll"):
+        for budget in budgets:
+            deq = wt.DEQ(grad=grad, f_max_iter=budget, f_tol=1e-30, b_max_iter=20, b_tol=1e-30)
+            saved = [0]
+
+            def pack(t, saved=saved):
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            def step(deq=deq, pack=pack):
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    z, _ = deq(lambda z: cell(z, x), z0)
+                z.square().mean().backward()
+
+            step()  # warm-up (and the solver's reusable buffers)
+            cell.zero_grad(set_to_none=True)
+            saved[0] = 0
+            peak = peak_memory_bytes(step)
+            cell.zero_grad(set_to_none=True)
+            rows.append({"grad": grad, "f_max_iter": budget, "B": B, "C": C, "H": H,
+                         "peak_mb": round(peak / 2**20, 2),
+                         "saved_for_backward_mb": round(saved[0] / 2**20, 2)})
+    return rows
+
+
+def to_csv(rows: list[dict], extra: dict) -> str:
+    buf = io.StringIO()
+    cols = list(rows[0]) + list(extra)
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, **extra})
+    return buf.getvalue()
+
+
+def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
+    """The results as Markdown tables, with the targets checked."""
+    by = {(r["B"], r["C"], r["H"], r["solver"]): r for r in rows}
+    lines = [
+        "# Solver benchmark (benchmarks/solvers.py)", "",
+        f"Provenance: git `{prov['git_sha']}`, torch {prov['torch_version']}, device "
+        f"{prov['device']}, threads {prov['threads']}, {prov['date']}, load average "
+        f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}).", "",
+        f"Cells `relu(GroupNorm(conv3x3(z) + x))`, gain {args.gain}; tol {args.tol} (relative), "
+        f"max_iter {args.max_iter}; {args.repeats} interleaved repeats, medians. torchdeq with "
+        "its default options (Anderson m=6, lam=1e-4; Broyden full memory).", "",
+        "overhead = solve time / (f-evals x time of one f), measured next to each solve.", "",
+        "| B | C | H | solver | f-evals | wall ms | f ms | overhead | converged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['C']} | {r['H']} | {r['solver']} | {r['f_evals']} | "
+                     f"{r['wall_ms']} | {r['f_ms']} | {r['overhead']} | {r['converged']} |")
+    lines += ["", "## Targets", "",
+              "| B | C | H | solver | overhead (target) | f-evals ours / torchdeq | met |",
+              "|---|---|---|---|---|---|---|"]
+    for (B, C, H, solver), r in by.items():
+        if solver not in TARGETS:
+            continue
+        ref = by[(B, C, H, "torchdeq_" + solver)]
+        ok = (r["overhead"] <= TARGETS[solver] and r["f_evals"] <= ref["f_evals"]
+              and r["converged"] >= ref["converged"])
+        lines.append(f"| {B} | {C} | {H} | {solver} | {r['overhead']} (<= {TARGETS[solver]}) "
+                     f"vs torchdeq {ref['overhead']} | {r['f_evals']} / {ref['f_evals']} | "
+                     f"{'yes' if ok else 'NO'} |")
+    lines += ["", "## IFT memory (forward + backward peak)", "",
+              "| grad | f_max_iter | peak MB | saved for backward MB |", "|---|---|---|---|"]
+    for r in mem:
+        lines.append(f"| {r['grad']} | {r['f_max_iter']} | {r['peak_mb']} | "
+                     f"{r['saved_for_backward_mb']} |")
+    ift = [r["peak_mb"] for r in mem if r["grad"] == "ift"]
+    growth = max(ift) / min(ift) - 1 if min(ift) > 0 else float("inf")
+    lines += ["", f"IFT peak memory from f_max_iter {mem[0]['f_max_iter']} to "
+              f"{mem[len(ift) - 1]['f_max_iter']}: {100 * growth:+.1f}% "
+              f"(target within 10%: {'met' if growth <= 0.10 else 'NOT met'}).", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one small cell, 3 repeats")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--max-iter", type=int, default=60)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--gain", type=float, default=1.25)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    for name in ("threads", "max_iter"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if not args.tol > 0 or not args.gain > 0:
+        p.error("--tol and --gain must be > 0")
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    if not out.is_dir():
+        print(f"error: --out {out} is not a directory", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    cells = QUICK_CELLS if args.quick else FULL_CELLS
+    rows = []
+    for B, C, H in cells:
+        rows += bench_cell(B, C, H, args.repeats, args.max_iter, args.tol, args.gain)
+        for r in rows[-5:]:
+            print(f"B={B:3d} C={C:3d} H={H:3d} {r['solver']:18s} f-evals {r['f_evals']:3d}  "
+                  f"wall {r['wall_ms']:9.2f} ms  f {r['f_ms']:7.3f} ms  overhead "
+                  f"{r['overhead']:5.2f}  converged {r['converged']:.2f}", flush=True)
+    mem = memory_check([10, 40] if args.quick else [10, 20, 40])
+    for r in mem:
+        print(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
+              f"{r['peak_mb']:8.2f} MB  saved for backward {r['saved_for_backward_mb']:8.2f} MB")
+    machine = describe_machine()
+    prov = {"git_sha": machine["git_sha"], "torch_version": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(), "date": machine["date"],
+            "load_average_1min": machine["load_average_1min"],
+            "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"]}
+    extra = {k: prov[k] for k in ("git_sha", "torch_version", "device", "threads", "date")}
+    stem = "solvers_quick" if args.quick else "solvers"
+    md = markdown(rows, mem, prov, args)
+    atomic_write_text(out / f"{stem}.csv", to_csv(rows, extra))
+    atomic_write_text(out / f"{stem}_memory.csv", to_csv(mem, extra))
+    atomic_write_text(out / f"{stem}.md", md)
+    print(md[md.index("## Targets"):])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
