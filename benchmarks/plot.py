@@ -403,6 +403,7 @@ def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
             ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.2)
     ax.set_xticks(range(len(values_by_label)))
     ax.set_xticklabels(list(values_by_label), rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(values_by_label) - 0.4)
     if log:
         ax.set_yscale("log")
     _finish(ax, "", ylabel, title, legend=False)
@@ -429,10 +430,12 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
         mine = [r for r in rows if r.get("label") == lab]
         div = [number(r.get("diverged")) for r in mine]
         skipped = [number(r.get("skipped_steps")) for r in mine]
-        if any(v is not None for v in div + skipped):
+        stopped = [1.0 if r.get("status") == "diverged" else 0.0 for r in mine]
+        if any(v is not None for v in div + skipped) or any(stopped):
             divergence[lab] = (
                 mean_std(v for v in div if v is not None)[0],
-                mean_std(1.0 if (v or 0) > 0 else 0.0 for v in skipped if v is not None)[0])
+                mean_std(1.0 if (v or 0) > 0 else 0.0 for v in skipped if v is not None)[0],
+                mean_std(stopped)[0])
     groups = [g for g in aggregate(rows, ["test_acc"]) if g["test_acc_count"] >= 2]
     spread = {}
     for g in groups:
@@ -449,15 +452,16 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
                    "Solver residuals (bar: mean)", log=True)
         elif panel == "divergence":
             names = list(divergence)
-            xs = range(len(names))
-            div = [_pct(divergence[n][0]) if math.isfinite(divergence[n][0]) else 0 for n in names]
-            skip = [_pct(divergence[n][1]) if math.isfinite(divergence[n][1]) else 0 for n in names]
-            ax.bar([x - 0.2 for x in xs], div, width=0.4, color="C3", label="diverged solves (%)")
-            ax.bar([x + 0.2 for x in xs], skip, width=0.4, color="C7",
-                   label="runs with skipped steps (%)")
-            ax.set_xticks(list(xs))
+            bars = [[_pct(divergence[n][i]) if math.isfinite(divergence[n][i]) else 0.0
+                     for n in names] for i in range(3)]
+            for i, (values, color, what) in enumerate(zip(bars, ("C3", "C7", "black"), (
+                    "diverged solves (test)", "runs with skipped steps",
+                    "runs stopped (non-finite)"))):
+                ax.bar([x + 0.27 * (i - 1) for x in range(len(names))], values, width=0.27,
+                       color=color, label=f"{what} (%)")
+            ax.set_xticks(list(range(len(names))))
             ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-            ax.set_ylim(0, max(5.0, *div, *skip) * 1.15)
+            ax.set_ylim(0, max(5.0, *bars[0], *bars[1], *bars[2]) * 1.25)
             _finish(ax, "", "percent", "Divergence")
         else:
             _strip(ax, spread, "std of test accuracy over seeds (points)",

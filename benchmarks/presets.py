@@ -254,13 +254,16 @@ def _variants(name: str, smoke: bool) -> tuple[Preset, list[Variant]]:
     return spec, spec.build(smoke)
 
 
-def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = None) -> list[RunSpec]:
+def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = None,
+               overrides: dict | None = None) -> list[RunSpec]:
     """Every run of preset ``name``: its variants crossed with the seeds.
 
     Args:
         name: a preset of :func:`list_presets`.
         smoke: the tiny size the tests run.
         seeds: override the preset's seeds.
+        overrides: arguments set in every run (e.g. ``{"data_dir": "/data"}``); they are part
+            of the run ids.
 
     Returns:
         The runs in a fixed order (seed-major, so a partial sweep covers every variant early).
@@ -281,9 +284,11 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
     runs = []
     for seed in seeds:
         for variant in variants:
-            config = {**variant.config, "seed": int(seed)}
+            config = {**variant.config, **(overrides or {}), "seed": int(seed)}
             runs.append(RunSpec(run_id_for(variant.label, config), variant.label, config,
                                 spec.runner))
+    if overrides and "seed" in overrides:
+        raise ValueError("overrides: set seeds with --seeds, not seed=")
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"preset {name!r}: two runs share an id; make the variants differ")

@@ -20,7 +20,9 @@ file                   row columns
                        non-finite losses), ``wall_s``, ``threads``, ``load_average_1min``
 =====================  ====================================================================
 
-plus the sweep's provenance (``git_sha``, ``torch_version``) and ``date``.
+plus the sweep's provenance (``git_sha`` of the harness, with ``-dirty`` when the tree had
+changes; ``torch_version`` / ``device`` / ``threads`` as the run's ``config.json`` recorded them)
+and ``date``.
 
 Example:
     >>> import json, os, tempfile
@@ -186,6 +188,7 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     row.update({k: v for k, v in (spec.get("config") or {}).items() if not isinstance(v, dict)})
     row.update({k: config[k] for k in CONFIG_COLUMNS if k in config})
     env = (_read_json(os.path.join(run_dir, "config.json")) or {}).get("env") or {}
+    row.update(provenance or {})
     row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
     if row.get("mask_k") == 0:  # no mask: the density setting means nothing
         row["mask_density"] = None
@@ -198,7 +201,6 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
         summary["best_test_acc"] = summary["test_acc"]
     row.update(summary)
     row.update(harness)
-    row.update(provenance or {})
     ordered = {k: row[k] for k in LEADING_COLUMNS if k in row}
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered

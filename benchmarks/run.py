@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -185,6 +186,32 @@ def custom_command(run_dir: str) -> list[str]:
     return [sys.executable, "-m", "benchmarks.custom_runner", run_dir]
 
 
+def validate_runs(runs: list[RunSpec]) -> None:
+    """Check every training run's arguments before anything starts (a typo in ``--set`` or a
+    preset fails here, not in the middle of a sweep).
+
+    Raises:
+        ValueError: an unknown argument or a bad value, naming the run.
+
+    Example:
+        >>> validate_runs([RunSpec("r", "WT", {"model": "test_wt", "depth": 0})])
+        Traceback (most recent call last):
+        ...
+        ValueError: run r: depth must be an integer >= 1, got 0
+    """
+    from wtmodels.models import get_config
+    from wtmodels.train_config import resolve_config
+
+    for run in runs:
+        if run.runner is not None:
+            continue
+        try:
+            cfg = resolve_config(dict(run.config))
+            get_config(cfg.model, **cfg.model_overrides)
+        except ValueError as err:
+            raise ValueError(f"run {run.run_id}: {err}") from None
+
+
 def run_state(sweep_dir: str, run_id: str, recorded: set[str]) -> str:
     """``"recorded"`` (row in results.csv), ``"finished"`` (done.json, no row yet),
     ``"partial"`` (a checkpoint to resume) or ``"todo"``.
@@ -313,7 +340,8 @@ def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, boo
 def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None = None,
           jobs: int | None = None, launcher: str = "local", threads: int | None = None,
           device: str | None = None, dry_run: bool = False, plots: bool = True,
-          only: str | None = None, launcher_options: dict | None = None,
+          extrapolation: bool = True, only: str | None = None,
+          overrides: dict | None = None, launcher_options: dict | None = None,
           echo=print) -> SweepReport:
     """Run (or list) the runs of ``preset`` into ``out``; see the module docstring.
 
@@ -328,7 +356,9 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         device: ``--device`` for every run.
         dry_run: list the runs and their state; run and write nothing.
         plots: draw the plots and summary table at the end.
+        extrapolation: run the preset's test-time depth extrapolation at the end.
         only: run only the runs whose id contains this text.
+        overrides: arguments set in every run (``--set key=value``).
         launcher_options: extra keyword arguments of :func:`benchmarks.launch.run_tasks`.
         echo: where progress lines go.
 
@@ -349,9 +379,10 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         raise ValueError(f"jobs: must be >= 1, got {jobs}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads: must be >= 1, got {threads}")
-    runs = build_runs(preset, smoke=smoke, seeds=seeds)
+    runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     if only:
         runs = [r for r in runs if only in r.run_id]
+    validate_runs(runs)
     report = SweepReport(planned=len(runs))
     recorded = finished_ids(os.path.join(out, RESULTS))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
@@ -396,7 +427,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     if jobs == 1 and launcher == "local":  # sequential: everything outside the runs is ours
         report.harness_s = report.sweep_wall_s - report.runs_wall_s
     post_start = time.perf_counter()
-    if spec.extrapolate:
+    if spec.extrapolate and extrapolation:
         from benchmarks.extrapolate import extrapolate_sweep
 
         extrapolate_sweep(out, spec.extrapolate, threads=threads, device=device, echo=echo)
@@ -436,6 +467,17 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"set: expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -457,9 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-min", type=int, default=240, help="per-job limit (submitit)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device of each run")
     p.add_argument("--only", help="run only the runs whose id contains this text")
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a training argument in every run, e.g. --set data_dir=/data "
+                        "(JSON values: --set epochs=2); part of the run ids")
     p.add_argument("--smoke", action="store_true", help="the preset's tiny size (for tests)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
     p.add_argument("--no-plots", action="store_true", help="skip plots and the summary table")
+    p.add_argument("--no-extrapolation", action="store_true",
+                   help="skip the test-time depth extrapolation")
     return p
 
 
@@ -474,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = sweep(args.preset, args.out, smoke=args.smoke, seeds=args.seeds, jobs=args.jobs,
                        launcher=args.launcher, threads=args.threads, device=args.device,
-                       dry_run=args.dry_run, plots=not args.no_plots, only=args.only,
-                       launcher_options=options)
+                       dry_run=args.dry_run, plots=not args.no_plots,
+                       extrapolation=not args.no_extrapolation, only=args.only,
+                       overrides=dict(args.set), launcher_options=options)
     except ValueError as err:
         print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
         return 2

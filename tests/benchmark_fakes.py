@@ -90,3 +90,12 @@ def write_fake_sweep(directory: str, **kwargs) -> list[dict]:
     write_rows(os.path.join(directory, "results.csv"), rows)
     write_rows(os.path.join(directory, "extrapolation.csv"), fake_extrapolation(rows))
     return rows
+
+
+def train_runner(config: dict, out_dir: str) -> dict:
+    """A custom runner for the harness tests: trains in-process with wtmodels.train.run and
+    returns its final metrics plus a marker of where it ran."""
+    from wtmodels.train import run
+
+    final = run({**config, "progress": "none"})
+    return {**final, "runner_out_dir": out_dir}

@@ -1,0 +1,151 @@
+"""Pick a configuration for a budget from measured results: ``python -m benchmarks.recommend``.
+
+``python -m benchmarks.recommend DIR --params N`` (or ``--time S``) reads ``DIR/results.csv``,
+averages each configuration over its seeds, keeps those within the budget (mean trainable
+parameters <= N, or mean total training time <= S seconds), and among the ones whose mean test
+accuracy is within ``--tolerance`` points (default 0.5) of the best of them recommends the
+smallest: fewest parameters, then lowest depth, then narrowest width, then fewest masks, then
+least training time. Nothing is extrapolated: only measured configurations are candidates.
+
+Example:
+    >>> rows = [{"label": "WT", "config_id": c, "depth": d, "width": 32, "params": 1000 * d,
+    ...          "seed": 0, "test_acc": a} for c, d, a in (("a", 2, .945), ("b", 4, .953),
+    ...                                                      ("c", 8, .960))]
+    >>> pick = recommend(rows, params=5000)
+    >>> pick["choice"]["depth"], round(100 * pick["best_acc"], 1)
+    (4, 95.3)
+    >>> recommend(rows, params=2000, tolerance=1.0)["choice"]["depth"]
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+from benchmarks.aggregate import aggregate
+from benchmarks.results_io import read_rows
+from benchmarks.summary import to_markdown
+
+BUDGETS = {"params": "params", "time": "train_time_s"}
+
+
+def _size_key(g: dict) -> tuple:
+    def num(key):
+        v = g.get(f"{key}_mean", g.get(key))
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+
+    return (num("params"), num("depth"), num("width"), num("mask_k"), num("train_time_s"))
+
+
+def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: float | None = None,
+              tolerance: float = 0.5) -> dict:
+    """The smallest measured configuration within ``tolerance`` points of the best under a budget.
+
+    Args:
+        rows: results rows (one per run).
+        params: budget of trainable parameters (mean over seeds must be <= it).
+        time_s: budget of total training time in seconds (mean over seeds must be <= it).
+        tolerance: accuracy slack in percentage points.
+
+    Returns:
+        ``{"choice": group, "best": group, "best_acc": float, "candidates": [groups],
+        "feasible": int, "budget": str}`` (groups as :func:`benchmarks.aggregate.aggregate`).
+
+    Raises:
+        ValueError: not exactly one budget, a budget <= 0, a negative tolerance, or no measured
+            configuration within the budget.
+    """
+    if (params is None) == (time_s is None):
+        raise ValueError("budget: give exactly one of --params N or --time S")
+    budget_key, limit = ("params", params) if params is not None else ("train_time_s", time_s)
+    if not limit > 0:
+        raise ValueError(f"budget: must be > 0, got {limit}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance: must be >= 0 points, got {tolerance}")
+    groups = [g for g in aggregate(rows) if math.isfinite(g["test_acc_mean"])]
+    feasible = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
+                and g[f"{budget_key}_mean"] <= limit]
+    if not feasible:
+        measured = [g[f"{budget_key}_mean"] for g in groups
+                    if math.isfinite(g[f"{budget_key}_mean"])]
+        smallest = f"; the smallest measured is {min(measured):.4g}" if measured else ""
+        raise ValueError(f"budget: no measured configuration has {budget_key} <= {limit:g}"
+                         + smallest)
+    best = max(feasible, key=lambda g: g["test_acc_mean"])
+    floor = best["test_acc_mean"] - tolerance / 100.0
+    candidates = sorted((g for g in feasible if g["test_acc_mean"] >= floor - 1e-12),
+                        key=_size_key)
+    return {"choice": candidates[0], "best": best, "best_acc": best["test_acc_mean"],
+            "candidates": candidates, "feasible": len(feasible),
+            "budget": f"{budget_key} <= {limit:g}"}
+
+
+def describe(group: dict) -> str:
+    """A one-line description of a configuration and its measured numbers.
+
+    Example:
+        >>> describe({"label": "WT", "depth": 4, "width": 32, "n": 2, "test_acc_mean": 0.95,
+        ...           "test_acc_std": 0.01, "params_mean": 1e5, "train_time_s_mean": 12.0})
+        'WT, depth 4, width 32: 95.0 ± 1.0 % over 2 seed(s), 100000 params, 12.0 s training'
+    """
+    parts = [str(group.get("label"))]
+    if group.get("core") == "deq":
+        parts.append(" / ".join(str(group[k]) for k in ("f_solver", "grad") if group.get(k)))
+    else:
+        parts.append(f"depth {group.get('depth')}")
+    parts.append(f"width {group.get('width')}")
+    if group.get("mask_k"):
+        parts.append(f"{group['mask_k']} mask(s) at density {group.get('mask_density')}")
+    text = ", ".join(p for p in parts if p)
+    text += (f": {100 * group['test_acc_mean']:.1f} ± {100 * group['test_acc_std']:.1f} % over "
+             f"{group.get('n')} seed(s)")
+    if math.isfinite(group.get("params_mean", math.nan)):
+        text += f", {group['params_mean']:.0f} params"
+    if math.isfinite(group.get("train_time_s_mean", math.nan)):
+        text += f", {group['train_time_s_mean']:.1f} s training"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.recommend DIR --params N | --time S [--tolerance P]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.recommend",
+        description="The smallest measured configuration within a tolerance of the best "
+                    "accuracy under a parameter or training-time budget.")
+    parser.add_argument("sweep_dir", help="a directory with results.csv")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--params", type=float, help="trainable-parameter budget")
+    budget.add_argument("--time", type=float, help="training-time budget in seconds (per run)")
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help="accuracy slack in percentage points (default 0.5)")
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.sweep_dir, "results.csv")
+    if not os.path.exists(path):
+        print(f"{parser.prog}: error: sweep_dir: no results.csv in {args.sweep_dir!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        pick = recommend(read_rows(path), params=args.params, time_s=args.time,
+                         tolerance=args.tolerance)
+    except ValueError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"budget {pick['budget']}: {pick['feasible']} measured configuration(s) fit; best "
+          f"{100 * pick['best_acc']:.1f} %.")
+    print(f"recommended (smallest within {args.tolerance:g} points of the best):")
+    print("  " + describe(pick["choice"]))
+    if pick["choice"] is not pick["best"]:
+        print("best under the budget:")
+        print("  " + describe(pick["best"]))
+    print(f"\ncandidates within {args.tolerance:g} points, smallest first:")
+    print(to_markdown(pick["candidates"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
