@@ -1,11 +1,23 @@
-"""Tests of mask generation: counts, structure, distinctness, determinism, bad arguments."""
+"""Tests of masks: generation (counts, structure, distinctness, seeds) and attaching to layers."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import wtmodels as wt
+from wtmodels.masks import (
+    apply_masks,
+    formed_masks,
+    mask_count,
+    mask_index,
+    mask_schedule,
+    remove_masks,
+    set_mask_index,
+)
 
 
 def test_random_has_exact_count_and_is_distinct():
@@ -106,3 +118,128 @@ def test_bad_arguments(kwargs, field):
 def test_large_weight_is_quick_enough_to_draw():
     masks = wt.make_masks((64, 64, 3, 3), k=8, density=0.5, kind="random", seed=0)
     assert masks.flatten(1).sum(1).eq(math.prod((64, 64, 3, 3)) // 2).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Attaching masks to layers
+
+
+
+def test_schedules():
+    assert [mask_index(t, 8, 3, "cyclic") for t in range(8)] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [mask_index(t, 8, 4, "block") for t in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [mask_index(t, 7, 3, "block") for t in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="cyclic, block"):
+        mask_index(0, 4, 2, "random")
+
+
+def test_masked_conv_uses_selected_mask():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    apply_masks(conv, k=3, density=0.5, seed=2)
+    x = torch.randn(2, 3, 5, 5)
+    for i in range(3):
+        set_mask_index(conv, i)
+        expected = F.conv2d(x, conv.weight * conv.weight_masks[i], conv.bias, padding=1)
+        assert torch.allclose(conv(x), expected)
+        with formed_masks(conv):
+            assert torch.allclose(conv(x), expected)
+    # distinct masks give distinct outputs
+    set_mask_index(conv, 0)
+    y0 = conv(x)
+    set_mask_index(conv, 1)
+    assert not torch.allclose(y0, conv(x))
+
+
+class _CountMuls(TorchDispatchMode):
+    """Counts elementwise multiplies producing a tensor of each shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mul.Tensor:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_masked_weights_formed_once_per_forward():
+    conv = apply_masks(nn.Conv2d(4, 4, 3, padding=1, bias=False), k=3, density=0.5)
+    x = torch.randn(1, 4, 6, 6)
+    with _CountMuls() as counter, formed_masks(conv):
+        z = x
+        for t in range(6):
+            set_mask_index(conv, t % 3)
+            z = conv(z)
+    assert counter.shapes.count((3, 4, 4, 3, 3)) == 1  # all K masked weights in one multiply
+    assert counter.shapes.count((4, 4, 3, 3)) == 0  # none per iteration
+
+
+def test_gradient_reaches_the_shared_weight_only_through_kept_entries():
+    lin = apply_masks(nn.Linear(6, 5, bias=False), k=2, density=0.5, types=(nn.Linear,))
+    x = torch.randn(3, 6)
+    with formed_masks(lin):
+        set_mask_index(lin, 0)
+        y = lin(x)
+        set_mask_index(lin, 1)
+        y = y + lin(x)
+    y.sum().backward()
+    union = lin.weight_masks.any(0)
+    assert (lin.weight.grad[~union] == 0).all()
+    assert (lin.weight.grad[union] != 0).all()
+    # equals the sum of the grads of the two masked linear maps
+    colsum = x.sum(0).expand(5, 6)  # d(sum of W x)/dW for a batch
+    expected = colsum * lin.weight_masks[0] + colsum * lin.weight_masks[1]
+    assert torch.allclose(lin.weight.grad, expected)
+
+
+def test_masks_add_no_parameters_and_are_saved():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    before = [n for n, _ in net.named_parameters()]
+    apply_masks(net, k=4, density=0.25, kind="nm", seed=9, schedule="block")
+    assert [n for n, _ in net.named_parameters()] == before
+    state = net.state_dict()
+    assert state["0.weight_masks"].shape == (4, 4, 4, 3, 3)
+    assert state["0.weight_masks"].dtype == torch.bool
+    assert not torch.equal(state["0.weight_masks"], state["2.weight_masks"])  # own seed per layer
+    assert mask_count(net) == 4 and mask_schedule(net) == "block"
+
+
+def test_masks_compose_with_weight_norm():
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3))
+    apply_masks(conv, k=2, density=0.5)
+    x = torch.randn(1, 3, 4, 4)
+    set_mask_index(conv, 1)
+    with formed_masks(conv):
+        y = conv(x)
+    assert torch.allclose(y, F.conv2d(x, conv.weight * conv.weight_masks[1], conv.bias))
+    y.sum().backward()
+    params = dict(conv.named_parameters())
+    assert params["parametrizations.weight.original0"].grad is not None
+    assert params["parametrizations.weight.original1"].grad is not None
+
+
+def test_remove_masks_restores_dense_layer():
+    conv = nn.Conv2d(2, 2, 3)
+    x = torch.randn(1, 2, 4, 4)
+    expected = conv(x)
+    remove_masks(apply_masks(conv, k=2))
+    assert type(conv) is nn.Conv2d and "weight_masks" not in conv.state_dict()
+    assert torch.equal(conv(x), expected)
+
+
+def test_apply_masks_bad_arguments():
+    with pytest.raises(ValueError, match="schedule"):
+        apply_masks(nn.Conv2d(2, 2, 1), k=2, schedule="zigzag")
+    with pytest.raises(ValueError, match="no layer"):
+        apply_masks(nn.Sequential(nn.ReLU()), k=2)
+    with pytest.raises(ValueError, match="types"):
+        apply_masks(nn.Conv2d(2, 2, 1), k=2, types=(nn.ReLU,))
+    with pytest.raises(ValueError, match="density"):
+        apply_masks(nn.Conv2d(2, 2, 1), k=2, density=0)
+    conv = apply_masks(nn.Conv2d(2, 2, 1), k=2)
+    with pytest.raises(ValueError, match="already masked"):
+        apply_masks(conv, k=2)
+    with pytest.raises(ValueError, match="mask index"):
+        set_mask_index(conv, 2)

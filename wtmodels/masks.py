@@ -121,25 +121,30 @@ def make_masks(
                 f"density {density} of a weight with {numel} entries rounds to 0 ones; "
                 f"use density >= {0.5 / numel:.3g}"
             )
-        possible = math.comb(numel, ones)
+        log_possible = _log_comb(numel, ones)
         draw = lambda count: _draw_random(count, numel, ones, generator)  # noqa: E731
     elif kind == "bernoulli":
-        possible = 2**numel  # every pattern has positive probability when 0 < density < 1
+        log_possible = numel * math.log(2)  # every pattern is possible when 0 < density < 1
         draw = lambda count: torch.rand(count, numel, generator=generator) < density  # noqa: E731
     else:
         n, m = _nm_pattern(shape, density, n, m)
         rows, cols = shape[0], numel // shape[0]
         groups = rows * (cols // m)
-        possible = math.comb(m, n) ** groups
+        log_possible = groups * _log_comb(m, n)
         draw = lambda count: _draw_nm(count, groups, n, m, generator)  # noqa: E731
 
-    if possible < k:
+    if log_possible < math.log(k) - 1e-9:
         raise ValueError(
-            f"only {possible} distinct {kind!r} masks of shape {tuple(shape)} at density "
-            f"{density} exist, fewer than k={k}"
+            f"only {round(math.exp(log_possible))} distinct {kind!r} masks of shape "
+            f"{tuple(shape)} at density {density} exist, fewer than k={k}"
         )
     flat = _distinct(draw, k)  # (k, numel)
     return flat.reshape(k, *shape)
+
+
+def _log_comb(n: int, r: int) -> float:
+    """log C(n, r), without forming the (possibly huge) integer."""
+    return math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1)
 
 
 def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -188,10 +193,10 @@ def _nm_pattern(
 
 def _draw_random(count: int, numel: int, ones: int, generator: torch.Generator) -> torch.Tensor:
     """(count, numel) bool, exactly ``ones`` per row at uniformly drawn positions."""
-    keys = torch.rand(count, numel, generator=generator)
-    idx = keys.argsort(dim=1)[:, :ones]  # a uniform random subset of size `ones` per row
     flat = torch.zeros(count, numel, dtype=torch.bool)
-    return flat.scatter_(1, idx, True)
+    for row in flat:  # the first `ones` entries of a random permutation: a uniform subset
+        row[torch.randperm(numel, generator=generator)[:ones]] = True
+    return flat
 
 
 def _draw_nm(count: int, groups: int, n: int, m: int, generator: torch.Generator) -> torch.Tensor:

@@ -184,7 +184,7 @@ class ImplicitClassifier(nn.Module):
 
         Keys: ``cell_evals`` (cell applications, summed over stages), for DEQ cores ``nstep``,
         ``rel_residual``, ``rel_residual_max``, ``converged``, ``diverged``
-        (``SolverStats.summary()``: ``nstep`` summed, ``rel_residual_max`` the max, the others
+        (``SolverStats.summary()``: ``rel_residual_max`` the max, the others
         averaged over stages), for ODE cores ``nfe`` (summed).
         """
         per_stage = [core.last_stats for core in self.cores]
@@ -193,7 +193,7 @@ class ImplicitClassifier(nn.Module):
         out: dict[str, float] = {}
         for key in per_stage[0]:
             values = [float(s[key]) for s in per_stage if key in s]
-            if key in ("cell_evals", "nfe", "nstep"):
+            if key in ("cell_evals", "nfe"):
                 out[key] = sum(values)
             elif key.endswith("_max"):
                 out[key] = max(values)
@@ -296,9 +296,10 @@ def create_model(name: str, **overrides) -> ImplicitClassifier:
 
 
 # Small: CIFAR-size defaults, cheap enough to train on scikit-learn digits on a laptop CPU.
-_SMALL = dict(depth=6, width=32, stages=2)
+# Weight norm on the cell convolutions (as MDEQ) steadies DEQ training; all families share it.
+_SMALL = dict(depth=6, width=32, stages=2, weight_norm=True)
 # Medium: wider and deeper.
-_MEDIUM = dict(depth=8, width=64, stages=3)
+_MEDIUM = dict(depth=8, width=64, stages=3, weight_norm=True)
 # Tiny: trains in seconds in the tests.
 _TINY = dict(depth=2, width=8, stages=1, norm_groups=4)
 
