@@ -204,3 +204,16 @@ def test_label_smoothing_and_sgd_nesterov_run():
     final = run({**BASE, "epochs": 1, "optimizer": "sgd", "nesterov": True,
                  "label_smoothing": 0.1, "grad_clip": 0.0})
     assert math.isfinite(final["train_loss"])
+
+
+def test_progress_lines_bar_and_none(capsys):
+    run({**BASE, "epochs": 2, "train_size": 64, "progress": "lines"})
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in out] == ["epoch 1/2", "epoch 2/2"]
+    assert "test_acc" in out[0] and "img/s" in out[0]
+    run({**BASE, "epochs": 1, "train_size": 64, "progress": "bar"})
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.err  # the tqdm bar (stderr) ...
+    assert captured.out.startswith("epoch 1/1")  # ... then the epoch line
+    run({**BASE, "epochs": 1, "train_size": 64, "progress": "none"})
+    assert capsys.readouterr() == ("", "")

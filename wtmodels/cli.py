@@ -90,7 +90,7 @@ def _model_field_helps(cls) -> dict[str, str]:
             helps[current] += " " + stripped
         else:
             current = None
-    return {k: v.replace("%", "%%") for k, v in helps.items()}
+    return {k: v.replace("``", "").replace("%", "%%") for k, v in helps.items()}
 
 
 def build_parser(prog: str = "python -m wtmodels.train") -> OneLineParser:

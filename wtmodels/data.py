@@ -259,6 +259,8 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
                                                 resize=resize)
     info = {"num_classes": 10, "in_chans": 1, "image_size": size}
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    if download and root is None:
+        raise ValueError(f"dataset {name}: --download needs --data-dir DIR to download into")
     if root is not None and download:
         root.mkdir(parents=True, exist_ok=True)
         return (tv_cls(root, train=True, transform=train_tf, download=True),
