@@ -454,8 +454,37 @@ COLOURS = {"head only": "tab:gray", "LoRA": "tab:blue", "CapaBoost d=2": "tab:or
            "CapaBoost d=4": "tab:red", "full": "black"}
 
 
+def paired_differences(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
+    """Accuracy (points) of each CapaBoost run minus LoRA's at the same rank and seed.
+
+    Example:
+        >>> rows = [{"label": "LoRA", "rank": 2, "seed": 0, "test_acc": 0.80},
+        ...         {"label": "CapaBoost d=4", "rank": 2, "seed": 0, "test_acc": 0.81}]
+        >>> {k: [round(x, 6) for x in v] for k, v in paired_differences(rows).items()}
+        {('CapaBoost d=4', 2): [1.0]}
+    """
+    lora = {(r["rank"], r["seed"]): r["test_acc"] for r in rows if r["label"] == "LoRA"}
+    out: dict[tuple[str, int], list[float]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        if r["label"].startswith("CapaBoost") and (r["rank"], r["seed"]) in lora:
+            diff = 100 * (r["test_acc"] - lora[(r["rank"], r["seed"])])
+            out.setdefault((r["label"], r["rank"]), []).append(diff)
+    return out
+
+
+def _reference(groups, label: str) -> tuple[float, int] | None:
+    runs = next((v for k, v in groups.items() if k[0] == label), None)
+    if not runs:
+        return None
+    return statistics.mean(100 * r["test_acc"] for r in runs), runs[0]["params"]
+
+
 def plot_results(rows: list[dict], out_dir: str) -> list[str]:
-    """``accuracy_vs_params.png`` and ``rank_vs_copies.png`` from the result rows."""
+    """``accuracy_vs_params.png`` and ``rank_vs_copies.png`` from the result rows.
+
+    The first has two panels: accuracy vs trainable parameters (mean +- std over seeds; head
+    only and full fine-tuning as references) and the paired difference to LoRA per rank.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,65 +492,88 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
 
     groups = _groups(rows)
     paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4), width_ratios=(1.35, 1))
     nudge = {"LoRA": 0.94, "CapaBoost d=2": 1.0, "CapaBoost d=4": 1.06}
-    for label in LABEL_ORDER:
-        keys = sorted(k for k in groups if k[0] == label and k[1] is not None or
-                      k[0] == label and label in ("head only", "full"))
+    for label in ("LoRA", "CapaBoost d=2", "CapaBoost d=4"):
+        keys = sorted(k for k in groups if k[0] == label)
         if not keys:
             continue
-        xs, ys, es = [], [], []
-        for key in keys:
-            runs = groups[key]
-            acc, err = _mean_std([100 * r["test_acc"] for r in runs])
-            xs.append(runs[0]["params"] * nudge.get(label, 1.0))
-            ys.append(acc)
-            es.append(err)
-        style = "o-" if len(xs) > 1 else "s"
-        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, color=COLOURS[label], label=label)
+        stats = [_mean_std([100 * r["test_acc"] for r in groups[k]]) for k in keys]
+        xs = [groups[k][0]["params"] * nudge[label] for k in keys]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats], fmt="o-",
+                    capsize=3, color=COLOURS[label], label=label)
         if label == "LoRA":
-            for x, y, key in zip(xs, ys, keys):
-                ax.annotate(f"r={key[1]}", (x, y), textcoords="offset points", xytext=(-4, -14),
+            for x, (m, _), key in zip(xs, stats, keys):
+                ax.annotate(f"r={key[1]}", (x, m), textcoords="offset points", xytext=(-6, 6),
                             fontsize=8, color=COLOURS[label], ha="right")
+    notes = []
+    for label, style in (("full", "--"), ("head only", ":")):
+        ref = _reference(groups, label)
+        if ref is not None:
+            notes.append(f"{label}: {ref[0]:.1f}% ({ref[1]} params)")
+            if label == "full":
+                ax.axhline(ref[0], ls=style, color=COLOURS[label], lw=1,
+                           label=f"full fine-tune ({ref[1]} params)")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale; equal for LoRA and CapaBoost at each r)")
+    ax.margins(x=0.1)
+    ax.set_xlabel("trainable parameters (log; LoRA and CapaBoost equal at each r)")
     ax.set_ylabel("test accuracy on the new task (%)")
-    dataset = rows[0]["dataset"]
-    ax.set_title(f"Fine-tuning a weight-tied model, {dataset} classes 0-4 -> 5-9\n"
-                 f"mean +- std over {len({r['seed'] for r in rows})} seeds", fontsize=10)
+    seeds = len({r["seed"] for r in rows})
+    ax.set_title(f"{rows[0]['dataset']} classes 0-4 -> 5-9, mean +- std over {seeds} seeds\n"
+                 + "; ".join(notes), fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+
+    diffs = paired_differences(rows)
+    ranks = sorted({k[1] for k in diffs})
+    offsets = {"CapaBoost d=2": -0.12, "CapaBoost d=4": 0.12}
+    for label in ("CapaBoost d=2", "CapaBoost d=4"):
+        for i, rank in enumerate(ranks):
+            values = diffs.get((label, rank), [])
+            if not values:
+                continue
+            x = i + offsets[label]
+            bx.plot([x] * len(values), values, "o", color=COLOURS[label], alpha=0.45, ms=4)
+            bx.plot([x - 0.08, x + 0.08], [statistics.mean(values)] * 2, "-",
+                    color=COLOURS[label], lw=2.5, label=label if i == 0 else None)
+    bx.axhline(0.0, color="tab:blue", lw=1)
+    bx.set_xticks(range(len(ranks)), [f"r={r}" for r in ranks])
+    bx.set_ylabel("accuracy minus LoRA's, same rank and seed (points)")
+    bx.set_title("Paired difference to LoRA (dots: seeds, bars: mean)", fontsize=9)
+    bx.grid(alpha=0.3, axis="y")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "accuracy_vs_params.png"))
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    ranks = sorted({r["rank"] for r in rows if r.get("update_rank") is not None})
-    copies = sorted({r["copies"] for r in rows if r.get("update_rank") is not None})
+    fig, ax = plt.subplots(figsize=(6.2, 4.3))
+    ranked = [r for r in rows if r.get("update_rank") is not None]
+    copies = sorted({r["copies"] for r in ranked})
     cmap = plt.get_cmap("viridis")
-    for i, rank in enumerate(ranks):
-        colour = cmap(i / max(1, len(ranks) - 1) * 0.85)
-        sel = [r for r in rows if r.get("rank") == rank and r.get("update_rank") is not None]
-        by_d = {d: [r for r in sel if r["copies"] == d] for d in copies}
+    lora_ranks = sorted({r["rank"] for r in ranked})
+    for i, rank in enumerate(lora_ranks):
+        colour = cmap(i / max(1, len(lora_ranks) - 1) * 0.85)
+        by_d = {d: [r for r in ranked if r["rank"] == rank and r["copies"] == d] for d in copies}
         ds = [d for d in copies if by_d[d]]
-        ax.plot(ds, [statistics.mean(r["update_rank"] for r in by_d[d]) for d in ds], "o-",
-                color=colour, label=f"r={rank}: rank of the update")
-        ax.plot(ds, [statistics.mean(r["update_erank"] for r in by_d[d]) for d in ds], "^--",
-                color=colour, label=f"r={rank}: effective rank")
-        ax.plot(ds, [statistics.mean(r["rank_bound"] for r in by_d[d]) for d in ds], ":",
-                color=colour, alpha=0.6)
+
+        def mean(key, by_d=by_d, ds=ds):
+            return [statistics.mean(r[key] for r in by_d[d]) for d in ds]
+
+        ax.plot(ds, mean("rank_bound"), "x:", color="0.45", ms=9, mew=1.5,
+                label="bound min(d r, out, in k k)" if i == 0 else None)
+        ax.plot(ds, mean("update_rank"), "o-", color=colour, label=f"r={rank}: rank")
+        ax.plot(ds, mean("update_erank"), "^--", color=colour, label=f"r={rank}: effective rank")
     ax.set_xscale("log", base=2)
     ax.set_xticks(copies, [str(d) for d in copies])
-    ax.set_xlabel("copies d (density 0.5 at d > 1; d = 1 is plain LoRA)")
-    ax.set_ylabel("per-layer rank, mean over layers and seeds")
-    ax.set_title("Rank of the trained update vs copies (dotted: bound min(d r, out, in k k))",
-                 fontsize=10)
+    ax.set_xlabel("copies d (density 0.5 for d > 1; d = 1 is plain LoRA)")
+    ax.set_ylabel("per-layer rank of the trained update\n(mean over layers and seeds)")
+    ax.set_title("Rank of the update vs copies at equal trainable parameters", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "rank_vs_copies.png"))
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -541,11 +593,12 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
         f"{first['lr']}); {first['test_images']} test images; seeds "
         f"{sorted({r['seed'] for r in rows})}. git {first['git_sha']}, torch "
         f"{first['torch_version']}, cpu, {first['threads']} thread(s), {first['date']}.", "",
-        "| label | r | trainable params | test acc % (mean +- std) | update rank | "
-        "effective rank | fine-tune s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| label | r | trainable params | test acc % (mean +- std) | vs LoRA, paired by seed "
+        "(points: mean, wins) | update rank | effective rank | fine-tune s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {label: i for i, label in enumerate(LABEL_ORDER)}
+    diffs = paired_differences(rows)
     for key in sorted(groups, key=lambda k: (k[1] or 0, order.get(k[0], 99))):
         runs = groups[key]
         acc, err = _mean_std([100 * r["test_acc"] for r in runs])
@@ -553,9 +606,13 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
             f"{statistics.mean(r['update_rank'] for r in runs):.1f}"
         erank = "" if runs[0].get("update_erank") is None else \
             f"{statistics.mean(r['update_erank'] for r in runs):.2f}"
+        diff = diffs.get(key)
+        paired = "" if not diff else \
+            f"{statistics.mean(diff):+.2f} ({sum(d > 0 for d in diff)}/{len(diff)})"
         lines.append(
             f"| {key[0]} | {key[1] or ''} | {runs[0]['params']} | {acc:.2f} +- {err:.2f} | "
-            f"{rank} | {erank} | {statistics.median(r['train_time_s'] for r in runs):.1f} |")
+            f"{paired} | {rank} | {erank} | "
+            f"{statistics.median(r['train_time_s'] for r in runs):.1f} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(out_dir, "summary.md"), text)
     return text
