@@ -7,6 +7,9 @@ For each cell (batch B, channels C, size H; ``relu(GroupNorm(conv3x3(z) + x))``,
 - ``wall_ms``: wall time of the solve (median over repeats);
 - ``overhead``: ``solve time / (f_evals x time of one f)``, each repeat's solve timed next to
   ``f_evals`` plain calls of ``f`` at the same point, median of the per-repeat ratios;
+  ``overhead_best``: the same from the fastest solve and the fastest f-block (what a quiet
+  machine approaches); ``overhead_cpu``: from the main thread's CPU time (``time.thread_time``,
+  blind to preemption by other processes; with one thread it is all the work);
 - ``converged``: share of samples whose returned iterate has ``rel residual <= tol``.
 
 Then the IFT memory check: peak memory of one forward + backward of ``wt.DEQ(grad="ift")`` as
@@ -16,7 +19,8 @@ CPU the peak is replayed from ``torch.profiler`` memory events, on CUDA
 
 Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--out DIR]``.
 Writes ``DIR/solvers.csv``, ``DIR/solvers_memory.csv`` and ``DIR/solvers.md`` (``--quick``:
-``solvers_quick*``), each with provenance (git sha, torch version, device, threads, date, load).
+``solvers_quick*``; ``--tag T``: ``solvers_T*``), each with provenance (git sha, torch version,
+device, threads, date, load, malloc setting).
 """
 
 from __future__ import annotations
@@ -39,6 +43,29 @@ from wtmodels.atomic import atomic_write_text
 TARGETS = {"anderson": 1.3, "broyden": 1.6}
 FULL_CELLS = [(32, 16, 8), (64, 16, 16), (32, 32, 16), (64, 64, 8), (32, 64, 16)]
 QUICK_CELLS = [(32, 16, 8)]
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory (no trimming, no per-allocation mmap, a padded heap).
+
+    On this kind of VM a page fault costs ~25 us, and with glibc's default thresholds the
+    megabyte tensors that any solver (ours or torchdeq) keeps across calls of ``f`` make freed
+    memory go back to the OS and fault back in, inside ``f`` too (up to 2x its cost). Applies
+    to the whole process and to every solver alike; returns False where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 2**30) == 1 or mallopt(M_MMAP_THRESHOLD, 32 * 2**20) == 1
+    ok = mallopt(M_TRIM_THRESHOLD, 2**30) == 1 and ok
+    ok = mallopt(M_TOP_PAD, 256 * 2**20) == 1 and ok
+    return ok
 
 
 class ConvCell(nn.Module):
@@ -111,15 +138,16 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
                 order.reverse()  # interleave: no solver always runs first
             for name, (_, run) in order:
                 f.calls = 0
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 z, converged = run(f, z0)
-                t_solve = time.perf_counter() - t0
+                t_solve, c_solve = time.perf_counter() - t0, time.thread_time() - c0
                 n = f.calls
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(n):
                     f(z)
-                t_f = (time.perf_counter() - t0) / n
-                samples[name].append((n, t_solve, t_f, float(converged.float().mean())))
+                t_f, c_f = (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
+                samples[name].append((n, t_solve, t_f, float(converged.float().mean()),
+                                      c_solve, c_f))
     rows = []
     for name, (impl, _) in solvers.items():
         s = samples[name]
@@ -129,6 +157,8 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
             "wall_ms": round(1e3 * statistics.median(r[1] for r in s), 2),
             "f_ms": round(1e3 * statistics.median(r[2] for r in s), 3),
             "overhead": round(statistics.median(r[1] / (r[0] * r[2]) for r in s), 3),
+            "overhead_best": round(min(r[1] for r in s) / (s[0][0] * min(r[2] for r in s)), 3),
+            "overhead_cpu": round(statistics.median(r[4] / (r[0] * r[5]) for r in s), 3),
             "converged": round(statistics.median(r[3] for r in s), 3),
         })
     return rows
@@ -209,29 +239,36 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
         "# Solver benchmark (benchmarks/solvers.py)", "",
         f"Provenance: git `{prov['git_sha']}`, torch {prov['torch_version']}, device "
         f"{prov['device']}, threads {prov['threads']}, {prov['date']}, load average "
-        f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}).", "",
+        f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}), "
+        f"glibc malloc {prov['malloc']}.", "",
         f"Cells `relu(GroupNorm(conv3x3(z) + x))`, gain {args.gain}; tol {args.tol} (relative), "
         f"max_iter {args.max_iter}; {args.repeats} interleaved repeats, medians. torchdeq with "
         "its default options (Anderson m=6, lam=1e-4; Broyden full memory).", "",
-        "overhead = solve time / (f-evals x time of one f), measured next to each solve.", "",
-        "| B | C | H | solver | f-evals | wall ms | f ms | overhead | converged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "overhead = solve time / (f-evals x time of one f), measured next to each solve: "
+        "median of per-repeat ratios (wall), from the fastest repeat (best), and from the main "
+        "thread's CPU time (cpu).", "",
+        "| B | C | H | solver | f-evals | wall ms | f ms | overhead | overhead best | "
+        "overhead cpu | converged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['B']} | {r['C']} | {r['H']} | {r['solver']} | {r['f_evals']} | "
-                     f"{r['wall_ms']} | {r['f_ms']} | {r['overhead']} | {r['converged']} |")
+                     f"{r['wall_ms']} | {r['f_ms']} | {r['overhead']} | {r['overhead_best']} | "
+                     f"{r['overhead_cpu']} | {r['converged']} |")
     lines += ["", "## Targets", "",
-              "| B | C | H | solver | overhead (target) | f-evals ours / torchdeq | met |",
-              "|---|---|---|---|---|---|---|"]
+              "| B | C | H | solver | overhead / best (target) | f-evals ours / torchdeq | "
+              "overhead met | f-evals met |",
+              "|---|---|---|---|---|---|---|---|"]
     for (B, C, H, solver), r in by.items():
         if solver not in TARGETS:
             continue
         ref = by[(B, C, H, "torchdeq_" + solver)]
-        ok = (r["overhead"] <= TARGETS[solver] and r["f_evals"] <= ref["f_evals"]
-              and r["converged"] >= ref["converged"])
-        lines.append(f"| {B} | {C} | {H} | {solver} | {r['overhead']} (<= {TARGETS[solver]}) "
-                     f"vs torchdeq {ref['overhead']} | {r['f_evals']} / {ref['f_evals']} | "
-                     f"{'yes' if ok else 'NO'} |")
+        fast = r["overhead"] <= TARGETS[solver]
+        few = r["f_evals"] <= ref["f_evals"] and r["converged"] >= ref["converged"]
+        lines.append(f"| {B} | {C} | {H} | {solver} | {r['overhead']} / {r['overhead_best']} "
+                     f"(<= {TARGETS[solver]}; torchdeq {ref['overhead']} / "
+                     f"{ref['overhead_best']}) | {r['f_evals']} / {ref['f_evals']} | "
+                     f"{'yes' if fast else 'NO'} | {'yes' if few else 'NO'} |")
     lines += ["", "## IFT memory (forward + backward peak)", "",
               "| grad | f_max_iter | peak MB | saved for backward MB |", "|---|---|---|---|"]
     for r in mem:
@@ -245,8 +282,16 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one small cell, 3 repeats")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None)
@@ -254,6 +299,11 @@ def parse_args(argv):
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--gain", type=float, default=1.25)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default=None,
+                   help="output files DIR/solvers_TAG*.{csv,md} (default: none; 'quick' "
+                        "with --quick)")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="tuned: glibc keeps freed memory (see tune_malloc); default: as is")
     args = p.parse_args(argv)
     for name in ("threads", "max_iter"):
         if getattr(args, name) < 1:
@@ -262,6 +312,8 @@ def parse_args(argv):
         p.error("--repeats must be >= 1")
     if not args.tol > 0 or not args.gain > 0:
         p.error("--tol and --gain must be > 0")
+    if args.tag is not None and not args.tag.replace("_", "").replace("-", "").isalnum():
+        p.error("--tag must be letters, digits, '-' or '_'")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     return args
@@ -274,6 +326,7 @@ def main(argv=None) -> int:
         print(f"error: --out {out} is not a directory", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     cells = QUICK_CELLS if args.quick else FULL_CELLS
     rows = []
     for B, C, H in cells:
@@ -281,7 +334,8 @@ def main(argv=None) -> int:
         for r in rows[-5:]:
             print(f"B={B:3d} C={C:3d} H={H:3d} {r['solver']:18s} f-evals {r['f_evals']:3d}  "
                   f"wall {r['wall_ms']:9.2f} ms  f {r['f_ms']:7.3f} ms  overhead "
-                  f"{r['overhead']:5.2f}  converged {r['converged']:.2f}", flush=True)
+                  f"{r['overhead']:5.2f} best {r['overhead_best']:5.2f} cpu "
+                  f"{r['overhead_cpu']:5.2f}  converged {r['converged']:.2f}", flush=True)
     mem = memory_check([10, 40] if args.quick else [10, 20, 40])
     for r in mem:
         print(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
@@ -291,9 +345,12 @@ def main(argv=None) -> int:
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(), "date": machine["date"],
             "load_average_1min": machine["load_average_1min"],
-            "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"]}
-    extra = {k: prov[k] for k in ("git_sha", "torch_version", "device", "threads", "date")}
-    stem = "solvers_quick" if args.quick else "solvers"
+            "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"],
+            "malloc": malloc}
+    extra = {k: prov[k] for k in ("git_sha", "torch_version", "device", "threads", "date",
+                                  "malloc")}
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    stem = f"solvers_{tag}" if tag else "solvers"
     md = markdown(rows, mem, prov, args)
     atomic_write_text(out / f"{stem}.csv", to_csv(rows, extra))
     atomic_write_text(out / f"{stem}_memory.csv", to_csv(mem, extra))

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .common import Problem, Tracker, check_common, check_float, check_positive_int, scratch
+from .common import (
+    Pool,
+    Problem,
+    Tracker,
+    check_common,
+    check_float,
+    check_positive_int,
+    scratch,
+)
 from .stats import SolverStats
 
 
@@ -59,7 +67,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         B, D = x.shape
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience)
+        pool = Pool(ctx, "anderson.x", x)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
         sm = tracker.small
         F = ctx.enter_context(scratch("anderson.F", (B, m, D), x))  # f(x_i) history
         G = ctx.enter_context(scratch("anderson.G", (B, m, D), x))  # residuals f(x_i) - x_i
@@ -80,19 +89,18 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             F_slot[slot].copy_(fx)
             H[:, slot, :n] = row
             H[:, :n, slot] = row
+            x_new = pool.take(x, tracker.best_x)
             if n == 1:
-                x_new = fx if beta == 1.0 else torch.add(x, g, alpha=beta)
+                torch.add(x, g, alpha=beta, out=x_new)
             else:
                 alpha = sm.torch(_mixing_weights(sm, H[:, :n, :n], lam, ones[:, :n],
                                                  eye[slot, :n]))
                 a = alpha.unsqueeze(1)  # (B, 1, n)
-                x_new = torch.bmm(a, F_hist[n])  # (B, 1, D)
+                torch.bmm(a, F_hist[n], out=x_new.unsqueeze(1))  # (B, 1, D)
                 if beta != 1.0:
-                    x_new = torch.baddbmm(x_new, a, G_histT[n].transpose(1, 2),
-                                          alpha=beta - 1.0)
-                x_new = x_new.squeeze(1)
+                    x_new.unsqueeze(1).baddbmm_(a, G_histT[n].transpose(1, 2), alpha=beta - 1.0)
             x = tracker.freeze(x_new)
-        return prob.restore(tracker.best_x), tracker.stats()
+        return prob.restore(tracker.result()), tracker.stats()
 
 
 def _mixing_weights(sm, H, lam: float, ones, fallback):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Problem, Tracker, check_common, check_positive_int, scratch
+from .common import Pool, Problem, Tracker, check_common, check_positive_int, scratch
 from .stats import SolverStats
 
 
@@ -59,7 +59,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         B, D = x.shape
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience)
+        pool = Pool(ctx, "broyden.x", x)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
         sm = tracker.small
         hist = ctx.enter_context(scratch("broyden.hist", (B, m, 2, D), x))  # slot i: (s_i, p_i)
         gs = ctx.enter_context(scratch("broyden.gs", (2, B, 2, D), x))  # alternating (g, s) rows
@@ -75,10 +76,11 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             fx = prob(x)
             cur = gs[k % 2]  # (B, 2, D)
             g = torch.sub(fx, x, out=cur[:, 0])
-            if tracker.update(x, fx, g) or tracker.n_iter == max_iter:
+            if tracker.update(x, fx, g, live=(x_prev,)) or tracker.n_iter == max_iter:
                 break
+            x_new = pool.take(x, tracker.best_x)
             if k == 0:
-                x_new = fx
+                x_new.copy_(fx)
             else:
                 n, slot = min(k, m), (k - 1) % m
                 s_slot, p_slot = slots[slot]
@@ -98,11 +100,11 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 M = SY[:, :n, :n] + SS[:, :n, :n] * mask
                 c, ok = sm.solve(M, Sg)  # (B, n)
                 c = sm.torch(sm.xp.where(ok[:, None], c, 0.0))
-                x_new = torch.baddbmm(fx.unsqueeze(1), c.unsqueeze(1), P_hist[n],
-                                      alpha=-1.0).squeeze(1)  # f(x) - P c
+                torch.baddbmm(fx.unsqueeze(1), c.unsqueeze(1), P_hist[n], alpha=-1.0,
+                              out=x_new.unsqueeze(1))  # f(x) - P c
             x_prev, fx_prev = x, fx
-            x = tracker.freeze(x_new)
-        return prob.restore(tracker.best_x), tracker.stats()
+            x = tracker.freeze(x_new, live=(x_prev,))
+        return prob.restore(tracker.result()), tracker.stats()
 
 
 def _newer_masks(m: int, device, dtype) -> torch.Tensor:

@@ -154,6 +154,29 @@ class Problem:
         return x.view(self.shape).to(self.dtype)
 
 
+class Pool:
+    """A few reusable ``(B, D)`` buffers for iterates, so a solve allocates no big tensors.
+
+    Freeing and re-allocating megabyte tensors every step makes glibc return memory to the OS
+    and page-fault it back, which slows ``f`` itself; iterates written into these (kept,
+    :func:`scratch`) buffers avoid that. ``take(*live)`` returns a buffer that holds none of
+    ``live``.
+    """
+
+    def __init__(self, ctx: contextlib.ExitStack, name: str, like: torch.Tensor, size: int = 4):
+        self.buffers = ctx.enter_context(scratch(name, (size, *like.shape), like)).unbind(0)
+
+    def take(self, *live: torch.Tensor | None) -> torch.Tensor:
+        used = {t.data_ptr() for t in live if t is not None}
+        for buf in self.buffers:
+            if buf.data_ptr() not in used:
+                return buf
+        raise RuntimeError("iterate pool exhausted")  # a solver bug: more live iterates
+
+    def owns(self, t: torch.Tensor) -> bool:
+        return any(t.data_ptr() == buf.data_ptr() for buf in self.buffers)
+
+
 class Small:
     """Array namespace for the per-sample vectors and small systems of a solve.
 
@@ -204,8 +227,9 @@ class Tracker:
     """
 
     def __init__(self, x0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
-                 div_factor: float, patience: int):
+                 div_factor: float, patience: int, pool: Pool | None = None):
         B = x0.shape[0]
+        self.pool = pool
         self.small = sm = Small(x0)
         self.tol, self.rel = tol, stop_mode == "rel"
         self.div_factor, self.patience = div_factor, patience
@@ -228,12 +252,14 @@ class Tracker:
         """``(B,)`` bool torch tensor: samples still iterating."""
         return self.small.torch(self.active)
 
-    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, g_sq=None) -> bool:
+    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, g_sq=None,
+               live: tuple = ()) -> bool:
         """Record the evaluation ``fx = f(x)``, ``g = fx - x`` (all ``(B, D)``).
 
         Args:
             g_sq: ``||g||^2`` per sample (an array of :attr:`small`) if the solver already has
                 it, saving a pass over ``g``.
+            live: other pool iterates the solver still needs (not to be overwritten).
 
         Returns:
             ``True`` when every sample has stopped.
@@ -259,7 +285,8 @@ class Tracker:
         if self.all_active and bool(improved.all()):
             self.best_x = x
         else:
-            self.best_x = torch.where(sm.torch(improved)[:, None], x, self.best_x)
+            out = self.pool.take(x, self.best_x, *live) if self.pool else None
+            self.best_x = torch.where(sm.torch(improved)[:, None], x, self.best_x, out=out)
         self.best_abs = xp.where(improved, abs_r, self.best_abs)
         self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
@@ -275,11 +302,18 @@ class Tracker:
         self.all_active = n_active == len(self.active)
         return n_active == 0
 
-    def freeze(self, x_new: torch.Tensor) -> torch.Tensor:
+    def freeze(self, x_new: torch.Tensor, live: tuple = ()) -> torch.Tensor:
         """Stopped samples stay at their best iterate; the others take ``x_new``."""
         if self.all_active:
             return x_new
-        return torch.where(self.active_mask[:, None], x_new, self.best_x)
+        out = self.pool.take(x_new, self.best_x, *live) if self.pool else None
+        return torch.where(self.active_mask[:, None], x_new, self.best_x, out=out)
+
+    def result(self) -> torch.Tensor:
+        """The best iterates ``(B, D)``, in memory of their own (not a pool buffer)."""
+        if self.pool is not None and self.pool.owns(self.best_x):
+            return self.best_x.clone()
+        return self.best_x
 
     def stats(self) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Problem, Tracker, check_common, check_float
+from .common import Pool, Problem, Tracker, check_common, check_float, scratch
 from .stats import SolverStats
 
 
@@ -40,14 +40,19 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     check_common(max_iter, tol, stop_mode, div_factor, patience)
     check_float("tau", tau, 0.0, 1.0)
     prob = Problem(f, z0)
-    with prob.solver_mode():
+    with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience)
+        pool = Pool(ctx, "fixed_point.x", x)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
+        g = ctx.enter_context(scratch("fixed_point.g", x.shape, x))
         for _ in range(max_iter):
             fx = prob(x)
-            g = fx - x
+            torch.sub(fx, x, out=g)
             if tracker.update(x, fx, g) or tracker.n_iter == max_iter:
                 break
-            x_new = fx if tau == 1.0 else torch.add(x, g, alpha=tau)
+            if tau == 1.0:
+                x_new = fx
+            else:
+                x_new = torch.add(x, g, alpha=tau, out=pool.take(x, tracker.best_x))
             x = tracker.freeze(x_new)
-        return prob.restore(tracker.best_x), tracker.stats()
+        return prob.restore(tracker.result()), tracker.stats()
