@@ -382,7 +382,7 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
     """Run every configuration of :func:`sweep` for every seed, then tabulate and plot.
 
     Runs go to ``out_dir/runs/<run_id>`` (a run with ``done.json`` is not run again), the
-    pretrained model to ``out_dir/_pretrained``; ``results.csv`` is rewritten atomically after
+    pretrained model to ``out_dir/runs/_pretrained``; ``results.csv`` is rewritten atomically after
     every run, the plots and ``summary.md`` at the end.
 
     Args:
@@ -426,7 +426,7 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
             with open(done) as f:
                 metrics = json.load(f)
         else:
-            metrics = run({**config, "cache_dir": os.path.join(out_dir, "_pretrained")}, run_dir)
+            metrics = run(config, run_dir)  # pretrained model cached in out_dir/runs/_pretrained
             atomic_write_json(done, metrics)
         rows.append({**config, **metrics, "run_id": run_id, "label": label,
                      "config_id": config_id_for(label, config), "mask_k": 0,
