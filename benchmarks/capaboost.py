@@ -61,11 +61,11 @@ SETTINGS = {
     "test_size": 4000, "pretrain_epochs": 3, "finetune_epochs": 4, "batch_size": 64, "lr": 3e-3,
     "pretrain_seed": 0,
 }
-#: the smoke size: digits, the tiny test model, one epoch
+#: the smoke size: digits (all ~720 images per task), the tiny test model, a few epochs
 SMOKE_SETTINGS = {
     **SETTINGS, "dataset": "digits", "image_size": None, "model": "test_wt", "width": 8,
-    "depth": 2, "stages": 1, "pretrain_size": None, "finetune_size": 128, "test_size": None,
-    "pretrain_epochs": 1, "finetune_epochs": 1,
+    "depth": 2, "stages": 1, "pretrain_size": None, "finetune_size": None, "test_size": None,
+    "pretrain_epochs": 4, "finetune_epochs": 3,
 }
 RANKS, SMOKE_RANKS = (1, 2, 4), (1,)
 COPIES, DENSITY = (2, 4), 0.5
@@ -387,7 +387,7 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
 
     Args:
         out_dir: the experiment directory.
-        smoke: the tiny size (digits, ``test_wt``, one epoch).
+        smoke: the tiny size (digits, ``test_wt``, a few epochs: seconds).
         seeds: fine-tuning seeds.
         threads: torch intra-op threads (None: leave torch's setting).
         **overrides: replace settings of every run (e.g. ``dataset="digits"``).
