@@ -14,7 +14,10 @@ conv to ``out``; ``dW`` is the equivalent ``(out, in, k, k)`` kernel.
 
 The sum over copies is one product: the masked ``A`` copies are concatenated along the rank
 dimension and the masked ``B`` copies along their input dimension, so the update runs as one
-down-projection to ``d * r`` channels and one up-projection.
+down-projection to ``d * r`` channels and one up-projection ("factorized"). Where that thin
+product would cost more than a tenth of the base layer, the layer instead runs once with the
+weight ``W + dW`` ("dense", chosen per layer by ``impl="auto"``); both give the same values and
+gradients, and both form the masked copies once per forward pass of the model.
 """
 
 from __future__ import annotations
