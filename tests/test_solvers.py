@@ -11,6 +11,7 @@ import wtmodels as wt
 from wtmodels.solvers import anderson, broyden, fixed_point
 
 SOLVERS = ["fixed_point", "anderson", "broyden"]
+F64 = torch.float64
 
 
 def linear_problem(shape, dtype, contraction=0.8, seed=0):
@@ -297,3 +298,43 @@ def test_summary_schema():
     assert s["converged"] == 1.0 and s["diverged"] == 0.0
     assert s["rel_residual"] <= s["rel_residual_max"] <= 1e-5
     assert s["nstep"] == float(stats.nstep.double().mean())
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_device_code_path_with_torch_arrays(method, monkeypatch):
+    # on GPUs the per-sample bookkeeping stays in torch; run that code path on CPU tensors
+    from wtmodels.solvers import common
+
+    original = common.Small.__init__
+
+    def torch_only(self, like):
+        original(self, like)
+        self.cpu, self.xp = False, torch
+
+    monkeypatch.setattr(common.Small, "__init__", torch_only)
+    f, exact = linear_problem((3, 2, 3, 3), torch.float64)
+    z, stats = wt.solve(f, torch.zeros(3, 2, 3, 3, dtype=F64), method=method, max_iter=300,
+                        tol=1e-11)
+    assert stats.converged.all() and isinstance(stats.nstep, torch.Tensor)
+    torch.testing.assert_close(z, exact, rtol=1e-9, atol=1e-9)
+    bad = torch.tensor([False, True])[:, None]
+    z, stats = wt.solve(lambda z: torch.where(bad, torch.log(z), 0.5 * z + 1.0),
+                        torch.full((2, 3), 2.0), method=method, max_iter=60, tol=1e-6)
+    assert torch.isfinite(z).all() and stats.diverged.tolist() == [False, True]
+
+
+def test_nested_solves_and_returned_memory_is_own():
+    # f itself runs a solve of the same kind and shape: the inner one gets fresh buffers
+    def f(z):
+        inner, _ = wt.solve(lambda y: 0.5 * y + z, torch.zeros_like(z), tol=1e-10)  # y = 2 z
+        return 0.25 * inner + 1.0  # z = 0.5 z + 1 -> 2
+
+    z0 = torch.zeros(3, 4, dtype=F64)
+    z, stats = wt.solve(f, z0, tol=1e-9, max_iter=100)
+    assert stats.converged.all()
+    torch.testing.assert_close(z, torch.full((3, 4), 2.0, dtype=F64))
+    z_again, _ = wt.solve(f, z0, tol=1e-9, max_iter=100)  # reuses the kept buffers
+    torch.testing.assert_close(z, z_again, rtol=0, atol=0)
+    # nothing returned aliases z0 or the solver's buffers
+    z_start, _ = wt.solve(lambda z: z + 1, z0, max_iter=3, stop_mode="abs")
+    assert z_start.data_ptr() != z0.data_ptr()

@@ -173,9 +173,6 @@ class Pool:
                 return buf
         raise RuntimeError("iterate pool exhausted")  # a solver bug: more live iterates
 
-    def owns(self, t: torch.Tensor) -> bool:
-        return any(t.data_ptr() == buf.data_ptr() for buf in self.buffers)
-
 
 class Small:
     """Array namespace for the per-sample vectors and small systems of a solve.
@@ -272,7 +269,7 @@ class Tracker:
             if g_sq is None:
                 abs_r = sm.of(torch.linalg.vector_norm(g, dim=1))
             else:
-                abs_r = xp.sqrt(xp.maximum(g_sq, 0.0))  # NaN stays NaN
+                abs_r = xp.sqrt(g_sq.clip(0.0))  # NaN stays NaN
             bad = ~xp.isfinite(abs_r + f_norm)  # non-finite f(x), or an overflowing norm
             abs_r = xp.where(bad, math.inf, abs_r)
             rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
@@ -310,10 +307,8 @@ class Tracker:
         return torch.where(self.active_mask[:, None], x_new, self.best_x, out=out)
 
     def result(self) -> torch.Tensor:
-        """The best iterates ``(B, D)``, in memory of their own (not a pool buffer)."""
-        if self.pool is not None and self.pool.owns(self.best_x):
-            return self.best_x.clone()
-        return self.best_x
+        """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``)."""
+        return self.best_x.clone()
 
     def stats(self) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""
