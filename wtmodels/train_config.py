@@ -9,7 +9,7 @@ Example:
     >>> from wtmodels.train_config import TrainConfig
     >>> cfg = TrainConfig(model="wt_s", epochs=3, lr=0.01)
     >>> cfg.optimizer, cfg.batch_size
-    ('adamw', 64)
+    ('adamw', 32)
     >>> TrainConfig(optimizer="rmsprop")
     Traceback (most recent call last):
     ...
@@ -74,13 +74,13 @@ class TrainConfig:
                                   ge=1)
     synthetic_channels: int | None = _opt(None, "synthetic dataset: image channels (3)", ge=1)
     synthetic_classes: int | None = _opt(None, "synthetic dataset: classes (10)", ge=2)
-    batch_size: int = _opt(64, "global training batch size (split over processes)", ge=1)
+    batch_size: int = _opt(32, "global training batch size (split over processes)", ge=1)
     test_batch_size: int | None = _opt(None, "global test batch size (default 2x batch size)",
                                        ge=1)
     num_workers: int = _opt(0, "data-loader worker processes per process", ge=0)
     # optimisation
     optimizer: str = _opt("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
-    lr: float = _opt(3e-3, "peak learning rate", gt=0)
+    lr: float = _opt(5e-3, "peak learning rate", gt=0)
     momentum: float = _opt(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(0.05, "weight decay (matrices and kernels only, not biases or "
