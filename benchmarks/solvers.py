@@ -241,6 +241,9 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
         f"{prov['device']}, threads {prov['threads']}, {prov['date']}, load average "
         f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}), "
         f"glibc malloc {prov['malloc']}.", "",
+        *([f"**Warning**: the load average ({prov['load_average_1min']}) exceeds the CPU count: "
+           "other processes dominate these timings; compare ratios within this run only.", ""]
+          if (prov["load_average_1min"] or 0) > prov["cpu_count"] else []),
         f"Cells `relu(GroupNorm(conv3x3(z) + x))`, gain {args.gain}; tol {args.tol} (relative), "
         f"max_iter {args.max_iter}; {args.repeats} interleaved repeats, medians. torchdeq with "
         "its default options (Anderson m=6, lam=1e-4; Broyden full memory).", "",
