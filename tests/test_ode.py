@@ -1,0 +1,78 @@
+"""Tests of the ODE core: NFE counting, known answers, adjoint gradients, masks."""
+
+import pytest
+import torch
+
+import wtmodels as wt
+from wtmodels.cells import ConvCell
+from wtmodels.ode import ODECore
+
+X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_fixed_grid_nfe_is_known():
+    model = wt.create_model("test_ode", in_chans=1, depth=3, ode_method="rk4")
+    model(X)
+    assert model.core_stats() == {"nfe": 12.0, "cell_evals": 12.0}  # 3 steps x 4 stages
+    model.set_depth(5)  # T scales with the depth: 5 steps of the same size
+    model(X)
+    assert model.core_stats()["nfe"] == 20.0
+    euler = wt.create_model("test_ode", in_chans=1, depth=3, ode_method="euler", stages=2)
+    euler(X)
+    assert euler.core_stats()["nfe"] == 6.0  # summed over the two stages
+
+
+def test_euler_with_unit_steps_is_the_unrolled_model():
+    # z + 1 * (f(z) - z) = f(z): Euler with step T / depth = 1 is the weight-tied iteration
+    torch.manual_seed(0)
+    unrolled = wt.create_model("test_wt", in_chans=1, depth=4, mask_k=2)
+    ode = wt.create_model("test_ode", in_chans=1, depth=4, mask_k=2, ode_method="euler",
+                          ode_T=4.0)
+    ode.load_state_dict(unrolled.state_dict())
+    assert torch.allclose(ode(X), unrolled(X), atol=1e-5)
+
+
+def test_adaptive_nfe_grows_with_tolerance():
+    nfe = []
+    for tol in (1e-3, 1e-6):
+        torch.manual_seed(0)
+        model = wt.create_model("test_ode", in_chans=1, ode_method="dopri5", ode_rtol=tol,
+                                ode_atol=tol, norm="none")
+        model(X)
+        nfe.append(model.core_stats()["nfe"])
+    assert nfe[0] >= 6 and nfe[1] > nfe[0]
+
+
+def test_adjoint_gradients_match_direct_backprop():
+    # norm="none" keeps the dynamics non-stiff; the residual gap comes from relu kinks and
+    # shrinks with the tolerance (a missing gradient path would be off by O(1))
+    grads = []
+    for adjoint in (False, True):
+        torch.manual_seed(0)
+        model = wt.create_model("test_ode", in_chans=1, ode_method="dopri5", ode_rtol=1e-6,
+                                ode_atol=1e-6, ode_adjoint=adjoint, norm="none", mask_k=2,
+                                ode_T=1.0).double()
+        model(X[:1, :, :6, :6].double()).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert (grads[1][name] - g).abs().max() <= 2e-2 * g.abs().max(), name
+
+
+def test_masks_in_time_segments():
+    torch.manual_seed(0)
+    core = ODECore(wt.apply_masks(ConvCell(8, norm_groups=4), k=2, schedule="block"), depth=4,
+                   method="rk4")
+    assert core._segments() == [(0, 2, 0), (2, 4, 1)]  # merged runs of one mask
+    core = ODECore(wt.apply_masks(ConvCell(8, norm_groups=4), k=2), depth=3, method="rk4")
+    assert core._segments() == [(0, 1, 0), (1, 2, 1), (2, 3, 0)]
+    core(torch.randn(1, 8, 4, 4))
+    assert core.last_stats["nfe"] == 12  # segments do not change the step count
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dopri5"):
+        ODECore(ConvCell(8), depth=2, method="leapfrog")
+    with pytest.raises(ValueError, match="ode_T"):
+        ODECore(ConvCell(8), depth=2, T=-1.0)
+    with pytest.raises(ValueError, match="depth"):
+        ODECore(ConvCell(8), depth=0)
