@@ -27,7 +27,7 @@ GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages"
 METRICS = ("test_acc", "best_test_acc", "train_acc", "epoch_time_s", "train_time_s",
            "images_per_s", "peak_mem_mb", "params", "nonzero_params_per_iter", "cell_evals",
            "flops_per_image", "nstep", "rel_residual", "rel_residual_max", "converged",
-           "diverged", "diverged_max", "skipped_steps", "nfe", "wall_s")
+           "diverged", "diverged_max", "skipped_steps", "nfe", "wall_s", "cpu_s")
 
 
 def number(value) -> float | None:

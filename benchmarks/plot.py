@@ -358,7 +358,9 @@ def plot_capacity(rows: Sequence[dict]) -> Figure | None:
 
 
 def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
-    """Accuracy vs total training time, and vs peak memory, one colour per label.
+    """Accuracy vs total training time (wall clock of the epochs), vs the CPU seconds of the
+    run's process (when recorded: the cost whatever else the machine ran), and vs peak memory;
+    one colour per label.
 
     Example:
         >>> rows = [{"label": l, "train_time_s": t, "test_acc": .8, "peak_mem_mb": 50}
@@ -366,16 +368,18 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
         >>> [ax.get_xlabel() for ax in plot_time_memory(rows).axes]
         ['training time (s)', 'peak memory (MB)']
     """
-    groups = [g for g in aggregate(rows, ["test_acc", "train_time_s", "peak_mem_mb"])
+    groups = [g for g in aggregate(rows, ["test_acc", "train_time_s", "cpu_s", "peak_mem_mb"])
               if has([g], "test_acc")]
     timed = [g for g in groups if has([g], "train_time_s")]
     if len(_labels(timed)) < 2:
         return None
-    with_mem = len(_labels([g for g in groups if has([g], "peak_mem_mb")])) >= 2
-    fig = Figure(figsize=(13 if with_mem else 7, 4.5), layout="constrained")
     panels = [("train_time_s", "training time (s)", "Accuracy vs training time")]
-    if with_mem:
+    if len(_labels([g for g in groups if has([g], "cpu_s")])) >= 2:
+        panels.append(("cpu_s", "CPU seconds of the run's process",
+                       "Accuracy vs CPU time (whole run)"))
+    if len(_labels([g for g in groups if has([g], "peak_mem_mb")])) >= 2:
         panels.append(("peak_mem_mb", "peak memory (MB)", "Accuracy vs peak memory"))
+    fig = Figure(figsize=(5.5 * len(panels) + 1, 4.5), layout="constrained")
     for i, (metric, xlabel, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for label in _labels(groups):
@@ -432,7 +436,9 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
         skipped = [number(r.get("skipped_steps")) for r in mine]
         stopped = [1.0 if r.get("status") == "diverged" else 0.0 for r in mine]
         if any(v is not None for v in div + skipped) or any(stopped):
+            conv = [number(r.get("converged")) for r in mine]
             divergence[lab] = (
+                mean_std(1.0 - v for v in conv if v is not None)[0],
                 mean_std(v for v in div if v is not None)[0],
                 mean_std(1.0 if (v or 0) > 0 else 0.0 for v in skipped if v is not None)[0],
                 mean_std(stopped)[0])
@@ -453,16 +459,16 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
         elif panel == "divergence":
             names = list(divergence)
             bars = [[_pct(divergence[n][i]) if math.isfinite(divergence[n][i]) else 0.0
-                     for n in names] for i in range(3)]
-            for i, (values, color, what) in enumerate(zip(bars, ("C3", "C7", "black"), (
-                    "diverged solves (test)", "runs with skipped steps",
-                    "runs stopped (non-finite)"))):
-                ax.bar([x + 0.27 * (i - 1) for x in range(len(names))], values, width=0.27,
+                     for n in names] for i in range(4)]
+            for i, (values, color, what) in enumerate(zip(bars, ("C1", "C3", "C7", "black"), (
+                    "solves not converged to tol (test)", "diverged solves (test)",
+                    "runs with skipped steps", "runs stopped (non-finite)"))):
+                ax.bar([x + 0.2 * (i - 1.5) for x in range(len(names))], values, width=0.2,
                        color=color, label=f"{what} (%)")
             ax.set_xticks(list(range(len(names))))
             ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-            ax.set_ylim(0, max(5.0, *bars[0], *bars[1], *bars[2]) * 1.25)
-            _finish(ax, "", "percent", "Divergence")
+            ax.set_ylim(0, max(5.0, *(v for b in bars for v in b)) * 1.35)
+            _finish(ax, "", "percent", "Solver and training failures")
         else:
             _strip(ax, spread, "std of test accuracy over seeds (points)",
                    "Seed spread per configuration")

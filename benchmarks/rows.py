@@ -17,7 +17,8 @@ file                   row columns
 ``model_info.json``    ``params``, ``nonzero_params_per_iter``, ``cell_evals``, ``flops_per_image``
 ``done.json``          final metrics (fill what ``metrics.jsonl`` lacks; custom runners)
 ``harness.json``       ``status`` (``ok``, or ``diverged`` when the trainer stopped on
-                       non-finite losses), ``wall_s``, ``threads``, ``load_average_1min``
+                       non-finite losses), ``wall_s`` and ``cpu_s`` (wall and CPU seconds of
+                       the run's process), ``threads``, ``load_average_1min``
 =====================  ====================================================================
 
 plus the sweep's provenance (``git_sha`` of the harness, with ``-dirty`` when the tree had
@@ -54,7 +55,7 @@ LEADING_COLUMNS = (
     "epoch_time_s", "train_time_s", "images_per_s", "peak_mem_mb", "params",
     "nonzero_params_per_iter", "cell_evals", "flops_per_image", "nstep", "rel_residual",
     "rel_residual_max", "converged", "diverged", "diverged_max", "skipped_steps", "nfe",
-    "git_sha", "torch_version", "device", "threads", "wall_s", "date",
+    "git_sha", "torch_version", "device", "threads", "wall_s", "cpu_s", "date",
 )
 
 #: fields of the run's resolved config copied into the row when present

@@ -86,6 +86,7 @@ class RunOutcome:
         wall_s: seconds in the run's process (0 when it did not run now).
         harness_s: seconds the harness spent on the run outside that process.
         message: the failure's last log line, or "".
+        cpu_s: CPU seconds of the run's process (0 when it did not run now).
     """
 
     run_id: str
@@ -93,6 +94,7 @@ class RunOutcome:
     wall_s: float = 0.0
     harness_s: float = 0.0
     message: str = ""
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -108,6 +110,7 @@ class SweepReport:
         recorded: finished runs whose row was missing and was added.
         failed: outcomes of the runs that failed.
         runs_wall_s: sum of the run processes' wall times.
+        runs_cpu_s: sum of their CPU times (what the runs cost, whatever else the machine ran).
         harness_s: time the harness itself spent around the runs.
         sweep_wall_s: wall time of the run phase.
         post_s: seconds in extrapolation, plots and the summary.
@@ -121,6 +124,7 @@ class SweepReport:
     recorded: int = 0
     failed: list[RunOutcome] = field(default_factory=list)
     runs_wall_s: float = 0.0
+    runs_cpu_s: float = 0.0
     harness_s: float = 0.0
     sweep_wall_s: float = 0.0
     post_s: float = 0.0
@@ -289,7 +293,7 @@ def execute_run(task: RunTask) -> RunOutcome:
         if _finished(run_dir):
             _record(task, run_dir)
             return RunOutcome(spec.run_id, "recorded", 0.0, time.perf_counter() - start)
-        code, wall, resumed = _launch(task, spec, run_dir)
+        code, wall, cpu, resumed = _launch(task, spec, run_dir)
         if code == EXIT_DIVERGED and spec.runner is None:
             atomic_write_json(os.path.join(run_dir, STOPPED), {
                 "status": "diverged", "reason": _last_line(os.path.join(run_dir, LOG))})
@@ -299,20 +303,21 @@ def execute_run(task: RunTask) -> RunOutcome:
                               f"exit {code}: {why} (log: {os.path.join(run_dir, LOG)})")
         status = "ok" if code == 0 else "diverged"
         atomic_write_json(os.path.join(run_dir, "harness.json"), {
-            "wall_s": round(wall, 3), "threads": task.threads, "status": status,
+            "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "threads": task.threads,
+            "status": status,
             "load_average_1min": load_average(), "date": now_utc(), "resumed": resumed})
         _record(task, run_dir)
         return RunOutcome(spec.run_id, "ran" if code == 0 else "diverged", wall,
-                          time.perf_counter() - start - wall)
+                          time.perf_counter() - start - wall, cpu_s=cpu)
     finally:
         os.close(lock_fd)
 
 
-def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, bool]:
-    """Start the run's process (resuming when there is a checkpoint).
+def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, float, bool]:
+    """Start the run's process (resuming when there is a checkpoint) and wait for it.
 
     Returns:
-        ``(exit status, wall seconds, resumed)``.
+        ``(exit status, wall seconds, CPU seconds of the process, resumed)``.
     """
     resume = spec.runner is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
     if not resume and os.path.isdir(run_dir):
@@ -331,10 +336,16 @@ def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, boo
         log.write(" ".join(cmd) + "\n")
         log.flush()
         run_start = time.perf_counter()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                              preexec_fn=_die_with_parent).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
+        except BaseException:
+            proc.kill()
+            raise
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - run_start
-    return code, wall, resume
+    return code, wall, usage.ru_utime + usage.ru_stime, resume
 
 
 def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None = None,
@@ -397,10 +408,11 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     setup_start = time.perf_counter()
     os.makedirs(os.path.join(out, RUNS), exist_ok=True)
     prov = provenance()
-    atomic_write_json(os.path.join(out, "machine.json"), {
-        **describe_machine(), "preset": preset, "smoke": smoke, "jobs": jobs,
-        "threads_per_run": threads, "launcher": launcher})
     todo = [r for r in runs if states[r.run_id] != "recorded"]
+    if todo:  # describe the machine the runs are measured on (kept when a rerun runs nothing)
+        atomic_write_json(os.path.join(out, "machine.json"), {
+            **describe_machine(), "preset": preset, "smoke": smoke, "jobs": jobs,
+            "threads_per_run": threads, "launcher": launcher})
     report.skipped = len(runs) - len(todo)
     echo(f"{preset}: {len(runs)} runs, {report.skipped} already recorded, {len(todo)} to go "
          f"({jobs} at a time, {threads} thread(s) each) -> {out}")
@@ -413,6 +425,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     report.sweep_wall_s = time.perf_counter() - phase_start + setup_s
     for outcome in outcomes:
         report.runs_wall_s += outcome.wall_s
+        report.runs_cpu_s += outcome.cpu_s
         report.harness_s += outcome.harness_s
         if outcome.status in ("ran", "diverged"):
             report.ran += 1
@@ -430,7 +443,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     if spec.extrapolate and extrapolation:
         from benchmarks.extrapolate import extrapolate_sweep
 
-        extrapolate_sweep(out, spec.extrapolate, threads=threads, device=device, echo=echo)
+        extrapolate_sweep(out, spec.extrapolate, threads=jobs * (threads or 1), device=device,
+                          echo=echo)
     if plots:
         from benchmarks.plot import make_report
 
@@ -438,7 +452,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         echo(table)
         echo(f"plots: {', '.join(os.path.basename(p) for p in paths) or 'none'}")
     report.post_s = time.perf_counter() - post_start
-    _save_timing(out, report)
+    if report.ran:
+        _save_timing(out, report)
     return report
 
 
@@ -452,7 +467,7 @@ def _execute_and_echo(task: RunTask) -> RunOutcome:
 def _save_timing(out: str, report: SweepReport) -> None:
     timing = {k: v for k, v in dataclasses.asdict(report).items() if k != "failed"}
     timing.update(failed=[o.run_id for o in report.failed], harness_overhead=report.overhead,
-                  date=now_utc())
+                  date=now_utc(), load_average_1min_at_end=load_average())
     atomic_write_json(os.path.join(out, "harness_timing.json"), timing)
 
 
@@ -531,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"ran {report.ran} ({report.diverged} diverged), recorded {report.recorded}, skipped "
           f"{report.skipped}, busy elsewhere {report.busy}, failed "
-          f"{len(report.failed)}; runs {report.runs_wall_s:.1f} s, harness "
+          f"{len(report.failed)}; runs {report.runs_wall_s:.1f} s ({report.runs_cpu_s:.1f} "
+          f"CPU s), harness "
           f"{report.harness_s:.2f} s ({100 * report.overhead:.2f}% of the runs), "
           f"extrapolation + plots {report.post_s:.1f} s")
     for outcome in report.failed:

@@ -93,6 +93,8 @@ def _visible(table: Sequence[dict]) -> list[tuple[str, str, str]]:
 def _cell(g: dict, key: str, kind: str) -> str:
     if kind == "text":
         value = g.get(key)
+        if key == "depth" and g.get("core") == "deq":
+            return "–"  # a DEQ has a solver budget, not a depth
         return "" if value is None else str(value)
     mean, std = g.get(f"{key}_mean", math.nan), g.get(f"{key}_std", math.nan)
     if not math.isfinite(mean):

@@ -1,0 +1,168 @@
+"""Plots, summary table and recommendations drawn from results directories the tests write."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+from benchmark_fakes import fake_rows, write_fake_sweep
+
+from benchmarks import plot
+from benchmarks.aggregate import aggregate
+from benchmarks.recommend import main as recommend_main
+from benchmarks.recommend import recommend
+from benchmarks.summary import summary_table, to_markdown
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return fake_rows()
+
+
+def _errorbar_lines(ax) -> dict[str, tuple[list, list]]:
+    """legend label -> (x, y) of each error-bar line of an axis."""
+    handles, labels = ax.get_legend_handles_labels()
+    out = {}
+    for container in ax.containers:
+        if container.get_label() in labels:
+            line = container.lines[0]
+            out[container.get_label()] = (list(line.get_xdata()), list(line.get_ydata()))
+    return out
+
+
+def test_accuracy_vs_depth_plots_the_seed_means_per_width(rows):
+    fig = plot.plot_accuracy_vs_depth(rows)
+    lines = _errorbar_lines(fig.axes[0])
+    assert {"WT, width 8", "WT, width 16", "untied, width 8",
+            "WT + distinct masks, width 16"} <= set(lines)
+    xs, ys = lines["WT, width 16"]
+    assert xs == [1, 2, 4]
+    for x, y in zip(xs, ys):  # known answer: the mean over the three seeds, in percent
+        accs = [r["test_acc"] for r in rows
+                if r["label"] == "WT" and r["width"] == 16 and r["depth"] == x]
+        assert len(accs) == 3 and y == pytest.approx(100 * statistics.fmean(accs))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("DEQ") and "no depth axis" in t for t in legend)  # DEQ as a band
+    assert fig.axes[0].get_ylabel() == "test accuracy (%)"
+
+
+def test_panels_are_skipped_when_the_data_cannot_support_them(rows):
+    one_width = [r for r in rows if r["width"] == 8]
+    assert plot.plot_accuracy_vs_width(one_width) is None
+    assert plot.plot_accuracy_vs_width(rows) is not None
+    no_masks = [r for r in rows if not r["mask_k"] or r["mask_k"] == r["depth"]]
+    assert plot.plot_masks(no_masks) is None
+    one_label = [r for r in rows if r["label"] == "WT"]
+    assert plot.plot_capacity(one_label) is None and plot.plot_time_memory(one_label) is None
+    assert plot.plot_extrapolation([]) is None
+    single_seed = [r for r in rows if r["seed"] == 0 and r["label"] == "WT"]
+    for r in single_seed:
+        r.pop("skipped_steps", None)
+    assert plot.plot_stability(single_seed) is None
+
+
+def test_masks_panel_compares_distinct_shared_and_none(rows):
+    fig = plot.plot_masks(rows)
+    assert len(fig.axes) == 2  # vs number of masks and vs density
+    k_axis = fig.axes[0]
+    lines = _errorbar_lines(k_axis)
+    xs, ys = lines["density 0.5"]
+    assert xs == [1, 2, 4, 8]  # K = 1 is the shared mask
+    expected = statistics.fmean(r["test_acc"] for r in rows if r["depth"] == 4
+                                and r["width"] == 8 and r["mask_k"] == 1
+                                and r["mask_density"] == 0.5)
+    assert ys[0] == pytest.approx(100 * expected)
+    legend = [t.get_text() for t in k_axis.get_legend().get_texts()]
+    assert "no mask" in legend and "untied" in legend
+
+
+def test_capacity_frontier_is_the_pareto_front(rows):
+    groups = [g for g in aggregate(rows) if g["label"] == "untied"]
+    front = plot.pareto_front(groups, "params")
+    for g in groups:  # nothing off the front beats a front point with fewer parameters
+        assert not any(f["params_mean"] >= g["params_mean"] and f["test_acc_mean"] <
+                       g["test_acc_mean"] for f in front if f is not g and g not in front
+                       and f["params_mean"] > g["params_mean"])
+    accs = [f["test_acc_mean"] for f in front]
+    assert accs == sorted(accs) and [f["params_mean"] for f in front] == sorted(
+        f["params_mean"] for f in front)
+    assert max(accs) == max(g["test_acc_mean"] for g in groups)
+    fig = plot.plot_capacity(rows)
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
+
+
+def test_stability_panels_show_residuals_divergence_and_seed_spread(rows):
+    rows = [dict(r) for r in rows]
+    rows[-1]["status"] = "diverged"
+    fig = plot.plot_stability(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("Solver residuals")
+    assert titles[1] == "Solver and training failures"
+    assert fig.axes[0].get_yscale() == "log"
+    # the DEQ's shares of unconverged (10 %) and diverged (5 %) solves, as percentage bars
+    bars = [p.get_height() for p in fig.axes[1].patches]
+    assert pytest.approx(10.0) in bars and pytest.approx(5.0) in bars
+
+
+def test_summary_table_means_and_stds_over_seeds(rows):
+    table = summary_table(rows)
+    wt = [g for g in table if g["label"] == "WT" and g["depth"] == 2 and g["width"] == 8][0]
+    accs = [r["test_acc"] for r in rows if r["label"] == "WT" and r["depth"] == 2
+            and r["width"] == 8]
+    assert wt["n"] == 3 and wt["seeds"] == [0, 1, 2]
+    assert wt["test_acc_mean"] == pytest.approx(statistics.fmean(accs))
+    assert wt["test_acc_std"] == pytest.approx(statistics.stdev(accs))
+    line = [x for x in to_markdown(table).splitlines() if x.startswith("| WT | 2 | 8 |")][0]
+    assert f"{100 * statistics.fmean(accs):.1f} ± {100 * statistics.stdev(accs):.1f}" in line
+    assert math.isnan(wt["nstep_mean"])
+
+
+def test_plot_command_line_writes_every_panel_and_the_summary(tmp_path):
+    write_fake_sweep(str(tmp_path / "s"))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plot", str(tmp_path / "s")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "| label |" in proc.stdout
+    pngs = sorted((tmp_path / "s" / "plots").iterdir())
+    assert [p.name for p in pngs] == sorted(f"{n}.png" for n in [*plot.PANELS, "extrapolation"])
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "s" / "summary.md").read_text()
+    assert summary.startswith("| label |") and summary.strip() in proc.stdout
+    assert (tmp_path / "s" / "summary.csv").read_text().startswith("label,")
+    assert plot.main([str(tmp_path / "missing")]) == 2
+
+
+def _best(rows, budget_key, limit):
+    groups = [g for g in aggregate(rows) if g[f"{budget_key}_mean"] <= limit]
+    return max(g["test_acc_mean"] for g in groups), groups
+
+
+def test_recommend_picks_the_smallest_within_half_a_point_of_the_best(rows):
+    for limit in (2200.0, 6000.0, 30000.0):
+        pick = recommend(rows, params=limit)
+        best, feasible = _best(rows, "params", limit)
+        choice = pick["choice"]
+        assert pick["best_acc"] == best and choice["params_mean"] <= limit
+        assert choice["test_acc_mean"] >= best - 0.005
+        # no feasible configuration within half a point is smaller
+        for g in feasible:
+            if g["test_acc_mean"] >= best - 0.005:
+                assert (g["params_mean"], g.get("depth"), g.get("width")) >= (
+                    choice["params_mean"], choice.get("depth"), choice.get("width"))
+    by_time = recommend(rows, time_s=10.0)
+    assert by_time["choice"]["train_time_s_mean"] <= 10.0
+
+
+def test_recommend_errors(rows, tmp_path, capsys):
+    with pytest.raises(ValueError, match="exactly one"):
+        recommend(rows)
+    with pytest.raises(ValueError, match="no measured configuration"):
+        recommend(rows, params=10)
+    write_fake_sweep(str(tmp_path))
+    assert recommend_main([str(tmp_path), "--params", "10"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert recommend_main([str(tmp_path), "--params", "6000"]) == 0
+    assert "recommended" in capsys.readouterr().out
