@@ -253,6 +253,7 @@ def register_model(factory: Callable[[], dict]) -> Callable[[], dict]:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = factory
+    factory.__test__ = False  # the test_* variants are factories, not pytest tests
     return factory
 
 
