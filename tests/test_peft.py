@@ -19,15 +19,6 @@ from wtmodels.peft import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small ops only lose time to thread hand-offs on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(layers, seed=0):
     """Give every LoRA factor random values (B starts at zero, which hides the update)."""
     g = torch.Generator().manual_seed(seed)

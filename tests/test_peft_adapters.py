@@ -8,14 +8,6 @@ from torch import nn
 from wtmodels.peft import AdapterLayer, add_adapters, add_lora, count_trainable, peft_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(layer, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

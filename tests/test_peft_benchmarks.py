@@ -5,17 +5,8 @@ import json
 import os
 
 import pytest
-import torch
 
 from benchmarks import capaboost, peft_speed
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sweep_holds_equal_parameter_variants():
