@@ -220,6 +220,9 @@ def test_variational_dropout_in_model():
         (dict(width=12), "norm_groups"),
         (dict(core="deq", f_solver="newton"), "anderson"),
         (dict(core="ode", ode_method="leapfrog"), "dopri5"),
+        (dict(f_solver="bogus"), "anderson"),  # checked even where the core does not use it
+        (dict(b_solver="bogus"), "broyden"),
+        (dict(ode_method="leapfrog"), "dopri5"),
         (dict(grad="magic"), "ift, phantom, unroll"),
         (dict(dropout=1.0), "dropout"),
         (dict(ode_T=0.0), "ode_T"),

@@ -157,15 +157,14 @@ class ModelConfig:
                         f"norm_groups={self.norm_groups} must divide every stage width "
                         f"{self.stage_widths()} (width * 2**stage)"
                     )
-        if self.core == "deq":
-            from wtmodels.solvers import list_solvers
+        # Names are checked whatever the core: a misspelt solver or method is an error even
+        # where the field is unused, never silently ignored.
+        from wtmodels.ode import check_method
+        from wtmodels.solvers import list_solvers
 
-            _check_choice("f_solver", self.f_solver, tuple(list_solvers()))
-            _check_choice("b_solver", self.b_solver, tuple(list_solvers()))
-        if self.core == "ode":
-            from wtmodels.ode import check_method
-
-            check_method(self.ode_method)
+        _check_choice("f_solver", self.f_solver, tuple(list_solvers()))
+        _check_choice("b_solver", self.b_solver, tuple(list_solvers()))
+        check_method(self.ode_method)
         return self
 
 
