@@ -69,8 +69,9 @@ def config_key(row: dict) -> tuple:
 
 
 def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
-    """One dict per configuration: its config columns, ``n`` (seeds), ``seeds``, and for each
-    metric ``<m>_mean``, ``<m>_std`` (over seeds; nan when absent).
+    """One dict per configuration: its config columns, ``n`` (seeds), ``n_stopped`` (runs the
+    trainer stopped on non-finite losses), ``seeds``, and for each metric ``<m>_mean``,
+    ``<m>_std`` (over seeds, finite values only; nan when absent) and ``<m>_count``.
 
     Args:
         rows: results rows.
@@ -93,6 +94,7 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         if "config_id" in first:
             entry["config_id"] = first["config_id"]
         entry["n"] = len(members)
+        entry["n_stopped"] = sum(m.get("status") == "diverged" for m in members)
         entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
         for metric in metrics:
             mean, std, count = mean_std(number(m.get(metric)) for m in members)

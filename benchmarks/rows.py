@@ -166,7 +166,8 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
         provenance: sweep-wide columns (``git_sha``, ``torch_version``, ...) to add.
 
     Returns:
-        The row, ordered with :data:`LEADING_COLUMNS` first.
+        The row: every one of :data:`LEADING_COLUMNS` first (None where the run has no value,
+        e.g. no accuracy for a run stopped before its first epoch ended), then the rest.
 
     Example:
         >>> import json, os, tempfile
@@ -202,6 +203,6 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
         summary["best_test_acc"] = summary["test_acc"]
     row.update(summary)
     row.update(harness)
-    ordered = {k: row[k] for k in LEADING_COLUMNS if k in row}
+    ordered = {k: row.get(k) for k in LEADING_COLUMNS}  # every leading column, maybe empty
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered

@@ -28,6 +28,7 @@ COLUMNS = (
     ("solver", "f_solver", "text"),
     ("grad", "grad", "text"),
     ("seeds", "n", "text"),
+    ("stopped", "n_stopped", "nonzero"),
     ("test acc %", "test_acc", "pct"),
     ("best acc %", "best_test_acc", "pct_mean"),
     ("params", "params", "int"),
@@ -79,6 +80,10 @@ def _visible(table: Sequence[dict]) -> list[tuple[str, str, str]]:
     shown = []
     for title, key, kind in COLUMNS:
         if kind == "hidden" or not _only_for(cores, key):
+            continue
+        if kind == "nonzero":
+            if any(g.get(key) for g in table):
+                shown.append((title, key, "text"))
             continue
         if kind == "text":
             present = any(g.get(key) is not None for g in table)
