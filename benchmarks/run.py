@@ -65,6 +65,7 @@ class RunTask:
         threads: torch CPU threads for the run's process.
         provenance: sweep-wide columns added to the row.
         device: ``--device`` for the training CLI (None: its default).
+        verbose: print one line when the run ends.
     """
 
     spec: dict
@@ -72,6 +73,7 @@ class RunTask:
     threads: int | None = 1
     provenance: dict = field(default_factory=dict)
     device: str | None = None
+    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,14 @@ def execute_run(task: RunTask) -> RunOutcome:
     Returns:
         A :class:`RunOutcome`; failures are reported, not raised.
     """
+    outcome = _execute(task)
+    if task.verbose:
+        print(f"  {outcome.status:>8}  {outcome.run_id}  {outcome.wall_s:6.1f} s"
+              + (f"  {outcome.message}" if outcome.message else ""), flush=True)
+    return outcome
+
+
+def _execute(task: RunTask) -> RunOutcome:
     start = time.perf_counter()
     spec = RunSpec(**task.spec)
     run_dir = run_dir_of(task.sweep_dir, spec.run_id)
@@ -398,12 +408,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     recorded = finished_ids(os.path.join(out, RESULTS))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
     if dry_run:
-        for r in runs:
-            echo(f"{states[r.run_id]:>9}  {r.run_id:<40} {r.label:<22} "
-                 + " ".join(f"{k}={v}" for k, v in r.config.items()))
-        echo(f"{len(runs)} runs: " + ", ".join(
-            f"{sum(s == k for s in states.values())} {k}"
-            for k in ("recorded", "finished", "partial", "todo")))
+        _list(runs, states, echo)
         return report
     setup_start = time.perf_counter()
     os.makedirs(os.path.join(out, RUNS), exist_ok=True)
@@ -416,26 +421,14 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     report.skipped = len(runs) - len(todo)
     echo(f"{preset}: {len(runs)} runs, {report.skipped} already recorded, {len(todo)} to go "
          f"({jobs} at a time, {threads} thread(s) each) -> {out}")
-    tasks = [RunTask(dataclasses.asdict(r), out, threads, prov, device) for r in todo]
+    tasks = [RunTask(dataclasses.asdict(r), out, threads, prov, device, echo is print)
+             for r in todo]
     setup_s = time.perf_counter() - setup_start
     phase_start = time.perf_counter()
-    outcomes = run_tasks(_execute_and_echo if echo is print else execute_run, tasks, jobs=jobs,
-                         launcher=launcher, folder=os.path.join(out, "submitit"),
-                         **(launcher_options or {}))
+    outcomes = run_tasks(execute_run, tasks, jobs=jobs, launcher=launcher,
+                         folder=os.path.join(out, "submitit"), **(launcher_options or {}))
     report.sweep_wall_s = time.perf_counter() - phase_start + setup_s
-    for outcome in outcomes:
-        report.runs_wall_s += outcome.wall_s
-        report.runs_cpu_s += outcome.cpu_s
-        report.harness_s += outcome.harness_s
-        if outcome.status in ("ran", "diverged"):
-            report.ran += 1
-            report.diverged += outcome.status == "diverged"
-        elif outcome.status == "recorded":
-            report.recorded += 1
-        elif outcome.status == "busy":
-            report.busy += 1
-        else:
-            report.failed.append(outcome)
+    _tally(report, outcomes)
     report.harness_s += setup_s
     if jobs == 1 and launcher == "local":  # sequential: everything outside the runs is ours
         report.harness_s = report.sweep_wall_s - report.runs_wall_s
@@ -457,11 +450,29 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     return report
 
 
-def _execute_and_echo(task: RunTask) -> RunOutcome:
-    outcome = execute_run(task)
-    print(f"  {outcome.status:>8}  {outcome.run_id}  {outcome.wall_s:6.1f} s"
-          + (f"  {outcome.message}" if outcome.message else ""), flush=True)
-    return outcome
+def _list(runs: list[RunSpec], states: dict[str, str], echo) -> None:
+    for r in runs:
+        echo(f"{states[r.run_id]:>9}  {r.run_id:<40} {r.label:<22} "
+             + " ".join(f"{k}={v}" for k, v in r.config.items()))
+    echo(f"{len(runs)} runs: " + ", ".join(
+        f"{sum(s == k for s in states.values())} {k}"
+        for k in ("recorded", "finished", "partial", "todo")))
+
+
+def _tally(report: SweepReport, outcomes: list[RunOutcome]) -> None:
+    for outcome in outcomes:
+        report.runs_wall_s += outcome.wall_s
+        report.runs_cpu_s += outcome.cpu_s
+        report.harness_s += outcome.harness_s
+        if outcome.status in ("ran", "diverged"):
+            report.ran += 1
+            report.diverged += outcome.status == "diverged"
+        elif outcome.status == "recorded":
+            report.recorded += 1
+        elif outcome.status == "busy":
+            report.busy += 1
+        else:
+            report.failed.append(outcome)
 
 
 def _save_timing(out: str, report: SweepReport) -> None:
