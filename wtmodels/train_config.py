@@ -80,7 +80,7 @@ class TrainConfig:
     num_workers: int = _opt(0, "data-loader worker processes per process", ge=0)
     # optimisation
     optimizer: str = _opt("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
-    lr: float = _opt(5e-3, "peak learning rate", gt=0)
+    lr: float = _opt(1e-2, "peak learning rate", gt=0)
     momentum: float = _opt(0.9, "SGD momentum", ge=0, lt=1)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(0.05, "weight decay (matrices and kernels only, not biases or "
