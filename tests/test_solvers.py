@@ -338,3 +338,35 @@ def test_nested_solves_and_returned_memory_is_own():
     # nothing returned aliases z0 or the solver's buffers
     z_start, _ = wt.solve(lambda z: z + 1, z0, max_iter=3, stop_mode="abs")
     assert z_start.data_ptr() != z0.data_ptr()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_returns_lowest_residual_iterate_of_non_monotone_run(method, stop_mode):
+    # z = A z + c, A non-normal with spectral radius > 1: residuals rise and fall (and for plain
+    # iteration the best iterate lies many steps back, beyond any history window or pool).
+    g = torch.Generator().manual_seed(3)
+    B, D = 5, 12
+    Q = torch.linalg.qr(torch.randn(B, D, D, generator=g, dtype=F64))[0]
+    A = 1.05 * Q + 0.6 * torch.randn(B, D, D, generator=g, dtype=F64).triu(1)
+    c = torch.randn(B, D, generator=g, dtype=F64)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return torch.bmm(A, z[:, :, None])[:, :, 0] + c
+
+    z, stats = wt.solve(f, torch.zeros(B, D, dtype=F64), method=method, max_iter=40, tol=1e-12,
+                        stop_mode=stop_mode, div_factor=math.inf)
+    # brute force: the residual of every iterate f saw, per sample
+    res = torch.stack([residuals(f, s)[stop_mode == "rel"] for s in seen[:40]])  # (40, B)
+    res = res.nan_to_num(math.inf)
+    best = res.argmin(0)
+    assert not stats.converged.any()
+    assert (res[1:] > res[:-1]).any()  # non-monotone
+    if method == "fixed_point":
+        assert (best < 40 - 8).any()  # some sample's best is older than the iterate pool
+    for b in range(B):
+        torch.testing.assert_close(z[b], seen[best[b]][b], rtol=0, atol=0)
+    torch.testing.assert_close(stats.rel_lowest if stop_mode == "rel" else stats.abs_lowest,
+                               res.min(0).values)

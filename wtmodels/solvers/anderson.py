@@ -9,6 +9,7 @@ step reads the history twice (Gram row, mixing) and solves one ``n x n`` system 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -99,7 +100,7 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 torch.bmm(a, F_hist[n], out=x_new.unsqueeze(1))  # (B, 1, D)
                 if beta != 1.0:
                     x_new.unsqueeze(1).baddbmm_(a, G_histT[n].transpose(1, 2), alpha=beta - 1.0)
-            x = tracker.freeze(x_new)
+            x = tracker.freeze(x_new, owned=True)
         return prob.restore(tracker.result()), tracker.stats()
 
 
@@ -110,15 +111,18 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
     get ``fallback`` (n,), the one-hot weight of the newest iterate. Arrays of ``sm``.
     """
     xp = sm.xp
-    n = H.shape[-1]
-    idx = xp.arange(n) if sm.cpu else torch.arange(n, device=H.device)
-    A = H.clone() if not sm.cpu else H.copy()
-    diag = A[:, idx, idx]  # (B, n)
-    reg = diag.max(1)[:, None] if sm.cpu else diag.amax(1, keepdim=True)
-    A[:, idx, idx] = diag + (reg * lam + _TINY)
+    A = H.copy() if sm.cpu else H.clone()
+    diag = np.einsum("bii->bi", A) if sm.cpu else A.diagonal(0, 1, 2)  # (B, n), writable view
+    reg = diag.max(1) if sm.cpu else diag.amax(1)
+    diag += (reg * lam + _TINY)[:, None]
     y, ok = sm.solve(A, ones)
+    s = y.sum(1)
+    if sm.cpu and bool(ok.all()) and bool((s != 0).all()):
+        alpha = y / s[:, None]
+        if math.isfinite(alpha.sum(dtype=np.float64)):
+            return alpha
     with np.errstate(invalid="ignore", divide="ignore"):
-        alpha = y / y.sum(1)[:, None]
+        alpha = y / s[:, None]
         ok = ok & xp.isfinite(alpha).all(1)
     return xp.where(ok[:, None], alpha, fallback)
 

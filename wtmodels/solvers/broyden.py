@@ -8,8 +8,9 @@ update applied to the pairs ``s_i = x_{i+1} - x_i``, ``y_i = g_{i+1} - g_i`` giv
 
 so the Newton step is ``x - H g = f(x) - P c`` with ``P = S + Y`` (``p_i = f(x_{i+1}) - f(x_i)``)
 and ``M c = S^T g``. Only the last ``m`` pairs are kept (a ring buffer allocated once): a step
-reads the history twice (one batched product for ``S^T g``, ``S^T s``, ``P^T s``; one mixing
-of ``P``) and solves one ``n x n`` system per sample.
+reads the history four times (single-row products ``S^T g``, ``S^T s``, ``P^T s``, which
+BLAS runs as fast matrix-vector products, and one mixing of ``P``) and solves one ``n x n``
+system per sample.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .stats import SolverStats
 
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             max_iter: int = 50, tol: float = 1e-4, stop_mode: str = "rel",
-            m: int = 12, div_factor: float = 10.0, patience: int = 5,
+            m: int = 6, div_factor: float = 10.0, patience: int = 5,
             ) -> tuple[torch.Tensor, SolverStats]:
     """Solve ``z = f(z)`` per sample with limited-memory Broyden's (good) method.
 
@@ -35,7 +36,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         tol: stop a sample once its residual (``stop_mode``) is ``<= tol``.
         stop_mode: ``"rel"`` or ``"abs"`` residual.
         m: number of secant pairs kept (memory ``2 m`` iterates per sample, allocated once);
-            the oldest pair is dropped when the window is full.
+            the oldest pair is dropped when the window is full. On the benchmark cells 6
+            pairs reach the tolerance in as many evaluations as 12 at half the history reads.
         div_factor: a sample whose residual stays above ``div_factor`` x its lowest residual
             for ``patience`` consecutive evaluations is flagged diverged and stopped.
         patience: see ``div_factor``.
@@ -62,20 +64,22 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         pool = Pool(ctx, "broyden.x", x)
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
         sm = tracker.small
-        hist = ctx.enter_context(scratch("broyden.hist", (B, m, 2, D), x))  # slot i: (s_i, p_i)
-        gs = ctx.enter_context(scratch("broyden.gs", (2, B, 2, D), x))  # alternating (g, s) rows
-        slots = [hist[:, i].unbind(1) for i in range(m)]  # (s_i, p_i) views (B, D), made once
-        rows_T = [hist[:, :n].reshape(B, 2 * n, D).transpose(1, 2) for n in range(m + 1)]
-        P_hist = [hist[:, :n, 1] for n in range(m + 1)]  # (B, n, D)
+        S = ctx.enter_context(scratch("broyden.S", (B, m, D), x))  # s_i
+        P = ctx.enter_context(scratch("broyden.P", (B, m, D), x))  # p_i = s_i + y_i
+        S_slot, P_slot = S.unbind(1), P.unbind(1)  # views (B, D), made once
+        # history reads are single-row products (B, 1, D) x (B, D, n): BLAS's fast gemv path
+        S_T = [S[:, :n].transpose(1, 2) for n in range(m + 1)]  # (B, D, n)
+        P_T = [P[:, :n].transpose(1, 2) for n in range(m + 1)]
+        P_hist = [P[:, :n] for n in range(m + 1)]  # (B, n, D)
         SY = sm.full((B, m, m), 0.0)  # s_i^T y_j
         SS = sm.full((B, m, m), 0.0)  # s_i^T s_j
         Sg_old = sm.full((B, m), 0.0)  # s_i^T g of the previous step
         newer = sm.of(_newer_masks(m, x.device, x.dtype))  # (m + 1, m, m)
+        g = ctx.enter_context(scratch("broyden.g", (B, D), x))
         x_prev = fx_prev = None
         for k in range(max_iter):
             fx = prob(x)
-            cur = gs[k % 2]  # (B, 2, D)
-            g = torch.sub(fx, x, out=cur[:, 0])
+            torch.sub(fx, x, out=g)
             if tracker.update(x, fx, g, live=(x_prev,)) or tracker.n_iter == max_iter:
                 break
             x_new = pool.take(x, tracker.best_x)
@@ -83,14 +87,11 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 x_new.copy_(fx)
             else:
                 n, slot = min(k, m), (k - 1) % m
-                s_slot, p_slot = slots[slot]
-                torch.sub(x, x_prev, out=cur[:, 1])  # s
-                s_slot.copy_(cur[:, 1])
-                torch.sub(fx, fx_prev, out=p_slot)  # p = s + y = f(x) - f(x_prev)
-                prods = sm.of(torch.bmm(cur, rows_T[n]))  # (B, 2, 2n): (g|s) . (s_i|p_i)
-                prods = prods.reshape(B, 2, n, 2)
-                Sg, Ss = prods[:, 0, :, 0], prods[:, 1, :, 0]  # (B, n)
-                Ys = prods[:, 1, :, 1] - Ss  # y_i^T s
+                s = torch.sub(x, x_prev, out=S_slot[slot]).unsqueeze(1)  # (B, 1, D)
+                torch.sub(fx, fx_prev, out=P_slot[slot])  # p = s + y = f(x) - f(x_prev)
+                Sg = sm.of(torch.bmm(g.unsqueeze(1), S_T[n]).squeeze(1))  # (B, n): s_i . g
+                Ss = sm.of(torch.bmm(s, S_T[n]).squeeze(1))  # s_i . s
+                Ys = sm.of(torch.bmm(s, P_T[n]).squeeze(1)) - Ss  # y_i . s
                 SY[:, :n, slot] = Sg - Sg_old[:, :n]  # s_i^T y = s_i^T g - s_i^T g_old
                 SY[:, slot, :n] = Ys
                 SS[:, slot, :n] = Ss
@@ -99,11 +100,12 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 mask = newer[slot if k > m else m, :n, :n]
                 M = SY[:, :n, :n] + SS[:, :n, :n] * mask
                 c, ok = sm.solve(M, Sg)  # (B, n)
-                c = sm.torch(sm.xp.where(ok[:, None], c, 0.0))
-                torch.baddbmm(fx.unsqueeze(1), c.unsqueeze(1), P_hist[n], alpha=-1.0,
+                if not bool(ok.all()):
+                    c = sm.xp.where(ok[:, None], c, 0.0)
+                torch.baddbmm(fx.unsqueeze(1), sm.torch(c).unsqueeze(1), P_hist[n], alpha=-1.0,
                               out=x_new.unsqueeze(1))  # f(x) - P c
             x_prev, fx_prev = x, fx
-            x = tracker.freeze(x_new, live=(x_prev,))
+            x = tracker.freeze(x_new, live=(x_prev,), owned=True)
         return prob.restore(tracker.result()), tracker.stats()
 
 

@@ -137,7 +137,9 @@ class Problem:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``f`` on a flat ``(B, D)`` iterate, returning ``(B, D)`` in the compute dtype."""
-        z = x.view(self.shape).to(self.dtype)
+        z = x.view(self.shape)
+        if self.dtype != self.compute_dtype:
+            z = z.to(self.dtype)
         if self.autocast:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
                 fz = self.f(z)
@@ -147,7 +149,8 @@ class Problem:
             got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
             raise ValueError(f"f must return a tensor of shape {tuple(self.shape)} "
                              f"(the shape of z0), got {got}")
-        return fz.reshape(x.shape).to(self.compute_dtype)
+        fz = fz.reshape(x.shape)
+        return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the shape and dtype of ``z0``."""
@@ -199,6 +202,13 @@ class Small:
         dtype = self.dtype if dtype is None else dtype
         return self.of(torch.full(shape, value, dtype=dtype, device=self.device))
 
+    def all_finite(self, a, b) -> bool:
+        """Whether every entry of the non-negative ``(B,)`` arrays ``a`` and ``b`` is finite
+        (one reduction; on CPU summed in float64, which cannot overflow for float32 norms)."""
+        if self.cpu:
+            return math.isfinite(a.sum(dtype=np.float64) + b.sum(dtype=np.float64))
+        return bool(torch.isfinite(a.sum() + b.sum()))
+
     def solve(self, A, b):
         """Batched ``A x = b`` (``(B, n, n)``, ``(B, n)``) -> ``(x, ok)``, ``ok`` (B,) bool
         marking samples whose system was regular (finite solution)."""
@@ -243,6 +253,9 @@ class Tracker:
         self.nstep = sm.full((B,), 0, torch.int64)
         self.n_iter = 0
         self.all_active = True
+        self.all_stop_checks = False  # True once some sample stopped
+        self.check_growth = math.isfinite(div_factor)
+        self.streak_any = False  # some sample's streak is > 0
 
     @property
     def active_mask(self) -> torch.Tensor:
@@ -252,6 +265,10 @@ class Tracker:
     def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, g_sq=None,
                live: tuple = ()) -> bool:
         """Record the evaluation ``fx = f(x)``, ``g = fx - x`` (all ``(B, D)``).
+
+        The common case (every sample finite, none stopping, every sample improving) costs a
+        norm of ``fx`` and a dozen operations on ``(B,)`` vectors; the best iterate is then
+        ``x`` itself (a reference, no copy: the solver keeps ``x`` alive while it is best).
 
         Args:
             g_sq: ``||g||^2`` per sample (an array of :attr:`small`) if the solver already has
@@ -265,43 +282,66 @@ class Tracker:
         k = self.n_iter
         self.n_iter += 1
         f_norm = sm.of(torch.linalg.vector_norm(fx, dim=1))  # (B,)
-        with np.errstate(invalid="ignore", over="ignore"):
-            if g_sq is None:
-                abs_r = sm.of(torch.linalg.vector_norm(g, dim=1))
-            else:
-                abs_r = xp.sqrt(g_sq.clip(0.0))  # NaN stays NaN
-            bad = ~xp.isfinite(abs_r + f_norm)  # non-finite f(x), or an overflowing norm
-            abs_r = xp.where(bad, math.inf, abs_r)
-            rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
+        abs_r = sm.of(torch.linalg.vector_norm(g, dim=1)) if g_sq is None else xp.sqrt(g_sq)
+        bad = None
+        if sm.all_finite(abs_r, f_norm):  # one check for the whole batch
+            rel_r = abs_r / (f_norm + EPS)
+        else:  # some f(x) non-finite, or a norm overflowed: that sample's residuals are inf
+            with np.errstate(invalid="ignore", over="ignore"):
+                bad = ~xp.isfinite(abs_r + f_norm)
+                abs_r = xp.where(bad, math.inf, abs_r)
+                rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
         self.abs_trace[:, k] = abs_r
         self.rel_trace[:, k] = rel_r
         res = rel_r if self.rel else abs_r
-        best = self.best_rel if self.rel else self.best_abs
         act = self.active
-        improved = (res < best) & act
+        improved = res < (self.best_rel if self.rel else self.best_abs)
+        if not self.all_active:
+            improved &= act
         if self.all_active and bool(improved.all()):
-            self.best_x = x
-        else:
+            self.best_x, self.best_abs, self.best_rel = x, abs_r, rel_r
+        elif bool(improved.any()):
             out = self.pool.take(x, self.best_x, *live) if self.pool else None
             self.best_x = torch.where(sm.torch(improved)[:, None], x, self.best_x, out=out)
-        self.best_abs = xp.where(improved, abs_r, self.best_abs)
-        self.best_rel = xp.where(improved, rel_r, self.best_rel)
+            self.best_abs = xp.where(improved, abs_r, self.best_abs)
+            self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
         self.min_abs = xp.minimum(self.min_abs, abs_r)
-        self.streak = xp.where(abs_r > self.div_factor * self.min_abs, self.streak + 1, 0)
-        conv = act & (res <= self.tol)
-        div = act & ~conv & ((self.streak >= self.patience) | bad)
+        if self.check_growth:
+            grow = abs_r > self.div_factor * self.min_abs
+            if self.streak_any or bool(grow.any()):
+                self.streak = xp.where(grow, self.streak + 1, 0)
+                self.streak_any = bool(self.streak.any())
+        conv = res <= self.tol
         self.nstep += act
+        if (bad is None and not self.streak_any and not self.all_stop_checks
+                and not bool(conv.any())):
+            return False  # nobody stops this step
+        conv &= act
+        div = act & ~conv & (self.streak >= self.patience)
+        if bad is not None:
+            div |= act & ~conv & bad
         self.converged |= conv
         self.diverged |= div
         self.active = act & ~(conv | div)
         n_active = int(self.active.sum())
         self.all_active = n_active == len(self.active)
+        self.all_stop_checks = not self.all_active  # frozen samples: check every step
         return n_active == 0
 
-    def freeze(self, x_new: torch.Tensor, live: tuple = ()) -> torch.Tensor:
-        """Stopped samples stay at their best iterate; the others take ``x_new``."""
+    def freeze(self, x_new: torch.Tensor, live: tuple = (), owned: bool = False
+               ) -> torch.Tensor:
+        """Stopped samples stay at their best iterate; the others take ``x_new``.
+
+        Args:
+            owned: ``x_new`` is a solver buffer that may be written in place (only the rows
+                of stopped samples are then copied); otherwise a pool buffer takes the result.
+        """
         if self.all_active:
+            return x_new
+        if owned and self.small.cpu:
+            idx = torch.from_numpy(np.flatnonzero(~self.active))  # stopped samples
+            x_new.index_copy_(0, idx, self.best_x.index_select(0, idx))
             return x_new
         out = self.pool.take(x_new, self.best_x, *live) if self.pool else None
         return torch.where(self.active_mask[:, None], x_new, self.best_x, out=out)
