@@ -162,7 +162,7 @@ def test_foreign_checkpoints(finished_run, tmp_path, capsys):
     _bad(["--resume", "--out", str(finished_run)], capsys, "is unreadable")
     # a real checkpoint of another run (another model and learning rate)
     other = tmp_path / "other"
-    run({"model": "test_deq", "epochs": 1, "lr": 0.01, "train_size": 64, "test_size": 32,
+    run({"model": "test_deq", "epochs": 1, "lr": 0.02, "train_size": 64, "test_size": 32,
          "threads": 1, "progress": "none", "out": str(other)})
     ckpt.write_bytes((other / "checkpoint.pt").read_bytes())
     before = _snapshot(finished_run)
