@@ -252,7 +252,7 @@ class _Trainer:
             raise
         except ValueError as err:
             raise BadInput(str(err)) from None
-        if ctx.rank and not cfg.resume:
+        if ctx.rank and self.start_epoch == 0:  # a fresh start (else the checkpoint's RNG)
             seed_everything(cfg.seed + 7919 * ctx.rank)  # distinct augmentation per rank
         self._write_start_files()
         self._wrap_model()
