@@ -58,7 +58,7 @@ class DEQ(nn.Module):
         >>> import torch, wtmodels as wt
         >>> lin = torch.nn.Linear(4, 4)
         >>> with torch.no_grad():
-        ...     lin.weight.mul_(0.3)
+        ...     _ = lin.weight.mul_(0.3)
         >>> x = torch.randn(8, 4)
         >>> deq = wt.DEQ(f_tol=1e-5)
         >>> z, stats = deq(lambda z: torch.tanh(lin(z)) + x, torch.zeros(8, 4))
