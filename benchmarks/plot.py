@@ -12,8 +12,9 @@ panel                      drawn when
 =========================  =================================================================
 ``accuracy_vs_depth``      some label has two depths or more (a line per width)
 ``accuracy_vs_width``      some label has two widths or more (a line per depth)
-``masks``                  at one depth and width, two mask counts or two densities
-                           (distinct vs one shared mask vs none)
+``masks``                  distinct masks and one shared mask or none at some depth (a
+                           dot per arm and depth), three mask counts or two densities at one
+                           depth and width (curves)
 ``capacity``               two labels or more with parameter counts (tied, tied + masks,
                            untied: the capacity frontier), and FLOPs per image when known
 ``time_memory``            training time for two labels or more (WT vs DEQ), peak memory
@@ -237,42 +238,111 @@ def _sequential(i: int, n: int):
 
 
 def _masked_setting(groups: Sequence[dict]) -> tuple | None:
-    """The (depth, width) with the most distinct mask settings, if it has two or more."""
+    """The (depth, width) with the most mask settings (the deepest on a tie), if it has
+    three mask counts or two densities: enough for a curve."""
     by_setting: dict[tuple, set] = {}
     for g in groups:
         if g.get("core") not in (None, "unrolled") or not g.get("mask_k"):
             continue
         by_setting.setdefault((g.get("depth"), g.get("width")), set()).add(
             (g.get("mask_k"), g.get("mask_density")))
-    best = max(by_setting.items(), key=lambda kv: len(kv[1]), default=None)
-    return best[0] if best and len(best[1]) >= 2 else None
+    ok = {k: v for k, v in by_setting.items()
+          if len({s[0] for s in v}) >= 3 or len({s[1] for s in v}) >= 2}
+    if not ok:
+        return None
+    return max(ok, key=lambda k: (len(ok[k]), *(v if isinstance(v, (int, float)) else -1
+                                                 for v in k)))
+
+
+#: the arms of the distinct-vs-shared-vs-none comparison, in plot order
+MASK_ARMS = ("no mask", "1 shared mask", "distinct masks", "untied")
+
+
+def _mask_arm(g: dict) -> str | None:
+    core, k = g.get("core"), g.get("mask_k") or 0
+    if core == "untied":
+        return "untied" if not k else None
+    if core not in (None, "unrolled"):
+        return None
+    return "no mask" if k == 0 else "1 shared mask" if k == 1 else "distinct masks"
+
+
+def _arms_by_depth(groups: Sequence[dict]) -> tuple[int | None, dict]:
+    """At the most common width: depth -> arm -> group (for several, the most masks, then the
+    density closest to 0.5)."""
+    masked = [g for g in groups if _mask_arm(g) in ("1 shared mask", "distinct masks")]
+    widths = [g.get("width") for g in masked]
+    if not widths:
+        return None, {}
+    width = max(set(widths), key=widths.count)
+    table: dict = {}
+    for g in groups:
+        arm = _mask_arm(g)
+        if arm is None or g.get("width") != width or g.get("depth") is None:
+            continue
+        slot = table.setdefault(g["depth"], {})
+        rank = (g.get("mask_k") or 0, -abs((g.get("mask_density") or 0.5) - 0.5))
+        if arm not in slot or rank > slot[arm][0]:
+            slot[arm] = (rank, g)
+    table = {d: {a: v[1] for a, v in arms.items()} for d, arms in table.items()
+             if "distinct masks" in arms and len(arms) >= 2}
+    return width, table
+
+
+def _plot_arms(ax, width, table) -> None:
+    depths = sorted(table)
+    arms = [a for a in MASK_ARMS if any(a in table[d] for d in depths)]
+    colors = {"no mask": "C0", "1 shared mask": "C9", "distinct masks": "C2", "untied": "C3"}
+    markers = {"no mask": "o", "1 shared mask": "s", "distinct masks": "^", "untied": "D"}
+    for j, arm in enumerate(arms):
+        offset = 0.6 * (j - (len(arms) - 1) / 2) / max(len(arms), 1)
+        pts = [(i, table[d][arm]) for i, d in enumerate(depths) if arm in table[d]]
+        name = arm
+        if arm == "distinct masks":
+            ks = {g.get("mask_k") for _, g in pts}
+            follows = all(g.get("mask_k") == g.get("depth") for _, g in pts)
+            name += " (K = depth)" if follows else f" (K = {', '.join(map(str, sorted(ks)))})"
+        _errorbar(ax, [i + offset for i, _ in pts], [g for _, g in pts], "test_acc",
+                  color=colors[arm], marker=markers[arm], linestyle="none",
+                  label=name)
+    ax.set_xticks(range(len(depths)))
+    ax.set_xticklabels([f"depth {d}" for d in depths])
+    _finish(ax, "", "test accuracy (%)", f"Distinct vs shared vs no mask, width {width}")
 
 
 def plot_masks(rows: Sequence[dict]) -> Figure | None:
-    """Accuracy vs number of distinct masks (a line per density) and vs density (a line per
-    number of masks), at the depth and width with the most mask settings; one shared mask is
-    ``K = 1``; no mask and the untied model are reference bands.
+    """Masks at equal parameters: per depth, no mask vs one shared mask vs distinct masks (and
+    the untied model); and where a sweep has them, accuracy vs the number of distinct masks K
+    (a line per density; K = 1 is one shared mask) and vs density (a line per K) at the depth
+    and width with the most mask settings, with no mask and untied as reference bands.
 
     Example:
         >>> rows = [{"label": "WT + distinct masks", "core": "unrolled", "depth": 4, "width": 8,
-        ...          "mask_k": k, "mask_density": 0.5, "test_acc": 0.8} for k in (1, 2, 4)]
-        >>> len(plot_masks(rows).axes)
-        1
+        ...          "mask_k": k, "mask_density": 0.5, "test_acc": 0.8} for k in (0, 1, 2, 4)]
+        >>> [ax.get_title() for ax in plot_masks(rows).axes]  # doctest: +NORMALIZE_WHITESPACE
+        ['Distinct vs shared vs no mask, width 8', 'Masks at depth 4, width 8']
     """
     groups = [g for g in aggregate(rows, ["test_acc"]) if has([g], "test_acc")]
+    width, arms = _arms_by_depth(groups)
     setting = _masked_setting(groups)
-    if setting is None:
+    masked = refs = ks = densities = []
+    if setting is not None:
+        here = [g for g in groups if (g.get("depth"), g.get("width")) == setting]
+        masked = [g for g in here if g.get("mask_k") and g.get("core") in (None, "unrolled")]
+        refs = [g for g in here if not g.get("mask_k") and g.get("core") in (
+            None, "unrolled", "untied")]
+        ks = sorted({g["mask_k"] for g in masked})
+        densities = sorted({g.get("mask_density") for g in masked if g.get("mask_density")})
+    panels = [p for p, ok in (("arms", bool(arms)), ("k", len(ks) >= 3),
+                              ("density", len(densities) >= 2)) if ok]
+    if not panels:
         return None
-    here = [g for g in groups if (g.get("depth"), g.get("width")) == setting]
-    masked = [g for g in here if g.get("mask_k") and g.get("core") in (None, "unrolled")]
-    refs = [g for g in here if not g.get("mask_k") and g.get("core") in (None, "unrolled",
-                                                                         "untied")]
-    ks = sorted({g["mask_k"] for g in masked})
-    densities = sorted({g.get("mask_density") for g in masked if g.get("mask_density")})
-    panels = [p for p, ok in (("k", len(ks) >= 2), ("density", len(densities) >= 2)) if ok]
     fig = Figure(figsize=(6.5 * len(panels), 4.5), layout="constrained")
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        if panel == "arms":
+            _plot_arms(ax, width, arms)
+            continue
         outer, inner = (densities, ks) if panel == "k" else (ks, densities)
         for j, value in enumerate(outer):
             key_out, key_in = ("mask_density", "mask_k") if panel == "k" else (

@@ -53,8 +53,9 @@ def test_panels_are_skipped_when_the_data_cannot_support_them(rows):
     one_width = [r for r in rows if r["width"] == 8]
     assert plot.plot_accuracy_vs_width(one_width) is None
     assert plot.plot_accuracy_vs_width(rows) is not None
-    no_masks = [r for r in rows if not r["mask_k"] or r["mask_k"] == r["depth"]]
-    assert plot.plot_masks(no_masks) is None
+    assert plot.plot_masks([r for r in rows if not r["mask_k"]]) is None
+    only_k_equals_depth = [r for r in rows if not r["mask_k"] or r["mask_k"] == r["depth"]]
+    assert len(plot.plot_masks(only_k_equals_depth).axes) == 1  # the per-depth arms only
     one_label = [r for r in rows if r["label"] == "WT"]
     assert plot.plot_capacity(one_label) is None and plot.plot_time_memory(one_label) is None
     assert plot.plot_extrapolation([]) is None
@@ -66,8 +67,10 @@ def test_panels_are_skipped_when_the_data_cannot_support_them(rows):
 
 def test_masks_panel_compares_distinct_shared_and_none(rows):
     fig = plot.plot_masks(rows)
-    assert len(fig.axes) == 2  # vs number of masks and vs density
-    k_axis = fig.axes[0]
+    assert len(fig.axes) == 3  # arms per depth, vs number of masks, vs density
+    arms = _errorbar_lines(fig.axes[0])
+    assert set(arms) == {"no mask", "1 shared mask", "distinct masks (K = 2, 8)", "untied"}
+    k_axis = fig.axes[1]
     lines = _errorbar_lines(k_axis)
     xs, ys = lines["density 0.5"]
     assert xs == [1, 2, 4, 8]  # K = 1 is the shared mask
