@@ -297,10 +297,12 @@ def create_model(name: str, **overrides) -> ImplicitClassifier:
 
 
 # Small: CIFAR-size defaults, cheap enough to train on scikit-learn digits on a laptop CPU.
-# Weight norm on the cell convolutions (as MDEQ) steadies DEQ training; all families share it.
-_SMALL = dict(depth=6, width=32, stages=2, weight_norm=True)
+# All families share one cell. No weight norm by default: on digits, deq_s with weight norm never
+# reached its solver tolerance (0% of solves, residual ~1e-2, 93-96% accuracy) and without it
+# converges to ~1e-4 and reaches 97.5-98.6% (seeds 0-2); pass weight_norm=True for MDEQ's choice.
+_SMALL = dict(depth=6, width=32, stages=2)
 # Medium: wider and deeper.
-_MEDIUM = dict(depth=8, width=64, stages=3, weight_norm=True)
+_MEDIUM = dict(depth=8, width=64, stages=3)
 # Tiny: trains in seconds in the tests.
 _TINY = dict(depth=2, width=8, stages=1, norm_groups=4)
 
