@@ -62,7 +62,8 @@ LEADING_COLUMNS = (
 CONFIG_COLUMNS = (
     "model", "dataset", "core", "depth", "width", "stages", "mask_k", "mask_density", "mask_kind",
     "mask_schedule", "f_solver", "f_max_iter", "f_tol", "b_solver", "grad", "ode_method",
-    "epochs", "batch_size", "lr", "train_size", "test_size", "device", "seed",
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "train_size",
+    "test_size", "image_size", "device", "seed",
 )
 
 _LAST = ("test_acc", "train_acc", "train_loss", "test_loss", "nstep", "rel_residual",
@@ -192,12 +193,14 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     env = (_read_json(os.path.join(run_dir, "config.json")) or {}).get("env") or {}
     row.update(provenance or {})
     row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
+    if env.get("git_sha"):
+        row["run_git_sha"] = env["git_sha"]  # as the run's own process saw it
     if row.get("mask_k") == 0:  # no mask: the density setting means nothing
         row["mask_density"] = None
     row.update({k: info[k] for k in _MODEL_INFO if k in info})
     summary = summarise_metrics(read_metrics(run_dir))
     for key, value in _flatten(done).items():  # done.json fills what the epochs lack
-        if key not in summary and key not in ("run_id", "label"):
+        if key not in summary and key not in row and key not in ("lr", "epoch", "steps"):
             summary[key] = value
     if "best_test_acc" not in summary and "test_acc" in summary:
         summary["best_test_acc"] = summary["test_acc"]
