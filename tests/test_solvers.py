@@ -8,6 +8,7 @@ import scipy.optimize
 import torch
 
 import wtmodels as wt
+import wtmodels.solvers as solvers_pkg
 from wtmodels.solvers import anderson, broyden, fixed_point
 
 SOLVERS = ["fixed_point", "anderson", "broyden"]
@@ -273,7 +274,9 @@ def test_bad_inputs():
         wt.solve(torch.cos, torch.zeros(2, 2, dtype=torch.long))
 
 
-def test_register_solver_and_duplicates():
+def test_register_solver_and_duplicates(monkeypatch):
+    # a private copy of the registry: the registration must not leak into other tests
+    monkeypatch.setattr(solvers_pkg, "_SOLVERS", dict(solvers_pkg._SOLVERS))
     def halfway(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel"):
         return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=0.5)
 
