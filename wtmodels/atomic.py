@@ -21,8 +21,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-import torch
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary binary file, then atomically move it to ``path``.
@@ -123,6 +121,8 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
         >>> torch.load(p)["w"].tolist()
         [1.0, 1.0]
     """
+    import torch  # here, not at module level: results writers need no torch import
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
