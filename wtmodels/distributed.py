@@ -88,12 +88,7 @@ class DistContext:
             >>> DistContext().all_reduce_sum([1.0])
             [1.0]
         """
-        if self.world_size == 1:
-            return list(values)
-        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        t = torch.tensor(values, dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return self._all_reduce(values, "SUM")
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
         """Element-wise maximum of a list of floats over all ranks.
@@ -102,11 +97,14 @@ class DistContext:
             >>> DistContext().all_reduce_max([1.0, -2.0])
             [1.0, -2.0]
         """
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
         if self.world_size == 1:
             return list(values)
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        t = torch.tensor(values, dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor(values, dtype=torch.float64, device=dev)  # (n,)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def gather_objects(self, obj) -> list:
