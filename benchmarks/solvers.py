@@ -17,7 +17,8 @@ Then the IFT memory check: peak memory of one forward + backward of ``wt.DEQ(gra
 CPU the peak is replayed from ``torch.profiler`` memory events, on CUDA
 ``torch.cuda.max_memory_allocated``; also the bytes autograd saves for backward.
 
-Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--out DIR]``.
+Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--device cpu|cuda]
+[--out DIR]``.
 Writes ``DIR/solvers.csv``, ``DIR/solvers_memory.csv`` and ``DIR/solvers.md`` (``--quick``:
 ``solvers_quick*``; ``--tag T``: ``solvers_T*``), each with provenance (git sha, torch version,
 device, threads, date, load, malloc setting).
@@ -119,12 +120,17 @@ def solver_table(max_iter: int, tol: float) -> dict:
 
 
 def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
-               gain: float) -> list[dict]:
-    """Time every solver on one cell; returns one row per solver."""
+               gain: float, device: str = "cpu") -> list[dict]:
+    """Time every solver on one cell; returns one row per solver.
+
+    On CUDA every timed region starts and ends with ``torch.cuda.synchronize``.
+    """
     torch.manual_seed(0)
     cell = ConvCell(C, gain)
     x = torch.randn(B, C, H, H)
-    z0 = torch.zeros(B, C, H, H)
+    cell, x = cell.to(device), x.to(device)
+    z0 = torch.zeros(B, C, H, H, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     f = Counted(lambda z: cell(z, x))
     solvers = solver_table(max_iter, tol)
     samples = {name: [] for name in solvers}
@@ -138,13 +144,16 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
                 order.reverse()  # interleave: no solver always runs first
             for name, (_, run) in order:
                 f.calls = 0
+                sync()
                 t0, c0 = time.perf_counter(), time.thread_time()
                 z, converged = run(f, z0)
+                sync()
                 t_solve, c_solve = time.perf_counter() - t0, time.thread_time() - c0
                 n = f.calls
                 t0, c0 = time.perf_counter(), time.thread_time()
                 for _ in range(n):
                     f(z)
+                sync()
                 t_f, c_f = (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
                 samples[name].append((n, t_solve, t_f, float(converged.float().mean()),
                                       c_solve, c_f))
@@ -164,9 +173,10 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
     return rows
 
 
-def peak_memory_bytes(fn) -> int:
-    """Peak memory allocated while ``fn()`` runs, above what was allocated before it."""
-    if torch.cuda.is_available():
+def peak_memory_bytes(fn, device: str = "cpu") -> int:
+    """Peak memory allocated on ``device`` while ``fn()`` runs, above what was allocated
+    before it."""
+    if device == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -189,9 +199,9 @@ def peak_memory_bytes(fn) -> int:
     return peak
 
 
-def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16) -> list[dict]:
+def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16,
+                 device: str = "cpu") -> list[dict]:
     """Peak memory of forward + backward per gradient mode and forward budget."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     cell = ConvCell(C).to(device)
     x = torch.randn(B, C, H, H, device=device)
@@ -214,7 +224,7 @@ def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16) -> l
             step()  # warm-up (and the solver's reusable buffers)
             cell.zero_grad(set_to_none=True)
             saved[0] = 0
-            peak = peak_memory_bytes(step)
+            peak = peak_memory_bytes(step, device)
             cell.zero_grad(set_to_none=True)
             rows.append({"grad": grad, "f_max_iter": budget, "B": B, "C": C, "H": H,
                          "peak_mb": round(peak / 2**20, 2),
@@ -297,6 +307,8 @@ def parse_args(argv):
     p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one small cell, 3 repeats")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the cells run (the overhead targets are for 2 CPU threads)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--max-iter", type=int, default=60)
     p.add_argument("--tol", type=float, default=1e-4)
@@ -328,24 +340,28 @@ def main(argv=None) -> int:
     if not out.is_dir():
         print(f"error: --out {out} is not a directory", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     cells = QUICK_CELLS if args.quick else FULL_CELLS
     rows = []
     for B, C, H in cells:
-        rows += bench_cell(B, C, H, args.repeats, args.max_iter, args.tol, args.gain)
+        rows += bench_cell(B, C, H, args.repeats, args.max_iter, args.tol, args.gain,
+                           args.device)
         for r in rows[-5:]:
             print(f"B={B:3d} C={C:3d} H={H:3d} {r['solver']:18s} f-evals {r['f_evals']:3d}  "
                   f"wall {r['wall_ms']:9.2f} ms  f {r['f_ms']:7.3f} ms  overhead "
                   f"{r['overhead']:5.2f} best {r['overhead_best']:5.2f} cpu "
                   f"{r['overhead_cpu']:5.2f}  converged {r['converged']:.2f}", flush=True)
-    mem = memory_check([10, 40] if args.quick else [10, 20, 40])
+    mem = memory_check([10, 40] if args.quick else [10, 20, 40], device=args.device)
     for r in mem:
         print(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
               f"{r['peak_mb']:8.2f} MB  saved for backward {r['saved_for_backward_mb']:8.2f} MB")
     machine = describe_machine()
     prov = {"git_sha": machine["git_sha"], "torch_version": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
             "threads": torch.get_num_threads(), "date": machine["date"],
             "load_average_1min": machine["load_average_1min"],
             "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"],

@@ -1,0 +1,106 @@
+"""The same engine, models and training loop on a CUDA device (skipped where there is none).
+
+Device mix-ups are a known pain of the reference DEQ code: every result, statistic and buffer
+here must live on the device of the input, and GPU results must match the CPU ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wtmodels as wt
+from wtmodels.train import run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SOLVERS = ("fixed_point", "anderson", "broyden")
+
+
+def _linear_problem(device, dtype=torch.float64, B=6, D=20, seed=0):
+    """``z = A z + b`` per sample with ||A|| = 0.7 and its exact solution."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, D, D, generator=g, dtype=dtype)
+    A = 0.7 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(B, D, generator=g, dtype=dtype)
+    z_exact = torch.linalg.solve(torch.eye(D, dtype=dtype) - A, b)
+    A, b = A.to(device), b.to(device)
+    return (lambda z: (A @ z.unsqueeze(-1)).squeeze(-1) + b), z_exact
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_solvers_on_cuda_match_the_exact_solution_and_keep_everything_on_device(method):
+    f, z_exact = _linear_problem("cuda")
+    z, stats = wt.solve(f, torch.zeros(6, 20, device="cuda", dtype=torch.float64),
+                        method=method, max_iter=200, tol=1e-10)
+    assert z.device.type == "cuda"
+    for name in ("nstep", "abs_lowest", "rel_lowest", "converged", "diverged", "abs_trace"):
+        assert getattr(stats, name).device.type == "cuda", name
+    assert bool(stats.converged.all())
+    torch.testing.assert_close(z.cpu(), z_exact, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ("anderson", "broyden"))
+def test_solver_flags_a_non_finite_sample_on_cuda(method):
+    f, _ = _linear_problem("cuda", dtype=torch.float32)
+
+    def poisoned(z):
+        out = f(z)
+        out[2] = float("nan")
+        return out
+
+    z, stats = wt.solve(poisoned, torch.zeros(6, 20, device="cuda"), method=method,
+                        max_iter=50, tol=1e-5)
+    assert bool(torch.isfinite(z).all())
+    assert bool(stats.diverged[2]) and not bool(stats.converged[2])
+    assert bool(stats.converged[[0, 1, 3, 4, 5]].all())
+
+
+def test_deq_ift_gradient_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(4, 16, dtype=torch.float64)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        layer = lin.to(device)
+        xd = x.to(device).requires_grad_()
+        deq = wt.DEQ(f_max_iter=80, f_tol=1e-10, b_max_iter=80, b_tol=1e-10)
+        z, _ = deq(lambda z, layer=layer, xd=xd: torch.tanh(layer(z) + xd), torch.zeros_like(xd))
+        z.square().sum().backward()
+        grads[device] = (xd.grad.cpu(), layer.weight.grad.cpu())
+        layer.zero_grad()
+    torch.testing.assert_close(grads["cuda"][0], grads["cpu"][0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grads["cuda"][1], grads["cpu"][1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ("test_wt", "test_deq", "test_ode"))
+def test_models_forward_backward_on_cuda_with_bf16_autocast(name):
+    model = wt.create_model(name, num_classes=10, in_chans=1).cuda()
+    images = torch.randn(8, 1, 8, 8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(images)
+    assert logits.device.type == "cuda" and logits.shape == (8, 10)
+    logits.float().logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert all(isinstance(v, float) for v in model.core_stats().values())
+
+
+def test_masked_weight_tied_model_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = wt.create_model("test_wt", num_classes=10, in_chans=1, mask_k=2,
+                            mask_density=0.5).double().eval()
+    images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    expected = model(images)
+    got = model.cuda()(images.cuda())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ("test_wt", "test_deq"))
+def test_training_run_on_cuda_with_amp_and_channels_last(tmp_path, name):
+    final = run(dict(model=name, dataset="digits", test_size=128, batch_size=32, epochs=3,
+                     lr=0.02, device="cuda", amp=True, channels_last=True, progress="none",
+                     out=str(tmp_path / "run")))
+    assert final["test_acc"] > 0.3  # chance is 0.1
+    assert (tmp_path / "run" / "done.json").exists()
