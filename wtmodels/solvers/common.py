@@ -296,15 +296,20 @@ class Tracker:
         res = rel_r if self.rel else abs_r
         act = self.active
         improved = res < (self.best_rel if self.rel else self.best_abs)
-        if not self.all_active:
-            improved &= act
         if self.all_active and bool(improved.all()):
             self.best_x, self.best_abs, self.best_rel = x, abs_r, rel_r
-        elif bool(improved.any()):
-            out = self.pool.take(x, self.best_x, *live) if self.pool else None
-            self.best_x = torch.where(sm.torch(improved)[:, None], x, self.best_x, out=out)
-            self.best_abs = xp.where(improved, abs_r, self.best_abs)
-            self.best_rel = xp.where(improved, rel_r, self.best_rel)
+        else:
+            if not self.all_active:
+                improved &= act
+            if bool(improved.any()):
+                # a stopped sample's row of x is its best iterate (see freeze): when every
+                # active sample improved, x is the new best without a copy
+                if self.all_active or not bool((improved | ~act).all()):
+                    self.best_x = self._blend(improved, x, self.best_x, live)
+                else:
+                    self.best_x = x
+                self.best_abs = xp.where(improved, abs_r, self.best_abs)
+                self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
         self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
@@ -343,8 +348,22 @@ class Tracker:
             idx = torch.from_numpy(np.flatnonzero(~self.active))  # stopped samples
             x_new.index_copy_(0, idx, self.best_x.index_select(0, idx))
             return x_new
-        out = self.pool.take(x_new, self.best_x, *live) if self.pool else None
-        return torch.where(self.active_mask[:, None], x_new, self.best_x, out=out)
+        return self._blend(self.active, x_new, self.best_x, live)
+
+    def _blend(self, mask, a: torch.Tensor, b: torch.Tensor, live: tuple) -> torch.Tensor:
+        """Rows of ``a`` where ``mask`` (B,) holds, else of ``b``, in a pool buffer.
+
+        On CPU a full copy of the larger part and a row copy of the rest, about twice as fast
+        as ``torch.where`` (which reads both inputs and the broadcast mask).
+        """
+        out = self.pool.take(a, b, *live) if self.pool else None
+        if not self.small.cpu or out is None:
+            return torch.where(self.small.torch(mask)[:, None], a, b, out=out)
+        if 2 * int(mask.sum()) < len(mask):
+            a, b, mask = b, a, ~mask
+        out.copy_(a)
+        idx = torch.from_numpy(np.flatnonzero(~mask))
+        return out.index_copy_(0, idx, b.index_select(0, idx))
 
     def result(self) -> torch.Tensor:
         """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``)."""
