@@ -268,7 +268,9 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
            "other processes dominate these timings; compare ratios within this run only.", ""]
           if (prov["load_average_1min"] or 0) > prov["cpu_count"] else []),
         f"Cells `relu(GroupNorm(conv3x3(z) + x))`, gain {args.gain}; tol {args.tol} (relative), "
-        f"max_iter {args.max_iter}; {args.repeats} interleaved repeats, medians. torchdeq with "
+        f"max_iter {args.max_iter}; {args.repeats} interleaved repeats, medians"
+        f"{'' if args.device == 'cpu' else ', TF32 ' + ('on' if args.allow_tf32 else 'off')}"
+        ". torchdeq with "
         "its default options (Anderson m=6, lam=1e-4; Broyden full memory).", "",
         "overhead = solve time / (f-evals x time of one f), measured next to each solve: "
         "median of per-repeat ratios (wall), from the fastest repeat (best), and from the main "
@@ -330,6 +332,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the cells run (the overhead targets are for 2 CPU threads)")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="CUDA: let convolutions use TF32 (default off: TF32's ~1e-3 relative "
+                        "precision stalls the solvers near tol 1e-4)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--max-iter", type=int, default=60)
     p.add_argument("--tol", type=float, default=1e-4)
@@ -365,6 +370,8 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
     malloc = "tuned" if args.malloc == "tuned" and tune_malloc() else "default"
     cells = QUICK_CELLS if args.quick else FULL_CELLS
     rows = []

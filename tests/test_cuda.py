@@ -64,7 +64,7 @@ def test_deq_ift_gradient_on_cuda_matches_cpu():
     grads = {}
     for device in ("cpu", "cuda"):
         layer = lin.to(device)
-        xd = x.to(device).requires_grad_()
+        xd = x.to(device).detach().requires_grad_()  # a leaf on each device
         deq = wt.DEQ(f_max_iter=80, f_tol=1e-10, b_max_iter=80, b_tol=1e-10)
         z, _ = deq(lambda z, layer=layer, xd=xd: torch.tanh(layer(z) + xd), torch.zeros_like(xd))
         z.square().sum().backward()

@@ -304,17 +304,20 @@ def test_summary_schema():
 
 
 @pytest.mark.parametrize("method", SOLVERS)
-def test_device_code_path_with_torch_arrays(method, monkeypatch):
-    # on GPUs the per-sample bookkeeping stays in torch; run that code path on CPU tensors
+def test_accelerator_code_path_copying_to_the_host(method, monkeypatch):
+    # on accelerators the per-sample arrays are host copies (not shared memory): run that
+    # code path on CPU tensors
     from wtmodels.solvers import common
 
     original = common.Small.__init__
 
-    def torch_only(self, like):
+    def as_if_on_a_device(self, like):
         original(self, like)
-        self.cpu, self.xp = False, torch
+        self.cpu = False
 
-    monkeypatch.setattr(common.Small, "__init__", torch_only)
+    monkeypatch.setattr(common.Small, "__init__", as_if_on_a_device)
+    monkeypatch.setattr(common.Small, "of", lambda self, t: t.numpy().copy())  # no sharing
+    monkeypatch.setattr(common.Small, "torch", lambda self, a: torch.from_numpy(a).clone())
     f, exact = linear_problem((3, 2, 3, 3), torch.float64)
     z, stats = wt.solve(f, torch.zeros(3, 2, 3, 3, dtype=F64), method=method, max_iter=300,
                         tol=1e-11)

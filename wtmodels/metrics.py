@@ -35,8 +35,10 @@ class EpochMeter:
         self.stat_sums: dict[str, float] = {}
         self.stat_counts: dict[str, int] = {}
         self.stat_max: dict[str, float] = {}
+        self._pending: torch.Tensor | None = None  # (2,) loss and correct sums on a device
 
-    def update(self, loss_sum: float, correct: int, count: int, stats: dict | None = None) -> None:
+    def update(self, loss_sum: float | torch.Tensor, correct: int | torch.Tensor, count: int,
+               stats: dict | None = None) -> None:
         """Add one batch.
 
         Args:
@@ -44,9 +46,24 @@ class EpochMeter:
             correct: correctly classified images.
             count: images in the batch.
             stats: the model's ``core_stats()`` after this batch's forward pass.
+
+        ``loss_sum`` and ``correct`` may be 0-dim tensors on an accelerator: they are summed
+        there and read once, in :meth:`reduce` (no synchronisation per batch).
+
+        Example:
+            >>> m = EpochMeter()
+            >>> m.update(torch.tensor(2.0), torch.tensor(3), 4); m.update(2.0, 1, 4)
+            >>> m.reduce()
+            {'loss': 0.5, 'acc': 0.5, 'count': 8}
         """
-        self.loss_sum += float(loss_sum)
-        self.correct += int(correct)
+        if isinstance(loss_sum, torch.Tensor) or isinstance(correct, torch.Tensor):
+            device = (loss_sum if isinstance(loss_sum, torch.Tensor) else correct).device
+            pending = torch.stack([torch.as_tensor(v, device=device).detach().double().reshape(())
+                                   for v in (loss_sum, correct)])  # (2,)
+            self._pending = pending if self._pending is None else self._pending + pending
+        else:
+            self.loss_sum += float(loss_sum)
+            self.correct += int(correct)
         self.count += int(count)
         for key, value in (stats or {}).items():
             if key.endswith("_max"):
@@ -67,6 +84,10 @@ class EpochMeter:
             ``{"loss", "acc", "count", <stat keys>...}``; loss and acc are NaN for an empty pass.
         """
         ctx = ctx or DistContext()
+        if self._pending is not None:  # the one read of the device sums
+            loss, correct = self._pending.tolist()
+            self.loss_sum, self.correct, self._pending = self.loss_sum + loss, \
+                self.correct + round(correct), None
         sum_keys = sorted(self.stat_sums)
         max_keys = sorted(self.stat_max)
         sums = ctx.all_reduce_sum([self.loss_sum, float(self.correct), float(self.count)]

@@ -386,7 +386,8 @@ class _Trainer:
         return x, y
 
     def _all_finite(self, value: torch.Tensor) -> bool:
-        finite = bool(torch.isfinite(value).all())
+        """Whether ``value`` is finite everywhere (a bool tensor: is true), on every rank."""
+        finite = bool((value if value.dtype == torch.bool else torch.isfinite(value)).all())
         if self.ctx.world_size > 1:  # every rank must take the same branch
             finite = self.ctx.all_reduce_sum([0.0 if finite else 1.0])[0] == 0.0
         return finite
@@ -430,23 +431,27 @@ class _Trainer:
             if jac is not None:
                 loss = loss + cfg.jac_reg_weight * jac.float()
             seen += len(y)
-            ok = self._all_finite(loss)
-            if ok:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
+            # one read of a device flag per step (a synchronisation on GPUs): the loss and the
+            # gradient norm are checked together after the backward pass
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:  # float16: the scaler skips non-finite steps itself
+                ok = self._all_finite(loss)
+                if ok:
                     self.scaler.scale(loss).backward()
                     self.scaler.unscale_(self.optimizer)
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        ok = bool(torch.isfinite(norm))
-                    if ok:
-                        self.optimizer.step()
+            else:
+                loss.backward()
+                finite = torch.isfinite(loss.detach())
+                if cfg.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    finite = finite & torch.isfinite(norm)
+                ok = self._all_finite(finite)
+                if ok:
+                    self.optimizer.step()
             self.lr = self.optimizer.param_groups[0]["lr"]
             if ok:
                 self.scheduler.step()
@@ -468,9 +473,9 @@ class _Trainer:
                          else loss.detach() * len(y) if jac is None
                          else F.cross_entropy(logits, y, reduction="sum"))
                 correct = (logits.argmax(1) == y).sum()
-            meter.update(float(plain), int(correct), len(y), model.core_stats())
+            meter.update(plain, correct, len(y), model.core_stats())  # summed on the device
             if jac is not None:
-                jac_meter.update(float(jac.detach()) * len(y), 0, len(y))
+                jac_meter.update(jac.detach() * len(y), 0, len(y))
             if bar is not None and self.global_step % 10 == 0:
                 bar.set_postfix(loss=f"{float(plain) / len(y):.4f}")
         if self.ctx.device.type == "cuda":
@@ -507,8 +512,8 @@ class _Trainer:
             x, y = self._batch(x, y)
             with self._autocast():
                 logits = model(x).float()  # (B, num_classes)
-            meter.update(float(F.cross_entropy(logits, y, reduction="sum")),
-                         int((logits.argmax(1) == y).sum()), len(y), model.core_stats())
+            meter.update(F.cross_entropy(logits, y, reduction="sum"),
+                         (logits.argmax(1) == y).sum(), len(y), model.core_stats())
         model.train()
         return meter.reduce(self.ctx)
 

@@ -110,21 +110,19 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
     ``H`` (B, n, n) is regularised by ``lam * max(diag)``; samples whose system stays singular
     get ``fallback`` (n,), the one-hot weight of the newest iterate. Arrays of ``sm``.
     """
-    xp = sm.xp
-    A = H.copy() if sm.cpu else H.clone()
-    diag = np.einsum("bii->bi", A) if sm.cpu else A.diagonal(0, 1, 2)  # (B, n), writable view
-    reg = diag.max(1) if sm.cpu else diag.amax(1)
-    diag += (reg * lam + _TINY)[:, None]
+    A = H.copy()
+    diag = np.einsum("bii->bi", A)  # (B, n), writable view
+    diag += (diag.max(1) * lam + _TINY)[:, None]
     y, ok = sm.solve(A, ones)
     s = y.sum(1)
-    if sm.cpu and bool(ok.all()) and bool((s != 0).all()):
+    if bool(ok.all()) and bool((s != 0).all()):
         alpha = y / s[:, None]
         if math.isfinite(alpha.sum(dtype=np.float64)):
             return alpha
     with np.errstate(invalid="ignore", divide="ignore"):
         alpha = y / s[:, None]
-        ok = ok & xp.isfinite(alpha).all(1)
-    return xp.where(ok[:, None], alpha, fallback)
+        ok = ok & np.isfinite(alpha).all(1)
+    return np.where(ok[:, None], alpha, fallback)
 
 
 _TINY = 1e-30

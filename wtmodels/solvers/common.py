@@ -178,44 +178,42 @@ class Pool:
 
 
 class Small:
-    """Array namespace for the per-sample vectors and small systems of a solve.
+    """The per-sample vectors and small systems of a solve, as numpy arrays on the host.
 
-    On CPU these live in numpy arrays sharing memory with torch tensors (``.numpy()``,
-    ``torch.from_numpy``): an op on a ``(B,)`` vector costs well under a microsecond there,
-    several in torch. On other devices they stay torch tensors on the device.
+    An op on a ``(B,)`` vector costs well under a microsecond in numpy, several in torch, and
+    on an accelerator each decision on device values would be a synchronisation anyway. On
+    CPU the arrays share memory with torch tensors (``.numpy()``, ``torch.from_numpy``); on
+    other devices :meth:`of` copies a small device tensor to the host (one synchronisation)
+    and :meth:`torch` copies an array back to the device.
     """
+
+    xp = np
 
     def __init__(self, like: torch.Tensor):
         self.cpu = like.device.type == "cpu"
         self.device, self.dtype = like.device, like.dtype
-        self.xp = np if self.cpu else torch
 
-    def of(self, t: torch.Tensor):
-        """A torch tensor as an array of this namespace (no copy on CPU)."""
-        return t.numpy() if self.cpu else t
+    def of(self, t: torch.Tensor) -> np.ndarray:
+        """A torch tensor as a numpy array (no copy on CPU)."""
+        return t.numpy() if self.cpu else t.cpu().numpy()
 
-    def torch(self, a) -> torch.Tensor:
-        """An array of this namespace as a torch tensor (no copy on CPU)."""
-        return torch.from_numpy(a) if self.cpu else a
+    def torch(self, a: np.ndarray) -> torch.Tensor:
+        """A numpy array as a torch tensor on the solve's device (no copy on CPU)."""
+        t = torch.from_numpy(a)
+        return t if self.cpu else t.to(self.device, non_blocking=False)
 
-    def full(self, shape, value, dtype=None):
+    def full(self, shape, value, dtype=None) -> np.ndarray:
         dtype = self.dtype if dtype is None else dtype
-        return self.of(torch.full(shape, value, dtype=dtype, device=self.device))
+        return torch.full(shape, value, dtype=dtype).numpy()
 
     def all_finite(self, a, b) -> bool:
         """Whether every entry of the non-negative ``(B,)`` arrays ``a`` and ``b`` is finite
-        (one reduction; on CPU summed in float64, which cannot overflow for float32 norms)."""
-        if self.cpu:
-            return math.isfinite(a.sum(dtype=np.float64) + b.sum(dtype=np.float64))
-        return bool(torch.isfinite(a.sum() + b.sum()))
+        (one reduction, summed in float64, which cannot overflow for float32 norms)."""
+        return math.isfinite(a.sum(dtype=np.float64) + b.sum(dtype=np.float64))
 
     def solve(self, A, b):
         """Batched ``A x = b`` (``(B, n, n)``, ``(B, n)``) -> ``(x, ok)``, ``ok`` (B,) bool
         marking samples whose system was regular (finite solution)."""
-        if not self.cpu:
-            x, info = torch.linalg.solve_ex(A, b.unsqueeze(-1))
-            x = x.squeeze(-1)
-            return x, (info == 0) & torch.isfinite(x).all(-1)
         try:
             x = np.linalg.solve(A, b[..., None])[..., 0]
         except np.linalg.LinAlgError:  # some sample is singular: solve one by one
@@ -281,8 +279,13 @@ class Tracker:
         sm, xp = self.small, self.small.xp
         k = self.n_iter
         self.n_iter += 1
-        f_norm = sm.of(torch.linalg.vector_norm(fx, dim=1))  # (B,)
-        abs_r = sm.of(torch.linalg.vector_norm(g, dim=1)) if g_sq is None else xp.sqrt(g_sq)
+        f_norm = torch.linalg.vector_norm(fx, dim=1)  # (B,)
+        if g_sq is not None:
+            f_norm, abs_r = sm.of(f_norm), xp.sqrt(g_sq)
+        elif sm.cpu:
+            f_norm, abs_r = sm.of(f_norm), sm.of(torch.linalg.vector_norm(g, dim=1))
+        else:  # one copy to the host
+            f_norm, abs_r = sm.of(torch.stack([f_norm, torch.linalg.vector_norm(g, dim=1)]))
         bad = None
         if sm.all_finite(abs_r, f_norm):  # one check for the whole batch
             rel_r = abs_r / (f_norm + EPS)
@@ -344,8 +347,8 @@ class Tracker:
         """
         if self.all_active:
             return x_new
-        if owned and self.small.cpu:
-            idx = torch.from_numpy(np.flatnonzero(~self.active))  # stopped samples
+        if owned:
+            idx = self.small.torch(np.flatnonzero(~self.active))  # stopped samples
             x_new.index_copy_(0, idx, self.best_x.index_select(0, idx))
             return x_new
         return self._blend(self.active, x_new, self.best_x, live)
@@ -353,16 +356,16 @@ class Tracker:
     def _blend(self, mask, a: torch.Tensor, b: torch.Tensor, live: tuple) -> torch.Tensor:
         """Rows of ``a`` where ``mask`` (B,) holds, else of ``b``, in a pool buffer.
 
-        On CPU a full copy of the larger part and a row copy of the rest, about twice as fast
+        A full copy of the larger part and a row copy of the rest: on CPU about twice as fast
         as ``torch.where`` (which reads both inputs and the broadcast mask).
         """
-        out = self.pool.take(a, b, *live) if self.pool else None
-        if not self.small.cpu or out is None:
-            return torch.where(self.small.torch(mask)[:, None], a, b, out=out)
+        if self.pool is None:
+            return torch.where(self.small.torch(mask)[:, None], a, b)
+        out = self.pool.take(a, b, *live)
         if 2 * int(mask.sum()) < len(mask):
             a, b, mask = b, a, ~mask
         out.copy_(a)
-        idx = torch.from_numpy(np.flatnonzero(~mask))
+        idx = self.small.torch(np.flatnonzero(~mask))
         return out.index_copy_(0, idx, b.index_select(0, idx))
 
     def result(self) -> torch.Tensor:
