@@ -104,3 +104,12 @@ def test_training_run_on_cuda_with_amp_and_channels_last(tmp_path, name):
                      out=str(tmp_path / "run")))
     assert final["test_acc"] > 0.3  # chance is 0.1
     assert (tmp_path / "run" / "done.json").exists()
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_option_runs_and_the_flags_are_restored(tf32):
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    final = run(dict(model="test_deq", dataset="digits", train_size=64, test_size=32,
+                     batch_size=32, epochs=1, device="cuda", tf32=tf32, progress="none"))
+    assert final["train_loss"] > 0
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before

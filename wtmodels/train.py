@@ -210,6 +210,7 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, explicit: set[str]):
         self.ctx = DistContext.from_env(cfg.device)
         self._threads = torch.get_num_threads()
+        self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         try:
             self._setup(cfg, explicit)
         except BaseException:
@@ -217,8 +218,10 @@ class _Trainer:
             raise
 
     def close(self) -> None:
-        """Leave the process as found: torch threads back, process group destroyed."""
+        """Leave the process as found: torch threads and TF32 flags back, process group
+        destroyed."""
         torch.set_num_threads(self._threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
         self.ctx.close()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -240,6 +243,8 @@ class _Trainer:
             self.out = Path(cfg.out) if cfg.out is not None else None
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)  # restored by close()
+            if ctx.device.type == "cuda":  # restored by close()
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             seed_everything(cfg.seed)
             self._build_data()
             self._build_model()

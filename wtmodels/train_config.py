@@ -97,6 +97,8 @@ class TrainConfig:
     channels_last: bool = _opt(False, "channels-last memory format for model and images")
     compile: bool = _opt(False, "torch.compile the model")
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
+    tf32: bool = _opt(False, "CUDA: let convolutions and matmuls use TF32 (faster on Ampere and "
+                             "newer; its ~1e-3 precision stalls DEQ solves near f_tol 1e-4)")
     threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", ge=1)
     # DEQ practice
     pretrain_steps: int = _opt(0, "DEQ cores: first N steps iterate unrolled (model.set_pretrain)",
