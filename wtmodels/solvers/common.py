@@ -200,7 +200,7 @@ class Small:
     def torch(self, a: np.ndarray) -> torch.Tensor:
         """A numpy array as a torch tensor on the solve's device (no copy on CPU)."""
         t = torch.from_numpy(a)
-        return t if self.cpu else t.to(self.device, non_blocking=False)
+        return t if self.cpu else t.to(self.device)
 
     def full(self, shape, value, dtype=None) -> np.ndarray:
         dtype = self.dtype if dtype is None else dtype
@@ -307,10 +307,10 @@ class Tracker:
             if bool(improved.any()):
                 # a stopped sample's row of x is its best iterate (see freeze): when every
                 # active sample improved, x is the new best without a copy
-                if self.all_active or not bool((improved | ~act).all()):
-                    self.best_x = self._blend(improved, x, self.best_x, live)
-                else:
+                if not self.all_active and bool((improved | ~act).all()):
                     self.best_x = x
+                else:
+                    self.best_x = self._blend(improved, x, self.best_x, live)
                 self.best_abs = xp.where(improved, abs_r, self.best_abs)
                 self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
