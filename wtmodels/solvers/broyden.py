@@ -8,9 +8,9 @@ update applied to the pairs ``s_i = x_{i+1} - x_i``, ``y_i = g_{i+1} - g_i`` giv
 
 so the Newton step is ``x - H g = f(x) - P c`` with ``P = S + Y`` (``p_i = f(x_{i+1}) - f(x_i)``)
 and ``M c = S^T g``. Only the last ``m`` pairs are kept (a ring buffer allocated once): a step
-reads the history four times (single-row products ``S^T g``, ``S^T s``, ``P^T s``, which
-BLAS runs as fast matrix-vector products, and one mixing of ``P``) and solves one ``n x n``
-system per sample.
+reads the history three times (``[g, s]^T S`` in one pass: ``g`` sits in the row before the
+``s_i`` so the two vectors form one strided operand; ``P^T s``; one mixing of ``P``) and solves
+one ``n x n`` system per sample.
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         pool = Pool(ctx, "broyden.x", x)
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
         sm = tracker.small
-        S = ctx.enter_context(scratch("broyden.S", (B, m, D), x))  # s_i
+        W = ctx.enter_context(scratch("broyden.W", (B, m + 1, D), x))  # rows: g, then s_i
+        S = W[:, 1:]  # (B, m, D) s_i
         P = ctx.enter_context(scratch("broyden.P", (B, m, D), x))  # p_i = s_i + y_i
         S_slot, P_slot = S.unbind(1), P.unbind(1)  # views (B, D), made once
-        # history reads are single-row products (B, 1, D) x (B, D, n): BLAS's fast gemv path
+        # history reads are products (B, 1 or 2, D) x (B, D, n)
         S_T = [S[:, :n].transpose(1, 2) for n in range(m + 1)]  # (B, D, n)
         P_T = [P[:, :n].transpose(1, 2) for n in range(m + 1)]
         P_hist = [P[:, :n] for n in range(m + 1)]  # (B, n, D)
@@ -75,7 +76,7 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         SS = sm.full((B, m, m), 0.0)  # s_i^T s_j
         Sg_old = sm.full((B, m), 0.0)  # s_i^T g of the previous step
         newer = sm.of(_newer_masks(m, x.device, x.dtype))  # (m + 1, m, m)
-        g = ctx.enter_context(scratch("broyden.g", (B, D), x))
+        g = W[:, 0]  # (B, D), a row of W so that [g, s] is one strided (B, 2, D) operand
         x_prev = fx_prev = None
         for k in range(max_iter):
             fx = prob(x)
@@ -89,8 +90,9 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 n, slot = min(k, m), (k - 1) % m
                 s = torch.sub(x, x_prev, out=S_slot[slot]).unsqueeze(1)  # (B, 1, D)
                 torch.sub(fx, fx_prev, out=P_slot[slot])  # p = s + y = f(x) - f(x_prev)
-                Sg = sm.of(torch.bmm(g.unsqueeze(1), S_T[n]).squeeze(1))  # (B, n): s_i . g
-                Ss = sm.of(torch.bmm(s, S_T[n]).squeeze(1))  # s_i . s
+                gs = W.as_strided((B, 2, D), (W.stride(0), (1 + slot) * D, 1))  # [g, s]
+                both = sm.of(torch.bmm(gs, S_T[n]))  # (B, 2, n): one pass over S
+                Sg, Ss = both[:, 0], both[:, 1]  # s_i . g, s_i . s
                 Ys = sm.of(torch.bmm(s, P_T[n]).squeeze(1)) - Ss  # y_i . s
                 SY[:, :n, slot] = Sg - Sg_old[:, :n]  # s_i^T y = s_i^T g - s_i^T g_old
                 SY[:, slot, :n] = Ys
