@@ -74,6 +74,27 @@ def test_crash_between_checkpoint_and_metrics_then_resume(tmp_path, monkeypatch)
     _assert_same_run(ref, crashed)
 
 
+def test_resume_with_data_loader_workers_is_exact(tmp_path, monkeypatch):
+    # augmentation runs in worker processes: their random streams must follow (seed, epoch)
+    settings = {**BASE, "epochs": 3, "num_workers": 2}
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    run({**settings, "out": str(ref)})
+    real_save = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real_save(self, epoch)
+        if epoch == 2:  # the second epoch's checkpoint is on disk
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run({**settings, "out": str(crashed)})
+    monkeypatch.undo()
+    assert load_checkpoint(crashed / "checkpoint.pt")["epoch"] == 2
+    run({"out": str(crashed), "resume": True, "progress": "none"})
+    _assert_same_run(ref, crashed)
+
+
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
     ref, early = tmp_path / "ref", tmp_path / "early"
     run({**BASE, "epochs": 2, "out": str(ref)})
