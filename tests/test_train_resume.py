@@ -91,6 +91,8 @@ def test_resume_with_data_loader_workers_is_exact(tmp_path, monkeypatch):
         run({**settings, "out": str(crashed)})
     monkeypatch.undo()
     assert load_checkpoint(crashed / "checkpoint.pt")["epoch"] == 2
+    with pytest.raises(ValueError, match="num_workers"):  # other workers: other augmentations
+        run({"out": str(crashed), "resume": True, "progress": "none", "num_workers": 0})
     run({"out": str(crashed), "resume": True, "progress": "none"})
     _assert_same_run(ref, crashed)
 

@@ -598,8 +598,8 @@ def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict
 
     Writes the run directory only when ``out`` is set. With ``resume=True`` the run in ``out``
     continues from its checkpoint with its saved settings; settings given here must agree with
-    them (``out``, ``resume``, ``data_dir``, ``download``, ``num_workers``, ``progress``,
-    ``threads`` and ``device`` may differ).
+    them (``out``, ``resume``, ``data_dir``, ``download``, ``progress``, ``threads`` and
+    ``device`` may differ).
 
     Args:
         config: a flat dict of TrainConfig and ModelConfig settings, or a TrainConfig.

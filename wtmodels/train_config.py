@@ -36,8 +36,9 @@ def _opt(default, help: str, **meta):
 
 
 # Fields that may differ when a run is resumed: they change how, not what, is computed.
-RUNTIME_FIELDS = ("out", "resume", "data_dir", "download", "num_workers", "progress", "threads",
-                  "device")
+# (Not num_workers: each worker process draws its own augmentation stream, so another number
+# of workers gives other random crops and flips.)
+RUNTIME_FIELDS = ("out", "resume", "data_dir", "download", "progress", "threads", "device")
 
 
 @dataclass
