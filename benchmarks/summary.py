@@ -100,6 +100,8 @@ def _cell(g: dict, key: str, kind: str) -> str:
         value = g.get(key)
         if key == "depth" and g.get("core") == "deq":
             return "–"  # a DEQ has a solver budget, not a depth
+        if key in ("f_solver", "grad") and g.get("core") not in (None, "deq"):
+            return ""  # other cores carry the defaults of these settings but never use them
         return "" if value is None else str(value)
     mean, std = g.get(f"{key}_mean", math.nan), g.get(f"{key}_std", math.nan)
     if not math.isfinite(mean):

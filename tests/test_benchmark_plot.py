@@ -123,6 +123,18 @@ def test_summary_table_means_and_stds_over_seeds(rows):
     assert math.isnan(wt["nstep_mean"])
 
 
+def test_solver_columns_are_blank_for_cores_without_a_solver():
+    base = {"dataset": "digits", "width": 8, "seed": 0, "test_acc": 0.9, "grad": "ift"}
+    table = summary_table([{**base, "label": "WT", "core": "unrolled", "depth": 2,
+                            "f_solver": "anderson"},
+                           {**base, "label": "DEQ", "core": "deq", "f_solver": "broyden",
+                            "grad": "phantom"}])
+    lines = to_markdown(table).splitlines()
+    wt, deq = ([x for x in lines if x.startswith(f"| {name} |")][0] for name in ("WT", "DEQ"))
+    assert "anderson" not in wt and "ift" not in wt
+    assert "broyden" in deq and "phantom" in deq
+
+
 def test_plot_command_line_writes_every_panel_and_the_summary(tmp_path):
     write_fake_sweep(str(tmp_path / "s"))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.plot", str(tmp_path / "s")],
