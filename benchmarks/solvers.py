@@ -10,8 +10,9 @@ For each cell (batch B, channels C, size H; ``relu(GroupNorm(conv3x3(z) + x))``,
   ``overhead_best``: the same from the fastest solve and the fastest f-block (what a quiet
   machine approaches); ``overhead_cpu``: from the main thread's CPU time (``time.thread_time``,
   blind to preemption by other processes; with one thread it is all the work);
-- ``f_slowdown`` + ``solver_ops`` = ``overhead`` (CPU only): the time inside the calls of ``f``
-  during the solve and the time between them, each over ``f_evals x time of one f``;
+- ``f_slowdown`` + ``solver_ops`` ~ ``overhead`` (CPU only; medians of each, so not exactly
+  equal): the time inside the calls of ``f`` during the solve and the time between them, each
+  over ``f_evals x time of one f``;
 - ``converged``: share of samples whose returned iterate has ``rel residual <= tol``.
 
 Then the IFT memory check: peak memory of one forward + backward of ``wt.DEQ(grad="ift")`` as

@@ -251,7 +251,6 @@ class Tracker:
         self.nstep = sm.full((B,), 0, torch.int64)
         self.n_iter = 0
         self.all_active = True
-        self.all_stop_checks = False  # True once some sample stopped
         self.check_growth = math.isfinite(div_factor)
         self.streak_any = False  # some sample's streak is > 0
 
@@ -322,9 +321,8 @@ class Tracker:
                 self.streak_any = bool(self.streak.any())
         conv = res <= self.tol
         self.nstep += act
-        if (bad is None and not self.streak_any and not self.all_stop_checks
-                and not bool(conv.any())):
-            return False  # nobody stops this step
+        if bad is None and not self.streak_any and self.all_active and not bool(conv.any()):
+            return False  # nobody stops this step (with frozen samples: check every step)
         conv &= act
         div = act & ~conv & (self.streak >= self.patience)
         if bad is not None:
@@ -334,7 +332,6 @@ class Tracker:
         self.active = act & ~(conv | div)
         n_active = int(self.active.sum())
         self.all_active = n_active == len(self.active)
-        self.all_stop_checks = not self.all_active  # frozen samples: check every step
         return n_active == 0
 
     def freeze(self, x_new: torch.Tensor, live: tuple = (), owned: bool = False
