@@ -263,6 +263,41 @@ def test_seeded_subsets():
         get_datasets("digits", test_size=0)
 
 
+def _epoch_batches(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def test_augmentation_follows_seed_epoch_and_index_not_workers_or_ranks():
+    train, test, _ = get_datasets("digits", train_size=64, test_size=16, augment=True)
+    plain, _ = build_loaders(train, test, batch_size=16, seed=7)
+    workers, _ = build_loaders(train, test, batch_size=16, seed=7, num_workers=2)
+    ranks = [build_loaders(train, test, batch_size=16, seed=7, rank=r, world_size=2)[0]
+             for r in range(2)]
+    for epoch in (0, 1):
+        want = _epoch_batches(plain, epoch)
+        got = _epoch_batches(workers, epoch)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                   for a, b in zip(want, got, strict=True))
+        shards = [_epoch_batches(loader, epoch) for loader in ranks]
+        for step, (x, _) in enumerate(want):  # rank r holds samples r, r + 2, ... of a batch
+            assert torch.equal(x[0::2], shards[0][step][0])
+            assert torch.equal(x[1::2], shards[1][step][0])
+    # augmentation is on: two epochs crop the same image differently, and reading data leaves
+    # the caller's random stream alone
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ds = plain.dataset
+    ds.set_epoch(0)
+    first = ds[5][0]
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[5][0])
+    assert torch.equal(torch.rand(3), expected)
+    ds.set_epoch(0)
+    assert torch.equal(first, ds[5][0])
+
+
 def test_loaders_shard_global_batches_across_ranks():
     train, test, _ = get_datasets("digits", train_size=96, test_size=30, augment=False)
     one, test_one = build_loaders(train, test, batch_size=16, seed=5)

@@ -1,7 +1,8 @@
 """DistributedDataParallel: 2 CPU processes (gloo) under torchrun against 1 process.
 
-With the same global batch, the two ranks' half batches together are the one-process batch, and
-DDP averages their gradients, so both runs must reach the same weights and metrics up to float
+With the same global batch, the two ranks' half batches together are the one-process batch
+(augmentation included: each image's crop follows (seed, epoch, index)), and DDP averages their
+gradients, so both runs must reach the same weights and metrics up to float
 summation order. Only rank 0 writes the run directory; metrics are reduced over the ranks.
 """
 
@@ -18,7 +19,7 @@ from wtmodels.checkpoint import load_checkpoint
 from wtmodels.train import run
 
 SETTINGS = {"model": "test_wt", "dataset": "digits", "train_size": 256, "test_size": 101,
-            "batch_size": 32, "augment": False, "epochs": 2, "threads": 1, "lr": 0.01}
+            "batch_size": 32, "augment": True, "epochs": 2, "threads": 1, "lr": 0.01}
 
 
 def test_two_processes_match_one(tmp_path):
@@ -27,7 +28,7 @@ def test_two_processes_match_one(tmp_path):
             "2", "-m", "wtmodels.train", "--out", str(two), "--progress", "lines"]
     for key, value in SETTINGS.items():
         flag = "--" + key.replace("_", "-")
-        argv += ["--no-augment"] if key == "augment" else [flag, str(value)]
+        argv += [flag] if value is True else [flag, str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

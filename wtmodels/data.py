@@ -467,6 +467,74 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
     return train, test, {"name": name, **info}
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _hash_seed(*keys: int) -> int:
+    """A 63-bit seed hashed from integers (splitmix64 finaliser chained over ``keys``)."""
+    h = 0
+    for key in keys:
+        h = (h + (key & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+class SeededItems(Dataset):
+    """A dataset whose random transforms are a pure function of ``(seed, epoch, index)``.
+
+    Each item is read with torch's CPU generator seeded from ``(seed, epoch, index)``, and the
+    generator's state is put back afterwards. An image therefore gets the same crop and flip
+    whatever the number of loader workers or processes, and reading data leaves the caller's
+    random stream (dropout, ...) untouched. torchvision's transforms draw from that generator;
+    a transform drawing from numpy or ``random`` would not be covered.
+
+    Args:
+        dataset: the wrapped dataset (its transforms may be random).
+        seed: the run's seed.
+
+    Example:
+        >>> import torch
+        >>> from torchvision.transforms import v2
+        >>> base = TensorImageDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long),
+        ...                           v2.RandomCrop(8, padding=2))
+        >>> ds = SeededItems(base, seed=0)
+        >>> again = SeededItems(base, seed=0)
+        >>> bool((ds[1][0] == ds[1][0]).all()), bool((ds[1][0] == again[1][0]).all())
+        (True, True)
+        >>> ds.set_epoch(1)  # another epoch draws other crops
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the random transforms of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(_hash_seed(self.seed, self.epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            gen.set_state(state)
+
+
+class _EpochSampler(DistributedSampler):
+    """A :class:`DistributedSampler` that also tells a :class:`SeededItems` set the epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if isinstance(self.dataset, SeededItems):
+            self.dataset.set_epoch(epoch)
+
+
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
                   test_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False):
@@ -475,9 +543,11 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
     The train loader shuffles with a :class:`~torch.utils.data.DistributedSampler` even on one
     process (call ``train_loader.sampler.set_epoch(epoch)`` each epoch), so that ``N`` processes
     with ``batch_size / N`` images each see, step by step, the same global batches as one process
-    with ``batch_size``. Its ``generator`` (seeded by ``seed``) seeds the workers and is part of
-    the state a checkpoint saves. The test loader reads this rank's shard ``rank::world_size``
-    in order, without padding, so sums over ranks count each test image once.
+    with ``batch_size``. The train set is wrapped in :class:`SeededItems`, so its random
+    transforms follow ``(seed, epoch, index)`` too: the batches, augmentation included, do not
+    depend on ``num_workers`` or ``world_size``. The test loader reads this rank's shard
+    ``rank::world_size`` in order, without padding, so sums over ranks count each test image
+    once.
 
     Args:
         train_ds: training set.
@@ -485,7 +555,7 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
         batch_size: GLOBAL batch size (divisible by ``world_size``).
         test_batch_size: global test batch size (default: ``2 * batch_size``).
         num_workers: loader worker processes per rank.
-        seed: shuffling and worker seed.
+        seed: shuffling and augmentation seed.
         rank: this process's rank.
         world_size: number of processes.
         pin_memory: pin host memory (for GPU training).
@@ -507,10 +577,10 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
                          f"process(es), got {batch_size}")
     test_batch_size = test_batch_size or 2 * batch_size
     per_rank_test = max(1, test_batch_size // world_size)
-    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=False)
-    train_loader = DataLoader(train_ds, batch_size=batch_size // world_size, sampler=sampler,
-                              num_workers=num_workers, pin_memory=pin_memory,
+    sampler = _EpochSampler(SeededItems(train_ds, seed), num_replicas=world_size, rank=rank,
+                            shuffle=True, seed=seed, drop_last=False)
+    train_loader = DataLoader(sampler.dataset, batch_size=batch_size // world_size,
+                              sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                               generator=torch.Generator().manual_seed(seed),
                               persistent_workers=False)
     shard = Subset(test_ds, list(range(rank, len(test_ds), world_size)))

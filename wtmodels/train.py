@@ -140,6 +140,15 @@ def _identity(cfg: TrainConfig) -> dict:
     return {"train": train, "model_overrides": dict(sorted(cfg.model_overrides.items()))}
 
 
+def _saved_identity(state: dict) -> dict | None:
+    """A checkpoint's identity, without fields that have since become runtime fields."""
+    identity = state.get("identity")
+    if not isinstance(identity, dict) or not isinstance(identity.get("train"), dict):
+        return identity
+    train = {k: v for k, v in identity["train"].items() if k not in RUNTIME_FIELDS}
+    return {**identity, "train": train}
+
+
 def _jsonable(d: dict) -> dict:
     """Round-trip through JSON so tuples compare equal to lists."""
     return json.loads(json.dumps(d))
@@ -310,8 +319,8 @@ class _Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if state.get("identity") != _jsonable(_identity(self.cfg)):
-            theirs = state.get("identity") or {}
+        if _saved_identity(state) != _jsonable(_identity(self.cfg)):
+            theirs = _saved_identity(state) or {}
             ours = _jsonable(_identity(self.cfg))
             diff = sorted(k for part in ("train", "model_overrides")
                           for k in set(ours.get(part, {})) | set(theirs.get(part, {}))

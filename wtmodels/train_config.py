@@ -36,9 +36,10 @@ def _opt(default, help: str, **meta):
 
 
 # Fields that may differ when a run is resumed: they change how, not what, is computed.
-# (Not num_workers: each worker process draws its own augmentation stream, so another number
-# of workers gives other random crops and flips.)
-RUNTIME_FIELDS = ("out", "resume", "data_dir", "download", "progress", "threads", "device")
+# (num_workers included: each image's augmentation follows (seed, epoch, index), see
+# wtmodels.data.SeededItems, whichever process draws it.)
+RUNTIME_FIELDS = ("out", "resume", "data_dir", "download", "progress", "threads", "device",
+                  "num_workers")
 
 
 @dataclass
