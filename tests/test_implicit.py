@@ -210,6 +210,8 @@ def test_bf16_autocast_forward_backward():
     ({"f_max_iter": 0}, "f_max_iter"), ({"b_tol": 0}, "b_tol"), ({"tau": 1.5}, "tau"),
     ({"phantom_steps": 0}, "phantom_steps"), ({"stop_mode": "max"}, "stop_mode"),
     ({"eval_f_max_iter": 0}, "eval_f_max_iter"), ({"jac_reg": 1}, "jac_reg"),
+    ({"b_opts": {"beta": 2.0}}, "beta"), ({"f_opts": {"m": 0}}, "m must"),
+    ({"f_opts": [("m", 3)]}, "must be a dict"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -228,3 +230,69 @@ def test_solver_options_are_used():
     _, m1 = wt.DEQ(f_opts={"m": 1}, f_tol=1e-6, f_max_iter=200)(f, z0)
     _, m5 = wt.DEQ(f_opts={"m": 5}, f_tol=1e-6, f_max_iter=200)(f, z0)
     assert m5.n_iter < m1.n_iter
+
+
+def test_settings_changed_after_construction_are_checked_on_every_call():
+    f, z0 = (lambda z: 0.5 * z + 1.0), torch.zeros(2, 3)
+    for field, value, match in [("grad", "bogus", "grad must be one of"),
+                                ("f_max_iter", 0, "f_max_iter"),
+                                ("b_opts", {"beta": 2.0}, "beta"),
+                                ("f_solver", "newton", "valid solvers")]:
+        deq = wt.DEQ()
+        setattr(deq, field, value)
+        with pytest.raises(ValueError, match=match):
+            deq(f, z0)
+    with pytest.raises(ValueError, match="jac_reg must be a bool"):
+        wt.DEQ()(f, z0, jac_reg="yes")
+
+
+def _second_derivative_problem(grad):
+    # z* = a z* + x^2  =>  z* = x^2 / (1 - a);  d2 z*/(dx da) = 2x / (1 - a)^2 = 8 at a=.5, x=1
+    a = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    x = torch.ones(1, 1, dtype=F64, requires_grad=True)
+    z, _ = tight(grad=grad)(lambda z: a * z + x ** 2, torch.zeros(1, 1, dtype=F64))
+    (gx,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    return a, gx
+
+
+def test_ift_refuses_higher_order_gradients_unroll_gives_them():
+    a, gx = _second_derivative_problem("unroll")
+    (gxa,) = torch.autograd.grad(gx.sum(), a)
+    torch.testing.assert_close(gxa, torch.tensor(8.0, dtype=F64))
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        _second_derivative_problem("ift")
+    _, gx = _second_derivative_problem("phantom")  # the phantom map's own derivatives
+    assert torch.isfinite(gx).all()
+
+
+def test_unroll_detaches_z0_stops_diverging_samples_and_returns_the_best_iterate():
+    s, b = torch.tensor([0.5, 3.0]), torch.ones(2, 4)
+    z0 = torch.zeros(2, 4, requires_grad=True)
+    w = torch.ones((), requires_grad=True)
+    z, stats = wt.DEQ(f_max_iter=200, f_tol=1e-6, grad="unroll", stop_mode="abs")(
+        lambda z: w * s[:, None] * z + b, z0)
+    assert stats.converged.tolist() == [True, False] and stats.diverged.tolist() == [False, True]
+    assert int(stats.nstep[1]) < 20  # stopped, not iterated to the budget
+    torch.testing.assert_close(z[0], torch.full((4,), 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[1], torch.zeros(4))  # its lowest residual was at z0
+    z.sum().backward()
+    assert z0.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_map_ignoring_z_gives_gradients_regulariser_and_radius(grad):
+    W = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3)
+    deq = wt.DEQ(grad=grad)
+    z, stats = deq(lambda z: x @ W, torch.zeros(2, 3), jac_reg=True)
+    (z.sum() + stats.jac_loss).backward()
+    torch.testing.assert_close(W.grad, x.sum(0)[:, None].expand(3, 3).contiguous())
+    assert float(stats.jac_loss) == 0.0
+    assert deq.spectral_radius(lambda z: x @ W, z).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("n_iter", [19, 20, 21])
+def test_spectral_radius_of_a_complex_pair(n_iter):
+    A = torch.tensor([[0.0, 1.0], [-0.81, 0.0]], dtype=F64)  # eigenvalues +-0.9i
+    r = wt.DEQ().spectral_radius(lambda z: z @ A.T, torch.zeros(1, 2, dtype=F64), n_iter=n_iter)
+    torch.testing.assert_close(r, torch.tensor([0.9], dtype=F64), rtol=0.02, atol=0)

@@ -376,3 +376,77 @@ def test_returns_lowest_residual_iterate_of_non_monotone_run(method, stop_mode):
         torch.testing.assert_close(z[b], seen[best[b]][b], rtol=0, atol=0)
     torch.testing.assert_close(stats.rel_lowest if stop_mode == "rel" else stats.abs_lowest,
                                res.min(0).values)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_z0_reports_the_residual_of_the_returned_iterate(method, dtype):
+    # f sees the iterate rounded to z0's dtype; the reported residual is that iterate's
+    torch.manual_seed(0)
+    W, b = torch.randn(16, 16) * 0.3 / 4, torch.randn(8, 16)
+
+    def f(z):
+        return torch.tanh(z @ W.T.to(z.dtype) + b.to(z.dtype))
+
+    z, stats = wt.solve(f, torch.zeros(8, 16, dtype=dtype), method=method, tol=1e-5,
+                        max_iter=60)
+    assert z.dtype == dtype
+    fz = f(z).float()
+    rel = (fz - z.float()).norm(dim=1) / (fz.norm(dim=1) + 1e-8)
+    torch.testing.assert_close(stats.rel_lowest, rel, rtol=1e-3, atol=1e-7)
+    assert not (stats.converged & (rel > 1e-5)).any()
+    _, loose = wt.solve(f, torch.zeros(8, 16, dtype=dtype), method=method, tol=2e-2)
+    assert loose.converged.all()  # a tolerance above the precision is reached
+
+
+def test_fixed_point_copes_with_f_reusing_its_output_buffer():
+    buf = torch.empty(2, 3)
+    z, stats = fixed_point(lambda z: torch.add(z * 0.5, 1.0, out=buf), torch.zeros(2, 3),
+                           tol=1e-6)
+    assert stats.converged.all()
+    torch.testing.assert_close(z, torch.full((2, 3), 2.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "broyden"])
+def test_falling_transient_is_not_divergence(method):
+    # spectral radius 0.5 but far from normal: the residual jumps 100x, then falls steadily
+    # (Anderson's own iterates rise again to 143x after 8 evaluations there: flagged, by rule)
+    A = torch.tensor([[0.5, 100.0], [0.0, 0.5]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    z, stats = wt.solve(lambda z: z @ A.T + b, torch.zeros(1, 2, dtype=torch.float64),
+                        method=method, tol=1e-8, max_iter=100)
+    assert stats.converged.all() and not stats.diverged.any()
+    exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, b[0])
+    torch.testing.assert_close(z[0], exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_memory_follows_the_evaluations_made_not_the_budget(method):
+    # traces grow on demand and the history is capped at max_iter: a huge budget or history
+    # costs nothing up front
+    z, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.zeros(64, 3), method=method,
+                        max_iter=10**9, tol=1e-6)
+    assert stats.converged.all() and stats.abs_trace.shape[1] == int(stats.nstep.max())
+    if method != "fixed_point":
+        z, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.zeros(64, 3), method=method,
+                            max_iter=20, tol=1e-4, m=10**9)
+        assert stats.converged.all()
+    # more than 64 evaluations: the traces grow past their first allocation, in order
+    z, stats = fixed_point(lambda z: 0.95 * z + 1.0, torch.zeros(2, 3), max_iter=200,
+                           tol=1e-6, stop_mode="abs")
+    assert int(stats.nstep.max()) > 128 and bool((stats.abs_trace.diff(dim=1) <= 0).all())
+
+
+def test_complex_output_is_refused():
+    with pytest.raises(ValueError, match="real floating-point"):
+        wt.solve(lambda z: (0.5 * z).to(torch.complex64), torch.zeros(2, 3))
+
+
+def test_divergence_defaults_of_the_unrolled_deq_match_the_solvers():
+    import inspect
+
+    from wtmodels.solvers.common import DIVERGENCE_DEFAULTS
+
+    for method in SOLVERS:
+        params = inspect.signature(solvers_pkg.get_solver(method)).parameters
+        assert {k: params[k].default for k in DIVERGENCE_DEFAULTS} == DIVERGENCE_DEFAULTS

@@ -10,7 +10,12 @@ ways to get gradients:
 - ``"phantom"``: ``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z)`` from ``z*``
   with autograd (an inexact, cheap gradient).
 - ``"unroll"``: plain iteration ``z <- f(z)`` with autograd for up to the iteration budget
-  (samples that reach the tolerance stop); memory grows with the iterations. A reference.
+  (samples that reach the tolerance or diverge stop; each sample's lowest-residual iterate is
+  the output); memory grows with the iterations. A reference, and the one mode whose
+  higher-order derivatives are exact.
+
+``"ift"`` gives first-order gradients only: its backward solve builds no graph, so a
+``create_graph=True`` backward through it raises instead of returning a wrong second derivative.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from .solvers import check_options, get_solver, list_solvers
 from .solvers.common import (
+    DIVERGENCE_DEFAULTS,
     STOP_MODES,
     Problem,
     Tracker,
@@ -52,7 +58,9 @@ class DEQ(nn.Module):
         jac_reg_samples: Hutchinson probe vectors per call.
 
     The attributes of the same names may be changed after construction (e.g. a model's
-    ``set_depth`` sets ``f_max_iter``/``eval_f_max_iter``).
+    ``set_depth`` sets ``f_max_iter``/``eval_f_max_iter``); every call checks them again.
+    ``f_solver``/``f_opts`` serve ``"ift"`` and ``"phantom"`` (``"unroll"`` iterates plainly);
+    ``b_*`` serve ``"ift"`` only.
 
     Example:
         >>> import torch, wtmodels as wt
@@ -74,33 +82,41 @@ class DEQ(nn.Module):
                  f_opts: dict | None = None, b_opts: dict | None = None,
                  jac_reg: bool = False, jac_reg_samples: int = 1):
         super().__init__()
-        if f_solver not in list_solvers():
-            raise ValueError(f"unknown f_solver {f_solver!r}; valid solvers: {list_solvers()}")
-        if b_solver not in list_solvers():
-            raise ValueError(f"unknown b_solver {b_solver!r}; valid solvers: {list_solvers()}")
-        if grad not in GRAD_MODES:
-            raise ValueError(f"grad must be one of {list(GRAD_MODES)}, got {grad!r}")
-        if stop_mode not in STOP_MODES:
-            raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
         self.f_solver, self.b_solver = f_solver, b_solver
-        self.f_max_iter = check_positive_int("f_max_iter", f_max_iter)
-        self.b_max_iter = check_positive_int("b_max_iter", b_max_iter)
-        self.f_tol = check_float("f_tol", f_tol, 0.0)
-        self.b_tol = check_float("b_tol", b_tol, 0.0)
+        self.f_max_iter, self.b_max_iter = f_max_iter, b_max_iter
+        self.f_tol, self.b_tol = f_tol, b_tol
         self.grad, self.stop_mode = grad, stop_mode
-        self.phantom_steps = check_positive_int("phantom_steps", phantom_steps)
-        self.tau = check_float("tau", tau, 0.0, 1.0)
-        if eval_f_max_iter is not None:
-            check_positive_int("eval_f_max_iter", eval_f_max_iter)
+        self.phantom_steps, self.tau = phantom_steps, tau
         self.eval_f_max_iter = eval_f_max_iter
-        self.f_opts, self.b_opts = dict(f_opts or {}), dict(b_opts or {})
-        check_options(f_solver, self.f_opts)
-        check_options(b_solver, self.b_opts)
-        if not isinstance(jac_reg, bool):
-            raise ValueError(f"jac_reg must be a bool, got {jac_reg!r}")
-        self.jac_reg = jac_reg
-        self.jac_reg_samples = check_positive_int("jac_reg_samples", jac_reg_samples)
+        self.f_opts = dict(f_opts or {}) if isinstance(f_opts, dict | None) else f_opts
+        self.b_opts = dict(b_opts or {}) if isinstance(b_opts, dict | None) else b_opts
+        self.jac_reg, self.jac_reg_samples = jac_reg, jac_reg_samples
         self.last_backward_stats: SolverStats | None = None
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """``ValueError`` naming the field and its valid choices for any bad setting, solver
+        option values included (run at construction and on every call)."""
+        for field in ("f_solver", "b_solver"):
+            if getattr(self, field) not in list_solvers():
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}; "
+                                 f"valid solvers: {list_solvers()}")
+        if self.grad not in GRAD_MODES:
+            raise ValueError(f"grad must be one of {list(GRAD_MODES)}, got {self.grad!r}")
+        if self.stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, "
+                             f"got {self.stop_mode!r}")
+        for field in ("f_max_iter", "b_max_iter", "phantom_steps", "jac_reg_samples"):
+            check_positive_int(field, getattr(self, field))
+        if self.eval_f_max_iter is not None:
+            check_positive_int("eval_f_max_iter", self.eval_f_max_iter)
+        check_float("f_tol", self.f_tol, 0.0)
+        check_float("b_tol", self.b_tol, 0.0)
+        check_float("tau", self.tau, 0.0, 1.0)
+        check_options(self.f_solver, self.f_opts)
+        check_options(self.b_solver, self.b_opts)
+        if not isinstance(self.jac_reg, bool):
+            raise ValueError(f"jac_reg must be a bool, got {self.jac_reg!r}")
 
     def extra_repr(self) -> str:
         return (f"f_solver={self.f_solver!r}, f_max_iter={self.f_max_iter}, "
@@ -127,8 +143,12 @@ class DEQ(nn.Module):
             ``(z_star, stats)``; ``stats.jac_loss`` set when Jacobian regularisation is on.
             With autograd off (``torch.no_grad()``, eval) ``z_star`` is the solver's iterate
             itself (no extra call of ``f``); with autograd on it is ``f`` applied at it once
-            (``"ift"``), the phantom steps' result, or the last unrolled iterate.
+            (``"ift"``), the phantom steps' result, or each sample's lowest-residual unrolled
+            iterate.
         """
+        self.check_settings()
+        if jac_reg is not None and not isinstance(jac_reg, bool):
+            raise ValueError(f"jac_reg must be a bool or None, got {jac_reg!r}")
         jac = self.jac_reg if jac_reg is None else jac_reg
         if self.grad == "unroll":
             z_star, stats, z_in, z_out = self._unroll(f, z0)
@@ -160,36 +180,49 @@ class DEQ(nn.Module):
     def _backward_solve(self, z_out: torch.Tensor, z_in: torch.Tensor,
                         grad: torch.Tensor) -> torch.Tensor:
         """Solve ``u = J^T u + grad`` (``J = dz_out/dz_in``) with the backward solver."""
+        # solved in float32 at least: a bf16 gradient (autocast) would round every iterate
+        g = grad if grad.dtype == torch.float64 else grad.float()
+
         def adjoint(u):
-            vjp = torch.autograd.grad(z_out, z_in, u.to(z_out.dtype), retain_graph=True)[0]
-            return vjp.to(grad.dtype) + grad
+            vjp = torch.autograd.grad(z_out, z_in, u.to(z_out.dtype), retain_graph=True,
+                                      allow_unused=True)[0]
+            return g if vjp is None else vjp.to(g.dtype) + g  # None: f ignores z, J = 0
 
         solver = get_solver(self.b_solver)
-        u, stats = solver(adjoint, grad, max_iter=self.b_max_iter, tol=self.b_tol,
+        u, stats = solver(adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol,
                           stop_mode=self.stop_mode, **self.b_opts)
         self.last_backward_stats = stats
-        return u
+        return u.to(grad.dtype)
 
     def _unroll(self, f, z0: torch.Tensor):
-        """Plain iteration with autograd; samples stop (freeze) once at the tolerance."""
+        """Plain iteration with autograd from ``z0`` (detached); samples stop (freeze) once at
+        the tolerance or diverged (the solvers' default rule); per sample the lowest-residual
+        iterate is returned."""
         prob = Problem(f, z0)
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
-                          div_factor=float("inf"), patience=1)
-        z = z0
+                          div_factor=DIVERGENCE_DEFAULTS["div_factor"],
+                          patience=DIVERGENCE_DEFAULTS["patience"])
+        B, rel = z0.shape[0], self.stop_mode == "rel"
+        per_sample = (B,) + (1,) * (z0.dim() - 1)
+        z = best = z0.detach()
         z_in = z_out = None
-        B = z0.shape[0]
         for _ in range(self.budget):
             z_in, z_out = z, f(z)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
-                fx = z_out.detach().reshape(B, -1).to(prob.compute_dtype)
+                fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)
+                before = tracker.best_rel if rel else tracker.best_abs
                 done = tracker.update(x, fx, fx - x)
+                improved = (tracker.best_rel if rel else tracker.best_abs) < before  # (B,)
+            if improved.all():
+                best = z
+            elif improved.any():
+                best = torch.where(tracker.small.torch(improved).view(per_sample), z, best)
             if done:
                 break
-            keep = tracker.active_mask.view(B, *([1] * (z0.dim() - 1)))
+            keep = tracker.active_mask.view(per_sample)
             z = torch.where(keep, z_out.to(z.dtype), z)
-        stats = tracker.stats()
-        return z, stats, z_in, z_out
+        return best, tracker.stats(), z_in, z_out
 
     def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -222,13 +255,19 @@ class DEQ(nn.Module):
             for _ in range(self.jac_reg_samples):
                 v = torch.randint_like(z_out, 2) * 2 - 1  # Rademacher probe
                 vjp = torch.autograd.grad(z_out, z_star, v, retain_graph=True,
-                                          create_graph=create)[0]
-                total = total + vjp.float().pow(2).sum() / vjp.numel()
+                                          create_graph=create, allow_unused=True)[0]
+                if vjp is not None:  # None: f ignores z, J = 0
+                    total = total + vjp.float().pow(2).sum() / vjp.numel()
         loss = total / self.jac_reg_samples
         return loss if create else loss.detach()
 
     def spectral_radius(self, f, z_star: torch.Tensor, n_iter: int = 20) -> torch.Tensor:
         """Power-iteration estimate of the spectral radius of ``df/dz`` at ``z_star``, per sample.
+
+        The estimate is the geometric mean of the growth factors ``||J^T v_k|| / ||v_k||`` over
+        the second half of the iterations, which also settles when the dominant eigenvalues
+        are a complex pair (where single factors oscillate); it converges as fast as the
+        dominant eigenvalue separates from the next.
 
         Args:
             f: the map.
@@ -249,14 +288,21 @@ class DEQ(nn.Module):
         with torch.enable_grad():
             z_in = z_star.detach().requires_grad_()
             z_out = f(z_in)
+            if not z_out.requires_grad:  # f ignores z: J = 0
+                return z_in.new_zeros(B)
             v = torch.randn_like(z_in)
-            radius = z_in.new_zeros(B)
+            growth = []  # (B,) per iteration
             for _ in range(n_iter):
                 v = v / (v.reshape(B, -1).norm(dim=1).view(B, *([1] * (v.dim() - 1))) + 1e-30)
-                w = torch.autograd.grad(z_out, z_in, v, retain_graph=True)[0]
-                radius = w.reshape(B, -1).norm(dim=1)
-                v = w
-        return radius.detach()
+                w = torch.autograd.grad(z_out, z_in, v.to(z_out.dtype), retain_graph=True,
+                                        allow_unused=True)[0]
+                if w is None:
+                    return z_in.new_zeros(B)
+                growth.append(w.reshape(B, -1).norm(dim=1).float())
+                v = w.to(v.dtype)
+        tail = torch.stack(growth[n_iter // 2:])  # (k, B)
+        radius = tail.clamp_min(1e-30).log().mean(0).exp()
+        return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -269,6 +315,10 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative
+            raise RuntimeError(
+                "DEQ(grad='ift') gives first-order gradients only (its backward solve builds "
+                "no graph); use grad='unroll' for higher-order derivatives (create_graph=True)")
         z_out, z_in, deq = ctx.graph
         u = deq._backward_solve(z_out, z_in, grad)
         return u, None, None

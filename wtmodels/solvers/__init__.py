@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -37,7 +38,10 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
 
     Args:
         name: registry key.
-        solver: ``(f, z0, *, max_iter, tol, stop_mode, **opts) -> (z, SolverStats)``.
+        solver: ``(f, z0, *, max_iter, tol, stop_mode, **opts) -> (z, SolverStats)``. If it
+            has an ``option_checks`` attribute, a dict ``{option: check(value)}`` whose checks
+            raise ``ValueError``, :func:`check_options` runs them (so a :class:`wtmodels.DEQ`
+            rejects a bad value when it is built, not at its first backward pass).
         overwrite: allow replacing an existing entry.
 
     Returns:
@@ -99,26 +103,42 @@ def solver_options(name: str) -> list[str] | None:
         >>> solver_options("fixed_point")
         ['div_factor', 'patience', 'tau']
     """
-    params = inspect.signature(get_solver(name)).parameters.values()
+    options = _options_of(get_solver(name))
+    return None if options is None else list(options)
+
+
+@functools.lru_cache(maxsize=64)
+def _options_of(solver: Callable) -> tuple[str, ...] | None:
+    params = inspect.signature(solver).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return sorted(p.name for p in params
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON)
+    return tuple(sorted(p.name for p in params
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON))
 
 
 def check_options(name: str, opts: dict) -> None:
-    """``ValueError`` if ``opts`` holds a keyword solver ``name`` does not take.
+    """``ValueError`` if ``opts`` holds a keyword solver ``name`` does not take, or a value
+    its ``option_checks`` reject.
 
     Example:
         >>> check_options("anderson", {"m": 3})
+        >>> check_options("anderson", {"beta": 2.0})
+        Traceback (most recent call last):
+            ...
+        ValueError: beta must lie in (0.0, 1.0], got 2.0
     """
-    valid = solver_options(name)
-    if valid is None:
-        return
-    unknown = sorted(set(opts) - set(valid))
+    solver = get_solver(name)
+    if not isinstance(opts, dict):
+        raise ValueError(f"options of solver {name!r} must be a dict, got {type(opts).__name__}")
+    valid = _options_of(solver)
+    unknown = [] if valid is None else sorted(set(opts) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; "
-                         f"valid options: {valid}")
+                         f"valid options: {list(valid)}")
+    checks = getattr(solver, "option_checks", None) or {}
+    for key, value in opts.items():
+        if key in checks:
+            checks[key](value)
 
 
 def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,

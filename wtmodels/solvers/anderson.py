@@ -16,15 +16,24 @@ import numpy as np
 import torch
 
 from .common import (
+    DIVERGENCE_CHECKS,
     Pool,
     Problem,
     Tracker,
     check_common,
     check_float,
     check_positive_int,
+    check_values,
     scratch,
 )
 from .stats import SolverStats
+
+OPTION_CHECKS = {
+    **DIVERGENCE_CHECKS,
+    "m": lambda v: check_positive_int("m", v),
+    "lam": lambda v: check_float("lam", v, 0.0, low_open=False),
+    "beta": lambda v: check_float("beta", v, 0.0, 1.0),
+}
 
 
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -46,7 +55,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             step ``x + beta (f(x) - x)`` instead.
         beta: mixing (damping) in ``(0, 1]``.
         div_factor: a sample whose residual stays above ``div_factor`` x its lowest residual
-            for ``patience`` consecutive evaluations is flagged diverged and stopped.
+            for ``patience`` consecutive evaluations, ending no lower than it began, is flagged
+            diverged and stopped (``math.inf``: never).
         patience: see ``div_factor``.
 
     Returns:
@@ -60,10 +70,10 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> bool(stats.converged.all()), int(stats.nstep.max()) < 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode, div_factor, patience)
-    check_positive_int("m", m)
-    check_float("lam", lam, 0.0, low_open=False)
-    check_float("beta", beta, 0.0, 1.0)
+    check_common(max_iter, tol, stop_mode)
+    check_values(OPTION_CHECKS, m=m, lam=lam, beta=beta, div_factor=div_factor,
+                 patience=patience)
+    m = min(m, max_iter)  # a longer history could never fill
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
@@ -126,3 +136,6 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
 
 
 _TINY = 1e-30
+
+
+anderson.option_checks = OPTION_CHECKS

@@ -19,8 +19,19 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Pool, Problem, Tracker, check_common, check_positive_int, scratch
+from .common import (
+    DIVERGENCE_CHECKS,
+    Pool,
+    Problem,
+    Tracker,
+    check_common,
+    check_positive_int,
+    check_values,
+    scratch,
+)
 from .stats import SolverStats
+
+OPTION_CHECKS = {**DIVERGENCE_CHECKS, "m": lambda v: check_positive_int("m", v)}
 
 
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -39,7 +50,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             the oldest pair is dropped when the window is full. On the benchmark cells 6
             pairs reach the tolerance in as many evaluations as 12 at half the history reads.
         div_factor: a sample whose residual stays above ``div_factor`` x its lowest residual
-            for ``patience`` consecutive evaluations is flagged diverged and stopped.
+            for ``patience`` consecutive evaluations, ending no lower than it began, is flagged
+            diverged and stopped (``math.inf``: never).
         patience: see ``div_factor``.
 
     A sample whose small system is singular takes a plain step ``x <- f(x)`` instead.
@@ -55,8 +67,9 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> bool(stats.converged.all()), int(stats.nstep.max()) < 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode, div_factor, patience)
-    check_positive_int("m", m)
+    check_common(max_iter, tol, stop_mode)
+    check_values(OPTION_CHECKS, m=m, div_factor=div_factor, patience=patience)
+    m = min(m, max_iter)  # a longer history could never fill
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
@@ -122,3 +135,6 @@ def _newer_masks(m: int, device, dtype) -> torch.Tensor:
     full = age[:, :, None] > age[:, None, :]
     filling = (idx[:, None] > idx[None, :])[None]
     return torch.cat([full, filling]).to(device=device, dtype=dtype)
+
+
+broyden.option_checks = OPTION_CHECKS

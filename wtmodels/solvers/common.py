@@ -8,9 +8,14 @@ for float64 inputs, float32 otherwise) and leaves all per-sample decisions to :c
 - a sample stops (its iterate is frozen) once its residual is ``<= tol`` (converged) or once it
   is flagged diverged: ``f`` returned a non-finite value (or its norm overflowed), or its
   absolute residual stayed above ``div_factor`` times the lowest absolute residual it had
-  for ``patience`` consecutive evaluations (whatever the stop mode: a relative residual can
-  stay bounded while the iterates run off to infinity).
-  A diverged sample keeps its best finite iterate and is never reported converged.
+  for ``patience`` consecutive evaluations and ended that run no lower than it began
+  (whatever the stop mode: a relative residual can stay bounded while the iterates run off to
+  infinity; a transient bump that is already falling again is not divergence).
+  A diverged sample keeps its best finite iterate and is never reported converged; a sample
+  whose ``z0`` is non-finite has no finite iterate and is returned as it came, flagged diverged.
+- for a ``z0`` in a lower precision (bf16, fp16) the iterates are rounded to it before ``f``
+  sees them, so the residuals describe the iterate returned (and a ``tol`` below that
+  precision is not reached: pass a float32 ``z0`` to solve in float32).
 """
 
 from __future__ import annotations
@@ -49,14 +54,28 @@ def check_float(name: str, value, low: float, high: float = math.inf, *,
     return float(value)
 
 
-def check_common(max_iter, tol, stop_mode, div_factor, patience) -> None:
-    """Validate the options every solver shares (``ValueError`` naming the field)."""
+def check_common(max_iter, tol, stop_mode) -> None:
+    """Validate the arguments every solver shares (``ValueError`` naming the field)."""
     check_positive_int("max_iter", max_iter)
     check_float("tol", tol, 0.0)
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
-    check_float("div_factor", div_factor, 1.0, low_open=False)
-    check_positive_int("patience", patience)
+
+
+DIVERGENCE_DEFAULTS = {"div_factor": 10.0, "patience": 5}  # the solvers' defaults
+
+# option -> check(value) raising ValueError; a solver's ``option_checks`` attribute holds its
+# own (see wtmodels.solvers.check_options), these two are shared by the built-in solvers
+DIVERGENCE_CHECKS: dict[str, Callable] = {
+    "div_factor": lambda v: check_float("div_factor", v, 1.0, low_open=False),
+    "patience": lambda v: check_positive_int("patience", v),
+}
+
+
+def check_values(checks: dict[str, Callable], **opts) -> None:
+    """Run ``checks[name](value)`` for every option given (``ValueError`` naming the field)."""
+    for name, value in opts.items():
+        checks[name](value)
 
 
 _local = threading.local()
@@ -125,6 +144,7 @@ class Problem:
         self.autocast_dtype = (torch.get_autocast_dtype(self.device_type)
                                if self.autocast else None)
         self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype)  # (B, D)
+        self.rounds = z0.dtype != self.compute_dtype
 
     def solver_mode(self) -> contextlib.ExitStack:
         """Context for the solver body: no autograd graph, autocast off; yields an ExitStack
@@ -138,19 +158,26 @@ class Problem:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``f`` on a flat ``(B, D)`` iterate, returning ``(B, D)`` in the compute dtype."""
         z = x.view(self.shape)
-        if self.dtype != self.compute_dtype:
+        if self.rounds:  # f sees the iterate in z0's precision: so must the residual
             z = z.to(self.dtype)
+            x.copy_(z.view(x.shape))
         if self.autocast:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
                 fz = self.f(z)
         else:
             fz = self.f(z)
+        fz = self.check_output(fz).reshape(x.shape)
+        return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
+
+    def check_output(self, fz) -> torch.Tensor:
+        """``fz`` if it is a real floating-point tensor of ``z0``'s shape, else ``ValueError``."""
         if not isinstance(fz, torch.Tensor) or fz.shape != self.shape:
             got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
             raise ValueError(f"f must return a tensor of shape {tuple(self.shape)} "
                              f"(the shape of z0), got {got}")
-        fz = fz.reshape(x.shape)
-        return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
+        if not fz.is_floating_point():
+            raise ValueError(f"f must return a real floating-point tensor, got {fz.dtype}")
+        return fz
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Back to the shape and dtype of ``z0``."""
@@ -238,8 +265,9 @@ class Tracker:
         self.small = sm = Small(x0)
         self.tol, self.rel = tol, stop_mode == "rel"
         self.div_factor, self.patience = div_factor, patience
-        self.abs_trace = sm.full((B, max_iter), math.nan)
-        self.rel_trace = sm.full((B, max_iter), math.nan)
+        # traces grow on demand: the memory follows the evaluations made, not max_iter
+        self.abs_trace = sm.full((B, min(max_iter, 64)), math.nan)
+        self.rel_trace = sm.full((B, min(max_iter, 64)), math.nan)
         self.best_abs = sm.full((B,), math.inf)
         self.best_rel = sm.full((B,), math.inf)
         self.min_abs = sm.full((B,), math.inf)
@@ -248,6 +276,7 @@ class Tracker:
         self.converged = sm.full((B,), False, torch.bool)
         self.diverged = sm.full((B,), False, torch.bool)
         self.streak = sm.full((B,), 0, torch.int64)
+        self.streak_start = sm.full((B,), 0.0)  # absolute residual where the streak began
         self.nstep = sm.full((B,), 0, torch.int64)
         self.n_iter = 0
         self.all_active = True
@@ -293,6 +322,8 @@ class Tracker:
                 bad = ~xp.isfinite(abs_r + f_norm)
                 abs_r = xp.where(bad, math.inf, abs_r)
                 rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
+        if k == self.abs_trace.shape[1]:
+            self._grow_traces()
         self.abs_trace[:, k] = abs_r
         self.rel_trace[:, k] = rel_r
         res = rel_r if self.rel else abs_r
@@ -313,10 +344,13 @@ class Tracker:
                 self.best_abs = xp.where(improved, abs_r, self.best_abs)
                 self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
+        # (and is no lower than where that streak began: a falling transient is not flagged)
         self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
             grow = abs_r > self.div_factor * self.min_abs
             if self.streak_any or bool(grow.any()):
+                self.streak_start = xp.where(grow & (self.streak == 0), abs_r,
+                                             self.streak_start)
                 self.streak = xp.where(grow, self.streak + 1, 0)
                 self.streak_any = bool(self.streak.any())
         conv = res <= self.tol
@@ -324,7 +358,7 @@ class Tracker:
         if bad is None and not self.streak_any and self.all_active and not bool(conv.any()):
             return False  # nobody stops this step (with frozen samples: check every step)
         conv &= act
-        div = act & ~conv & (self.streak >= self.patience)
+        div = act & ~conv & (self.streak >= self.patience) & (abs_r >= self.streak_start)
         if bad is not None:
             div |= act & ~conv & bad
         self.converged |= conv
@@ -333,6 +367,13 @@ class Tracker:
         n_active = int(self.active.sum())
         self.all_active = n_active == len(self.active)
         return n_active == 0
+
+    def _grow_traces(self) -> None:
+        B, n = self.abs_trace.shape
+        for name in ("abs_trace", "rel_trace"):
+            grown = self.small.full((B, 2 * n), math.nan)
+            grown[:, :n] = getattr(self, name)
+            setattr(self, name, grown)
 
     def freeze(self, x_new: torch.Tensor, live: tuple = (), owned: bool = False
                ) -> torch.Tensor:

@@ -6,8 +6,19 @@ from collections.abc import Callable
 
 import torch
 
-from .common import Pool, Problem, Tracker, check_common, check_float, scratch
+from .common import (
+    DIVERGENCE_CHECKS,
+    Pool,
+    Problem,
+    Tracker,
+    check_common,
+    check_float,
+    check_values,
+    scratch,
+)
 from .stats import SolverStats
+
+OPTION_CHECKS = {**DIVERGENCE_CHECKS, "tau": lambda v: check_float("tau", v, 0.0, 1.0)}
 
 
 def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -24,7 +35,8 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         stop_mode: ``"rel"`` or ``"abs"`` residual.
         tau: damping in ``(0, 1]``; 1 is plain iteration ``z <- f(z)``.
         div_factor: a sample whose residual stays above ``div_factor`` x its lowest residual
-            for ``patience`` consecutive evaluations is flagged diverged and stopped.
+            for ``patience`` consecutive evaluations, ending no lower than it began, is flagged
+            diverged and stopped (``math.inf``: never).
         patience: see ``div_factor``.
 
     Returns:
@@ -37,8 +49,8 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> torch.allclose(z, torch.full((2, 3), 2.0), atol=1e-5), int(stats.nstep[0]) > 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode, div_factor, patience)
-    check_float("tau", tau, 0.0, 1.0)
+    check_common(max_iter, tol, stop_mode)
+    check_values(OPTION_CHECKS, tau=tau, div_factor=div_factor, patience=patience)
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
@@ -50,9 +62,13 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
             torch.sub(fx, x, out=g)
             if tracker.update(x, fx, g) or tracker.n_iter == max_iter:
                 break
-            if tau == 1.0:
-                x_new = fx
+            x_new = pool.take(x, tracker.best_x)
+            if tau == 1.0:  # a copy: f may hand out the same buffer on every call
+                x_new.copy_(fx)
             else:
-                x_new = torch.add(x, g, alpha=tau, out=pool.take(x, tracker.best_x))
-            x = tracker.freeze(x_new)
+                torch.add(x, g, alpha=tau, out=x_new)
+            x = tracker.freeze(x_new, owned=True)
         return prob.restore(tracker.result()), tracker.stats()
+
+
+fixed_point.option_checks = OPTION_CHECKS
