@@ -17,28 +17,7 @@ import platform
 import subprocess
 from importlib import metadata
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git_sha(root: str = _ROOT) -> str:
-    """Short sha of ``HEAD`` with ``-dirty`` when tracked files differ; outside a git checkout
-    (e.g. a ``git archive`` snapshot) the ``WTMODELS_GIT_SHA`` environment variable, else
-    ``"unknown"``.
-
-    Example:
-        >>> isinstance(git_sha(), str)
-        True
-    """
-    if not os.path.exists(os.path.join(root, ".git")):
-        return os.environ.get("WTMODELS_GIT_SHA", "unknown")
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               check=True, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("-dirty" if dirty else "")
+from wtmodels.provenance import git_sha
 
 
 def _version(package: str) -> str:

@@ -400,9 +400,15 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         raise ValueError(f"jobs: must be >= 1, got {jobs}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads: must be >= 1, got {threads}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     if only:
-        runs = [r for r in runs if only in r.run_id]
+        matching = [r for r in runs if only in r.run_id]
+        if not matching:
+            raise ValueError(f"--only {only!r} matches none of the {len(runs)} run ids of "
+                             f"{preset!r} (e.g. {runs[0].run_id})")
+        runs = matching
     validate_runs(runs)
     report = SweepReport(planned=len(runs))
     recorded = finished_ids(os.path.join(out, RESULTS))

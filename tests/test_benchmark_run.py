@@ -205,3 +205,16 @@ def test_missing_custom_runner_module_is_exit_2(tmp_path, monkeypatch):
 
     assert main(["capaboost", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_out_that_is_a_file_and_only_matching_nothing_are_exit_2(tmp_path, capsys):
+    from benchmarks.run import main
+
+    a_file = tmp_path / "results"
+    a_file.write_text("keep me")
+    assert main(["quick", "--smoke", "--out", str(a_file)]) == 2
+    assert "is not a directory" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert main(["quick", "--smoke", "--out", str(tmp_path / "q"), "--only", "zzz"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only 'zzz' matches none" in err
+    assert not (tmp_path / "q").exists()

@@ -102,11 +102,33 @@ def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     (["--dataset", "imagefolder"], "needs --data-dir"),
     (["--num-classes", "3"], "num_classes=3 does not match dataset digits (10)"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--min-lr", "1"], "min_lr must be <= lr"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "never"
     _bad(["--model", "test_wt", *FAST, "--out", str(out), *argv], capsys, match)
     assert not out.exists()  # nothing was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_bad_input(tmp_path, capsys):
+    _bad(["--model", "test_wt", *FAST, "--device", "cuda", "--out", str(tmp_path / "c")],
+         capsys, "no CUDA device")
+
+
+def test_corrupt_image_found_while_training_is_one_line_and_exit_2(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    line = _bad(["--model", "test_wt", "--dataset", "imagefolder", "--data-dir", str(tmp_path),
+                 "--image-size", "8", "--threads", "1", "--progress", "none", "--out",
+                 str(tmp_path / "run")], capsys, "reading the data failed")
+    assert "UnidentifiedImageError" in line
 
 
 def test_missing_out_and_bad_config_files(tmp_path, capsys):
@@ -179,3 +201,10 @@ def test_real_process_exit_status_and_single_line(tmp_path):
     assert proc.stderr.splitlines() == [
         "wtmodels.train: error: argument --lr: invalid float value: 'fast'"]
     assert proc.stdout == "" and not (tmp_path / "x").exists()
+
+
+def test_run_records_the_same_commit_id_as_the_sweep_results(finished_run):
+    from wtmodels.provenance import git_sha
+
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["env"]["git_sha"] == git_sha()  # 12 characters, "-dirty" when edited

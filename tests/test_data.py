@@ -131,6 +131,25 @@ def test_mnist_missing_files_is_a_clear_error(tmp_path, monkeypatch):
         get_datasets("fashion_mnist")
 
 
+def test_named_data_dir_without_files_is_an_error_not_the_system_copy(tmp_path, monkeypatch):
+    system_dir = tmp_path / "system"
+    _write_mnist_folder(system_dir, gz=True)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIRS", [str(system_dir)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no idx files.*empty"):
+        get_datasets("fashion_mnist", data_dir=tmp_path / "empty")
+
+
+def test_labels_out_of_range_are_refused_when_loading(tmp_path):
+    folder = tmp_path / "bad"
+    _write_mnist_folder(folder, gz=False)
+    _, labels = _mnist_arrays(20, 1)
+    labels[3] = 200
+    _write_idx(folder / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\), found 0..200"):
+        get_datasets("mnist", data_dir=folder)
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_debian_package():

@@ -243,3 +243,17 @@ def test_apply_masks_bad_arguments():
         apply_masks(conv, k=2)
     with pytest.raises(ValueError, match="mask index"):
         set_mask_index(conv, 2)
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, "0", True])
+def test_bad_seed_is_refused(seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        wt.make_masks((4, 4), k=2, seed=seed)
+
+
+def test_nm_on_a_1d_shape_is_one_row_of_groups():
+    masks = wt.make_masks((16,), k=3, density=0.5, kind="nm", seed=0)
+    assert masks.shape == (3, 16)
+    assert (masks.view(3, 4, 4).sum(-1) == 2).all()  # 2 of every 4 consecutive entries
+    with pytest.raises(ValueError, match="multiple of m"):
+        wt.make_masks((6,), k=1, density=0.5, kind="nm")

@@ -140,6 +140,23 @@ def test_masks_survive_save_and_load():
     assert torch.equal(a(X), b(X))
 
 
+@pytest.mark.parametrize("name", TEST_VARIANTS)
+def test_masked_models_go_channels_last(name):
+    # the (K, out, in, kh, kw) mask stacks follow the weights into channels-last
+    torch.manual_seed(0)
+    model = wt.create_model(name, in_chans=1, num_classes=5, mask_k=2).eval()
+    with torch.no_grad():
+        want = model(X)
+        model.to(memory_format=torch.channels_last)
+        got = model(X.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    masks = next(b for n, b in model.named_buffers() if n.endswith("weight_masks"))
+    assert masks[0].is_contiguous(memory_format=torch.channels_last)
+    fresh = wt.create_model(name, in_chans=1, num_classes=5, mask_k=2)
+    fresh.load_state_dict(model.state_dict())  # same keys, shapes and values
+    assert all(torch.equal(a, b) for a, b in zip(fresh.buffers(), model.buffers(), strict=True))
+
+
 def test_same_arguments_same_masks():
     a = wt.create_model("test_wt", in_chans=1, mask_k=3, mask_kind="nm")
     b = wt.create_model("test_wt", in_chans=1, mask_k=3, mask_kind="nm")

@@ -196,8 +196,9 @@ def test_diverged_exit_status_and_message(monkeypatch, tmp_path, capsys):
 
 
 def test_amp_bf16_and_channels_last_run(tmp_path):
-    final = run({**BASE, "epochs": 1, "amp": True, "channels_last": True})
-    assert math.isfinite(final["train_loss"]) and final["test_acc"] >= 0
+    for masks in (0, 2):
+        final = run({**BASE, "epochs": 1, "amp": True, "channels_last": True, "mask_k": masks})
+        assert math.isfinite(final["train_loss"]) and final["test_acc"] >= 0
 
 
 def test_label_smoothing_and_sgd_nesterov_run():

@@ -10,8 +10,8 @@ name              source
 ``digits``        scikit-learn's ``load_digits`` (1797 real 8x8 digits shipped inside the
                   package), fixed stratified split: 1437 train / 360 test. Nothing to download.
 ``mnist``         torchvision ``MNIST`` from ``data_dir`` (``download=True`` fetches it).
-``fashion_mnist`` torchvision ``FashionMNIST`` from ``data_dir``; when the Debian package
-                  ``dataset-fashion-mnist`` is installed its files are used with no download.
+``fashion_mnist`` torchvision ``FashionMNIST`` from ``data_dir``; without one, when the Debian
+                  package ``dataset-fashion-mnist`` is installed its files are used.
 ``cifar10``       torchvision ``CIFAR10`` from ``data_dir`` (MD5 sums checked by torchvision).
 ``cifar100``      torchvision ``CIFAR100`` likewise.
 ``imagefolder``   ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (ImageNet layout).
@@ -183,6 +183,19 @@ def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad:
 # subsets
 
 
+def _check_labels(ds: Dataset, num_classes: int, what: str) -> None:
+    """``ValueError`` if a dataset's ``targets`` (when it lists them) leave ``[0, num_classes)``:
+    a corrupt label file would otherwise fail deep inside the loss, mid-training."""
+    targets = getattr(ds, "targets", None)
+    if targets is None or len(targets) == 0:
+        return
+    targets = torch.as_tensor(targets)
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{what}: labels must lie in [0, {num_classes}), found {low}..{high} "
+                         "(a corrupt label file?)")
+
+
 def _subset(ds: Dataset, size: int | None, seed: int, field: str) -> Dataset:
     """A fixed seeded subset of ``size`` items (indices kept in ascending order)."""
     if size is None or size == len(ds):
@@ -274,7 +287,8 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
             return (tv_cls(root, train=True, transform=train_tf),
                     tv_cls(root, train=False, transform=test_tf), info)
         candidates += [tv_raw, root]
-    candidates += [Path(p) for p in search]
+    else:  # the system copies only when no folder was named
+        candidates += [Path(p) for p in search]
     for folder in candidates:
         files = (_idx_files(folder, True), _idx_files(folder, False))
         if files[0] and files[1]:
@@ -461,6 +475,8 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
     if name != "synthetic" and (channels is not None or classes is not None):
         raise ValueError("channels and classes apply to the synthetic dataset only")
     train, test, info = _DATASETS[name](data_dir, download, augment, image_size, opts)
+    for split, ds in (("train", train), ("test", test)):
+        _check_labels(ds, info["num_classes"], f"dataset {name} ({split})")
     if name != "synthetic":
         train = _subset(train, train_size, seed, "train_size")
         test = _subset(test, test_size, seed + 1, "test_size")

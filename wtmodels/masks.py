@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -98,6 +99,8 @@ def make_masks(
     shape = _check_shape(shape)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
         0.0 < density <= 1.0
     ):
@@ -128,7 +131,7 @@ def make_masks(
         draw = lambda count: torch.rand(count, numel, generator=generator) < density  # noqa: E731
     else:
         n, m = _nm_pattern(shape, density, n, m)
-        rows, cols = shape[0], numel // shape[0]
+        rows, cols = _rows_cols(shape)
         groups = rows * (cols // m)
         log_possible = groups * _log_comb(m, n)
         draw = lambda count: _draw_nm(count, groups, n, m, generator)  # noqa: E731
@@ -182,13 +185,21 @@ def _nm_pattern(
             f"n={n} and m={m} give density {n / m:g} but density={density}; "
             f"pass density={n}/{m} or leave n out"
         )
-    cols = math.prod(shape) // shape[0]
+    _, cols = _rows_cols(shape)
     if cols % m:
         raise ValueError(
             f"an N:M pattern with m={m} needs the flattened input dimension of shape "
             f"{tuple(shape)} ({cols} entries per row) to be a multiple of m"
         )
     return n, m
+
+
+def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, entries per row) of a weight: the first dimension and the rest; a 1-d shape is
+    one row."""
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape) // shape[0]
 
 
 def _draw_random(count: int, numel: int, ones: int, generator: torch.Generator) -> torch.Tensor:
@@ -279,6 +290,22 @@ class MaskedLayer:
         if self._mask_stack is not None:
             return self._mask_stack[self.mask_index]
         return self.weight * self.weight_masks[self.mask_index]
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ...) with the masks converted as a stack of
+        weight-shaped tensors, so a memory format reaches them as it reaches the weight
+        (``.to(memory_format=torch.channels_last)`` refuses the 5-d ``(K, out, in, kh, kw)``
+        tensor itself)."""
+        masks = self._buffers["weight_masks"]
+        self._buffers["weight_masks"] = None  # skipped by _apply, keeps the state_dict order
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_masks"] = masks
+        if masks is not None:
+            flat = fn(masks.flatten(0, 1))  # (K * out, in, ...): shaped like the weight
+            self._buffers["weight_masks"] = flat.view(masks.shape)
+        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
         weight = self.masked_weight()

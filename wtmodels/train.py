@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -67,6 +66,7 @@ from wtmodels.cli import UsageError, parse_settings
 from wtmodels.distributed import DistContext
 from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
 from wtmodels.optim import build_optimizer, build_scheduler
+from wtmodels.provenance import git_sha
 from wtmodels.train_config import RUNTIME_FIELDS, TrainConfig, resolve_config, train_field_names
 
 EXIT_BAD_INPUT = 2
@@ -122,15 +122,6 @@ def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _identity(cfg: TrainConfig) -> dict:
@@ -213,11 +204,29 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 # the trainer
 
 
+def _read(loader):
+    """The batches of ``loader``; a failure to read or transform the data (a corrupt image, a
+    label out of range, ...) becomes :class:`BadInput` naming it, in one line."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - any failure inside the data pipeline
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise BadInput(f"reading the data failed: {type(err).__name__}: {first}") from err
+        yield batch
+
+
 class _Trainer:
     """One run: set-up (all checks before any write), the epoch loop, checkpoints, metrics."""
 
     def __init__(self, cfg: TrainConfig, explicit: set[str]):
-        self.ctx = DistContext.from_env(cfg.device)
+        try:
+            self.ctx = DistContext.from_env(cfg.device)
+        except ValueError as err:  # e.g. --device cuda without a GPU
+            raise BadInput(str(err)) from None
         self._threads = torch.get_num_threads()
         self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         try:
@@ -368,7 +377,7 @@ class _Trainer:
         atomic_write_jsonl(self.out / METRICS_FILE, self.history)
 
     def _env(self) -> dict:
-        return {"git_sha": _git_sha(), "torch_version": torch.__version__,
+        return {"git_sha": git_sha(), "torch_version": torch.__version__,
                 "python": platform.python_version(), "device": str(self.ctx.device),
                 "device_name": (torch.cuda.get_device_name(self.ctx.device)
                                 if self.ctx.device.type == "cuda" else platform.processor()
@@ -406,14 +415,14 @@ class _Trainer:
             finite = self.ctx.all_reduce_sum([0.0 if finite else 1.0])[0] == 0.0
         return finite
 
-    def _progress(self, loader, epoch: int):
+    def _progress(self, batches, total: int, epoch: int):
         mode = self.cfg.progress
         bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
         if not (bar and self.ctx.is_main):
-            return loader, None
+            return batches, None
         from tqdm import tqdm
 
-        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False,
                    file=sys.stderr, dynamic_ncols=True)
         return bar, bar
 
@@ -425,7 +434,8 @@ class _Trainer:
         skipped, seen = 0, 0
         params = [p for p in model.parameters() if p.requires_grad]
         pretrain_on = None
-        iterator, bar = self._progress(self.train_loader, epoch + 1)
+        iterator, bar = self._progress(_read(self.train_loader), len(self.train_loader),
+                                       epoch + 1)
         reset_peak_memory(self.ctx.device)
         start = time.perf_counter()
         for x, y in iterator:
@@ -522,7 +532,7 @@ class _Trainer:
         if self.cfg.jac_reg_weight > 0:
             model.set_jac_reg(False)
         meter = EpochMeter()
-        for x, y in self.test_loader:
+        for x, y in _read(self.test_loader):
             x, y = self._batch(x, y)
             with self._autocast():
                 logits = model(x).float()  # (B, num_classes)

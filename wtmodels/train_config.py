@@ -118,6 +118,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, check_value(f.name, getattr(self, f.name), field_type(
                 TrainConfig, f.name), f.metadata))
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be <= lr ({self.lr}); got {self.min_lr}")
 
     def to_dict(self) -> dict:
         """A JSON-ready copy of every field.

@@ -1,0 +1,36 @@
+"""Which code produced a result: the git commit of the checkout the library runs from.
+
+Example:
+    >>> from wtmodels.provenance import git_sha
+    >>> isinstance(git_sha(), str)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_sha(root: str = _ROOT) -> str:
+    """12-character sha of ``HEAD`` with ``-dirty`` when tracked files differ; outside a git
+    checkout (an installed wheel, a ``git archive`` snapshot) the ``WTMODELS_GIT_SHA``
+    environment variable, else ``"unknown"``.
+
+    Example:
+        >>> isinstance(git_sha(), str)
+        True
+    """
+    if not os.path.exists(os.path.join(root, ".git")):
+        return os.environ.get("WTMODELS_GIT_SHA", "unknown")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, check=True, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
