@@ -96,7 +96,17 @@ class DEQ(nn.Module):
 
     def check_settings(self) -> None:
         """``ValueError`` naming the field and its valid choices for any bad setting, solver
-        option values included (run at construction and on every call)."""
+        option values included (run at construction and on every call).
+
+        Example:
+            >>> import wtmodels as wt
+            >>> deq = wt.DEQ()
+            >>> deq.f_opts = {"m": 0}
+            >>> deq.check_settings()
+            Traceback (most recent call last):
+                ...
+            ValueError: m must be an int >= 1, got 0
+        """
         for field in ("f_solver", "b_solver"):
             if getattr(self, field) not in list_solvers():
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}; "
