@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -22,15 +24,22 @@ SETTINGS = {"model": "test_wt", "dataset": "digits", "train_size": 256, "test_si
             "batch_size": 32, "augment": True, "epochs": 2, "threads": 1, "lr": 0.01}
 
 
-def test_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def _torchrun(out, settings, *extra) -> list[str]:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", "-m", "wtmodels.train", "--out", str(two), "--progress", "lines"]
-    for key, value in SETTINGS.items():
+            "2", "-m", "wtmodels.train", "--out", str(out), "--progress", "lines", *extra]
+    for key, value in settings.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    return argv
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run(_torchrun(two, SETTINGS), capture_output=True, text=True, timeout=300,
+                          env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 1/2") == 1  # rank 0 alone prints
 
@@ -52,3 +61,35 @@ def test_two_processes_match_one(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2  # every rank's generators
     assert sorted(p.name for p in two.iterdir()) == [
         "checkpoint.pt", "config.json", "done.json", "metrics.jsonl", "model_info.json"]
+
+
+def _rows(out):
+    timing = {"epoch_time_s", "eval_time_s", "images_per_s", "peak_mem_mb"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
+    settings = {**SETTINGS, "epochs": 3}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    proc = subprocess.run(_torchrun(ref, settings), capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # SIGKILL the whole process group (torchrun and both ranks) once a checkpoint is on disk
+    run = subprocess.Popen(_torchrun(killed, settings), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoint.pt").exists() and run.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    epoch = load_checkpoint(killed / "checkpoint.pt")["epoch"]
+    assert 1 <= epoch < 3, "the run finished before it could be killed"
+    proc = subprocess.run(_torchrun(killed, {}, "--resume"), capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _rows(killed) == _rows(ref)  # every epoch once, the same numbers
+    wa = load_checkpoint(ref / "checkpoint.pt")["model"]
+    wb = load_checkpoint(killed / "checkpoint.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
