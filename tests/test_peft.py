@@ -350,6 +350,9 @@ def test_fine_tuning_a_weight_tied_model_learns():
         (dict(rank=2, targets=[]), "targets is empty"),
         (dict(rank=2, train_head="classifier"), "no module named 'classifier'"),
         (dict(rank=3, density=0.5, kind="nm"), "N:M"),
+        (dict(rank=2, seed=-1), "seed must be an integer >= 0"),
+        (dict(rank=2, seed=1.5), "seed must be an integer >= 0"),
+        (dict(rank=2, targets=[nn.Conv2d, "haed"]), r"pattern\(s\) \['haed'\] match no layer"),
     ],
 )
 def test_bad_arguments_raise_and_leave_the_model_alone(kwargs, match):
@@ -366,3 +369,101 @@ def test_grouped_conv_and_model_itself_rejected():
         add_lora(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), rank=1)
     with pytest.raises(ValueError, match="model itself"):
         add_lora(nn.Linear(3, 3), rank=1, targets=nn.Linear)
+
+
+def test_capaboost_masks_follow_the_weights_into_channels_last():
+    net = _net()
+    layers = add_lora(net, rank=2, copies=2, density=0.5)
+    _randomise(layers)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = net(x)
+        net.to(memory_format=torch.channels_last)
+        got = net(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert layers[0].mask_A[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", ["dense", "factorized"])
+def test_forward_hooks_on_the_base_run_on_every_path(impl):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    conv.register_forward_hook(lambda module, args, out: out.relu())  # changes the output
+    net = nn.Sequential(conv)
+    (layer,) = add_lora(net, rank=2, copies=2, density=0.5, impl=impl)
+    _randomise([layer])
+    x = torch.randn(2, 3, 6, 6)
+    a_cat, b_cat = layer.concatenated()
+    expected = conv(x) + layer._update(x, a_cat, b_cat)  # the hook runs on the base output
+    torch.testing.assert_close(net(x), expected)
+    with pytest.raises(ValueError, match="forward hooks"):
+        merge_lora(net)
+
+
+def test_merge_refuses_custom_forwards_and_shared_weights():
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(Doubled(2, 2, 3))
+    add_lora(net, rank=1)
+    with pytest.raises(ValueError, match="not the plain"):
+        merge_lora(net)
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    net = nn.Sequential(a, b)
+    add_lora(net, rank=1, targets=nn.Linear)
+    with pytest.raises(ValueError, match="share a base weight"):
+        merge_lora(net)
+    assert not any(m.merged for m in peft_layers(net))
+
+
+def test_unmerge_subtracts_what_was_merged_even_after_a_step():
+    net = _net()
+    layers = add_lora(net, rank=2, copies=2, density=0.5)
+    _randomise(layers)
+    weights = [m.base.weight.detach().clone() for m in layers]
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1,
+                          momentum=0.9)
+    net(torch.randn(2, 3, 9, 9)).sum().backward()
+    opt.step()  # momentum now holds a velocity
+    merge_lora(net)
+    opt.step()  # the factors move while merged
+    unmerge_lora(net)
+    for m, w in zip(layers, weights, strict=True):
+        torch.testing.assert_close(m.base.weight, w)
+
+
+def test_weight_norm_merge_in_bfloat16():
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    net = nn.Sequential(conv)
+    layers = add_lora(net, rank=2)
+    _randomise(layers)
+    net.to(torch.bfloat16)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.bfloat16)
+    before = net(x)
+    merge_lora(net)
+    torch.testing.assert_close(net(x), before, rtol=5e-2, atol=5e-2)
+
+
+def test_layer_classes_validate_their_arguments():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConv2d(nn.Conv2d(3, 4, 3), rank=0)
+    with pytest.raises(ValueError, match="grouped"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), rank=1)
+    with pytest.raises(ValueError, match="wraps an Linear"):
+        LoRALinear(nn.Conv2d(3, 4, 3), rank=1)
+    layer = LoRALayer.wrap(nn.Linear(6, 4), rank=np.int64(2), copies=np.int64(2),
+                           density=np.float32(0.5), seed=np.int64(3))
+    assert layer.rank == 2 and layer.copies == 2
+
+
+def test_attention_out_projection_is_skipped():
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    layers = add_lora(block, rank=2, targets=nn.Linear)
+    assert {type(m.base) for m in layers} == {nn.Linear}  # linear1, linear2
+    assert len(layers) == 2
+    assert block(torch.randn(3, 5, 8)).shape == (3, 5, 8)

@@ -97,8 +97,9 @@ def make_masks(
         [36, 36, 36]
     """
     shape = _check_shape(shape)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = int(k)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
@@ -272,6 +273,29 @@ def mask_index(t: int, depth: int, k: int, schedule: str = "cyclic") -> int:
     )
 
 
+def apply_to_mask_stacks(module: nn.Module, names: tuple[str, ...], module_apply, fn,
+                         recurse: bool = True) -> nn.Module:
+    """``module_apply(fn, recurse)`` (a module's ``nn.Module._apply``) with the buffers ``names``,
+    stacks ``(K, *weight.shape)`` of masks, converted as ``K * weight.shape[0]`` weight-shaped
+    rows: a memory format then reaches them as it reaches the weight
+    (``.to(memory_format=torch.channels_last)`` refuses a 5-d ``(K, out, in, kh, kw)`` tensor
+    itself). The buffers keep their place in the state dict.
+    """
+    held = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    for n in held:
+        module._buffers[n] = None  # skipped by _apply
+    try:
+        module_apply(fn, recurse)
+    finally:
+        module._buffers.update(held)
+    for n, stack in held.items():
+        if stack.dim() >= 3:
+            module._buffers[n] = fn(stack.flatten(0, 1)).view(stack.shape)
+        else:
+            module._buffers[n] = fn(stack)
+    return module
+
+
 class MaskedLayer:
     """Mixin that makes a conv / linear layer multiply its weight by one of its masks.
 
@@ -293,19 +317,8 @@ class MaskedLayer:
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ...) with the masks converted as a stack of
-        weight-shaped tensors, so a memory format reaches them as it reaches the weight
-        (``.to(memory_format=torch.channels_last)`` refuses the 5-d ``(K, out, in, kh, kw)``
-        tensor itself)."""
-        masks = self._buffers["weight_masks"]
-        self._buffers["weight_masks"] = None  # skipped by _apply, keeps the state_dict order
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers["weight_masks"] = masks
-        if masks is not None:
-            flat = fn(masks.flatten(0, 1))  # (K * out, in, ...): shaped like the weight
-            self._buffers["weight_masks"] = flat.view(masks.shape)
-        return self
+        weight-shaped tensors (see :func:`apply_to_mask_stacks`)."""
+        return apply_to_mask_stacks(self, ("weight_masks",), super()._apply, fn, recurse)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
         weight = self.masked_weight()

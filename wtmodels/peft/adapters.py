@@ -77,7 +77,8 @@ class AdapterLayer(PEFTLayer):
         seed: int = 0,
         activation: str = "relu",
     ):
-        check_adapter_args(bottleneck, copies, density, kind, activation)
+        check_adapter_args(bottleneck, copies, density, kind, activation, seed)
+        bottleneck, copies, density, seed = int(bottleneck), int(copies), float(density), int(seed)
         if not isinstance(base, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"adapters follow nn.Conv2d or nn.Linear, got {type(base).__name__}")
         super().__init__(base)
@@ -127,10 +128,10 @@ class AdapterLayer(PEFTLayer):
         )
 
 
-def check_adapter_args(bottleneck, copies, density, kind, activation) -> None:
+def check_adapter_args(bottleneck, copies, density, kind, activation, seed=0) -> None:
     """Validate the arguments of :func:`add_adapters` before anything is changed."""
     check_int("bottleneck", bottleneck)
-    check_copy_args(copies, density, kind)
+    check_copy_args(copies, density, kind, seed)
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; valid activations: {', '.join(ACTIVATIONS)}"
@@ -179,7 +180,7 @@ def add_adapters(
         >>> sum(p.numel() for p in net.parameters() if p.requires_grad)  # 2*8 + 2 + 8*2 + 8
         42
     """
-    check_adapter_args(bottleneck, copies, density, kind, activation)
+    check_adapter_args(bottleneck, copies, density, kind, activation, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
     wrappers = {

@@ -69,14 +69,18 @@ class LoRALayer(PEFTLayer):
         base: the layer to wrap (``nn.Conv2d`` with ``groups=1``, or ``nn.Linear``).
         rank: rank ``r`` of each copy (>= 1).
         copies: number ``d`` of masked copies (>= 1).
-        density: share of entries each mask keeps, in (0, 1].
+        density: share of entries each mask keeps, in (0, 1]. The update's expected size is
+            ``copies * density**2`` times one unmasked copy's (0.5x at d=2, 1x at d=4 for
+            density 0.5); at density 1 the copies are identical: one update scaled by ``d``,
+            rank ``r`` (a control: the masks are what raise the rank). ``alpha`` rescales.
         kind: mask kind, ``"random"`` (exact count), ``"bernoulli"`` or ``"nm"``.
         seed: seed of this layer's masks (A and B masks derive their own from it).
         alpha: scale numerator; the update is multiplied by ``alpha / rank`` (default
             ``alpha = rank``: scale 1).
         impl: how the update runs (same values either way): ``"factorized"`` (base output
             plus the thin down / up products), ``"dense"`` (one conv / linear with
-            ``W + delta_weight()``, formed once per forward pass) or ``"auto"``
+            ``W + delta_weight()``, formed once per forward pass; a base with forward hooks
+            runs factorised, so that its hooks see its output) or ``"auto"``
             (:func:`choose_impl`: dense once the factorised update would cost more than a
             tenth of the base layer).
 
@@ -99,21 +103,29 @@ class LoRALayer(PEFTLayer):
         alpha: float | None = None,
         impl: str = "auto",
     ):
+        check_lora_args(rank, copies, density, kind, alpha, impl, seed)
+        rank, copies, density, seed = int(rank), int(copies), float(density), int(seed)
+        expected = nn.Linear if isinstance(self, LoRALinear) else nn.Conv2d
+        if not isinstance(base, expected):
+            raise ValueError(f"{type(self).__name__} wraps an {expected.__name__}, got "
+                             f"{type(base).__name__}")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise ValueError(f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported; "
+                             "leave it out of targets")
         super().__init__(base)
-        check_impl(impl)
         if impl == "auto":
             impl = choose_impl(base, rank * copies)
-        if impl == "dense" and not dense_capable(base):
+        if impl == "dense" and not _plain_forward(base):
             raise ValueError(
                 f"impl='dense' needs a plain Conv2d / Linear forward, got {type(base).__name__}"
             )
         self.impl = impl
-        self.rank = rank
-        self.copies = copies
+        self.rank, self.copies = rank, copies
         self.density = float(density)
         self.kind = kind
         self.scale = (rank if alpha is None else float(alpha)) / rank
         self.merged = False
+        self._merged_delta: torch.Tensor | None = None  # what merge() added, for unmerge()
         weight = base.weight
         self.weight_shape = tuple(weight.shape)
         a_shape = (rank, *weight.shape[1:])  # (r, in) or (r, in, kh, kw)
@@ -137,14 +149,7 @@ class LoRALayer(PEFTLayer):
             >>> type(LoRALayer.wrap(torch.nn.Conv2d(3, 4, 3), rank=2)).__name__
             'LoRAConv2d'
         """
-        check_lora_args(rank, kw.get("copies", 1), kw.get("density", 1.0),
-                        kw.get("kind", "random"), kw.get("alpha"), kw.get("impl", "auto"))
         if isinstance(base, nn.Conv2d):
-            if base.groups != 1:
-                raise ValueError(
-                    f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported; "
-                    "leave it out of targets"
-                )
             return LoRAConv2d(base, rank, **kw)
         if isinstance(base, nn.Linear):
             return LoRALinear(base, rank, **kw)
@@ -188,8 +193,10 @@ class LoRALayer(PEFTLayer):
         formed = self.formed()
         if self.impl == "dense":
             base = self.base
-            weight = base.masked_weight() if isinstance(base, MaskedLayer) else base.weight
-            return self._apply_weight(x, weight + formed[0])
+            if not _has_hooks(base):
+                weight = base.masked_weight() if isinstance(base, MaskedLayer) else base.weight
+                return self._apply_weight(x, weight + formed[0])
+            formed = self.concatenated()  # the base's hooks must run: the factorised path
         return self.base(x) + self.scale * self._update(x, *formed)
 
     def _update(self, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor) -> torch.Tensor:
@@ -203,6 +210,12 @@ class LoRALayer(PEFTLayer):
             raise ValueError(
                 "cannot merge into a layer with static masks: the mask would also cut the "
                 "update; run it unmerged"
+            )
+        if not dense_capable(self.base):
+            raise ValueError(
+                f"cannot merge into {type(self.base).__name__}: its forward is not the plain "
+                "conv / linear one or it has forward hooks, so W + delta would not give the "
+                "unmerged output; run it unmerged"
             )
         if "weight" not in self.base._parameters and not parametrize.is_parametrized(
             self.base, "weight"
@@ -224,7 +237,9 @@ class LoRALayer(PEFTLayer):
             saved = {k: v.clone() for k, v in base.parametrizations.weight.state_dict().items()}
             target = base.weight + delta
             base.weight = target
-            if not torch.allclose(base.weight, target, rtol=1e-5, atol=1e-6):
+            tol = max(1e-5, 16 * torch.finfo(target.dtype).eps)  # bf16 rounds at ~4e-3
+            if not torch.allclose(base.weight, target, rtol=tol,
+                                  atol=tol * float(target.abs().max())):
                 base.parametrizations.weight.load_state_dict(saved)
                 raise ValueError(
                     f"cannot merge exactly into {type(base).__name__}: its weight "
@@ -245,18 +260,26 @@ class LoRALayer(PEFTLayer):
         if self.merged:
             raise RuntimeError("LoRA update is already merged; unmerge() first")
         self._check_mergeable()
-        self._shift_weight(self.delta_weight())
+        delta = self.delta_weight().detach().clone()
+        self._shift_weight(delta)
+        self._merged_delta = delta
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract the merged update again (equal to the original weight up to rounding).
+
+        The update subtracted is the one :meth:`merge` added, even if the factors changed since
+        (an optimizer step while merged); after loading a merged state dict it is recomputed
+        from the factors.
 
         Raises:
             RuntimeError: not merged.
         """
         if not self.merged:
             raise RuntimeError("LoRA update is not merged; nothing to unmerge")
-        self._shift_weight(-self.delta_weight())
+        delta = self._merged_delta if self._merged_delta is not None else self.delta_weight()
+        self._shift_weight(-delta.detach())
+        self._merged_delta = None
         self.merged = False
 
     def get_extra_state(self) -> dict:
@@ -264,6 +287,7 @@ class LoRALayer(PEFTLayer):
 
     def set_extra_state(self, state: dict) -> None:
         self.merged = bool(state["merged"])
+        self._merged_delta = None  # a loaded merged layer: unmerge recomputes the update
 
     def extra_repr(self) -> str:
         return (
@@ -294,8 +318,17 @@ class LoRAConv2d(LoRALayer):
 
 
 def dense_capable(base: nn.Module) -> bool:
-    """Whether ``base``'s forward is the plain (or statically masked) conv / linear forward."""
+    """Whether ``base``'s forward is the plain (or statically masked) conv / linear forward,
+    with no forward hooks (which a weight-level shortcut would skip)."""
+    return _plain_forward(base) and not _has_hooks(base)
+
+
+def _plain_forward(base: nn.Module) -> bool:
     return type(base).forward in (nn.Conv2d.forward, nn.Linear.forward, MaskedLayer.forward)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def update_cost_ratio(base: nn.Module, width: int) -> float:
@@ -338,10 +371,10 @@ def check_impl(impl: object) -> None:
         raise ValueError(f"unknown impl {impl!r}; valid impls: {', '.join(IMPLS)}")
 
 
-def check_lora_args(rank, copies, density, kind, alpha, impl="auto") -> None:
+def check_lora_args(rank, copies, density, kind, alpha, impl="auto", seed=0) -> None:
     """Validate the arguments of :func:`add_lora` before anything is changed."""
     check_int("rank", rank)
-    check_copy_args(copies, density, kind)
+    check_copy_args(copies, density, kind, seed)
     check_impl(impl)
     if alpha is not None and (
         isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
@@ -407,7 +440,7 @@ def add_lora(
         >>> net(torch.randn(5, 1, 3, 3)).shape
         torch.Size([5, 3])
     """
-    check_lora_args(rank, copies, density, kind, alpha, impl)
+    check_lora_args(rank, copies, density, kind, alpha, impl, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
     wrappers = {
@@ -440,8 +473,13 @@ def merge_lora(model: nn.Module) -> int:
     layers = peft_layers(model, LoRALayer)
     if any(layer.merged for layer in layers):
         raise RuntimeError("some LoRA layers are already merged; unmerge_lora(model) first")
+    owners: dict[int, LoRALayer] = {}
     for layer in layers:
         layer._check_mergeable()
+        for p in layer.base.parameters():
+            if p.dim() > 1 and owners.setdefault(id(p), layer) is not layer:
+                raise ValueError("cannot merge: two LoRA layers share a base weight, and each "
+                                 "would add its update to it; run them unmerged")
     done = []
     try:
         for layer in layers:

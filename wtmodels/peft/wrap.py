@@ -12,12 +12,13 @@ times pays for the masking once.
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from wtmodels.masks import MASK_KINDS, make_masks
+from wtmodels.masks import MASK_KINDS, apply_to_mask_stacks, make_masks
 
 SUPPORTED_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -53,6 +54,11 @@ class PEFTLayer(nn.Module):
         """Whether the update takes part in the forward pass (False once merged)."""
         return True
 
+    def _apply(self, fn, recurse: bool = True):
+        # mask stacks follow the update weights into a memory format (e.g. channels_last)
+        names = tuple(n for n in self._buffers if n.startswith("mask_"))
+        return apply_to_mask_stacks(self, names, super()._apply, fn, recurse)
+
 
 # --------------------------------------------------------------------------------------------
 # Argument checks and masked copies
@@ -60,15 +66,16 @@ class PEFTLayer(nn.Module):
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """``value`` as an int, or ``ValueError`` naming ``name`` and the valid range."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
-def check_copy_args(copies: object, density: object, kind: object) -> None:
+def check_copy_args(copies: object, density: object, kind: object, seed: object = 0) -> None:
     """Validate the CapaBoost arguments shared by every wrapper."""
     check_int("copies", copies)
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
+    check_int("seed", seed, minimum=0)
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
         0.0 < density <= 1.0
     ):
         raise ValueError(f"density must be in (0, 1], got {density!r}")
@@ -162,12 +169,15 @@ def find_targets(
     ``targets`` is a layer type, a name pattern, or a sequence of them. A layer is selected when
     it is an instance of one of the given types, or when a pattern (``fnmatch`` glob, e.g.
     ``"core.*"`` or ``"head"``) matches its qualified name or the name of a module containing
-    it (so ``"core"`` selects every supported layer inside ``core``). Layers under a name in
-    ``exclude`` and layers already inside a PEFT wrapper are skipped; a layer shared by several
-    parents counts once.
+    it (so ``"core"`` selects every supported layer inside ``core``; a bare ``"conv1"`` matches
+    a top-level name only, ``"*conv1"`` every layer so named). Layers under a name in
+    ``exclude``, layers already inside a PEFT wrapper and the ``out_proj`` of an
+    ``nn.MultiheadAttention`` (which reads its weight directly) are skipped; a layer shared by
+    several parents counts once.
 
     Raises:
-        ValueError: bad ``targets``, no layer selected, or ``model`` itself selected.
+        ValueError: bad ``targets``, no layer selected, a pattern that selects no layer, or
+            ``model`` itself selected.
 
     Example:
         >>> from torch import nn
@@ -179,6 +189,10 @@ def find_targets(
     """
     types, patterns = _check_targets(targets)
     skipped: list[str] = list(exclude)
+    # nn.MultiheadAttention reads its out_proj's weight directly: a wrapper there would break it
+    attention_projections = {f"{n}.out_proj" if n else "out_proj"
+                             for n, m in model.named_modules()
+                             if isinstance(m, nn.MultiheadAttention)}
     selected = []
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skipped if s):
@@ -186,12 +200,16 @@ def find_targets(
         if isinstance(module, PEFTLayer):
             skipped.append(name)
             continue
-        if not isinstance(module, SUPPORTED_TYPES):
+        if not isinstance(module, SUPPORTED_TYPES) or name in attention_projections:
             continue
         by_type = isinstance(module, types) if types else False
         by_name = any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(name) for pat in patterns)
         if by_type or by_name:
             selected.append((name, module))
+    unused = [pat for pat in patterns
+              if not any(fnmatch.fnmatchcase(p, pat) for n, _ in selected for p in _prefixes(n))]
+    if selected and unused:
+        raise ValueError(f"target pattern(s) {unused} match no layer (misspelt?)")
     if not selected:
         shown = ", ".join(
             n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES)
