@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         factors = [float(f) for f in args.factors.split(",") if f.strip()]
     except ValueError:
         factors = []
-    if not factors or any(f <= 0 for f in factors):
+    if not factors or any(not (0 < f < math.inf) for f in factors):
         print(f"{parser.prog}: error: factors: expected positive numbers like 0.5,1,2, got "
               f"{args.factors!r}", file=sys.stderr)
         return 2
@@ -211,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: sweep_dir: no results.csv in {args.sweep_dir!r}",
               file=sys.stderr)
         return 2
-    extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)
+    if args.threads is not None and args.threads < 1:
+        print(f"{parser.prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    try:
+        extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)
+    except ValueError as err:  # a damaged results file
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -664,7 +664,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m benchmarks.plot: error: sweep_dir: no {RESULTS} in {args.sweep_dir!r}",
               file=sys.stderr)
         return 2
-    paths, table = make_report(args.sweep_dir)
+    try:
+        paths, table = make_report(args.sweep_dir)
+    except ValueError as err:  # a damaged results file
+        print(f"python -m benchmarks.plot: error: {err}", file=sys.stderr)
+        return 2
     print(table)
     for path in paths:
         print(path)

@@ -293,10 +293,23 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
                                 spec.runner))
     if overrides and "seed" in overrides:
         raise ValueError("overrides: set seeds with --seeds, not seed=")
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"preset {name!r}: two runs share an id; make the variants differ")
+    owned = sorted(set(overrides or {}) & set(HARNESS_OWNED))
+    if owned:
+        raise ValueError(f"overrides: {', '.join(owned)} {'is' if len(owned) == 1 else 'are'} "
+                         "set by the harness for each run (use its --threads / --device / --out)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: {seeds} repeats a seed")
+    seen: dict[str, RunSpec] = {}
+    for run in runs:
+        other = seen.setdefault(run.run_id, run)
+        if other is not run:
+            raise ValueError(f"preset {name!r}: variants {other.label!r} and {run.label!r} "
+                             f"become the same run with these overrides ({overrides or {}})")
     return runs
+
+
+# arguments of wtmodels.train that the harness sets per run (not settable with --set)
+HARNESS_OWNED = ("out", "resume", "progress", "threads", "device")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def _format_cell(value) -> str:
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """Read a results CSV into a list of dicts with numbers parsed (missing file: ``[]``).
 
-    Empty cells become ``None``; ``"True"``/``"False"`` become bools.
+    Empty cells become ``None``; ``"True"``/``"False"`` become bools. A damaged file (a row
+    with more or fewer cells than the header, bytes that are not UTF-8, a directory) raises
+    ``ValueError`` naming it.
 
     Args:
         path: a CSV written by :func:`write_rows` / :func:`append_row`.
@@ -107,11 +109,24 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         []
     """
     try:
-        with open(path, newline="") as f:
-            return [{k: (v if k in TEXT_COLUMNS and v != "" else _parse_cell(v))
-                     for k, v in row.items()} for row in csv.DictReader(f)]
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # more / fewer cells than the header
+                    cells = (sum(v is not None for k, v in row.items() if k is not None)
+                             + len(row.get(None) or ()))
+                    raise ValueError(
+                        f"{path}: line {reader.line_num} has {cells} "
+                        f"cells for {len(reader.fieldnames or ())} columns: a damaged results "
+                        "file (restore it, or delete that line and rerun the sweep)")
+                rows.append({k: (v if k in TEXT_COLUMNS and v != "" else _parse_cell(v))
+                             for k, v in row.items()})
+            return rows
     except FileNotFoundError:
         return []
+    except (UnicodeDecodeError, IsADirectoryError, csv.Error) as err:
+        raise ValueError(f"{path}: not a readable results CSV ({err})") from None
 
 
 def _columns(rows: Iterable[dict], first: Iterable[str] = ()) -> list[str]:

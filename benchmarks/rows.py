@@ -18,7 +18,10 @@ file                   row columns
 ``done.json``          final metrics (fill what ``metrics.jsonl`` lacks; custom runners)
 ``harness.json``       ``status`` (``ok``, or ``diverged`` when the trainer stopped on
                        non-finite losses), ``wall_s`` and ``cpu_s`` (wall and CPU seconds of
-                       the run's process), ``threads``, ``load_average_1min``
+                       the run's process; a resumed run: of the last process only),
+                       ``threads``, ``load_average_1min``. Without it (the sweep was killed
+                       between the run's end and this file) ``status`` comes from
+                       ``stopped.json``'s presence and the timings stay empty.
 =====================  ====================================================================
 
 plus the sweep's provenance (``git_sha`` of the harness, with ``-dirty`` when the tree had
@@ -206,6 +209,9 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
         summary["best_test_acc"] = summary["test_acc"]
     row.update(summary)
     row.update(harness)
+    if row.get("status") is None:  # killed after the run finished, before harness.json
+        stopped = os.path.exists(os.path.join(run_dir, "stopped.json"))
+        row["status"] = "diverged" if stopped else "ok"
     ordered = {k: row.get(k) for k in LEADING_COLUMNS}  # every leading column, maybe empty
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered

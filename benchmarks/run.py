@@ -205,6 +205,7 @@ def validate_runs(runs: list[RunSpec]) -> None:
         ...
         ValueError: run r: depth must be an integer >= 1, got 0
     """
+    from wtmodels.data import list_datasets
     from wtmodels.models import get_config
     from wtmodels.train_config import resolve_config
 
@@ -214,8 +215,47 @@ def validate_runs(runs: list[RunSpec]) -> None:
         try:
             cfg = resolve_config(dict(run.config))
             get_config(cfg.model, **cfg.model_overrides)
+            if cfg.dataset not in list_datasets():
+                raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of: "
+                                 f"{', '.join(list_datasets())}")
         except ValueError as err:
             raise ValueError(f"run {run.run_id}: {err}") from None
+
+
+SETTING = "sweep_setting.json"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool) -> None:
+    """Refuse to mix sweeps of another size or other ``--set`` values into one directory:
+    plots, the summary and ``recommend`` would pool them. Records the setting on first use."""
+    path = os.path.join(out, SETTING)
+    setting = {"smoke": bool(smoke), "overrides": {k: overrides[k] for k in sorted(overrides)}}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        saved = None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err})") from None
+    if saved is not None and saved != setting:
+        raise ValueError(
+            f"--out {out} holds sweeps with {_describe(saved)}, not {_describe(setting)}: one "
+            "directory holds one setting (its plots and tables pool every row); use another "
+            "--out")
+    if saved is None and write:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_json(path, setting)
+
+
+def _describe(setting: dict) -> str:
+    sets = " ".join(f"--set {k}={v}" for k, v in setting["overrides"].items())
+    return ("--smoke " if setting["smoke"] else "full size ") + (sets or "no --set")
 
 
 def run_state(sweep_dir: str, run_id: str, recorded: set[str]) -> str:
@@ -410,6 +450,9 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
                              f"{preset!r} (e.g. {runs[0].run_id})")
         runs = matching
     validate_runs(runs)
+    if device == "cuda" and not _cuda_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    _check_same_setting(out, smoke, overrides or {}, write=not dry_run)
     report = SweepReport(planned=len(runs))
     recorded = finished_ids(os.path.join(out, RESULTS))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from benchmarks.results_io import append_row, append_rows, finished_ids, read_rows, write_rows
 
 
@@ -93,3 +95,37 @@ def test_a_writer_killed_at_any_moment_leaves_a_whole_file_and_a_rerun_completes
     assert _rows_so_far(path) < total
     subprocess.run([sys.executable, "-c", _WRITER, path, str(total)], check=True)
     assert sorted(r["i"] for r in read_rows(path)) == list(range(total))
+
+
+def test_damaged_results_file_is_a_clear_error_in_every_command(tmp_path, capsys):
+    from benchmarks import plot, recommend
+    from benchmarks.results_io import read_rows
+    from benchmarks.run import main as run_main
+
+    path = tmp_path / "results.csv"
+    write_rows(path, [{"run_id": "a", "test_acc": 0.5, "params": 10},
+                      {"run_id": "b", "test_acc": 0.6, "params": 20}])
+    path.write_text(path.read_text()[:-6])  # the last row cut short, as by a bad copy
+    with pytest.raises(ValueError, match="line 3 has 2 cells for 3 columns"):
+        read_rows(path)
+    assert plot.main([str(tmp_path)]) == 2
+    assert recommend.main([str(tmp_path), "--params", "100"]) == 2
+    assert run_main(["quick", "--smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all("damaged results file" in line for line in err)
+    path.write_bytes(b"run_id,test_acc\n\xff\xfe,1\n")
+    with pytest.raises(ValueError, match="not a readable results CSV"):
+        read_rows(path)
+
+
+def test_recovered_row_of_a_run_killed_before_harness_json_has_a_status(tmp_path):
+    import json
+
+    from benchmarks.rows import assemble_row
+
+    (tmp_path / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT",
+                                                    "config": {"seed": 0}}))
+    (tmp_path / "done.json").write_text(json.dumps({"test_acc": 0.9}))
+    assert assemble_row(str(tmp_path))["status"] == "ok"
+    (tmp_path / "stopped.json").write_text(json.dumps({"status": "diverged"}))
+    assert assemble_row(str(tmp_path))["status"] == "diverged"

@@ -218,3 +218,30 @@ def test_out_that_is_a_file_and_only_matching_nothing_are_exit_2(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--only 'zzz' matches none" in err
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--set", "out=/tmp/elsewhere"], "out is set by the harness"),
+    (["--set", "threads=2", "--set", "device=cpu"], "device, threads are set by the harness"),
+    (["--seeds", "0,0"], "repeats a seed"),
+    (["--set", "dataset=foo"], "unknown dataset 'foo'"),
+])
+def test_sweep_arguments_checked_before_any_run(tmp_path, capsys, argv, match):
+    from benchmarks.run import main
+
+    assert main(["quick", "--smoke", "--out", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err, err
+    assert not (tmp_path / "q").exists()
+
+
+def test_one_directory_holds_one_setting(tmp_path, capsys):
+    from benchmarks.run import _check_same_setting, main
+
+    out = tmp_path / "q"
+    _check_same_setting(str(out), True, {}, write=True)  # as a first --smoke sweep leaves it
+    assert main(["quick", "--smoke", "--out", str(out), "--dry-run"]) == 0
+    assert main(["quick", "--smoke", "--out", str(out), "--set", "epochs=2", "--dry-run"]) == 2
+    assert main(["quick", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "holds sweeps with --smoke no --set, not --smoke --set epochs=2" in err

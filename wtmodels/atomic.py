@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -42,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give (mkstemp makes 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -61,6 +63,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         pass
     finally:
         os.close(dir_fd)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it (once: it is briefly 0 here)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
