@@ -265,7 +265,7 @@ def test_ift_refuses_higher_order_gradients_unroll_gives_them():
     assert torch.isfinite(gx).all()
 
 
-def test_unroll_detaches_z0_stops_diverging_samples_and_returns_the_best_iterate():
+def test_unroll_detaches_z0_stops_diverging_samples_and_returns_f_at_the_best_iterate():
     s, b = torch.tensor([0.5, 3.0]), torch.ones(2, 4)
     z0 = torch.zeros(2, 4, requires_grad=True)
     w = torch.ones((), requires_grad=True)
@@ -274,7 +274,7 @@ def test_unroll_detaches_z0_stops_diverging_samples_and_returns_the_best_iterate
     assert stats.converged.tolist() == [True, False] and stats.diverged.tolist() == [False, True]
     assert int(stats.nstep[1]) < 20  # stopped, not iterated to the budget
     torch.testing.assert_close(z[0], torch.full((4,), 2.0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(z[1], torch.zeros(4))  # its lowest residual was at z0
+    torch.testing.assert_close(z[1], torch.ones(4))  # f at its lowest-residual iterate, z0
     z.sum().backward()
     assert z0.grad is None and w.grad is not None
 
@@ -296,3 +296,45 @@ def test_spectral_radius_of_a_complex_pair(n_iter):
     A = torch.tensor([[0.0, 1.0], [-0.81, 0.0]], dtype=F64)  # eigenvalues +-0.9i
     r = wt.DEQ().spectral_radius(lambda z: z @ A.T, torch.zeros(1, 2, dtype=F64), n_iter=n_iter)
     torch.testing.assert_close(r, torch.tensor([0.9], dtype=F64), rtol=0.02, atol=0)
+
+
+def test_unroll_from_a_converged_warm_start_is_still_differentiable():
+    w = torch.tensor(0.5, requires_grad=True)
+    x = torch.ones(3, 4)
+    f = lambda z: w * z + x  # noqa: E731
+    warm, _ = wt.DEQ(f_tol=1e-7, f_max_iter=100)(f, torch.zeros(3, 4))
+    z, stats = wt.DEQ(grad="unroll", f_tol=1e-4)(f, warm.detach())
+    assert stats.nstep.tolist() == [1, 1, 1] and z.requires_grad
+    (gw,) = torch.autograd.grad(z.sum(), w)
+    torch.testing.assert_close(gw, torch.tensor(12 * 2.0), rtol=1e-3, atol=0)  # dz*/dw = x/(1-w)^2
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_a_diverging_sample_does_not_poison_the_others_gradients(grad):
+    w = torch.tensor(1.0, requires_grad=True)
+    x = torch.tensor([[0.0], [0.1], [2.0]])  # sample 2: 0.1 exp(z) + 2 has no fixed point
+    z, stats = wt.DEQ(grad=grad, f_max_iter=40, f_tol=1e-6)(
+        lambda z: 0.1 * torch.exp(w * z) + x, torch.zeros(3, 1))
+    assert stats.converged.tolist() == [True, True, False] and torch.isfinite(z).all()
+    z[:2].sum().backward()
+    assert torch.isfinite(w.grad) and w.grad > 0
+
+
+def test_ift_output_may_be_modified_in_place():
+    lin = nn.Linear(4, 4)
+    z, _ = wt.DEQ()(lambda z: 0.3 * torch.tanh(lin(z)), torch.zeros(2, 4))
+    z.add_(1.0)
+    z.relu_().sum().backward()
+    assert lin.weight.grad is not None
+
+
+def test_regulariser_and_radius_refuse_inference_mode_and_accept_its_tensors():
+    deq = wt.DEQ()
+    with torch.inference_mode():
+        z = torch.ones(3, 5)
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            deq.spectral_radius(lambda z: 0.7 * z, z)
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            deq.jacobian_loss(lambda z: 0.7 * z, z)
+    r = deq.spectral_radius(lambda z: 0.7 * z, z)  # an inference tensor, used outside
+    torch.testing.assert_close(r, torch.full((3,), 0.7))

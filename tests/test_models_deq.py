@@ -56,3 +56,15 @@ def test_deq_counts_composite_cell_evaluations():
     # every solver step is K = 3 masked applications; the phantom gradient adds 2 steps
     assert core.last_stats["nstep"] == 7
     assert core.last_stats["cell_evals"] == 3 * (7 + 2)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+@pytest.mark.parametrize("mask_k", [0, 2])
+def test_parametrized_cell_weights_train_in_every_gradient_mode(norm, grad, mask_k):
+    # the weight parametrization is cached per forward: its first evaluation must carry a graph
+    torch.manual_seed(0)
+    model = wt.create_model("test_deq", in_chans=1, grad=grad, mask_k=mask_k, **{norm: True})
+    model(torch.randn(2, 1, 8, 8)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

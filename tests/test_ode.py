@@ -76,3 +76,23 @@ def test_bad_arguments():
         ODECore(ConvCell(8), depth=2, T=-1.0)
     with pytest.raises(ValueError, match="depth"):
         ODECore(ConvCell(8), depth=0)
+
+
+@pytest.mark.parametrize("depth, T", [(5, 3.0), (9, 3.0), (9, 1.0), (7, 0.7)])
+def test_masked_segments_take_exactly_depth_fixed_steps(depth, T):
+    # segment boundaries like 2.4 are not exact in binary: a step_size grid gained a ~1e-7 step
+    model = wt.create_model("test_ode", in_chans=1, depth=depth, mask_k=2, ode_method="rk4",
+                            ode_T=T)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))
+    assert model.core_stats()["nfe"] == 4 * depth
+
+
+def test_adjoint_refuses_dropout_and_warns_with_norms_bad_end_times_refused():
+    with pytest.raises(ValueError, match="ode_adjoint with dropout"):
+        wt.create_model("test_ode", in_chans=1, ode_adjoint=True, dropout=0.2)
+    with pytest.warns(UserWarning, match="ill-conditioned"):
+        wt.create_model("test_ode", in_chans=1, ode_adjoint=True)
+    for T in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="ode_T must be a finite number > 0"):
+            wt.create_model("test_ode", in_chans=1, ode_T=T)

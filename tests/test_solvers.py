@@ -399,12 +399,28 @@ def test_low_precision_z0_reports_the_residual_of_the_returned_iterate(method, d
     assert loose.converged.all()  # a tolerance above the precision is reached
 
 
-def test_fixed_point_copes_with_f_reusing_its_output_buffer():
-    buf = torch.empty(2, 3)
-    z, stats = fixed_point(lambda z: torch.add(z * 0.5, 1.0, out=buf), torch.zeros(2, 3),
-                           tol=1e-6)
-    assert stats.converged.all()
-    torch.testing.assert_close(z, torch.full((2, 3), 2.0), atol=1e-5, rtol=0)
+@pytest.mark.parametrize("method", SOLVERS)
+def test_solvers_cope_with_f_reusing_its_output_buffer(method):
+    A, b = torch.diag(torch.tensor([0.9, 0.5, -0.7, 0.2], dtype=torch.float64)), torch.ones(2, 4,
+                                                                                       dtype=F64)
+    buf = torch.empty(2, 4, dtype=F64)
+
+    def f_buf(z):
+        torch.matmul(z, A.T, out=buf)
+        return buf.add_(b)
+
+    want = wt.solve(lambda z: z @ A.T + b, torch.zeros(2, 4, dtype=F64), method=method,
+                    tol=1e-10, max_iter=200)
+    got = wt.solve(f_buf, torch.zeros(2, 4, dtype=F64), method=method, tol=1e-10, max_iter=200)
+    assert got[1].converged.all() and got[1].nstep.tolist() == want[1].nstep.tolist()
+    torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_the_callers_z0_is_never_written(method):
+    z0 = -torch.ones(4, 6)
+    wt.solve(lambda z: 0.5 * torch.tanh(torch.relu_(z)) + 1.0, z0, method=method, max_iter=5)
+    assert (z0 == -1).all()
 
 
 @pytest.mark.parametrize("method", ["fixed_point", "broyden"])

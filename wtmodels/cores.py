@@ -45,6 +45,13 @@ def forward_pass(cell: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """
     reset_dropout(cell, x)
     with parametrize.cached(), formed_masks(cell):
+        if torch.is_grad_enabled():
+            # the cache keeps the first evaluation: make it one with a graph, not one made
+            # inside a no-grad solve (a DEQ would then never train weight-normed convs)
+            for module in cell.modules():
+                if parametrize.is_parametrized(module):
+                    for name in module.parametrizations:
+                        getattr(module, name)
         yield
 
 

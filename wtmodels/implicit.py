@@ -120,8 +120,8 @@ class DEQ(nn.Module):
             check_positive_int(field, getattr(self, field))
         if self.eval_f_max_iter is not None:
             check_positive_int("eval_f_max_iter", self.eval_f_max_iter)
-        check_float("f_tol", self.f_tol, 0.0)
-        check_float("b_tol", self.b_tol, 0.0)
+        check_float("f_tol", self.f_tol, 0.0, high_open=True)
+        check_float("b_tol", self.b_tol, 0.0, high_open=True)
         check_float("tau", self.tau, 0.0, 1.0)
         check_options(self.f_solver, self.f_opts)
         check_options(self.b_solver, self.b_opts)
@@ -172,12 +172,32 @@ class DEQ(nn.Module):
             elif self.grad == "ift":
                 z_star, z_in, z_out = self._ift(f, z_sol)
             else:
-                z_star = z_sol.detach()
-                for _ in range(self.phantom_steps):
-                    z_star = torch.lerp(z_star, f(z_star).to(z_star.dtype), self.tau)
+                z_star = self._phantom(f, z_sol.detach(), stats)
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         return z_star, stats
+
+    def _phantom(self, f, z_sol: torch.Tensor, stats: SolverStats) -> torch.Tensor:
+        """``phantom_steps`` damped steps from ``z_sol`` with autograd.
+
+        A diverged sample, or one whose steps overflow (the step is then taken again), restarts
+        each step from its (finite) solver iterate, so it takes one step in effect: a
+        non-finite value in the graph would turn every shared parameter's gradient into NaN
+        (0 x inf), not only its own.
+        """
+        per_sample = (-1,) + (1,) * (z_sol.dim() - 1)
+        frozen = stats.diverged.to(z_sol.device).clone()  # (B,)
+        z = z_sol
+        for _ in range(self.phantom_steps):
+            for _attempt in range(2):
+                z_in = torch.where(frozen.view(per_sample), z_sol, z) if frozen.any() else z
+                out = torch.lerp(z_in, f(z_in).to(z_in.dtype), self.tau)
+                bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
+                if not bool((bad & ~frozen).any()):
+                    break
+                frozen |= bad  # take the step again with those samples restarted
+            z = out
+        return z
 
     def _ift(self, f, z_sol: torch.Tensor):
         """``f(z_sol)`` whose backward solves the adjoint fixed point."""
@@ -205,34 +225,43 @@ class DEQ(nn.Module):
         return u.to(grad.dtype)
 
     def _unroll(self, f, z0: torch.Tensor):
-        """Plain iteration with autograd from ``z0`` (detached); samples stop (freeze) once at
-        the tolerance or diverged (the solvers' default rule); per sample the lowest-residual
-        iterate is returned."""
+        """Plain iteration ``z <- f(z)`` with autograd from ``z0`` (detached).
+
+        Samples stop once at the tolerance or diverged (the solvers' default rule) and then sit
+        at their best iterate, detached. The output of a sample is ``f`` at its lowest-residual
+        iterate (as ``"ift"`` returns ``f(z*)``), so it always carries a graph, also when ``z0``
+        itself is best (a warm start). A step whose output is non-finite for some samples is
+        evaluated again with those samples at their best iterate: a non-finite value left in
+        the graph would make every shared parameter's gradient NaN (0 x inf), not only theirs.
+        """
         prob = Problem(f, z0)
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
                           div_factor=DIVERGENCE_DEFAULTS["div_factor"],
                           patience=DIVERGENCE_DEFAULTS["patience"])
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
-        z = best = z0.detach()
-        z_in = z_out = None
+        z = best_in = z0.detach()  # iterates; best_in never carries a graph
+        best_out = z_in = z_out = None
         for _ in range(self.budget):
             z_in, z_out = z, f(z)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
                 fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)
+                finite = torch.isfinite(fx).all(1)  # (B,)
                 before = tracker.best_rel if rel else tracker.best_abs
                 done = tracker.update(x, fx, fx - x)
                 improved = (tracker.best_rel if rel else tracker.best_abs) < before  # (B,)
-            if improved.all():
-                best = z
-            elif improved.any():
-                best = torch.where(tracker.small.torch(improved).view(per_sample), z, best)
+            if not bool(finite.all()):  # redo the step with those samples at their best
+                z_in = torch.where(finite.view(per_sample), z, best_in)
+                z_out = f(z_in)
+            sel = tracker.small.torch(improved).view(per_sample)
+            best_out = z_out if best_out is None else torch.where(sel, z_out, best_out)
+            best_in = torch.where(sel, z.detach(), best_in)
             if done:
                 break
             keep = tracker.active_mask.view(per_sample)
-            z = torch.where(keep, z_out.to(z.dtype), z)
-        return best, tracker.stats(), z_in, z_out
+            z = torch.where(keep, z_out.to(z.dtype), best_in)
+        return best_out.to(z0.dtype), tracker.stats(), z_in, z_out
 
     def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -254,10 +283,11 @@ class DEQ(nn.Module):
             >>> abs(float(loss) - 0.25) < 1e-6
             True
         """
+        _needs_autograd("jacobian_loss")
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             if z_out is None or not z_star.requires_grad:
-                z_star = z_star.detach().requires_grad_()
+                z_star = _leaf(z_star)
                 z_out = f(z_star)
             if not z_out.requires_grad:
                 return z_out.new_zeros(())
@@ -294,9 +324,10 @@ class DEQ(nn.Module):
             True
         """
         check_positive_int("n_iter", n_iter)
+        _needs_autograd("spectral_radius")
         B = z_star.shape[0]
         with torch.enable_grad():
-            z_in = z_star.detach().requires_grad_()
+            z_in = _leaf(z_star)
             z_out = f(z_in)
             if not z_out.requires_grad:  # f ignores z: J = 0
                 return z_in.new_zeros(B)
@@ -315,13 +346,24 @@ class DEQ(nn.Module):
         return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
 
 
+def _needs_autograd(what: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"DEQ.{what} needs autograd (vector-Jacobian products); call it "
+                           "outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
+def _leaf(z: torch.Tensor) -> torch.Tensor:
+    """``z`` as a fresh leaf requiring grad (an inference tensor is copied first)."""
+    return (z.clone() if z.is_inference() else z).detach().requires_grad_()
+
+
 class _AdjointSolve(torch.autograd.Function):
     """Identity forward; backward replaces ``grad`` by the adjoint fixed point solution."""
 
     @staticmethod
     def forward(ctx, z_out, z_in, deq):
         ctx.graph = (z_out, z_in, deq)  # kept as attributes: a graph, not saved tensors
-        return z_out.view_as(z_out)
+        return z_out.clone()  # a tensor of its own: the caller may modify it in place
 
     @staticmethod
     def backward(ctx, grad):

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -130,6 +131,12 @@ def build_core(width: int, cfg: ModelConfig, stage: int = 0) -> Core:
     if cfg.core == "ode":
         from wtmodels.ode import ODECore
 
+        if cfg.ode_adjoint and cfg.norm != "none":
+            warnings.warn(
+                f"ode_adjoint with norm={cfg.norm!r}: the adjoint re-integrates z backward, "
+                "which is ill-conditioned where the norms see a near-zero input (from z0 = 0 "
+                "gradients were measured 30-190% off direct backprop); prefer direct backprop "
+                "or norm='none'", UserWarning, stacklevel=3)
         return ODECore(
             cell,
             cfg.depth,

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
@@ -40,6 +42,14 @@ def is_fixed_grid(method: str) -> bool:
     """
     check_method(method)
     return issubclass(SOLVERS[method], FixedGridODESolver)
+
+
+def _grid(steps: int):
+    """A torchdiffeq ``grid_constructor``: ``steps`` equal steps from ``t[0]`` to ``t[-1]``."""
+    def construct(func, y0, t):
+        return torch.linspace(float(t[0]), float(t[-1]), steps + 1, dtype=t.dtype,
+                              device=t.device)
+    return construct
 
 
 def check_method(method: str) -> str:
@@ -100,8 +110,10 @@ class ODECore(Core):
         adjoint: bool = False,
     ):
         super().__init__()
-        if not T > 0:
-            raise ValueError(f"ode_T must be > 0, got {T}")
+        depth = _check_depth(depth)
+        if not (T > 0 and math.isfinite(T)) or T / depth < 1e-30:
+            raise ValueError(f"ode_T must be a finite number > 0 (and T / depth > 1e-30), "
+                             f"got {T}")
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"ode_rtol and ode_atol must be > 0, got {rtol}, {atol}")
         self.cell = cell
@@ -138,13 +150,16 @@ class ODECore(Core):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         step = self.T / self.train_depth
-        options = {"step_size": step} if is_fixed_grid(self.method) else None
         counter = [0]
         z = torch.zeros_like(x)  # (B, C, H, W)
         with forward_pass(self.cell, x):
             for first, end, index in self._segments():
                 func = _Dynamics(self.cell, x, index, counter)
                 times = torch.tensor([first * step, end * step], dtype=x.dtype, device=x.device)
+                # fixed grid: exactly end - first steps (a step_size grid can gain a tiny
+                # extra step when (t1 - t0) / step rounds up)
+                options = ({"grid_constructor": _grid(end - first)}
+                           if is_fixed_grid(self.method) else None)
                 kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
                 if self.adjoint:
                     params = (*self.cell.parameters(), x)

@@ -107,13 +107,22 @@ def solver_options(name: str) -> list[str] | None:
     return None if options is None else list(options)
 
 
-@functools.lru_cache(maxsize=64)
 def _options_of(solver: Callable) -> tuple[str, ...] | None:
+    try:
+        return _cached_options_of(solver)
+    except TypeError:  # an unhashable callable object: read its signature each time
+        return _read_options(solver)
+
+
+def _read_options(solver: Callable) -> tuple[str, ...] | None:
     params = inspect.signature(solver).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return tuple(sorted(p.name for p in params
                         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON))
+
+
+_cached_options_of = functools.lru_cache(maxsize=64)(_read_options)
 
 
 def check_options(name: str, opts: dict) -> None:

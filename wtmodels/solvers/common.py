@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 
@@ -35,16 +36,17 @@ STOP_MODES = ("abs", "rel")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int ``>= minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Return ``int(value)`` if it is an integer ``>= minimum`` (numpy integers too), else
+    raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_float(name: str, value, low: float, high: float = math.inf, *,
                 low_open: bool = True, high_open: bool = False) -> float:
     """Return ``float(value)`` if it lies in the interval, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
@@ -57,7 +59,7 @@ def check_float(name: str, value, low: float, high: float = math.inf, *,
 def check_common(max_iter, tol, stop_mode) -> None:
     """Validate the arguments every solver shares (``ValueError`` naming the field)."""
     check_positive_int("max_iter", max_iter)
-    check_float("tol", tol, 0.0)
+    check_float("tol", tol, 0.0, high_open=True)  # finite: an infinite tol "converges" anything
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
 
@@ -143,7 +145,8 @@ class Problem:
         self.autocast = torch.is_autocast_enabled(self.device_type)
         self.autocast_dtype = (torch.get_autocast_dtype(self.device_type)
                                if self.autocast else None)
-        self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype)  # (B, D)
+        # (B, D), memory of its own: f sees the iterates, and the caller's z0 stays untouched
+        self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype, copy=True)
         self.rounds = z0.dtype != self.compute_dtype
 
     def solver_mode(self) -> contextlib.ExitStack:
