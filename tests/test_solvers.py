@@ -466,3 +466,18 @@ def test_divergence_defaults_of_the_unrolled_deq_match_the_solvers():
     for method in SOLVERS:
         params = inspect.signature(solvers_pkg.get_solver(method)).parameters
         assert {k: params[k].default for k in DIVERGENCE_DEFAULTS} == DIVERGENCE_DEFAULTS
+
+
+def test_a_longer_anderson_history_does_not_slow_convergence():
+    # the regularisation follows the smallest residual in the history, not the oldest/largest
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(100, 100, generator=g, dtype=F64)
+    W = 0.7 * W / torch.linalg.matrix_norm(W, ord=2)
+    b = torch.randn(4, 100, generator=g, dtype=F64)
+    steps = {}
+    for m in (5, 20, 50):
+        _, stats = anderson(lambda z: torch.tanh(z @ W.T) + b, torch.zeros(4, 100, dtype=F64),
+                            m=m, tol=1e-6, max_iter=200)
+        assert stats.converged.all()
+        steps[m] = int(stats.nstep.max())
+    assert steps[20] <= steps[5] + 2 and steps[50] <= steps[5] + 2, steps
