@@ -278,7 +278,8 @@ class LoRALayer(PEFTLayer):
         if not self.merged:
             raise RuntimeError("LoRA update is not merged; nothing to unmerge")
         delta = self._merged_delta if self._merged_delta is not None else self.delta_weight()
-        self._shift_weight(-delta.detach())
+        weight = self.base.weight  # the model may have moved (device, dtype) since the merge
+        self._shift_weight(-delta.detach().to(device=weight.device, dtype=weight.dtype))
         self._merged_delta = None
         self.merged = False
 
