@@ -19,6 +19,10 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 #: what defines a configuration when rows carry no ``config_id``
+# run statuses that mean the run's numbers are not a clean result: stopped on non-finite losses,
+# or finished with a non-finite loss in its last epoch
+UNSTABLE = ("diverged", "nonfinite")
+
 GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages", "mask_k",
                  "mask_density", "mask_kind", "f_solver", "b_solver", "grad", "ode_method",
                  "epochs", "batch_size", "lr", "train_size")
@@ -70,8 +74,9 @@ def config_key(row: dict) -> tuple:
 
 def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
     """One dict per configuration: its config columns, ``n`` (seeds), ``n_stopped`` (runs the
-    trainer stopped on non-finite losses), ``seeds``, and for each metric ``<m>_mean``,
-    ``<m>_std`` (over seeds, finite values only; nan when absent) and ``<m>_count``.
+    trainer stopped on non-finite losses, or that ended with one: :data:`UNSTABLE`), ``seeds``,
+    and for each metric ``<m>_mean``, ``<m>_std`` (over seeds, finite values only; nan when
+    absent) and ``<m>_count``.
 
     Args:
         rows: results rows.
@@ -94,7 +99,7 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         if "config_id" in first:
             entry["config_id"] = first["config_id"]
         entry["n"] = len(members)
-        entry["n_stopped"] = sum(m.get("status") == "diverged" for m in members)
+        entry["n_stopped"] = sum(m.get("status") in UNSTABLE for m in members)
         entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
         for metric in metrics:
             mean, std, count = mean_std(number(m.get(metric)) for m in members)

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from benchmarks.aggregate import aggregate, has, mean_std, number
+from benchmarks.aggregate import UNSTABLE, aggregate, has, mean_std, number
 from benchmarks.results_io import read_rows, write_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write_text
@@ -504,7 +504,7 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
         mine = [r for r in rows if r.get("label") == lab]
         div = [number(r.get("diverged")) for r in mine]
         skipped = [number(r.get("skipped_steps")) for r in mine]
-        stopped = [1.0 if r.get("status") == "diverged" else 0.0 for r in mine]
+        stopped = [1.0 if r.get("status") in UNSTABLE else 0.0 for r in mine]
         if any(v is not None for v in div + skipped) or any(stopped):
             conv = [number(r.get("converged")) for r in mine]
             divergence[lab] = (

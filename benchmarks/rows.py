@@ -17,8 +17,9 @@ file                   row columns
 ``model_info.json``    ``params``, ``nonzero_params_per_iter``, ``cell_evals``, ``flops_per_image``
 ``done.json``          final metrics (fill what ``metrics.jsonl`` lacks; custom runners)
 ``harness.json``       ``status`` (``ok``, or ``diverged`` when the trainer stopped on
-                       non-finite losses), ``wall_s`` and ``cpu_s`` (wall and CPU seconds of
-                       the run's process; a resumed run: of the last process only),
+                       non-finite losses; ``nonfinite`` when it finished but its last epoch's
+                       train or test loss was not finite), ``wall_s`` and ``cpu_s`` (wall and
+                       CPU seconds of the run's process; a resumed run: of the last process only),
                        ``threads``, ``load_average_1min``. Without it (the sweep was killed
                        between the run's end and this file) ``status`` comes from
                        ``stopped.json``'s presence and the timings stay empty.
@@ -212,6 +213,10 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     if row.get("status") is None:  # killed after the run finished, before harness.json
         stopped = os.path.exists(os.path.join(run_dir, "stopped.json"))
         row["status"] = "diverged" if stopped else "ok"
+    epochs = read_metrics(run_dir)
+    if row["status"] == "ok" and epochs and any(
+            key in epochs[-1] and epochs[-1][key] is None for key in ("train_loss", "test_loss")):
+        row["status"] = "nonfinite"  # finished, but its last epoch's loss was not finite
     ordered = {k: row.get(k) for k in LEADING_COLUMNS}  # every leading column, maybe empty
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered
