@@ -20,6 +20,7 @@ ways to get gradients:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -180,23 +181,24 @@ class DEQ(nn.Module):
     def _phantom(self, f, z_sol: torch.Tensor, stats: SolverStats) -> torch.Tensor:
         """``phantom_steps`` damped steps from ``z_sol`` with autograd.
 
-        A diverged sample, or one whose steps overflow (the step is then taken again), restarts
-        each step from its (finite) solver iterate, so it takes one step in effect: a
+        A diverged sample, or one whose steps overflow (the steps are then taken again),
+        restarts each step from its (finite) solver iterate, so it takes one step in effect: a
         non-finite value in the graph would turn every shared parameter's gradient into NaN
-        (0 x inf), not only its own.
+        (0 x inf), not only its own. One finiteness check per call, none per step.
         """
-        per_sample = (-1,) + (1,) * (z_sol.dim() - 1)
-        frozen = stats.diverged.to(z_sol.device).clone()  # (B,)
+        frozen = stats.diverged.to(z_sol.device)  # (B,)
+        z = self._phantom_steps(f, z_sol, frozen)
+        bad = ~torch.isfinite(z.detach()).flatten(1).all(1) & ~frozen
+        if bool(bad.any()):
+            z = self._phantom_steps(f, z_sol, frozen | bad)
+        return z
+
+    def _phantom_steps(self, f, z_sol: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        keep_at_start = frozen.view(-1, *([1] * (z_sol.dim() - 1))) if bool(frozen.any()) else None
         z = z_sol
         for _ in range(self.phantom_steps):
-            for _attempt in range(2):
-                z_in = torch.where(frozen.view(per_sample), z_sol, z) if frozen.any() else z
-                out = torch.lerp(z_in, f(z_in).to(z_in.dtype), self.tau)
-                bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
-                if not bool((bad & ~frozen).any()):
-                    break
-                frozen |= bad  # take the step again with those samples restarted
-            z = out
+            z_in = z if keep_at_start is None else torch.where(keep_at_start, z_sol, z)
+            z = torch.lerp(z_in, f(z_in).to(z_in.dtype), self.tau)
         return z
 
     def _ift(self, f, z_sol: torch.Tensor):
@@ -247,12 +249,13 @@ class DEQ(nn.Module):
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
                 fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)
-                finite = torch.isfinite(fx).all(1)  # (B,)
                 before = tracker.best_rel if rel else tracker.best_abs
                 done = tracker.update(x, fx, fx - x)
                 improved = (tracker.best_rel if rel else tracker.best_abs) < before  # (B,)
-            if not bool(finite.all()):  # redo the step with those samples at their best
-                z_in = torch.where(finite.view(per_sample), z, best_in)
+                # the tracker records a non-finite output (or overflowing norm) as inf
+                finite = np.isfinite(tracker.abs_trace[:, tracker.n_iter - 1])  # (B,)
+            if not finite.all():  # redo the step with those samples at their best
+                z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
                 z_out = f(z_in)
             sel = tracker.small.torch(improved).view(per_sample)
             best_out = z_out if best_out is None else torch.where(sel, z_out, best_out)
