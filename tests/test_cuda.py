@@ -99,10 +99,12 @@ def test_masked_weight_tied_model_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("name", ("test_wt", "test_deq"))
 def test_training_run_on_cuda_with_amp_and_channels_last(tmp_path, name):
-    final = run(dict(model=name, dataset="digits", test_size=128, batch_size=32, epochs=3,
+    final = run(dict(model=name, dataset="digits", test_size=128, batch_size=32, epochs=8,
                      lr=0.02, device="cuda", amp=True, channels_last=True, progress="none",
                      out=str(tmp_path / "run")))
-    assert final["test_acc"] > 0.3  # chance is 0.1
+    # chance is 0.1; after 8 epochs seeds 0-5 reach 0.72-0.88 (test_wt), 0.45-0.74 (test_deq) on
+    # the CPU. 3 epochs left seed 0 at 0.24-0.31: too close to the bar on a GPU's other numerics.
+    assert final["test_acc"] > 0.3
     assert (tmp_path / "run" / "done.json").exists()
 
 

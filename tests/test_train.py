@@ -29,16 +29,16 @@ def _rows(out):
 
 def test_learns_digits_and_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    final = run({**BASE, "train_size": None, "epochs": 3, "lr": 0.02, "out": str(out)})
-    assert final["test_acc"] > 0.3  # chance is 0.1; the tiny model is well above it in 3 epochs
+    final = run({**BASE, "train_size": None, "epochs": 8, "lr": 0.02, "out": str(out)})
+    assert final["test_acc"] > 0.3  # chance is 0.1; seeds 0-5 reach 0.72-0.88 in 8 epochs
     assert final["train_loss"] < math.log(10)
     rows = _rows(out)
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
     for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
                 "images_per_s", "peak_mem_mb", "skipped_steps", "lr", "cell_evals"):
         assert key in rows[0], key
     assert rows[0]["cell_evals"] == 2.0  # test_wt: depth 2, one stage
-    assert rows[-1]["steps"] == 3 * math.ceil(1437 / 32)
+    assert rows[-1]["steps"] == 8 * math.ceil(1437 / 32)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["model"] == "test_wt" and config["model_config"]["depth"] == 2
     assert config["data_info"] == {"name": "digits", "num_classes": 10, "in_chans": 1,
@@ -48,10 +48,10 @@ def test_learns_digits_and_writes_the_run_directory(tmp_path):
     assert info["params"] == sum(p.numel() for p in
                                  model_registry.create_model("test_wt", in_chans=1).parameters())
     done = json.loads((out / "done.json").read_text())
-    assert done["epochs"] == 3 and done["final"]["test_acc"] == final["test_acc"]
+    assert done["epochs"] == 8 and done["final"]["test_acc"] == final["test_acc"]
     assert final["best_test_acc"] == max(r["test_acc"] for r in rows)
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["epoch"] == 3 and ckpt["global_step"] == rows[-1]["steps"]
+    assert ckpt["epoch"] == 8 and ckpt["global_step"] == rows[-1]["steps"]
 
 
 def test_run_without_out_writes_nothing(tmp_path, monkeypatch):
