@@ -1,0 +1,184 @@
+"""Time of one training step (forward, backward, AdamW) with the batch already on the device.
+
+Where ``benchmarks.train_speed`` measures whole epochs through a DataLoader, this isolates the
+model: random images and labels are made once on the device, and each step is timed after
+warm-up steps (which also absorb ``torch.compile``). For each (model, variant, batch) it reports
+the median step time, images/s and, from one profiled step, the GPU's busy time (the sum of its
+kernels) over the step's wall time: a ratio well below 1 means the step is bound by launching
+kernels (Python and framework overhead on the host), not by the GPU's arithmetic, so larger
+batches come almost for free and bf16 or channels-last cannot help.
+
+Variants: ``base``, ``channels_last``, ``amp`` (bf16 autocast), ``compile`` (``torch.compile``,
+default mode) and ``compile_graphs`` (``mode="reduce-overhead"``: CUDA graphs, CUDA only).
+
+Run: ``python -m benchmarks.step_time [--models wt_s,deq_s] [--batch-sizes 128,512]
+[--image-size 32] [--variants base,amp,...] [--steps 20] [--device auto] [--tf32]
+[--out DIR]``.
+Writes ``DIR/step_time_<device>.csv`` and ``.md`` with provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import wtmodels as wt
+from benchmarks.provenance import describe_machine
+from wtmodels.atomic import atomic_write_text
+
+VARIANTS = ("base", "channels_last", "amp", "compile", "compile_graphs")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_busy_ms(step, device: torch.device) -> float:
+    """Sum of the device kernels' times (ms) in one profiled call of ``step``; nan on the CPU."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1000.0
+
+
+def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, steps: int,
+               device: torch.device, seed: int = 0) -> dict:
+    """Median step time of ``model_name`` under ``variant``; a row for the results table.
+
+    Example:
+        >>> row = time_steps("test_wt", "base", 8, 8, 2, torch.device("cpu"))
+        >>> row["model"], row["img_per_s"] > 0
+        ('test_wt', True)
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    torch.manual_seed(seed)
+    model = wt.create_model(model_name, num_classes=10, in_chans=3).to(device).train()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)  # (B, 3, H, W)
+    labels = torch.randint(0, 10, (batch_size,), device=device)  # (B,)
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    step_model = model
+    if variant == "compile":
+        step_model = torch.compile(model)
+    elif variant == "compile_graphs":
+        step_model = torch.compile(model, mode="reduce-overhead")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "amp")
+
+    def step():
+        with autocast:
+            logits = step_model(images)  # (B, 10)
+        loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: cuDNN autotuning, compilation, graph capture
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_ms = 1000 * statistics.median(times)
+    busy_ms = _gpu_busy_ms(step, device)
+    return {"model": model_name, "variant": variant, "batch": batch_size,
+            "image_size": image_size, "step_ms": round(step_ms, 3),
+            "img_per_s": round(batch_size / step_ms * 1000, 1),
+            "gpu_busy_ms": round(busy_ms, 3),
+            "gpu_busy_frac": round(busy_ms / step_ms, 3) if busy_ms == busy_ms else float("nan"),
+            "cell_evals": model.core_stats().get("cell_evals", float("nan"))}
+
+
+def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Path:
+    """Write ``step_time_<device>.csv`` and ``.md`` into ``out``; returns the ``.md`` path."""
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / f"step_time_{device.type}.csv", buf.getvalue())
+    machine = describe_machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_model"]
+    lines = [f"# Training step time ({where})", "", f"`{command}`", "",
+             f"git {machine['git_sha']}, torch {machine['torch_version']}, {machine['date']}, "
+             f"{torch.get_num_threads()} threads, load average {machine['load_average_1min']}.", "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
+    md = out / f"step_time_{device.type}.md"
+    atomic_write_text(md, "\n".join(lines) + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="wt_s,deq_s")
+    parser.add_argument("--batch-sizes", default="128,512")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--variants", default="base,channels_last,amp,compile")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--tf32", action="store_true",
+                        help="let CUDA convolutions and matmuls use TF32 (off, as in training)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    try:
+        variants = args.variants.split(",")
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
+        models = args.models.split(",")
+        for name in models:
+            wt.get_config(name)  # raises ValueError listing the models
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but torch sees no CUDA device")
+    except ValueError as err:
+        print(f"step_time: {err}", file=sys.stderr)
+        return 2
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    rows = []
+    for name in models:
+        for batch in batch_sizes:
+            for variant in variants:
+                if variant == "compile_graphs" and device.type != "cuda":
+                    continue
+                try:
+                    row = time_steps(name, variant, batch, args.image_size, args.steps, device)
+                except Exception as err:  # one failing variant must not lose the others
+                    print(f"{name} {variant} {batch}: failed: {err!r}", file=sys.stderr)
+                    continue
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if not rows:
+        return 1
+    command = "python -m benchmarks.step_time " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(write(rows, args.out, command, device).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
