@@ -149,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models.split(",")
         for name in models:
             wt.get_config(name)  # raises ValueError listing the models
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        parts = args.batch_sizes.split(",")
+        if not all(b.strip().isdigit() and int(b) > 0 for b in parts):
+            raise ValueError("--batch-sizes must be positive integers separated by commas; "
+                             f"got {args.batch_sizes!r}")
+        batch_sizes = [int(b) for b in parts]
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device")
     except ValueError as err:

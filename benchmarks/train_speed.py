@@ -1,8 +1,9 @@
 """Training-step throughput of ``wt_s``: the harness against a plain hand-written loop.
 
-For each variant (``base``, ``channels_last``, ``amp`` (bf16 autocast), ``compile``) two loops
-train the same network on the same synthetic images with the same optimisation (AdamW, weight
-decay, gradient clipping at 1.0, per-step warm-up + cosine schedule, batch ``B``):
+For each variant (``base``, ``channels_last``, ``amp`` (bf16 autocast), ``compile``, and
+``workers``: 4 data-loader processes, not in the default set) two loops train the same network on
+the same synthetic images with the same optimisation (AdamW, weight decay, gradient clipping at
+1.0, per-step warm-up + cosine schedule, batch ``B``):
 
 - ``plain``: a hand-written PyTorch loop (DataLoader -> forward -> loss -> backward -> clip ->
   step -> schedule), nothing else;
@@ -47,6 +48,7 @@ VARIANTS = {
     "channels_last": {"channels_last": True},
     "amp": {"amp": True},
     "compile": {"compile": True},
+    "workers": {"num_workers": 4},
 }
 WEIGHT_DECAY, LR, CLIP, WARMUP_EPOCHS = 0.05, 3e-3, 1.0, 0.5
 
@@ -64,7 +66,7 @@ def plain_loop(model_name: str, image_size: int, batch_size: int, train_size: in
                              {"params": other, "weight_decay": 0.0}], lr=LR)
     data = SyntheticImages(train_size, 10, (3, image_size, image_size), seed=seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True,
-                        pin_memory=device.type == "cuda")
+                        num_workers=flags.get("num_workers", 0), pin_memory=device.type == "cuda")
     total, warm = 2 * len(loader), int(WARMUP_EPOCHS * len(loader))
 
     def factor(step):
