@@ -1,5 +1,7 @@
 """DEQ layer: gradients against exact implicit gradients and finite differences, options, stats."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -338,3 +340,39 @@ def test_regulariser_and_radius_refuse_inference_mode_and_accept_its_tensors():
             deq.jacobian_loss(lambda z: 0.7 * z, z)
     r = deq.spectral_radius(lambda z: 0.7 * z, z)  # an inference tensor, used outside
     torch.testing.assert_close(r, torch.full((3,), 0.7))
+
+
+def test_a_diverging_backward_solve_warns_and_says_how_many_samples():
+    # f = 1.5 z + x: Anderson finds z* = -2 x, but plain iteration of the adjoint
+    # u <- 1.5 u + grad runs away: the gradient is unreliable and the user is told so
+    x = torch.tensor([[1.0], [2.0]], dtype=F64, requires_grad=True)
+    deq = wt.DEQ(f_solver="anderson", b_solver="fixed_point", f_tol=1e-10, b_max_iter=30)
+    z, stats = deq(lambda z: 1.5 * z + x, torch.zeros(2, 1, dtype=F64))
+    assert stats.converged.all()
+    torch.testing.assert_close(z, -2 * x.detach())
+    message = r"diverged for 2 of 2 samples \(b_solver='fixed_point'\)"
+    with pytest.warns(RuntimeWarning, match=message):
+        z.sum().backward()
+    assert deq.last_backward_stats.diverged.all()
+    # Anderson solves the same (non-contractive but linear) adjoint: exact gradient, no warning
+    x.grad = None
+    deq.b_solver = "anderson"
+    z, _ = deq(lambda z: 1.5 * z + x, torch.zeros(2, 1, dtype=F64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2, 1), -2.0, dtype=F64))
+
+
+def test_eval_under_inference_mode_then_training_keeps_working():
+    cell = nn.Linear(6, 6).double()
+    with torch.no_grad():
+        cell.weight.mul_(0.3 / torch.linalg.matrix_norm(cell.weight, ord=2))
+    x = torch.randn(4, 6, dtype=F64)
+    deq = wt.DEQ(f_solver="anderson", b_solver="anderson")
+    with torch.inference_mode():
+        z_eval, _ = deq(lambda z: torch.tanh(cell(z) + x), torch.zeros(4, 6, dtype=F64))
+    z, stats = deq(lambda z: torch.tanh(cell(z) + x), torch.zeros(4, 6, dtype=F64))
+    z.square().sum().backward()
+    assert stats.converged.all() and cell.weight.grad is not None
+    assert torch.isfinite(cell.weight.grad).all()

@@ -193,7 +193,12 @@ def test_growing_residual_rule_flags_expansive_iteration():
         assert stats.diverged.all() and not stats.converged.any()
         # 2^k > 10 first at k = 4, three consecutive evaluations: stopped after 7
         assert stats.nstep.tolist() == [7, 7]
-    torch.testing.assert_close(z, torch.full((2, 3), 63.0))  # rel residual 64/127 is lowest
+    # rel mode: the rel residual keeps falling (towards 1/2) as z runs away, but an iterate
+    # whose abs residual is over twice the lowest seen is not taken as best: z = 1 (rel 2/3)
+    torch.testing.assert_close(z, torch.full((2, 3), 1.0))
+    z, stats = fixed_point(lambda z: 2 * z + 1, z0, max_iter=30, tol=1e-6, div_factor=math.inf)
+    torch.testing.assert_close(z, torch.full((2, 3), 1.0))  # also with the divergence rule off
+    assert stats.rel_trace[:, -1].lt(stats.rel_lowest).all()  # runaway iterates: lower rel
     z, _ = fixed_point(lambda z: 2 * z + 1, z0, stop_mode="abs")
     torch.testing.assert_close(z, z0)  # the lowest absolute residual is at the start
 
@@ -365,8 +370,11 @@ def test_returns_lowest_residual_iterate_of_non_monotone_run(method, stop_mode):
     z, stats = wt.solve(f, torch.zeros(B, D, dtype=F64), method=method, max_iter=40, tol=1e-12,
                         stop_mode=stop_mode, div_factor=math.inf)
     # brute force: the residual of every iterate f saw, per sample
-    res = torch.stack([residuals(f, s)[stop_mode == "rel"] for s in seen[:40]])  # (40, B)
-    res = res.nan_to_num(math.inf)
+    both = [residuals(f, s) for s in seen[:40]]
+    res = torch.stack([r[stop_mode == "rel"] for r in both]).nan_to_num(math.inf)  # (40, B)
+    if stop_mode == "rel":  # eligible: abs residual <= 2 x the lowest seen so far
+        abs_r = torch.stack([r[0] for r in both]).nan_to_num(math.inf)  # (40, B)
+        res = res.where(abs_r <= 2 * abs_r.cummin(0).values, math.inf)
     best = res.argmin(0)
     assert not stats.converged.any()
     assert (res[1:] > res[:-1]).any()  # non-monotone
@@ -481,3 +489,16 @@ def test_a_longer_anderson_history_does_not_slow_convergence():
         assert stats.converged.all()
         steps[m] = int(stats.nstep.max())
     assert steps[20] <= steps[5] + 2 and steps[50] <= steps[5] + 2, steps
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_a_solve_under_inference_mode_leaves_later_solves_working(method):
+    # the CPU history buffers kept between solves were inference tensors after a solve inside
+    # torch.inference_mode (an eval pass), and the next solve outside it could not write them
+    f, z_star = linear_problem((4, 6), torch.float32)
+    with torch.inference_mode():
+        z_eval, _ = wt.solve(f, torch.zeros(4, 6), method=method, tol=1e-6)
+    z, stats = wt.solve(f, torch.zeros(4, 6), method=method, tol=1e-6)
+    assert stats.converged.all() and not z.is_inference()
+    torch.testing.assert_close(z, z_star, atol=1e-4, rtol=0)
+    torch.testing.assert_close(z_eval, z, rtol=0, atol=0)

@@ -20,6 +20,8 @@ ways to get gradients:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -224,6 +226,14 @@ class DEQ(nn.Module):
         u, stats = solver(adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol,
                           stop_mode=self.stop_mode, **self.b_opts)
         self.last_backward_stats = stats
+        if bool(stats.diverged.any()):
+            warnings.warn(
+                f"DEQ: the backward (adjoint) solve diverged for {int(stats.diverged.sum())} of "
+                f"{len(stats.diverged)} samples (b_solver={self.b_solver!r}): their gradients "
+                "are unreliable. Where f's Jacobian at z* has spectral radius >= 1 plain iteration "
+                "of the adjoint always diverges: try b_solver='anderson' or 'broyden', or "
+                "jac_reg to keep f contractive (per-sample stats: deq.last_backward_stats)",
+                RuntimeWarning, stacklevel=2)
         return u.to(grad.dtype)
 
     def _unroll(self, f, z0: torch.Tensor):

@@ -90,8 +90,9 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> Iterator[t
     On CPU the buffer is kept per thread and handed out again to the next solve asking for the
     same ``name`` and shape: first writes to freshly allocated memory page-fault, which on CPU
     costs more than a whole solve's arithmetic. A nested solve (the buffer is in use) gets a
-    fresh one. :func:`clear_workspace` releases the kept buffers. On GPUs the caching allocator
-    already reuses memory, so a plain allocation is returned.
+    fresh one, and so does a solve outside ``torch.inference_mode`` after one inside it (its
+    buffers are inference tensors). :func:`clear_workspace` releases the kept buffers. On GPUs
+    the caching allocator already reuses memory, so a plain allocation is returned.
     """
     dtype, device = like.dtype, like.device
     if device.type != "cpu":
@@ -102,7 +103,9 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> Iterator[t
     if busy:
         yield torch.empty(shape, dtype=dtype, device=device)
         return
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
+    if (buf is None or buf.shape != shape or buf.dtype != dtype
+            # made under torch.inference_mode: read-only outside it
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())):
         cache.pop(name, None)
         buf = torch.empty(shape, dtype=dtype, device=device)
     cache[name] = (buf, True)
@@ -254,6 +257,9 @@ class Small:
         return x, np.isfinite(x).all(-1)
 
 
+REL_BEST_ABS_FACTOR = 2.0  # stop_mode "rel": a best iterate's abs residual is <= this x the lowest
+
+
 class Tracker:
     """Per-sample residuals, best iterates, stopping and divergence flags of one solve.
 
@@ -331,7 +337,13 @@ class Tracker:
         self.rel_trace[:, k] = rel_r
         res = rel_r if self.rel else abs_r
         act = self.active
+        self.min_abs = xp.minimum(self.min_abs, abs_r)
         improved = res < (self.best_rel if self.rel else self.best_abs)
+        if self.rel:
+            # the relative residual of a runaway iterate falls as ||f(z)|| grows (towards
+            # (rho - 1) / rho for a linear blow-up): an iterate whose absolute residual is over
+            # REL_BEST_ABS_FACTOR x the lowest seen is not taken as best unless within tol
+            improved &= (abs_r <= REL_BEST_ABS_FACTOR * self.min_abs) | (rel_r <= self.tol)
         if self.all_active and bool(improved.all()):
             self.best_x, self.best_abs, self.best_rel = x, abs_r, rel_r
         else:
@@ -348,7 +360,6 @@ class Tracker:
                 self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
         # (and is no lower than where that streak began: a falling transient is not flagged)
-        self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
             grow = abs_r > self.div_factor * self.min_abs
             if self.streak_any or bool(grow.any()):
