@@ -158,7 +158,8 @@ def test_eval_budget_and_train_budget():
     calls.clear()
     with torch.no_grad():
         _, stats = deq(f, torch.zeros(2, 3))
-    assert stats.n_iter == 7 and len(calls) == 7  # no extra call: grad is off
+    # f at the solver's iterate, as with autograd on: the output is the same function
+    assert stats.n_iter == 7 and len(calls) == 8
     parent = nn.Sequential(nn.Linear(2, 2), deq)
     parent.train()
     assert deq.training and deq.budget == 3
@@ -376,3 +377,21 @@ def test_eval_under_inference_mode_then_training_keeps_working():
     z.square().sum().backward()
     assert stats.converged.all() and cell.weight.grad is not None
     assert torch.isfinite(cell.weight.grad).all()
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+@pytest.mark.parametrize("budget", [1, 3, 50])
+def test_output_is_the_same_with_autograd_on_and_off(grad, budget):
+    # evaluation (no_grad) must compute the function that training differentiates, converged
+    # or not: with budget 1 the output is f(z0), never z0 itself
+    torch.manual_seed(0)
+    W, x = nn.Linear(4, 4).double(), torch.randn(3, 4, dtype=F64)
+    f = lambda z: torch.tanh(W(z) + x)  # noqa: E731
+    deq = wt.DEQ(grad=grad, f_max_iter=budget, f_solver="anderson", f_tol=1e-8)
+    with torch.no_grad():
+        off, _ = deq(f, torch.zeros(3, 4, dtype=F64))
+    on, _ = deq(f, torch.zeros(3, 4, dtype=F64))
+    torch.testing.assert_close(off, on.detach(), rtol=1e-12, atol=1e-12)
+    assert off.abs().sum() > 0
+    if budget == 1 and grad != "phantom":  # phantom: its damped steps from z0
+        torch.testing.assert_close(off, f(torch.zeros(3, 4, dtype=F64)).detach())

@@ -154,10 +154,10 @@ class DEQ(nn.Module):
 
         Returns:
             ``(z_star, stats)``; ``stats.jac_loss`` set when Jacobian regularisation is on.
-            With autograd off (``torch.no_grad()``, eval) ``z_star`` is the solver's iterate
-            itself (no extra call of ``f``); with autograd on it is ``f`` applied at it once
-            (``"ift"``), the phantom steps' result, or each sample's lowest-residual unrolled
-            iterate.
+            ``z_star`` is ``f`` applied once at the solver's iterate (``"ift"``), the phantom
+            steps' result from it (``"phantom"``), or ``f`` at each sample's lowest-residual
+            unrolled iterate (``"unroll"``), with autograd on or off alike: evaluation under
+            ``torch.no_grad()`` computes the function that training differentiates.
         """
         self.check_settings()
         if jac_reg is not None and not isinstance(jac_reg, bool):
@@ -170,12 +170,15 @@ class DEQ(nn.Module):
             z_sol, stats = solver(f, z0.detach(), max_iter=self.budget, tol=self.f_tol,
                                   stop_mode=self.stop_mode, **self.f_opts)
             z_in = z_out = None
-            if not torch.is_grad_enabled():  # inference: the solver's iterate is the output
-                z_star = z_sol
-            elif self.grad == "ift":
+            # the output is the same function of the inputs with autograd on or off (eval
+            # metrics must come from the model that was trained): f at the solver's iterate
+            # ("ift"), or the phantom steps from it
+            if self.grad == "phantom":
+                z_star = self._phantom(f, z_sol.detach(), stats)
+            elif torch.is_grad_enabled():
                 z_star, z_in, z_out = self._ift(f, z_sol)
             else:
-                z_star = self._phantom(f, z_sol.detach(), stats)
+                z_star = f(z_sol)
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         return z_star, stats
