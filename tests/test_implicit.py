@@ -1,5 +1,6 @@
 """DEQ layer: gradients against exact implicit gradients and finite differences, options, stats."""
 
+import math
 import warnings
 
 import pytest
@@ -395,3 +396,19 @@ def test_output_is_the_same_with_autograd_on_and_off(grad, budget):
     assert off.abs().sum() > 0
     if budget == 1 and grad != "phantom":  # phantom: its damped steps from z0
         torch.testing.assert_close(off, f(torch.zeros(3, 4, dtype=F64)).detach())
+
+
+def test_unroll_takes_the_divergence_rule_from_f_opts():
+    # a contraction (spectral radius 0.9) with a large transient: the default rule stops it as
+    # diverged, and div_factor=inf in f_opts must reach "unroll" too (it was ignored)
+    J = torch.tensor([[0.9, 50.0], [0.0, 0.9]], dtype=F64, requires_grad=True)
+    b = torch.ones(2, dtype=F64)
+    z_star = torch.linalg.solve(torch.eye(2, dtype=F64) - J.detach(), b)
+    z0 = (z_star + torch.tensor([0.0, 1e-2], dtype=F64)).expand(2, 2).clone()
+    f = lambda z: z @ J.T + b  # noqa: E731
+    _, stats = wt.DEQ(grad="unroll", f_max_iter=300, f_tol=1e-8)(f, z0)
+    assert stats.diverged.all()
+    deq = wt.DEQ(grad="unroll", f_max_iter=300, f_tol=1e-8, f_opts={"div_factor": math.inf})
+    z, stats = deq(f, z0)
+    assert stats.converged.all() and not stats.diverged.any()
+    torch.testing.assert_close(z.detach(), z_star.expand(2, 2), rtol=1e-6, atol=0)  # |z*| ~ 5e3

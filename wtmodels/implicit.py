@@ -242,17 +242,17 @@ class DEQ(nn.Module):
     def _unroll(self, f, z0: torch.Tensor):
         """Plain iteration ``z <- f(z)`` with autograd from ``z0`` (detached).
 
-        Samples stop once at the tolerance or diverged (the solvers' default rule) and then sit
-        at their best iterate, detached. The output of a sample is ``f`` at its lowest-residual
-        iterate (as ``"ift"`` returns ``f(z*)``), so it always carries a graph, also when ``z0``
-        itself is best (a warm start). A step whose output is non-finite for some samples is
+        Samples stop once at the tolerance or diverged (the solvers' rule; ``div_factor`` and
+        ``patience`` from ``f_opts`` when given) and then sit at their best iterate, detached.
+        The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
+        ``f(z*)``), so it always carries a graph, also when ``z0`` itself is best (a warm
+        start). A step whose output is non-finite for some samples is
         evaluated again with those samples at their best iterate: a non-finite value left in
         the graph would make every shared parameter's gradient NaN (0 x inf), not only theirs.
         """
         prob = Problem(f, z0)
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
-                          div_factor=DIVERGENCE_DEFAULTS["div_factor"],
-                          patience=DIVERGENCE_DEFAULTS["patience"])
+                          **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
         z = best_in = z0.detach()  # iterates; best_in never carries a graph
