@@ -222,6 +222,15 @@ def test_bad_options(kwargs, match):
         wt.DEQ(**kwargs)
 
 
+def test_z0_must_be_a_tensor_and_opts_may_be_reset_to_none():
+    with pytest.raises(ValueError, match="z0 must be a tensor of shape"):
+        wt.DEQ()(lambda z: 0.5 * z, [[0.0]])
+    deq = wt.DEQ(f_opts={"m": 2})
+    deq.f_opts = deq.b_opts = None  # as the constructor accepts: no options
+    z, stats = deq(lambda z: 0.5 * z + 1.0, torch.zeros(2, 3))
+    assert stats.converged.all() and deq.f_opts == {} and deq.b_opts == {}
+
+
 def test_solver_options_are_used():
     g = torch.Generator().manual_seed(0)
     Q = torch.linalg.qr(torch.randn(20, 20, generator=g))[0]

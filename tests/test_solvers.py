@@ -262,8 +262,8 @@ def test_unknown_option_raises_naming_valid_options(method):
 @pytest.mark.parametrize("kwargs, field", [
     ({"max_iter": 0}, "max_iter"), ({"max_iter": 2.5}, "max_iter"), ({"tol": 0.0}, "tol"),
     ({"tol": -1e-3}, "tol"), ({"stop_mode": "max"}, "stop_mode"), ({"m": 0}, "m"),
-    ({"lam": -1.0}, "lam"), ({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"),
-    ({"patience": 0}, "patience"), ({"div_factor": 0.5}, "div_factor"),
+    ({"lam": -1.0}, "lam"), ({"lam": math.inf}, "lam"), ({"beta": 0.0}, "beta"),
+    ({"beta": 1.5}, "beta"), ({"patience": 0}, "patience"), ({"div_factor": 0.5}, "div_factor"),
 ])
 def test_bad_values_raise_value_error_naming_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -126,6 +126,9 @@ class DEQ(nn.Module):
         check_float("f_tol", self.f_tol, 0.0, high_open=True)
         check_float("b_tol", self.b_tol, 0.0, high_open=True)
         check_float("tau", self.tau, 0.0, 1.0)
+        for field in ("f_opts", "b_opts"):  # None means no options, here as in __init__
+            if getattr(self, field) is None:
+                setattr(self, field, {})
         check_options(self.f_solver, self.f_opts)
         check_options(self.b_solver, self.b_opts)
         if not isinstance(self.jac_reg, bool):
@@ -160,6 +163,8 @@ class DEQ(nn.Module):
             ``torch.no_grad()`` computes the function that training differentiates.
         """
         self.check_settings()
+        if not isinstance(z0, torch.Tensor):
+            raise ValueError(f"z0 must be a tensor of shape (B, ...), got {type(z0).__name__}")
         if jac_reg is not None and not isinstance(jac_reg, bool):
             raise ValueError(f"jac_reg must be a bool or None, got {jac_reg!r}")
         jac = self.jac_reg if jac_reg is None else jac_reg

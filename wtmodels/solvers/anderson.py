@@ -31,7 +31,7 @@ from .stats import SolverStats
 OPTION_CHECKS = {
     **DIVERGENCE_CHECKS,
     "m": lambda v: check_positive_int("m", v),
-    "lam": lambda v: check_float("lam", v, 0.0, low_open=False),
+    "lam": lambda v: check_float("lam", v, 0.0, low_open=False, high_open=True),  # finite
     "beta": lambda v: check_float("beta", v, 0.0, 1.0),
 }
 
