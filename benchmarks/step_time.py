@@ -12,14 +12,14 @@ Variants: ``base``, ``channels_last``, ``amp`` (bf16 autocast), ``compile`` (``t
 default mode) and ``compile_graphs`` (``mode="reduce-overhead"``: CUDA graphs, CUDA only).
 
 Run: ``python -m benchmarks.step_time [--models wt_s,deq_s] [--batch-sizes 128,512]
-[--image-size 32] [--variants base,amp,...] [--steps 20] [--device auto] [--tf32]
-[--out DIR]``.
-Writes ``DIR/step_time_<device>.csv`` and ``.md`` with provenance.
+[--image-size 32] [--variants base,amp,...] [--steps 20] [--threads N] [--device auto] [--tf32]
+[--out DIR]``. Writes ``DIR/step_time_<device>_<models>.csv`` and ``.md`` with provenance; on
+a shared CPU fix ``--threads`` (contention made one step 370x slower in a review run) and read
+the load average that the table records.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import statistics
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
+from wtmodels.cli import OneLineParser, UsageError
 
 VARIANTS = ("base", "channels_last", "amp", "compile", "compile_graphs")
 
@@ -109,56 +110,73 @@ def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, 
 
 
 def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Path:
-    """Write ``step_time_<device>.csv`` and ``.md`` into ``out``; returns the ``.md`` path."""
+    """Write ``step_time_<device>_<models>.csv`` and ``.md`` into ``out``; returns the ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / f"step_time_{device.type}.csv", buf.getvalue())
+    stem = f"step_time_{device.type}_{'-'.join(dict.fromkeys(r['model'] for r in rows))}"
+    atomic_write_text(out / f"{stem}.csv", buf.getvalue())
     machine = describe_machine()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_model"]
     lines = [f"# Training step time ({where})", "", f"`{command}`", "",
              f"git {machine['git_sha']}, torch {machine['torch_version']}, {machine['date']}, "
-             f"{torch.get_num_threads()} threads, load average {machine['load_average_1min']}.", "",
+             f"{torch.get_num_threads()} threads, load average {machine['load_average_1min']} on "
+             f"{machine['cpu_count']} CPUs.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
-    md = out / f"step_time_{device.type}.md"
+    md = out / f"{stem}.md"
     atomic_write_text(md, "\n".join(lines) + "\n")
     return md
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="wt_s,deq_s")
-    parser.add_argument("--batch-sizes", default="128,512")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--variants", default="base,channels_last,amp,compile")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = OneLineParser(prog="python -m benchmarks.step_time",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="wt_s,deq_s", help="comma-separated model names")
+    parser.add_argument("--batch-sizes", default="128,512", help="comma-separated batch sizes")
+    parser.add_argument("--image-size", type=int, default=32, help="square image size")
+    parser.add_argument("--variants", default="base,channels_last,amp,compile",
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (compile_graphs: "
+                             "CUDA only)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; fix it on a shared machine)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--tf32", action="store_true",
                         help="let CUDA convolutions and matmuls use TF32 (off, as in training)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="writes OUT/step_time_<device>_<models>.{csv,md}")
     try:
+        args = parser.parse_args(argv)
         variants = args.variants.split(",")
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
-            raise ValueError(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
+            raise UsageError(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
         models = args.models.split(",")
         for name in models:
             wt.get_config(name)  # raises ValueError listing the models
         parts = args.batch_sizes.split(",")
         if not all(b.strip().isdigit() and int(b) > 0 for b in parts):
-            raise ValueError("--batch-sizes must be positive integers separated by commas; "
+            raise UsageError("--batch-sizes must be positive integers separated by commas; "
                              f"got {args.batch_sizes!r}")
         batch_sizes = [int(b) for b in parts]
+        for name in ("image_size", "steps", "threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but torch sees no CUDA device")
-    except ValueError as err:
+            raise UsageError("--device cuda but torch sees no CUDA device")
+        on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if not on_cuda and variants == ["compile_graphs"]:
+            raise UsageError("variant compile_graphs (CUDA graphs) needs a CUDA device")
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     if device.type == "cuda":

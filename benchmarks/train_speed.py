@@ -24,7 +24,6 @@ device, threads, date, load).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
+from wtmodels.cli import OneLineParser, UsageError
 from wtmodels.data import SyntheticImages
 from wtmodels.train import run
 
@@ -183,23 +183,36 @@ def write(rows: list[dict], out: Path, command: str) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="wt_s")
+    parser = OneLineParser(prog="python -m benchmarks.train_speed",
+                           description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="wt_s", help="registered model (default wt_s)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="square image size (default: 32 on a GPU, 16 on a CPU)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--train-size", type=int, default=512, help="images per epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="base,channels_last,amp,compile",
-                        type=lambda s: [v for v in s.split(",") if v])
+                        type=lambda s: [v for v in s.split(",") if v],
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        args = parser.parse_args(argv)
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown or not args.variants:
+            raise UsageError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        wt.get_config(args.model)  # ValueError listing the registered models
+        for name in ("image_size", "batch_size", "train_size", "repeats", "threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda but torch sees no CUDA device")
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as err:  # UsageError is a ValueError
+        print(f"train_speed: {err}", file=sys.stderr)
+        return 2
     rows = measure(args)
     command = "python -m benchmarks.train_speed " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
