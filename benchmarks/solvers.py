@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import statistics
 import sys
 import time
@@ -352,8 +353,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
-    if not args.tol > 0 or not args.gain > 0:
-        p.error("--tol and --gain must be > 0")
+    if not 0 < args.tol < math.inf or not 0 < args.gain < math.inf:
+        p.error("--tol and --gain must be finite and > 0")
     if args.tag is not None and not args.tag.replace("_", "").replace("-", "").isalnum():
         p.error("--tag must be letters, digits, '-' or '_'")
     if args.repeats is None:

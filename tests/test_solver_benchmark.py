@@ -1,0 +1,51 @@
+"""benchmarks.solvers: a quick run writes the table with torchdeq's rows; bad input exits 2."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+solvers_bench = pytest.importorskip("benchmarks.solvers")
+pytest.importorskip("torchdeq")
+
+
+def test_quick_run_writes_every_solver_torchdeq_and_the_memory_check(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = solvers_bench.main(["--quick", "--repeats", "1", "--threads", "1", "--malloc",
+                                 "default", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "solvers_quick.csv").open()))
+    assert [r["solver"] for r in rows] == ["anderson", "broyden", "fixed_point",
+                                           "torchdeq_anderson", "torchdeq_broyden"]
+    for row in rows:
+        assert float(row["converged"]) == 1.0 and int(row["f_evals"]) > 1
+        assert float(row["overhead"]) > 0.5  # a ratio of measured times, not a constant
+    ours = {r["solver"]: int(r["f_evals"]) for r in rows}
+    assert ours["anderson"] <= ours["torchdeq_anderson"]
+    memory = list(csv.DictReader((tmp_path / "solvers_quick_memory.csv").open()))
+    assert {(r["grad"], r["f_max_iter"]) for r in memory} == {
+        ("ift", "10"), ("ift", "40"), ("unroll", "10"), ("unroll", "40")}
+    md = (tmp_path / "solvers_quick.md").read_text()
+    assert "## Targets" in md and "IFT peak memory from f_max_iter 10 to 40" in md
+    assert "## Targets" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tol", "inf"], ["--gain", "nan"], ["--tol", "0"], ["--repeats", "0"], ["--threads", "0"],
+    ["--max-iter", "0"], ["--tag", "../x"], ["--device", "tpu"], ["--bogus"],
+])
+def test_bad_arguments_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        solvers_bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    assert solvers_bench.main(["--quick", "--out", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
