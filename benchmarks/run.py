@@ -255,7 +255,8 @@ def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool) -> 
 
 def _describe(setting: dict) -> str:
     sets = " ".join(f"--set {k}={v}" for k, v in setting["overrides"].items())
-    return ("--smoke " if setting["smoke"] else "full size ") + (sets or "no --set")
+    size = "--smoke" if setting["smoke"] else "full size (no --smoke)"
+    return f"{size} and {sets}" if sets else f"{size} and no --set"
 
 
 def run_state(sweep_dir: str, run_id: str, recorded: set[str]) -> str:

@@ -121,7 +121,7 @@ def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Pa
     machine = describe_machine()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_model"]
     lines = [f"# Training step time ({where})", "", f"`{command}`", "",
-             f"git {machine['git_sha']}, torch {machine['torch_version']}, {machine['date']}, "
+             f"git {machine['git_sha']}, torch {torch.__version__}, {machine['date']}, "
              f"{torch.get_num_threads()} threads, load average {machine['load_average_1min']} on "
              f"{machine['cpu_count']} CPUs.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

@@ -244,4 +244,4 @@ def test_one_directory_holds_one_setting(tmp_path, capsys):
     assert main(["quick", "--smoke", "--out", str(out), "--set", "epochs=2", "--dry-run"]) == 2
     assert main(["quick", "--out", str(out), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "holds sweeps with --smoke no --set, not --smoke --set epochs=2" in err
+    assert "holds sweeps with --smoke and no --set, not --smoke and --set epochs=2" in err
