@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = torch.device("cuda" if on_cuda else "cpu")
+    if not on_cuda and "compile_graphs" in variants:
+        print("step_time: compile_graphs skipped (CUDA graphs need a CUDA device)",
+              file=sys.stderr)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -251,9 +251,9 @@ class DEQ(nn.Module):
         ``patience`` from ``f_opts`` when given) and then sit at their best iterate, detached.
         The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
         ``f(z*)``), so it always carries a graph, also when ``z0`` itself is best (a warm
-        start). A step whose output is non-finite for some samples is
-        evaluated again with those samples at their best iterate: a non-finite value left in
-        the graph would make every shared parameter's gradient NaN (0 x inf), not only theirs.
+        start). A step whose output is non-finite for some samples is evaluated again with
+        those samples at their best iterate: a non-finite value left in the graph would make
+        every shared parameter's gradient NaN (0 x inf), not only theirs.
         """
         prob = Problem(f, z0)
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
