@@ -257,9 +257,6 @@ class Small:
         return x, np.isfinite(x).all(-1)
 
 
-REL_BEST_ABS_FACTOR = 2.0  # stop_mode "rel": a best iterate's abs residual is <= this x the lowest
-
-
 class Tracker:
     """Per-sample residuals, best iterates, stopping and divergence flags of one solve.
 
@@ -280,7 +277,7 @@ class Tracker:
         self.best_abs = sm.full((B,), math.inf)
         self.best_rel = sm.full((B,), math.inf)
         self.min_abs = sm.full((B,), math.inf)
-        self.best_x = x0  # (B, D), never written in place
+        self.x0 = self.best_x = x0  # (B, D), never written in place
         self.active = sm.full((B,), True, torch.bool)
         self.converged = sm.full((B,), False, torch.bool)
         self.diverged = sm.full((B,), False, torch.bool)
@@ -337,13 +334,7 @@ class Tracker:
         self.rel_trace[:, k] = rel_r
         res = rel_r if self.rel else abs_r
         act = self.active
-        self.min_abs = xp.minimum(self.min_abs, abs_r)
         improved = res < (self.best_rel if self.rel else self.best_abs)
-        if self.rel:
-            # the relative residual of a runaway iterate falls as ||f(z)|| grows (towards
-            # (rho - 1) / rho for a linear blow-up): an iterate whose absolute residual is over
-            # REL_BEST_ABS_FACTOR x the lowest seen is not taken as best unless within tol
-            improved &= (abs_r <= REL_BEST_ABS_FACTOR * self.min_abs) | (rel_r <= self.tol)
         if self.all_active and bool(improved.all()):
             self.best_x, self.best_abs, self.best_rel = x, abs_r, rel_r
         else:
@@ -360,6 +351,7 @@ class Tracker:
                 self.best_rel = xp.where(improved, rel_r, self.best_rel)
         # divergence: the absolute residual stays above div_factor x the lowest one seen
         # (and is no lower than where that streak began: a falling transient is not flagged)
+        self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
             grow = abs_r > self.div_factor * self.min_abs
             if self.streak_any or bool(grow.any()):
@@ -421,7 +413,24 @@ class Tracker:
         return out.index_copy_(0, idx, b.index_select(0, idx))
 
     def result(self) -> torch.Tensor:
-        """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``)."""
+        """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``).
+
+        In ``stop_mode="rel"`` a sample flagged diverged gets back its start instead when that
+        has the lower absolute residual: the relative residual of a runaway iterate falls as
+        ``||f(z)||`` grows (towards ``(rho - 1) / rho`` for a linear blow-up), so its lowest-
+        ``rel`` iterate can be the one that ran furthest away. Call before :meth:`stats`.
+        """
+        if self.rel and bool(self.diverged.any()):
+            start_abs, start_rel = self.abs_trace[:, 0], self.rel_trace[:, 0]
+            back = self.diverged & (start_abs < self.best_abs)
+            if bool(back.any()):
+                idx = self.small.torch(np.flatnonzero(back))
+                best = self.best_x.clone()
+                best.index_copy_(0, idx, self.x0.index_select(0, idx))
+                self.best_x = best
+                self.best_abs = np.where(back, start_abs, self.best_abs)
+                self.best_rel = np.where(back, start_rel, self.best_rel)
+                return best
         return self.best_x.clone()
 
     def stats(self) -> SolverStats:

@@ -18,9 +18,9 @@ class SolverStats:
         nstep: ``(B,)`` int64, f-evaluations the sample used before it stopped (reached the
             tolerance, was flagged diverged, or ran out of budget).
         abs_lowest: ``(B,)`` absolute residual of the returned iterate (``inf`` when no
-            evaluation of ``f`` was finite). In ``stop_mode="abs"`` the lowest seen; in
-            ``"rel"`` the returned iterate is the lowest-``rel`` one among those whose absolute
-            residual is at most twice the lowest seen (or within ``tol``).
+            evaluation of ``f`` was finite): in ``stop_mode="abs"`` the lowest seen; in
+            ``"rel"`` that of the lowest-``rel`` iterate, except that a sample flagged
+            diverged gets back its start when that has the lower absolute residual.
         rel_lowest: ``(B,)`` relative residual of the returned iterate.
         converged: ``(B,)`` bool, the returned iterate's residual (in the solve's stop mode) is
             ``<= tol``.
