@@ -182,8 +182,8 @@ class DEQ(nn.Module):
                 z_star = self._phantom(f, z_sol.detach(), stats)
             elif torch.is_grad_enabled():
                 z_star, z_in, z_out = self._ift(f, z_sol)
-            else:
-                z_star = f(z_sol)
+            else:  # a copy: f may return one buffer on every call (the next call's output)
+                z_star = f(z_sol).clone()
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         return z_star, stats
@@ -235,13 +235,13 @@ class DEQ(nn.Module):
                           stop_mode=self.stop_mode, **self.b_opts)
         self.last_backward_stats = stats
         if bool(stats.diverged.any()):
+            # one fixed text, so that Python's default filter shows it once, not every step
             warnings.warn(
-                f"DEQ: the backward (adjoint) solve diverged for {int(stats.diverged.sum())} of "
-                f"{len(stats.diverged)} samples (b_solver={self.b_solver!r}): their gradients "
-                "are unreliable. Where f's Jacobian at z* has spectral radius >= 1 plain iteration "
-                "of the adjoint always diverges: try b_solver='anderson' or 'broyden', or "
-                "jac_reg to keep f contractive (per-sample stats: deq.last_backward_stats)",
-                RuntimeWarning, stacklevel=2)
+                f"DEQ: the backward (adjoint) solve diverged for some samples (b_solver="
+                f"{self.b_solver!r}): their gradients are unreliable. Where f's Jacobian at z* "
+                "has spectral radius >= 1 plain iteration of the adjoint always diverges: try "
+                "b_solver='anderson' or 'broyden', or jac_reg to keep f contractive (which "
+                "samples: deq.last_backward_stats.diverged)", RuntimeWarning, stacklevel=2)
         return u.to(grad.dtype)
 
     def _unroll(self, f, z0: torch.Tensor):
