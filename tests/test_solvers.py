@@ -1,5 +1,6 @@
 """Fixed-point solvers against known answers: exact linear solutions, scipy, fault cases."""
 
+import functools
 import math
 
 import numpy as np
@@ -299,6 +300,17 @@ def test_register_solver_and_duplicates(monkeypatch):
         wt.solve(torch.cos, torch.zeros(2, 2), method="test_halfway", m=3)
     with pytest.raises(ValueError, match="max_iter"):
         wt.register_solver("test_bad", lambda f, z0: (z0, None))
+
+
+def test_a_partial_of_a_solver_keeps_its_option_checks(monkeypatch):
+    monkeypatch.setattr(solvers_pkg, "_SOLVERS", dict(solvers_pkg._SOLVERS))
+    wt.register_solver("test_anderson_m2", functools.partial(anderson, m=2))
+    with pytest.raises(ValueError, match="beta must lie in"):  # at construction, not first use
+        wt.DEQ(f_solver="test_anderson_m2", f_opts={"beta": 2.0})
+    z, stats = wt.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 2), method="test_anderson_m2",
+                        tol=1e-8)
+    assert stats.converged.all()
+    torch.testing.assert_close(z, torch.full((2, 2), 2.0))
 
 
 def test_summary_schema():

@@ -39,8 +39,9 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
     Args:
         name: registry key.
         solver: ``(f, z0, *, max_iter, tol, stop_mode, **opts) -> (z, SolverStats)``. If it
-            has an ``option_checks`` attribute, a dict ``{option: check(value)}`` whose checks
-            raise ``ValueError``, :func:`check_options` runs them (so a :class:`wtmodels.DEQ`
+            has an ``option_checks`` attribute (or is a ``functools.partial`` of a solver that
+            has one), a dict ``{option: check(value)}`` whose checks raise ``ValueError``,
+            :func:`check_options` runs them (so a :class:`wtmodels.DEQ`
             rejects a bad value when it is built, not at its first backward pass).
         overwrite: allow replacing an existing entry.
 
@@ -144,9 +145,11 @@ def check_options(name: str, opts: dict) -> None:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; "
                          f"valid options: {list(valid)}")
-    checks = getattr(solver, "option_checks", None) or {}
+    checks = getattr(solver, "option_checks", None)
+    if checks is None and isinstance(solver, functools.partial):  # the wrapped solver's
+        checks = getattr(solver.func, "option_checks", None)
     for key, value in opts.items():
-        if key in checks:
+        if key in (checks or {}):
             checks[key](value)
 
 
