@@ -353,7 +353,7 @@ def test_regulariser_and_radius_refuse_inference_mode_and_accept_its_tensors():
     torch.testing.assert_close(r, torch.full((3,), 0.7))
 
 
-def test_a_diverging_backward_solve_warns_with_a_fixed_text():
+def test_a_diverging_backward_solve_warns_once_per_deq():
     # f = 1.5 z + x: Anderson finds z* = -2 x, but plain iteration of the adjoint
     # u <- 1.5 u + grad runs away: the gradient is unreliable and the user is told so
     x = torch.tensor([[1.0], [2.0]], dtype=F64, requires_grad=True)
@@ -363,6 +363,11 @@ def test_a_diverging_backward_solve_warns_with_a_fixed_text():
     torch.testing.assert_close(z, -2 * x.detach())
     message = r"diverged for some samples \(b_solver='fixed_point'\)"
     with pytest.warns(RuntimeWarning, match=message):
+        z.sum().backward()
+    assert deq.last_backward_stats.diverged.all()
+    with warnings.catch_warnings():  # once per DEQ: the next backward is silent
+        warnings.simplefilter("error")
+        z, _ = deq(lambda z: 1.5 * z + x, torch.zeros(2, 1, dtype=F64))
         z.sum().backward()
     assert deq.last_backward_stats.diverged.all()
     # Anderson solves the same (non-contractive but linear) adjoint: exact gradient, no warning
@@ -434,3 +439,22 @@ def test_inference_output_does_not_alias_a_reused_output_buffer_of_f():
         z1, _ = deq(f, torch.zeros(2, 3))
         f(torch.full((2, 3), 7.0))  # the buffer now holds 4.5
     torch.testing.assert_close(z1, torch.full((2, 3), 2.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_diverged_samples_come_back_from_their_start_in_every_grad_mode(grad):
+    # plain iteration of an expansive map (spectral radius 1.5) from z0 = 0: the lowest-rel
+    # iterate is a runaway; every mode returns f(z0) for those samples (their start had the
+    # lower absolute residual), with stats to match
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(6, 6, dtype=F64))[0]
+    A = (1.5 * Q).requires_grad_()
+    x = torch.randn(4, 6, dtype=F64)
+    f = lambda z: z @ A.T + x  # noqa: E731
+    deq = wt.DEQ(grad=grad, f_solver="fixed_point", f_max_iter=40, tau=1.0)
+    z, stats = deq(f, torch.zeros(4, 6, dtype=F64))
+    assert stats.diverged.all()
+    # phantom: a diverged sample restarts every step from its solver iterate: one step in effect
+    torch.testing.assert_close(z.detach(), x)
+    torch.testing.assert_close(stats.abs_lowest, x.norm(dim=1))
+    torch.testing.assert_close(stats.rel_lowest, torch.ones(4, dtype=F64), rtol=1e-7, atol=0)

@@ -95,6 +95,7 @@ class DEQ(nn.Module):
         self.b_opts = dict(b_opts or {}) if isinstance(b_opts, dict | None) else b_opts
         self.jac_reg, self.jac_reg_samples = jac_reg, jac_reg_samples
         self.last_backward_stats: SolverStats | None = None
+        self._warned_backward = False
         self.check_settings()
 
     def check_settings(self) -> None:
@@ -234,14 +235,17 @@ class DEQ(nn.Module):
         u, stats = solver(adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol,
                           stop_mode=self.stop_mode, **self.b_opts)
         self.last_backward_stats = stats
-        if bool(stats.diverged.any()):
-            # one fixed text, so that Python's default filter shows it once, not every step
+        if not self._warned_backward and bool(stats.diverged.any()):
+            # once per module: a training loop would repeat it every step (and code that
+            # enters warnings.catch_warnings resets Python's own once-per-place registry)
+            self._warned_backward = True
+            other = [s for s in ("anderson", "broyden") if s != self.b_solver]
             warnings.warn(
                 f"DEQ: the backward (adjoint) solve diverged for some samples (b_solver="
                 f"{self.b_solver!r}): their gradients are unreliable. Where f's Jacobian at z* "
                 "has spectral radius >= 1 plain iteration of the adjoint always diverges: try "
-                "b_solver='anderson' or 'broyden', or jac_reg to keep f contractive (which "
-                "samples: deq.last_backward_stats.diverged)", RuntimeWarning, stacklevel=2)
+                f"b_solver={other[0]!r}, or jac_reg to keep f contractive. Shown once per DEQ; "
+                "each backward's stats: deq.last_backward_stats", RuntimeWarning, stacklevel=2)
         return u.to(grad.dtype)
 
     def _unroll(self, f, z0: torch.Tensor):
@@ -261,7 +265,7 @@ class DEQ(nn.Module):
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
         z = best_in = z0.detach()  # iterates; best_in never carries a graph
-        best_out = z_in = z_out = None
+        best_out = first_out = z_in = z_out = None
         for _ in range(self.budget):
             z_in, z_out = z, f(z)
             with torch.no_grad():
@@ -276,12 +280,17 @@ class DEQ(nn.Module):
                 z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
                 z_out = f(z_in)
             sel = tracker.small.torch(improved).view(per_sample)
+            first_out = z_out if best_out is None else first_out  # f(z0), for prefer_start
             best_out = z_out if best_out is None else torch.where(sel, z_out, best_out)
             best_in = torch.where(sel, z.detach(), best_in)
             if done:
                 break
             keep = tracker.active_mask.view(per_sample)
             z = torch.where(keep, z_out.to(z.dtype), best_in)
+        back = tracker.prefer_start()  # diverged samples whose start was better: f(z0)
+        if back is not None:
+            best_out = torch.where(tracker.small.torch(back).view(per_sample), first_out,
+                                   best_out)
         return best_out.to(z0.dtype), tracker.stats(), z_in, z_out
 
     def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None

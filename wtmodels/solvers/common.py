@@ -412,26 +412,35 @@ class Tracker:
         idx = self.small.torch(np.flatnonzero(~mask))
         return out.index_copy_(0, idx, b.index_select(0, idx))
 
-    def result(self) -> torch.Tensor:
-        """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``).
+    def prefer_start(self) -> np.ndarray | None:
+        """``(B,)`` mask of the samples that get back their start, or None if there are none.
 
-        In ``stop_mode="rel"`` a sample flagged diverged gets back its start instead when that
-        has the lower absolute residual: the relative residual of a runaway iterate falls as
+        In ``stop_mode="rel"`` a sample flagged diverged gets back its start when that has the
+        lower absolute residual: the relative residual of a runaway iterate falls as
         ``||f(z)||`` grows (towards ``(rho - 1) / rho`` for a linear blow-up), so its lowest-
-        ``rel`` iterate can be the one that ran furthest away. Call before :meth:`stats`.
+        ``rel`` iterate can be the one that ran furthest away. Updates the best residuals
+        (:meth:`result` also swaps the iterates; ``DEQ``'s unrolled mode swaps its outputs).
         """
-        if self.rel and bool(self.diverged.any()):
-            start_abs, start_rel = self.abs_trace[:, 0], self.rel_trace[:, 0]
-            back = self.diverged & (start_abs < self.best_abs)
-            if bool(back.any()):
-                idx = self.small.torch(np.flatnonzero(back))
-                best = self.best_x.clone()
-                best.index_copy_(0, idx, self.x0.index_select(0, idx))
-                self.best_x = best
-                self.best_abs = np.where(back, start_abs, self.best_abs)
-                self.best_rel = np.where(back, start_rel, self.best_rel)
-                return best
-        return self.best_x.clone()
+        if not (self.rel and bool(self.diverged.any())):
+            return None
+        start_abs, start_rel = self.abs_trace[:, 0], self.rel_trace[:, 0]
+        back = self.diverged & (start_abs < self.best_abs)
+        if not bool(back.any()):
+            return None
+        self.best_abs = np.where(back, start_abs, self.best_abs)
+        self.best_rel = np.where(back, start_rel, self.best_rel)
+        return back
+
+    def result(self) -> torch.Tensor:
+        """The best iterates ``(B, D)`` in memory of their own (not a pool buffer, not ``z0``),
+        with :meth:`prefer_start` applied. Call before :meth:`stats`."""
+        best = self.best_x.clone()
+        back = self.prefer_start()
+        if back is not None:
+            idx = self.small.torch(np.flatnonzero(back))
+            best.index_copy_(0, idx, self.x0.index_select(0, idx))
+            self.best_x = best
+        return best
 
     def stats(self) -> SolverStats:
         """The :class:`SolverStats` of the solve so far."""
