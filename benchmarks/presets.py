@@ -293,6 +293,14 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
                                 spec.runner))
     if overrides and "seed" in overrides:
         raise ValueError("overrides: set seeds with --seeds, not seed=")
+    # a key the variants set to different values is what the preset sweeps: one --set value
+    # would make them one configuration under several labels (and pool it in the plots)
+    swept = sorted(k for k in set(overrides or {})
+                   if len({repr(v.config[k]) for v in variants if k in v.config}) > 1)
+    if swept:
+        raise ValueError(f"overrides: preset {name!r} sweeps {', '.join(swept)} (its variants "
+                         "set different values); --set would run them all alike under their "
+                         "own labels: pick variants with --only instead")
     owned = sorted(set(overrides or {}) & set(HARNESS_OWNED))
     if owned:
         raise ValueError(f"overrides: {', '.join(owned)} {'is' if len(owned) == 1 else 'are'} "

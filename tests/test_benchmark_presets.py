@@ -152,3 +152,15 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, field):
     assert code == 2
     assert err.count("\n") == 1 and field in err
     assert not (tmp_path / "X").exists()
+
+
+def test_set_of_a_key_the_preset_sweeps_is_refused():
+    # deq_vs_wt's DEQ variants differ in grad: one --set value would run them all alike under
+    # their own labels ("anderson / phantom" training with grad=unroll)
+    with pytest.raises(ValueError, match=r"preset 'deq_vs_wt' sweeps grad .*--only"):
+        build_runs("deq_vs_wt", smoke=True, overrides={"grad": "unroll"})
+    with pytest.raises(ValueError, match="sweeps depth"):
+        build_runs("quick", smoke=True, overrides={"depth": 3})
+    # a key only one variant sets is not swept: quick's DEQ may take another gradient
+    runs = build_runs("quick", smoke=True, overrides={"grad": "phantom", "epochs": 1})
+    assert all(r.config["grad"] == "phantom" and r.config["epochs"] == 1 for r in runs)
