@@ -4,8 +4,10 @@
 averages each configuration over its seeds, keeps those within the budget (mean trainable
 parameters <= N, or mean total training time <= S seconds), and among the ones whose mean test
 accuracy is within ``--tolerance`` points (default 0.5) of the best of them recommends the
-smallest: fewest parameters, then lowest depth, then narrowest width, then fewest masks, then
-least training time. Nothing is extrapolated: only measured configurations are candidates.
+smallest: fewest parameters, then fewest cell evaluations per forward pass (an unrolled model's
+depth x stages, a DEQ's solver iterations; the depth where they are not recorded), then
+narrowest width, then fewest masks, then least training time. Nothing is extrapolated: only
+measured configurations are candidates.
 
 Example:
     >>> rows = [{"label": "WT", "config_id": c, "depth": d, "width": 32, "params": 1000 * d,
@@ -38,7 +40,11 @@ def _size_key(g: dict) -> tuple:
         v = g.get(f"{key}_mean", g.get(key))
         return v if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
-    return (num("params"), num("depth"), num("width"), num("mask_k"), num("train_time_s"))
+    # compute per forward pass: the cell evaluations (an unrolled model's depth x stages, a
+    # DEQ's solver iterations), where recorded; a DEQ's "depth" is only its warm-up depth
+    evals = num("cell_evals")
+    return (num("params"), evals if math.isfinite(evals) else num("depth"), num("width"),
+            num("mask_k"), num("train_time_s"))
 
 
 def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: float | None = None,

@@ -171,6 +171,19 @@ def test_recommend_picks_the_smallest_within_half_a_point_of_the_best(rows):
     assert by_time["choice"]["train_time_s_mean"] <= 10.0
 
 
+def test_recommend_ranks_size_by_cell_evaluations_not_a_deqs_warm_up_depth():
+    # equal parameters and accuracy: the DEQ's "depth" (6) is its warm-up unroll only; per
+    # forward pass it evaluates the cell 40 times, the depth-8 weight-tied model 16 times
+    rows = [{"label": "DEQ", "config_id": "deq", "depth": 6, "width": 32, "params": 1000,
+             "cell_evals": 40.0, "seed": 0, "test_acc": 0.9},
+            {"label": "WT", "config_id": "wt8", "depth": 8, "width": 32, "params": 1000,
+             "cell_evals": 16.0, "seed": 0, "test_acc": 0.9}]
+    assert recommend(rows, params=1000)["choice"]["label"] == "WT"
+    for row in rows:  # not recorded: the depth decides
+        del row["cell_evals"]
+    assert recommend(rows, params=1000)["choice"]["label"] == "DEQ"
+
+
 def test_recommend_errors(rows, tmp_path, capsys):
     with pytest.raises(ValueError, match="exactly one"):
         recommend(rows)
