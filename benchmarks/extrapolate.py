@@ -58,7 +58,8 @@ def depth_grid(depth: int, factors: Sequence[float]) -> list[int]:
 
 
 def load_trained_model(run_dir: str):
-    """Rebuild a run's model from ``config.json`` and load ``checkpoint.pt`` (eval mode, CPU).
+    """Rebuild a run's model from ``config.json`` (its saved ``model_config``) and load
+    ``checkpoint.pt`` (eval mode, CPU).
 
     Returns:
         ``(model, config)`` where ``config`` is the parsed ``config.json``.
@@ -72,7 +73,9 @@ def load_trained_model(run_dir: str):
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
-    overrides = dict(config.get("model_overrides") or {})
+    # the resolved settings the run trained with (a later edit of the registry must not change
+    # the solver, tolerances or gradient of a trained model); older runs: registry + overrides
+    overrides = dict(config.get("model_config") or config.get("model_overrides") or {})
     overrides.update(num_classes=config["data_info"]["num_classes"],
                      in_chans=config["data_info"]["in_chans"])
     model = wt.create_model(config["train"]["model"], **overrides)

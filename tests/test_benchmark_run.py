@@ -86,6 +86,22 @@ def test_sweep_ends_with_plots_summary_and_extrapolation(quick_d2):
             assert r["test_acc"] == pytest.approx(results[r["run_id"]]["test_acc"], abs=1e-9)
 
 
+def test_extrapolation_rebuilds_the_model_from_its_saved_settings(quick_d2, monkeypatch):
+    from benchmarks.extrapolate import load_trained_model
+    from wtmodels import models as model_registry
+
+    out, _ = quick_d2
+    run_id = next(r["run_id"] for r in read_rows(out / RESULTS) if r["label"] == "WT")
+    original = model_registry._REGISTRY["test_wt"]
+    # a later edit of the registry (a setting the run did not override) must not reach it
+    monkeypatch.setitem(model_registry._REGISTRY, "test_wt",
+                        lambda: {**original(), "norm_groups": 1})
+    model, config = load_trained_model(run_dir_of(str(out), run_id))
+    assert config["model_config"]["norm_groups"] != 1
+    assert all(m.num_groups == config["model_config"]["norm_groups"]
+               for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
 def test_rerun_skips_finished_runs_and_records_a_finished_but_unrecorded_one(quick_d2):
     out, _ = quick_d2
     rows = read_rows(out / RESULTS)

@@ -156,3 +156,17 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
         atomic_write(target, dies)
     assert target.read_bytes() == b"good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp left
+
+
+def test_resume_refuses_a_model_whose_registered_definition_changed(tmp_path, monkeypatch):
+    from wtmodels import models as model_registry
+
+    out = tmp_path / "run"
+    run({**BASE, "epochs": 1, "out": str(out)})
+    original = model_registry._REGISTRY["test_wt"]
+    monkeypatch.setitem(model_registry._REGISTRY, "test_wt", lambda: {**original(), "depth": 3})
+    message = r"registered model 'test_wt' now differs .*\(in: depth\)"
+    with pytest.raises(ValueError, match=message):
+        run({**BASE, "epochs": 1, "out": str(out), "resume": True})
+    monkeypatch.setitem(model_registry._REGISTRY, "test_wt", original)
+    assert run({**BASE, "epochs": 1, "out": str(out), "resume": True})["epoch"] == 1

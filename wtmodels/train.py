@@ -159,6 +159,22 @@ def _read_saved_config(out: Path) -> dict:
         raise BadInput(f"--resume: {out / CONFIG_FILE} is unreadable ({err})") from None
 
 
+def _check_same_model_definition(saved_cfg, saved_model_config: dict | None, out: Path) -> None:
+    """``BadInput`` if the registry now resolves the run's model to other settings than it
+    started with (the code changed): a resume would continue a different model."""
+    if not saved_model_config:
+        return
+    now = dataclasses.asdict(model_registry.get_config(saved_cfg.model,
+                                                      **saved_cfg.model_overrides))
+    now, then = _jsonable(now), _jsonable(saved_model_config)
+    changed = sorted(k for k in set(now) | set(then)
+                     if k not in ("num_classes", "in_chans") and now.get(k) != then.get(k))
+    if changed:
+        raise BadInput(f"--resume: the registered model {saved_cfg.model!r} now differs from "
+                       f"the one the run in {out} started with (in: {', '.join(changed)}); "
+                       "resume with the code it started with")
+
+
 def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Check ``--out``/``--resume`` against the directory; on resume, the saved settings
     (explicitly given identity settings must match them)."""
@@ -195,6 +211,7 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         if _jsonable({"v": new}) != _jsonable({"v": old}):
             raise BadInput(f"--resume: {key}={new!r} differs from the run in {out} ({old!r}); "
                            "use another --out to change it")
+    _check_same_model_definition(saved_cfg, saved.get("model_config"), out)
     # runtime settings: the ones given now, else the saved ones (threads change the numerics)
     runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k in explicit}
     return dataclasses.replace(saved_cfg, **{**runtime, "out": cfg.out, "resume": True})
