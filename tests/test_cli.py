@@ -103,6 +103,8 @@ def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     (["--num-classes", "3"], "num_classes=3 does not match dataset digits (10)"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--min-lr", "1"], "min_lr must be <= lr"),
+    (["--jac-reg-weight", "inf"], "jac_reg_weight must be a finite number; got inf"),
+    (["--lr", "nan"], "lr must be a finite number; got nan"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "never"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -196,6 +197,8 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number; got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # no setting means anything at inf or nan
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
     elif inner is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string; got {value!r}")
