@@ -71,15 +71,25 @@ def load_trained_model(run_dir: str):
     import wtmodels as wt
     from wtmodels.checkpoint import load_checkpoint
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict) or not {"train", "data_info"} <= set(config):
+            raise ValueError("no 'train' and 'data_info' sections")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable run config ({err!r})") from None
     # the resolved settings the run trained with (a later edit of the registry must not change
     # the solver, tolerances or gradient of a trained model); older runs: registry + overrides
     overrides = dict(config.get("model_config") or config.get("model_overrides") or {})
     overrides.update(num_classes=config["data_info"]["num_classes"],
                      in_chans=config["data_info"]["in_chans"])
     model = wt.create_model(config["train"]["model"], **overrides)
-    model.load_state_dict(load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["model"])
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    try:
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+    except (OSError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{ckpt}: cannot load the run's weights ({err!r})") from None
     model.eval()
     return model, config
 
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)
-    except ValueError as err:  # a damaged results file
+    except ValueError as err:  # a damaged results file, run config or checkpoint
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

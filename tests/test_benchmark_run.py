@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,21 @@ def test_extrapolation_rebuilds_the_model_from_its_saved_settings(quick_d2, monk
     assert config["model_config"]["norm_groups"] != 1
     assert all(m.num_groups == config["model_config"]["norm_groups"]
                for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_extrapolation_names_a_damaged_run_config_or_checkpoint(quick_d2, tmp_path):
+    from benchmarks.extrapolate import load_trained_model
+
+    out, _ = quick_d2
+    run_id = read_rows(out / RESULTS)[0]["run_id"]
+    damaged = tmp_path / "run"
+    shutil.copytree(run_dir_of(str(out), run_id), damaged)
+    (damaged / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"run/checkpoint.pt.* unreadable"):
+        load_trained_model(str(damaged))
+    (damaged / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json: not a readable run config"):
+        load_trained_model(str(damaged))
 
 
 def test_rerun_skips_finished_runs_and_records_a_finished_but_unrecorded_one(quick_d2):
