@@ -146,6 +146,16 @@ def test_jacobian_regularisation_weight_and_frequency(monkeypatch):
     assert final["jac_loss"] > 0
 
 
+def test_jac_loss_is_not_computed_during_the_unrolled_warm_up(tmp_path):
+    # 10 warm-up steps cover all of epoch 1 (8 steps): no DEQ solve there, so no Jacobian
+    # term (its zeros used to dilute the logged mean)
+    out = tmp_path / "run"
+    run({**BASE, "model": "test_deq", "epochs": 2, "pretrain_steps": 10, "jac_reg_weight": 0.3,
+         "out": str(out)})
+    rows = _rows(out)
+    assert rows[0]["jac_loss"] is None and rows[1]["jac_loss"] > 0
+
+
 def _poison(model, bad_steps):
     """Make the training forward pass return NaN logits at the given call numbers."""
     real_forward = model.forward

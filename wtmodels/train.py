@@ -461,7 +461,10 @@ class _Trainer:
             if cfg.pretrain_steps and pretrain_on != (step < cfg.pretrain_steps):
                 pretrain_on = step < cfg.pretrain_steps
                 model.set_pretrain(pretrain_on)
-            use_jac = cfg.jac_reg_weight > 0 and jac_reg_step(cfg.seed, step, cfg.jac_reg_freq)
+            # not during the unrolled warm-up: no DEQ solve there, and its zeros would dilute
+            # the logged jac_loss
+            use_jac = (cfg.jac_reg_weight > 0 and not pretrain_on
+                       and jac_reg_step(cfg.seed, step, cfg.jac_reg_freq))
             if cfg.jac_reg_weight > 0:
                 model.set_jac_reg(use_jac)
             with self._autocast():
