@@ -416,6 +416,16 @@ def test_merge_refuses_custom_forwards_and_shared_weights():
     with pytest.raises(ValueError, match="share a base weight"):
         merge_lora(net)
     assert not any(m.merged for m in peft_layers(net))
+    # tied to a layer without LoRA: the merge would change that layer too
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    net = nn.Sequential(a, b)
+    add_lora(net, rank=1, targets=["0"])
+    before = b.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied to a layer without LoRA"):
+        merge_lora(net)
+    assert not any(m.merged for m in peft_layers(net))
+    torch.testing.assert_close(b.weight.detach(), before, rtol=0, atol=0)
 
 
 def test_unmerge_subtracts_what_was_merged_even_after_a_step():

@@ -475,12 +475,21 @@ def merge_lora(model: nn.Module) -> int:
     if any(layer.merged for layer in layers):
         raise RuntimeError("some LoRA layers are already merged; unmerge_lora(model) first")
     owners: dict[int, LoRALayer] = {}
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    # weights that modules outside the LoRA layers use too (tied weights): a merge would
+    # change those modules as well
+    elsewhere = {id(p) for m in model.modules() if id(m) not in inside
+                 for p in m.parameters(recurse=False)}
     for layer in layers:
         layer._check_mergeable()
         for p in layer.base.parameters():
             if p.dim() > 1 and owners.setdefault(id(p), layer) is not layer:
                 raise ValueError("cannot merge: two LoRA layers share a base weight, and each "
                                  "would add its update to it; run them unmerged")
+            if p.dim() > 1 and id(p) in elsewhere:
+                raise ValueError("cannot merge: a LoRA layer's base weight is tied to a layer "
+                                 "without LoRA, which the merge would change too; run it "
+                                 "unmerged")
     done = []
     try:
         for layer in layers:
