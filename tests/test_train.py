@@ -228,3 +228,16 @@ def test_progress_lines_bar_and_none(capsys):
     assert captured.out.startswith("epoch 1/1")  # ... then the epoch line
     run({**BASE, "epochs": 1, "train_size": 64, "progress": "none"})
     assert capsys.readouterr() == ("", "")
+
+
+def test_compiled_deq_with_ift_trains_past_a_recompilation(tmp_path):
+    # the IFT backward solve calls the compiled backward once per iteration: with donated
+    # buffers (torch's default) the recompilation at the last, smaller batch crashed the run
+    import torch._functorch.config as functorch_config
+
+    before = functorch_config.donated_buffer
+    out = tmp_path / "run"
+    final = run({**BASE, "model": "test_deq", "train_size": 80, "epochs": 1, "compile": True,
+                 "out": str(out)})  # batches 32, 32, 16
+    assert math.isfinite(final["train_loss"]) and (out / "done.json").exists()
+    assert functorch_config.donated_buffer == before  # restored after the run

@@ -236,6 +236,20 @@ def _read(loader):
         yield batch
 
 
+def _donated_buffer_setting():
+    """torch's ``_functorch.config.donated_buffer`` (None where this torch has no such flag)."""
+    config = getattr(getattr(torch, "_functorch", None), "config", None)
+    return getattr(config, "donated_buffer", None)
+
+
+def _keep_compiled_backward_buffers(value=False) -> None:
+    """Set ``donated_buffer`` (default: off). A compiled backward with donated buffers may run
+    once only, but a DEQ's IFT backward solve calls it once per iteration (``retain_graph``):
+    with it on, ``--compile`` crashed a DEQ run at its first recompilation."""
+    if value is not None and _donated_buffer_setting() is not None:
+        torch._functorch.config.donated_buffer = value
+
+
 class _Trainer:
     """One run: set-up (all checks before any write), the epoch loop, checkpoints, metrics."""
 
@@ -246,6 +260,7 @@ class _Trainer:
             raise BadInput(str(err)) from None
         self._threads = torch.get_num_threads()
         self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        self._donated = _donated_buffer_setting()
         try:
             self._setup(cfg, explicit)
         except BaseException:
@@ -253,10 +268,11 @@ class _Trainer:
             raise
 
     def close(self) -> None:
-        """Leave the process as found: torch threads and TF32 flags back, process group
-        destroyed."""
+        """Leave the process as found: torch threads, TF32 and compile flags back, process
+        group destroyed."""
         torch.set_num_threads(self._threads)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
+        _keep_compiled_backward_buffers(self._donated)
         self.ctx.close()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -409,6 +425,7 @@ class _Trainer:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             self.train_model = DDP(self.model, device_ids=ids)
         if self.cfg.compile:
+            _keep_compiled_backward_buffers()
             self.train_model = torch.compile(self.train_model)
 
     # -- the loop ----------------------------------------------------------------------------
