@@ -257,3 +257,24 @@ def test_nm_on_a_1d_shape_is_one_row_of_groups():
     assert (masks.view(3, 4, 4).sum(-1) == 2).all()  # 2 of every 4 consecutive entries
     with pytest.raises(ValueError, match="multiple of m"):
         wt.make_masks((6,), k=1, density=0.5, kind="nm")
+
+
+def test_a_layer_with_its_own_forward_is_refused_and_attention_out_proj_skipped():
+    class StdConv2d(nn.Conv2d):  # weight standardisation (timm): its forward must not be lost
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return self._conv_forward(x, w, self.bias)
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), StdConv2d(4, 4, 3))
+    with pytest.raises(ValueError, match=r"'1' \(StdConv2d\) overrides forward"):
+        wt.apply_masks(net, k=2)
+    assert not hasattr(net[0], "weight_masks")  # nothing changed
+    # a parametrized conv (weight norm) keeps the plain forward: masked as before
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 2, 3))
+    assert mask_count(wt.apply_masks(conv, k=2)) == 2
+    # MultiheadAttention reads out_proj.weight directly: a mask there could never apply
+    block = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "ff": nn.Linear(8, 8)})
+    wt.apply_masks(block, k=2, types=(nn.Linear,))
+    assert hasattr(block["ff"], "weight_masks")
+    assert not hasattr(block["attn"].out_proj, "weight_masks")

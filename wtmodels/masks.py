@@ -351,6 +351,9 @@ _MASKED_CLASSES: dict[type, type] = {
 }
 
 
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+
+
 def _masked_class(cls: type) -> type:
     """The masked subclass of ``cls`` (made once per class, e.g. for parametrized layers)."""
     if cls not in _MASKED_CLASSES:
@@ -403,7 +406,9 @@ def apply_masks(
             :func:`mask_index`); stored on the layers for the caller to read with
             :func:`mask_schedule`.
         types: layer types to mask, among ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (subclasses
-            included).
+            included, parametrized ones too, but not one that overrides ``forward``: a
+            ``ValueError``). The ``out_proj`` of an ``nn.MultiheadAttention`` is skipped (the
+            attention reads its weight directly).
         n: ones per group for ``kind="nm"``.
         m: group size for ``kind="nm"``.
 
@@ -432,7 +437,12 @@ def apply_masks(
             f"types must be layer classes among "
             f"{', '.join(t.__name__ for t in MASKABLE_TYPES)} (or subclasses), got {types}"
         )
-    layers = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, types)]
+    # an nn.MultiheadAttention reads its out_proj's weight directly (never calls its forward):
+    # a mask there would silently never apply, so that layer is skipped
+    attention_outs = {id(sub.out_proj) for sub in module.modules()
+                      if isinstance(sub, nn.MultiheadAttention)}
+    layers = [(name, sub) for name, sub in module.named_modules()
+              if isinstance(sub, types) and id(sub) not in attention_outs]
     if not layers:
         raise ValueError(
             f"no layer of types {', '.join(t.__name__ for t in types)} in "
@@ -441,6 +451,12 @@ def apply_masks(
     for name, layer in layers:
         if isinstance(layer, MaskedLayer):
             raise ValueError(f"layer {name or type(layer).__name__!r} is already masked")
+        if type(layer).forward not in _PLAIN_FORWARDS:  # the masked class's forward replaces it
+            raise ValueError(
+                f"layer {name or type(layer).__name__!r} ({type(layer).__name__}) overrides "
+                "forward, which masking would replace by the plain conv / linear one; mask a "
+                "plain layer (or its weight yourself)"
+            )
     drawn = [
         make_masks(
             tuple(layer.weight.shape), k, density, kind, derive_seed(seed, name), n=n, m=m
