@@ -127,6 +127,14 @@ def test_summary_known_answers():
     assert model.training  # mode restored
 
 
+def test_summary_default_shape_follows_in_chans_and_ignores_the_jacobian_term():
+    model = wt.create_model("test_deq", in_chans=1)  # a default of 3 channels crashed here
+    plain = model_summary(model)
+    model.set_jac_reg(True)  # the FLOP counter cannot follow the regulariser's autograd
+    assert model_summary(model) == plain and model.cores[0].jac_reg
+    assert plain["flops_per_image"] > 0
+
+
 def test_masks_survive_save_and_load():
     a = wt.create_model("test_wt", in_chans=1, mask_k=3, mask_seed=1)
     b = wt.create_model("test_wt", in_chans=1, mask_k=3, mask_seed=2)

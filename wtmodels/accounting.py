@@ -50,9 +50,10 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
 
 
 def model_summary(
-    model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32)
+    model: nn.Module, input_shape: tuple[int, int, int] | None = None
 ) -> dict[str, float]:
-    """Size and cost of a model on one image of ``input_shape`` ``(C, H, W)``.
+    """Size and cost of a model on one image of ``input_shape`` ``(C, H, W)`` (default: the
+    model's ``config.in_chans`` channels, else 3, at 32 x 32).
 
     Runs one forward pass in eval mode under ``torch.no_grad`` and
     ``torch.utils.flop_counter.FlopCounterMode`` on a random image drawn from a private
@@ -70,17 +71,26 @@ def model_summary(
         >>> sorted(info)
         ['cell_evals', 'flops_per_image', 'nonzero_params_per_iter', 'params']
     """
+    if input_shape is None:
+        input_shape = (getattr(getattr(model, "config", None), "in_chans", 3), 32, 32)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, *input_shape, generator=generator).to(param.device, param.dtype)
     was_training = model.training
     model.eval()
+    # the Jacobian regulariser (if switched on) differentiates inside the forward, which the
+    # FLOP counter cannot follow; the summary is of the plain forward
+    jac_cores = [c for c in getattr(model, "cores", ()) if getattr(c, "jac_reg", False)]
     try:
+        for core in jac_cores:
+            core.set_jac_reg(False)
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(image)
     finally:
         model.train(was_training)
+        for core in jac_cores:
+            core.set_jac_reg(True)
     stats = model.core_stats()
     return {
         "params": float(count_params(model)),
