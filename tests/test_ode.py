@@ -91,6 +91,8 @@ def test_masked_segments_take_exactly_depth_fixed_steps(depth, T):
 def test_adjoint_refuses_dropout_and_warns_with_norms_bad_end_times_refused():
     with pytest.raises(ValueError, match="ode_adjoint with dropout"):
         wt.create_model("test_ode", in_chans=1, ode_adjoint=True, dropout=0.2)
+    with pytest.raises(ValueError, match="ode_adjoint with spectral_norm"):
+        wt.create_model("test_ode", in_chans=1, ode_adjoint=True, spectral_norm=True)
     with pytest.warns(UserWarning, match="ill-conditioned"):
         wt.create_model("test_ode", in_chans=1, ode_adjoint=True)
     for T in (float("inf"), float("nan"), 0.0):

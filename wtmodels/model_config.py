@@ -159,6 +159,11 @@ class ModelConfig:
             raise ValueError("ode_adjoint with dropout > 0 is not supported: the adjoint "
                              "backward re-evaluates the cell, with the dropout masks of the "
                              "latest forward pass rather than of the one being differentiated")
+        if self.ode_adjoint and self.spectral_norm:
+            raise ValueError("ode_adjoint with spectral_norm is not supported: the adjoint "
+                             "backward re-evaluates the cell, and each evaluation advances "
+                             "spectral norm's power iteration (a different weight than the one "
+                             "being differentiated; use weight_norm or ode_adjoint=False)")
         if self.norm == "group":
             for w in self.stage_widths():
                 if w % self.norm_groups:
