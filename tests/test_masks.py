@@ -278,3 +278,12 @@ def test_a_layer_with_its_own_forward_is_refused_and_attention_out_proj_skipped(
     wt.apply_masks(block, k=2, types=(nn.Linear,))
     assert hasattr(block["ff"], "weight_masks")
     assert not hasattr(block["attn"].out_proj, "weight_masks")
+
+
+def test_make_masks_takes_numpy_numbers_and_refuses_fractional_shapes():
+    import numpy as np
+
+    masks = wt.make_masks((4, 8), k=2, density=np.float32(0.5), seed=np.int64(1))
+    assert masks.shape == (2, 4, 8) and masks.sum().item() == 2 * 16
+    with pytest.raises(ValueError, match="shape must be an int or a sequence of ints"):
+        wt.make_masks((2.7, 8), k=2)  # was silently (2, 8)

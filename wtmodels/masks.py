@@ -102,10 +102,11 @@ def make_masks(
     k = int(k)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
         0.0 < density <= 1.0
     ):
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    density = float(density)  # numpy scalars too
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {', '.join(MASK_KINDS)}")
     if kind != "nm" and (n is not None or m is not None):
@@ -152,12 +153,14 @@ def _log_comb(n: int, r: int) -> float:
 
 
 def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(shape, int):
+    if isinstance(shape, numbers.Integral):
         shape = (shape,)
     try:
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+            raise TypeError  # 2.7 must not become 2
         shape = tuple(int(s) for s in shape)
-    except TypeError as err:
-        raise ValueError(f"shape must be an int or a sequence of ints, got {shape!r}") from err
+    except TypeError:
+        raise ValueError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     if len(shape) == 0 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be non-empty with every dimension >= 1, got {shape}")
     return shape
