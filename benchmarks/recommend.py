@@ -70,8 +70,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
     budget_key, limit = ("params", params) if params is not None else ("train_time_s", time_s)
     if not limit > 0:
         raise ValueError(f"budget: must be > 0, got {limit}")
-    if tolerance < 0:
-        raise ValueError(f"tolerance: must be >= 0 points, got {tolerance}")
+    if not 0 <= tolerance < math.inf:  # nan too
+        raise ValueError(f"tolerance: must be a finite number >= 0 points, got {tolerance}")
     groups = [g for g in aggregate(rows) if math.isfinite(g["test_acc_mean"])]
     feasible = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
                 and g[f"{budget_key}_mean"] <= limit]

@@ -189,6 +189,8 @@ def test_recommend_errors(rows, tmp_path, capsys):
         recommend(rows)
     with pytest.raises(ValueError, match="no measured configuration"):
         recommend(rows, params=10)
+    with pytest.raises(ValueError, match="tolerance: must be a finite number"):
+        recommend(rows, params=6000, tolerance=float("nan"))  # was an IndexError
     write_fake_sweep(str(tmp_path))
     assert recommend_main([str(tmp_path), "--params", "10"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
