@@ -57,6 +57,20 @@ def depth_grid(depth: int, factors: Sequence[float]) -> list[int]:
     return sorted({max(1, round(f * depth)) for f in factors})
 
 
+def read_run_config(run_dir: str) -> dict:
+    """A run's parsed ``config.json``; ``ValueError`` naming the file if it is missing or
+    damaged."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict) or not {"train", "data_info"} <= set(config):
+            raise ValueError("no 'train' and 'data_info' sections")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable run config ({err!r})") from None
+    return config
+
+
 def load_trained_model(run_dir: str):
     """Rebuild a run's model from ``config.json`` (its saved ``model_config``) and load
     ``checkpoint.pt`` (eval mode, CPU).
@@ -71,14 +85,7 @@ def load_trained_model(run_dir: str):
     import wtmodels as wt
     from wtmodels.checkpoint import load_checkpoint
 
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-        if not isinstance(config, dict) or not {"train", "data_info"} <= set(config):
-            raise ValueError("no 'train' and 'data_info' sections")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable run config ({err!r})") from None
+    config = read_run_config(run_dir)
     # the resolved settings the run trained with (a later edit of the registry must not change
     # the solver, tolerances or gradient of a trained model); older runs: registry + overrides
     overrides = dict(config.get("model_config") or config.get("model_overrides") or {})
@@ -188,8 +195,7 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
         run_dir = os.path.join(sweep_dir, "runs", str(row["run_id"]))
         if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
             continue
-        with open(os.path.join(run_dir, "config.json")) as f:
-            depth = trained_depth(json.load(f)["model_config"])
+        depth = trained_depth(read_run_config(run_dir)["model_config"])
         wanted = [d for d in depth_grid(depth, factors) if f"{row['run_id']}@{d}" not in done]
         if not wanted:
             continue
