@@ -566,17 +566,22 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
         ax = fig.add_subplot(1, len(labels), i + 1, sharey=axes[0] if axes else None)
         axes.append(ax)
         mine = [r for r in rows if r.get("label") == label]
-        widths = {r.get("width") for r in mine}
-        lines = sorted({(r.get("train_depth"), r.get("width")) for r in mine},
-                       key=lambda k: tuple(-1 if v is None else v for v in k))
-        for j, (depth, width) in enumerate(lines):
+        # one line per configuration (depth, width, masks): seeds are what a line averages
+        fields = ("train_depth", "width", "mask_k", "mask_density")
+        varies = {f for f in fields[1:] if len({r.get(f) for r in mine}) > 1}
+        lines = sorted({tuple(r.get(f) for f in fields) for r in mine},
+                       key=lambda k: tuple(-1 if number(v) is None else number(v) for v in k))
+        for j, key in enumerate(lines):
             by_factor: dict[float, list[float]] = {}
             for r in mine:
-                if (r.get("train_depth"), r.get("width")) == (depth, width):
+                if tuple(r.get(f) for f in fields) == key:
                     by_factor.setdefault(float(r["factor"]), []).append(_pct(r["test_acc"]))
             xs = sorted(by_factor)
             stats = [mean_std(by_factor[x]) for x in xs]
-            name = f"trained at {depth}" + (f", width {width}" if len(widths) > 1 else "")
+            depth, width, mask_k, density = key
+            name = (f"trained at {depth}" + (f", width {width}" if "width" in varies else "")
+                    + (f", K={mask_k}" if "mask_k" in varies else "")
+                    + (f", density {density}" if "mask_density" in varies else ""))
             ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
                         marker=_MARKERS[j % len(_MARKERS)], color=_sequential(j, len(lines)),
                         linestyle=_LINESTYLES[j % len(_LINESTYLES)], label=name)

@@ -196,3 +196,14 @@ def test_recommend_errors(rows, tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert recommend_main([str(tmp_path), "--params", "6000"]) == 0
     assert "recommended" in capsys.readouterr().out
+
+
+def test_extrapolation_draws_one_line_per_mask_setting():
+    # two (K, density) settings of one label at one trained depth were pooled into one line
+    rows = [{"label": "WT + distinct masks", "config_id": f"c{k}", "seed": s, "train_depth": 4,
+             "width": 32, "mask_k": k, "mask_density": 0.5, "test_depth": d, "factor": d / 4,
+             "test_acc": 0.5 + 0.1 * k} for k in (2, 4) for s in (0, 1) for d in (2, 4)]
+    ax = plot.plot_extrapolation(rows).axes[0]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar per line
+    assert set(lines) == {"trained at 4, K=2", "trained at 4, K=4"}
+    assert list(lines["trained at 4, K=4"].get_ydata()) == pytest.approx([90.0, 90.0])
