@@ -274,7 +274,12 @@ def update_ranks(model: nn.Module) -> list[dict]:
 
 
 def check_config(config: dict) -> None:
-    """``ValueError`` naming the field for a bad method, dataset, rank, copies or density."""
+    """``ValueError`` naming the field for an unknown setting, a bad method, dataset, epochs,
+    batch size, rank, copies or density (the harness runs it before any run starts)."""
+    unknown = sorted(set(config) - set(SETTINGS) - _RUN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: "
+                         f"{', '.join(sorted(set(SETTINGS) | _RUN_KEYS))}")
     if config.get("method") not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got "
                          f"{config.get('method')!r}")
@@ -283,6 +288,19 @@ def check_config(config: dict) -> None:
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+    if config.get("method") in ("lora", "capaboost"):
+        for field in ("rank", "copies"):
+            value = config.get(field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+        density = config.get("density")
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
+                0 < density <= 1):
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+
+
+#: keys of a run's config besides SETTINGS (the method's own and the harness's)
+_RUN_KEYS = {"method", "rank", "copies", "density", "seed", "cache_dir", "label"}
 
 
 def run(config: dict, out_dir: str) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -210,7 +211,14 @@ def validate_runs(runs: list[RunSpec]) -> None:
     from wtmodels.train_config import resolve_config
 
     for run in runs:
-        if run.runner is not None:
+        if run.runner is not None:  # a custom runner's own check_config, if it has one
+            module = importlib.import_module(run.runner.split(":")[0])
+            check = getattr(module, "check_config", None)
+            try:
+                if check is not None:
+                    check(dict(run.config))
+            except ValueError as err:
+                raise ValueError(f"run {run.run_id}: {err}") from None
             continue
         try:
             cfg = resolve_config(dict(run.config))

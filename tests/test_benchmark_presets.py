@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,23 @@ def test_custom_runner_preset_lists_its_runs_from_its_module(monkeypatch):
     runs = build_runs("capaboost", smoke=True, seeds=[0, 1])
     assert runs and all(r.runner == "benchmarks.capaboost:run" for r in runs)
     assert len({r.run_id for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"finetune_epoch": 10}, "unknown setting 'finetune_epoch'; valid settings:"),
+    ({"rank": 0}, "rank must be an integer >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+])
+def test_custom_runner_settings_are_checked_before_any_run(setting, message):
+    # the capaboost runner's own check_config runs in validate_runs: a typo in --set used to
+    # train every run with the defaults under a new run id
+    pytest.importorskip("benchmarks.capaboost")
+    from benchmarks.run import validate_runs
+
+    runs = build_runs("capaboost", smoke=True, seeds=[0], overrides=setting)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_runs(runs)
+    validate_runs(build_runs("capaboost", smoke=True, seeds=[0]))  # the preset itself is fine
 
 
 def test_custom_runner_preset_without_its_module_is_a_clear_error(monkeypatch):
