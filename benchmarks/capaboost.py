@@ -49,6 +49,7 @@ import wtmodels as wt
 from wtmodels.atomic import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from wtmodels.metrics import peak_memory_mb
 from wtmodels.peft import LoRALayer, add_lora, count_trainable, peft_layers
+from wtmodels.peft.wrap import check_copy_args, check_int
 
 METHODS = ("head", "lora", "capaboost", "full")
 DATASETS = ("auto", "fashion_mnist", "digits")
@@ -288,15 +289,9 @@ def check_config(config: dict) -> None:
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    if config.get("method") in ("lora", "capaboost"):
-        for field in ("rank", "copies"):
-            value = config.get(field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-        density = config.get("density")
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not (
-                0 < density <= 1):
-            raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if config.get("method") in ("lora", "capaboost"):  # the wrappers' own checks
+        check_int("rank", config.get("rank"))
+        check_copy_args(config.get("copies"), config.get("density"), "random")
 
 
 #: keys of a run's config besides SETTINGS (the method's own and the harness's)

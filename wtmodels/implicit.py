@@ -279,10 +279,12 @@ class DEQ(nn.Module):
             if not finite.all():  # redo the step with those samples at their best
                 z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
                 z_out = f(z_in)
-            sel = tracker.small.torch(improved).view(per_sample)
-            first_out = z_out if best_out is None else first_out  # f(z0), for prefer_start
-            best_out = z_out if best_out is None else torch.where(sel, z_out, best_out)
-            best_in = torch.where(sel, z.detach(), best_in)
+            if best_out is None:  # the first step (best_in is z0): f(z0), kept for prefer_start
+                first_out = best_out = z_out
+            else:
+                sel = tracker.small.torch(improved).view(per_sample)
+                best_out = torch.where(sel, z_out, best_out)
+                best_in = torch.where(sel, z.detach(), best_in)
             if done:
                 break
             keep = tracker.active_mask.view(per_sample)
