@@ -285,10 +285,11 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        split = (f"{r['f_slowdown']} + {r['solver_ops']}" if math.isfinite(r["f_slowdown"])
+                 else "n/a (CPU only)")
         lines.append(f"| {r['B']} | {r['C']} | {r['H']} | {r['solver']} | {r['f_evals']} | "
                      f"{r['wall_ms']} | {r['f_ms']} | {r['overhead']} | {r['overhead_best']} | "
-                     f"{r['overhead_cpu']} | {r['f_slowdown']} + {r['solver_ops']} | "
-                     f"{r['converged']} |")
+                     f"{r['overhead_cpu']} | {split} | {r['converged']} |")
     lines += ["", "## Targets", "",
               "The floor is plain fixed-point iteration's overhead in the same cell: its steps do "
               "only what every solver must (the residual, its norms, the per-sample "

@@ -49,3 +49,17 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
 def test_out_must_be_a_directory(tmp_path, capsys):
     assert solvers_bench.main(["--quick", "--out", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_markdown_marks_the_cpu_only_split_on_other_devices():
+    row = {"B": 2, "C": 4, "H": 8, "solver": "fixed_point", "f_evals": 10, "wall_ms": 1.0,
+           "f_ms": 0.05, "overhead": 2.0, "overhead_best": 1.9, "overhead_cpu": 2.0,
+           "f_slowdown": float("nan"), "solver_ops": float("nan"), "converged": 1.0}
+    args = solvers_bench.parse_args(["--device", "cpu"])
+    prov = {"git_sha": "x", "torch_version": "t", "device": "gpu", "threads": 2, "date": "d",
+            "load_average_1min": 0.1, "cpu_count": 2, "cpu_model": "c", "malloc": "default"}
+    mem = [{"grad": "ift", "f_max_iter": 10, "peak_mb": 1.0, "saved_for_backward_mb": 0.5}]
+    md = solvers_bench.markdown([row], mem, prov, args)
+    assert "n/a (CPU only)" in md and "nan + nan" not in md
+    md = solvers_bench.markdown([{**row, "f_slowdown": 1.1, "solver_ops": 0.9}], mem, prov, args)
+    assert "1.1 + 0.9" in md
