@@ -1,7 +1,10 @@
 """Average results rows over seeds: one entry per configuration with mean, std and count.
 
 Rows that share a ``config_id`` (the same label and arguments, different seed) form a group.
-Rows written without a ``config_id`` are grouped by :data:`GROUP_COLUMNS` instead.
+Rows written without a ``config_id`` are grouped by :data:`GROUP_COLUMNS` instead. Means are
+over the group's clean runs only: a run the trainer stopped on non-finite losses, or that ended
+with one (:data:`UNSTABLE`), and a run that failed without a row (:data:`FAILED`, see
+:func:`benchmarks.rows.failed_rows`) are counted (``n_stopped``, ``n_failed``), not averaged.
 
 Example:
     >>> rows = [{"config_id": "a", "label": "WT", "depth": 2, "test_acc": 0.8},
@@ -18,11 +21,14 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 
-#: what defines a configuration when rows carry no ``config_id``
-# run statuses that mean the run's numbers are not a clean result: stopped on non-finite losses,
-# or finished with a non-finite loss in its last epoch
+#: run statuses that mean the run's numbers are not a clean result: stopped on non-finite
+#: losses, or finished with a non-finite loss in its last epoch
 UNSTABLE = ("diverged", "nonfinite")
 
+#: status of a run that has a directory but no results row (crashed, killed, or still running)
+FAILED = "failed"
+
+#: what defines a configuration when rows carry no ``config_id``
 GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages", "mask_k",
                  "mask_density", "mask_kind", "f_solver", "b_solver", "grad", "ode_method",
                  "epochs", "batch_size", "lr", "train_size")
@@ -72,11 +78,34 @@ def config_key(row: dict) -> tuple:
     return tuple(row.get(c) for c in GROUP_COLUMNS)
 
 
+def clean(row: dict) -> bool:
+    """Whether a run's numbers count in the means: it finished, and its losses stayed finite.
+
+    Example:
+        >>> clean({"status": "ok"}), clean({}), clean({"status": "diverged"}), clean(
+        ...     {"status": FAILED})
+        (True, True, False, False)
+    """
+    return row.get("status") not in (*UNSTABLE, FAILED)
+
+
+def skipped_steps(row: dict) -> bool:
+    """Whether a run skipped optimiser steps on non-finite losses (and still finished).
+
+    Example:
+        >>> skipped_steps({"skipped_steps": 3}), skipped_steps({"skipped_steps": 0})
+        (True, False)
+    """
+    value = number(row.get("skipped_steps"))
+    return value is not None and value > 0
+
+
 def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
-    """One dict per configuration: its config columns, ``n`` (seeds), ``n_stopped`` (runs the
-    trainer stopped on non-finite losses, or that ended with one: :data:`UNSTABLE`), ``seeds``,
-    and for each metric ``<m>_mean``, ``<m>_std`` (over seeds, finite values only; nan when
-    absent) and ``<m>_count``.
+    """One dict per configuration: its config columns, ``n`` (runs, whatever their end),
+    ``n_stopped`` (runs the trainer stopped on non-finite losses, or that ended with one:
+    :data:`UNSTABLE`), ``n_failed`` (:data:`FAILED` runs), ``n_skipped`` (clean runs that
+    skipped steps), ``seeds``, and for each metric ``<m>_mean``, ``<m>_std`` and ``<m>_count``
+    (over the clean runs' finite values; nan when there are none).
 
     Args:
         rows: results rows.
@@ -86,23 +115,29 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         Groups in the order their first row appears.
 
     Example:
-        >>> aggregate([{"label": "DEQ", "test_acc": 0.5, "seed": 0}])[0]["n"]
-        1
+        >>> g = aggregate([{"label": "DEQ", "test_acc": 0.5, "seed": 0},
+        ...                {"label": "DEQ", "test_acc": 0.1, "seed": 1, "status": "diverged"}])[0]
+        >>> g["n"], g["n_stopped"], g["test_acc_mean"]
+        (2, 1, 0.5)
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(config_key(row), []).append(row)
     out = []
     for members in groups.values():
-        first = members[0]
+        # a failed run's columns come from its spec only: describe the group by a finished one
+        first = next((m for m in members if m.get("status") != FAILED), members[0])
         entry = {c: first.get(c) for c in GROUP_COLUMNS if c in first}
         if "config_id" in first:
             entry["config_id"] = first["config_id"]
         entry["n"] = len(members)
         entry["n_stopped"] = sum(m.get("status") in UNSTABLE for m in members)
+        entry["n_failed"] = sum(m.get("status") == FAILED for m in members)
+        kept = [m for m in members if clean(m)]
+        entry["n_skipped"] = sum(skipped_steps(m) for m in kept)
         entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
         for metric in metrics:
-            mean, std, count = mean_std(number(m.get(metric)) for m in members)
+            mean, std, count = mean_std(number(m.get(metric)) for m in kept)
             entry[f"{metric}_mean"] = mean
             entry[f"{metric}_std"] = std
             entry[f"{metric}_count"] = count

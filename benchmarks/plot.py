@@ -42,8 +42,9 @@ from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from benchmarks.aggregate import UNSTABLE, aggregate, has, mean_std, number
+from benchmarks.aggregate import FAILED, UNSTABLE, aggregate, has, mean_std, number
 from benchmarks.results_io import read_rows, write_rows
+from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write_text
 
@@ -73,14 +74,19 @@ def label_color(label: str, _assigned: dict = {}) -> str:  # noqa: B006 (a delib
     return _assigned[label]
 
 
-def load_results(sweep_dir: str) -> list[dict]:
-    """The rows of ``sweep_dir/results.csv`` (``[]`` when there are none).
+def load_results(sweep_dir: str, failed: bool = True) -> list[dict]:
+    """The rows of ``sweep_dir/results.csv`` (``[]`` when there are none), and with ``failed``
+    one row with ``status = "failed"`` per run directory that has no row (see
+    :func:`benchmarks.rows.failed_rows`): panels and table count them, means leave them out.
 
     Example:
         >>> load_results("/nonexistent")
         []
     """
-    return read_rows(os.path.join(sweep_dir, RESULTS))
+    rows = read_rows(os.path.join(sweep_dir, RESULTS))
+    if failed:
+        rows += failed_rows(sweep_dir, {r.get("run_id") for r in rows})
+    return rows
 
 
 def load_extrapolation(sweep_dir: str) -> list[dict]:
@@ -106,9 +112,70 @@ def _pct(value: float) -> float:
 
 
 def _errorbar(ax, xs, groups, metric, **style):
+    """Means in percent with one-std bars (none from a single clean run); flagged points
+    (:func:`_flag`) marked."""
     ys = [_pct(g[f"{metric}_mean"]) for g in groups]
-    es = [_pct(g[f"{metric}_std"]) if g["n"] > 1 else 0.0 for g in groups]
+    es = [_pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
+          for g in groups]
     ax.errorbar(xs, ys, yerr=es, capsize=3, markersize=5, linewidth=1.5, **style)
+    _mark_flagged(ax, xs, ys, groups)
+
+
+def _flag(g: dict) -> str:
+    """What went wrong in a configuration's runs, as ``k/n`` counts (``""`` when nothing).
+
+    Example:
+        >>> _flag({"n": 3, "n_stopped": 1, "n_failed": 0, "n_skipped": 2})
+        '1/3 diverged, 2/3 skipped steps'
+    """
+    n = g.get("n", 0)
+    parts = [f"{g[key]}/{n} {what}" for key, what in (
+        ("n_stopped", "diverged"), ("n_failed", "failed"), ("n_skipped", "skipped steps"))
+        if g.get(key)]
+    return ", ".join(parts)
+
+
+#: legend entry of the flagged points
+FLAG_LEGEND = ("x: k/n runs diverged or failed (excluded from the mean)\n"
+               "or skipped steps (kept)")
+
+
+def _mark_flagged(ax, xs, ys, groups) -> None:
+    """A red cross and a ``k/n ...`` note on each point whose runs diverged, failed or skipped
+    steps, and one legend entry per axis saying what the marks mean."""
+    from matplotlib.lines import Line2D
+
+    flagged = [(x, y, _flag(g)) for x, y, g in zip(xs, ys, groups) if _flag(g)]
+    for x, y, text in flagged:
+        ax.plot([x], [y], marker="x", color="red", markersize=9, linestyle="none", zorder=5)
+        ax.annotate(text, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
+                    color="red")
+    if flagged and FLAG_LEGEND not in ax.get_legend_handles_labels()[1]:
+        ax.add_line(Line2D([], [], marker="x", color="red", linestyle="none",
+                           label=FLAG_LEGEND))
+
+
+def _lost(groups: Sequence[dict]) -> list[str]:
+    """Configurations with runs but no clean one (every seed diverged or failed)."""
+    out = []
+    for g in groups:
+        if g.get("test_acc_count", 1) == 0 and (g.get("n_stopped") or g.get("n_failed")):
+            parts = [str(g.get("label"))]
+            parts += [f"{name} {g[key]}" for key, name in (
+                ("depth", "depth"), ("width", "width"), ("mask_k", "K"),
+                ("mask_density", "density")) if g.get(key) not in (None, 0)
+                and not (key == "depth" and g.get("core") == "deq")]
+            out.append(f"{', '.join(parts)} ({_flag(g)})")
+    return out
+
+
+def _footnote(fig: Figure, groups: Sequence[dict]) -> None:
+    """Name under the panels the configurations that no clean run could place on them."""
+    lost = _lost(groups)
+    if lost:
+        more = f"; + {len(lost) - 4} more" if len(lost) > 4 else ""
+        fig.supxlabel("not drawn, no clean run: " + "; ".join(lost[:4]) + more, fontsize=8,
+                      color="red")
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
@@ -132,8 +199,11 @@ def _log2_axis(ax, values: Sequence[float]) -> None:
 def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
                     linestyle: str = "--") -> None:
     """A configuration without the x-axis variable (e.g. a DEQ on a depth axis): a band."""
-    mean, std = _pct(g[f"{metric}_mean"]), _pct(g[f"{metric}_std"]) if g["n"] > 1 else 0.0
+    mean = _pct(g[f"{metric}_mean"])
+    std = _pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
     color = label_color(g.get("label"))
+    if _flag(g):
+        label += f" [{_flag(g)}]"
     ax.axhline(mean, color=color, linestyle=linestyle, linewidth=1.3, label=label)
     if std > 0:
         ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
@@ -169,7 +239,8 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
                 line_name: str) -> Figure | None:
     """Accuracy vs ``x`` with a line per (label, ``line`` value, other setting); labels without
     a sweep over ``x`` drawn as reference bands."""
-    groups = [g for g in aggregate(rows, ["test_acc"]) if has([g], "test_acc")]
+    everything = aggregate(rows, ["test_acc"])
+    groups = [g for g in everything if has([g], "test_acc")]
     lines: dict[tuple, list[dict]] = {}
     for g in groups:
         if g.get(x) is not None:
@@ -205,6 +276,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     _log2_axis(ax, [g[x] for pts in lines.values() for g in pts])
     _finish(ax, xlabel, "test accuracy (%)", title)
     _legend_outside(ax)
+    _footnote(fig, [g for g in everything if g.get(x) is not None])
     return fig
 
 
@@ -393,8 +465,11 @@ def _frontier(ax, groups: Sequence[dict], x: str, xlabel: str, title: str) -> No
         if not mine:
             continue
         color = label_color(label)
+        off = [g for g in mine if g not in pareto_front(mine, x)]
         ax.scatter([g[f"{x}_mean"] for g in mine], [_pct(g["test_acc_mean"]) for g in mine],
                    color=color, alpha=0.3, s=14)
+        _mark_flagged(ax, [g[f"{x}_mean"] for g in off], [_pct(g["test_acc_mean"]) for g in off],
+                      off)
         front = pareto_front(mine, x)
         _errorbar(ax, [g[f"{x}_mean"] for g in front], front, "test_acc", color=color,
                   marker="o", linestyle="-" if len(front) > 1 else "none", label=label)
@@ -412,8 +487,8 @@ def plot_capacity(rows: Sequence[dict]) -> Figure | None:
         >>> plot_capacity(rows).axes[0].get_xscale()
         'log'
     """
-    groups = [g for g in aggregate(rows, ["test_acc", "params", "flops_per_image"])
-              if has([g], "test_acc")]
+    everything = aggregate(rows, ["test_acc", "params", "flops_per_image"])
+    groups = [g for g in everything if has([g], "test_acc")]
     if len(_labels([g for g in groups if has([g], "params")])) < 2:
         return None
     with_flops = len(_labels([g for g in groups if has([g], "flops_per_image")])) >= 2
@@ -424,6 +499,7 @@ def plot_capacity(rows: Sequence[dict]) -> Figure | None:
     if with_flops:
         _frontier(fig.add_subplot(1, 2, 2), [g for g in groups if has([g], "flops_per_image")],
                   "flops_per_image", "FLOPs per image (forward)", "Accuracy vs compute")
+    _footnote(fig, everything)
     return fig
 
 
@@ -438,8 +514,8 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
         >>> [ax.get_xlabel() for ax in plot_time_memory(rows).axes]
         ['training time (s)', 'peak memory (MB)']
     """
-    groups = [g for g in aggregate(rows, ["test_acc", "train_time_s", "cpu_s", "peak_mem_mb"])
-              if has([g], "test_acc")]
+    everything = aggregate(rows, ["test_acc", "train_time_s", "cpu_s", "peak_mem_mb"])
+    groups = [g for g in everything if has([g], "test_acc")]
     timed = [g for g in groups if has([g], "train_time_s")]
     if len(_labels(timed)) < 2:
         return None
@@ -458,11 +534,15 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
                 continue
             ax.errorbar([g[f"{metric}_mean"] for g in pts],
                         [_pct(g["test_acc_mean"]) for g in pts],
-                        xerr=[g[f"{metric}_std"] if g["n"] > 1 else 0 for g in pts],
-                        yerr=[_pct(g["test_acc_std"]) if g["n"] > 1 else 0 for g in pts],
+                        xerr=[g[f"{metric}_std"] if g[f"{metric}_count"] > 1 else 0 for g in pts],
+                        yerr=[_pct(g["test_acc_std"]) if g["test_acc_count"] > 1 else 0
+                              for g in pts],
                         color=label_color(label), marker="o", linestyle="none", capsize=3,
                         label=label)
+            _mark_flagged(ax, [g[f"{metric}_mean"] for g in pts],
+                          [_pct(g["test_acc_mean"]) for g in pts], pts)
         _finish(ax, xlabel, "test accuracy (%)", title)
+    _footnote(fig, everything)
     return fig
 
 
@@ -504,7 +584,7 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
         mine = [r for r in rows if r.get("label") == lab]
         div = [number(r.get("diverged")) for r in mine]
         skipped = [number(r.get("skipped_steps")) for r in mine]
-        stopped = [1.0 if r.get("status") in UNSTABLE else 0.0 for r in mine]
+        stopped = [1.0 if r.get("status") in (*UNSTABLE, FAILED) else 0.0 for r in mine]
         if any(v is not None for v in div + skipped) or any(stopped):
             conv = [number(r.get("converged")) for r in mine]
             divergence[lab] = (
@@ -532,7 +612,7 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
                      for n in names] for i in range(4)]
             for i, (values, color, what) in enumerate(zip(bars, ("C1", "C3", "C7", "black"), (
                     "solves not converged to tol (test)", "diverged solves (test)",
-                    "runs with skipped steps", "runs stopped (non-finite)"))):
+                    "runs with skipped steps", "runs stopped (non-finite) or failed"))):
                 ax.bar([x + 0.2 * (i - 1.5) for x in range(len(names))], values, width=0.2,
                        color=color, label=f"{what} (%)")
             ax.set_xticks(list(range(len(names))))

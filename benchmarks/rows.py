@@ -49,6 +49,7 @@ import math
 import os
 import statistics
 
+from benchmarks.aggregate import FAILED
 from benchmarks.presets import config_id_for
 
 #: columns first in every results.csv, in this order (DESIGN.md's list, then the rest)
@@ -220,3 +221,44 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     ordered = {k: row.get(k) for k in LEADING_COLUMNS}  # every leading column, maybe empty
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered
+
+
+def failed_rows(sweep_dir: str, recorded: set | frozenset = frozenset()) -> list[dict]:
+    """Rows for the runs of a sweep that have a directory but no results row and no
+    ``done.json``: crashed or killed runs (or, during a sweep, runs still training). Each holds
+    ``run_id``, ``label``, ``config_id``, the sweep's arguments and ``status = "failed"``, so
+    tables and plots can count them beside the configuration's finished seeds.
+
+    Args:
+        sweep_dir: the sweep directory (its ``runs/<run_id>/spec.json`` are read).
+        recorded: the ``run_id`` values present in ``results.csv``.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> os.makedirs(os.path.join(d, "runs", "r1"))
+        >>> json.dump({"run_id": "r1", "label": "WT", "config": {"depth": 2, "seed": 0}},
+        ...           open(os.path.join(d, "runs", "r1", "spec.json"), "w"))
+        >>> [(r["run_id"], r["depth"], r["status"]) for r in failed_rows(d)]
+        [('r1', 2, 'failed')]
+        >>> failed_rows(d, {"r1"})
+        []
+    """
+    runs = os.path.join(sweep_dir, "runs")
+    out = []
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else ():
+        run_dir = os.path.join(runs, name)
+        if name in recorded or os.path.exists(os.path.join(run_dir, "done.json")):
+            continue
+        try:
+            spec = _read_json(os.path.join(run_dir, "spec.json"))
+        except (OSError, ValueError):  # a damaged spec: not a run this table can place
+            continue
+        if not isinstance(spec, dict) or spec.get("run_id", name) in recorded:
+            continue
+        config = spec.get("config") or {}
+        row = {"run_id": spec.get("run_id", name), "label": spec.get("label"),
+               "config_id": config_id_for(spec.get("label"), config), "status": FAILED}
+        row.update({k: v for k, v in config.items() if not isinstance(v, dict)})
+        out.append(row)
+    return out

@@ -1,5 +1,10 @@
 """The summary table of a sweep: one line per configuration, averaged over seeds.
 
+``seeds`` counts every run of a configuration; the means are over its clean runs only, and the
+columns ``runs stopped`` (stopped on non-finite losses, or ended with one), ``runs failed`` (a
+run directory without a results row) and ``runs with skipped steps`` (kept in the means) show
+where any run has them (see :func:`benchmarks.aggregate.aggregate`).
+
 Written as ``summary.csv`` (raw means and standard deviations) and ``summary.md`` (rounded,
 ``mean ± std``), and printed at the end of ``python -m benchmarks.run``.
 
@@ -28,7 +33,9 @@ COLUMNS = (
     ("solver", "f_solver", "text"),
     ("grad", "grad", "text"),
     ("seeds", "n", "text"),
-    ("stopped", "n_stopped", "nonzero"),
+    ("runs stopped", "n_stopped", "nonzero"),
+    ("runs failed", "n_failed", "nonzero"),
+    ("runs with skipped steps", "n_skipped", "nonzero"),
     ("test acc %", "test_acc", "pct"),
     ("best acc %", "best_test_acc", "pct_mean"),
     ("params", "params", "int"),
@@ -107,7 +114,9 @@ def _cell(g: dict, key: str, kind: str) -> str:
     if not math.isfinite(mean):
         return ""
     if kind == "pct":
-        return f"{100 * mean:.1f} ± {100 * std:.1f}" if g.get("n", 1) > 1 else f"{100 * mean:.1f}"
+        if g.get(f"{key}_count", g.get("n", 1)) > 1:
+            return f"{100 * mean:.1f} ± {100 * std:.1f}"
+        return f"{100 * mean:.1f}"
     if kind == "pct_mean":
         return f"{100 * mean:.1f}"
     if kind == "int":

@@ -99,3 +99,22 @@ def train_runner(config: dict, out_dir: str) -> dict:
 
     final = run({**config, "progress": "none"})
     return {**final, "runner_out_dir": out_dir}
+
+
+def write_failed_run(sweep_dir: str, row: dict) -> str:
+    """A run directory as a failed run leaves it (``spec.json`` and a log, no ``done.json``,
+    no results row) for the run that would have written ``row``; returns its directory."""
+    import json
+
+    # the arguments fake_rows hashed into the row's config_id, as a sweep's spec.json holds them
+    config = {"label": row["label"], "depth": row["depth"], "width": row["width"],
+              "mask_k": row["mask_k"], "mask_density": row["mask_density"] or 0.5,
+              "seed": row["seed"]}
+    run_dir = os.path.join(sweep_dir, "runs", row["run_id"])
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "spec.json"), "w") as f:
+        json.dump({"run_id": row["run_id"], "label": row["label"], "config": config,
+                   "runner": None}, f)
+    with open(os.path.join(run_dir, "train.log"), "w") as f:
+        f.write("RuntimeError: out of memory\n")
+    return run_dir

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from benchmark_fakes import fake_rows, write_fake_sweep
+from benchmark_fakes import fake_rows, write_failed_run, write_fake_sweep
 
 from benchmarks import plot
 from benchmarks.aggregate import aggregate
 from benchmarks.recommend import main as recommend_main
 from benchmarks.recommend import recommend
+from benchmarks.results_io import write_rows
 from benchmarks.summary import summary_table, to_markdown
 
 
@@ -207,3 +208,92 @@ def test_extrapolation_draws_one_line_per_mask_setting():
     lines = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar per line
     assert set(lines) == {"trained at 4, K=2", "trained at 4, K=4"}
     assert list(lines["trained at 4, K=4"].get_ydata()) == pytest.approx([90.0, 90.0])
+
+
+def _unstable(rows, status="diverged", test_acc=0.1):
+    """A copy of ``rows`` where seed 0 of WT depth 2 width 8 is a run with ``status``."""
+    out = [dict(r) for r in rows]
+    hit = [r for r in out if r["label"] == "WT" and r["depth"] == 2 and r["width"] == 8
+           and r["seed"] == 0][0]
+    hit.update(status=status, test_acc=test_acc, best_test_acc=test_acc)
+    clean = [r["test_acc"] for r in out if r["label"] == "WT" and r["depth"] == 2
+             and r["width"] == 8 and r is not hit]
+    return out, statistics.fmean(clean)
+
+
+@pytest.mark.parametrize("status", ["diverged", "nonfinite"])
+def test_a_stopped_run_is_left_out_of_the_means_and_marked(rows, status):
+    # a run stopped on non-finite losses (its numbers: the last good epoch) was averaged in
+    unstable, clean_mean = _unstable(rows, status)
+    groups = [g for g in aggregate(unstable) if g["label"] == "WT" and g["depth"] == 2
+              and g["width"] == 8]
+    assert groups[0]["n"] == 3 and groups[0]["n_stopped"] == 1
+    assert groups[0]["test_acc_mean"] == pytest.approx(clean_mean)
+    assert groups[0]["test_acc_count"] == 2
+    ax = plot.plot_accuracy_vs_depth(unstable).axes[0]
+    xs, ys = _errorbar_lines(ax)["WT, width 8"]
+    assert ys[xs.index(2)] == pytest.approx(100 * clean_mean)
+    assert any("1/3" in t.get_text() for t in ax.texts)  # the point says how many
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("excluded from the mean" in t for t in legend)
+
+
+def test_a_configuration_whose_every_seed_diverged_is_named_not_dropped(rows):
+    out = [dict(r) for r in rows]
+    for r in out:
+        if r["label"] == "WT" and r["depth"] == 4 and r["width"] == 16:
+            r["status"] = "diverged"
+    fig = plot.plot_accuracy_vs_depth(out)
+    text = fig.get_supxlabel()  # a footnote under the panels
+    assert "WT, depth 4, width 16" in text and "3/3" in text
+
+
+def test_summary_counts_stopped_failed_and_skipped_runs(rows, tmp_path):
+    unstable, clean_mean = _unstable(rows)
+    unstable[1]["skipped_steps"] = 7  # finished, but some steps were skipped
+    table = summary_table(unstable)
+    wt = [g for g in table if g["label"] == "WT" and g["depth"] == 2 and g["width"] == 8][0]
+    assert wt["test_acc_mean"] == pytest.approx(clean_mean)
+    markdown = to_markdown(table).splitlines()
+    header = [c.strip() for c in markdown[0].strip("|").split("|")]
+    assert "runs stopped" in header and "runs with skipped steps" in header
+    # a failed run (no row, its directory holds spec.json and a log) is counted too
+    write_fake_sweep(str(tmp_path))
+    failed = [r for r in rows if r["label"] == "untied" and r["depth"] == 1 and r["seed"] == 2][0]
+    rows_left = [r for r in rows if r is not failed]
+    write_rows(str(tmp_path / "results.csv"), rows_left)
+    write_failed_run(str(tmp_path), failed)
+    markdown = plot.write_summary(str(tmp_path))
+    header = [c.strip() for c in markdown.splitlines()[0].strip("|").split("|")]
+    assert "runs failed" in header
+    line = [x for x in markdown.splitlines() if x.startswith(f"| untied | 1 | {failed['width']} |")]
+    cells = [c.strip() for c in line[0].strip("|").split("|")]
+    assert cells[header.index("runs failed")] == "1" and cells[header.index("seeds")] == "3"
+
+
+def test_recommend_skips_a_candidate_with_a_diverged_seed_and_says_so(capsys, tmp_path):
+    rows = [{"label": "WT", "config_id": c, "depth": d, "width": 32, "params": 1000 * d,
+             "seed": s, "test_acc": a, "status": "ok"}
+            for c, d, a in (("a", 2, .955), ("b", 4, .958), ("c", 8, .960)) for s in (0, 1)]
+    rows[0]["status"] = "diverged"  # depth 2, seed 0
+    pick = recommend(rows, params=10000)
+    assert pick["choice"]["depth"] == 4
+    assert [g["depth"] for g in pick["unstable"]] == [2]
+    write_rows(str(tmp_path / "results.csv"), rows)
+    assert recommend_main([str(tmp_path), "--params", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert "not considered" in out and "1/2 seed(s) diverged" in out
+
+
+def test_masks_panel_names_the_density_of_each_arms_panel(rows):
+    fig = plot.plot_masks(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    arms = [t for t in titles if t.startswith("Distinct vs shared")]
+    # the fake sweep has densities 0.25 and 0.5 at depth 4, width 8: one panel each
+    assert arms == ["Distinct vs shared vs no mask, width 8, density 0.25",
+                    "Distinct vs shared vs no mask, width 8, density 0.5"]
+    one = plot.plot_masks(rows, density=0.25)
+    assert [t for t in (ax.get_title() for ax in one.axes)
+            if t.startswith("Distinct")] == [arms[0]]
+    with pytest.raises(ValueError, match="density: .*0.25, 0.5"):
+        plot.plot_masks(rows, density=0.3)
