@@ -145,6 +145,19 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
     return out
 
 
+def flags(group: dict) -> str:
+    """What went wrong in a configuration's runs, as ``k/n`` counts (``""`` when nothing).
+
+    Example:
+        >>> flags({"n": 3, "n_stopped": 1, "n_failed": 0, "n_skipped": 2})
+        '1/3 diverged, 2/3 skipped steps'
+    """
+    n = group.get("n", 0)
+    return ", ".join(f"{group[key]}/{n} {what}" for key, what in (
+        ("n_stopped", "diverged"), ("n_failed", "failed"), ("n_skipped", "skipped steps"))
+        if group.get(key))
+
+
 def has(groups: Sequence[dict], metric: str) -> bool:
     """Whether any group has a finite mean of ``metric``.
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from benchmarks.aggregate import FAILED, UNSTABLE, aggregate, has, mean_std, number
+from benchmarks.aggregate import FAILED, UNSTABLE, aggregate, flags, has, mean_std, number
 from benchmarks.results_io import read_rows, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
@@ -113,26 +113,12 @@ def _pct(value: float) -> float:
 
 def _errorbar(ax, xs, groups, metric, **style):
     """Means in percent with one-std bars (none from a single clean run); flagged points
-    (:func:`_flag`) marked."""
+    (:func:`benchmarks.aggregate.flags`) marked."""
     ys = [_pct(g[f"{metric}_mean"]) for g in groups]
     es = [_pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
           for g in groups]
     ax.errorbar(xs, ys, yerr=es, capsize=3, markersize=5, linewidth=1.5, **style)
     _mark_flagged(ax, xs, ys, groups)
-
-
-def _flag(g: dict) -> str:
-    """What went wrong in a configuration's runs, as ``k/n`` counts (``""`` when nothing).
-
-    Example:
-        >>> _flag({"n": 3, "n_stopped": 1, "n_failed": 0, "n_skipped": 2})
-        '1/3 diverged, 2/3 skipped steps'
-    """
-    n = g.get("n", 0)
-    parts = [f"{g[key]}/{n} {what}" for key, what in (
-        ("n_stopped", "diverged"), ("n_failed", "failed"), ("n_skipped", "skipped steps"))
-        if g.get(key)]
-    return ", ".join(parts)
 
 
 #: legend entry of the flagged points
@@ -145,7 +131,7 @@ def _mark_flagged(ax, xs, ys, groups) -> None:
     steps, and one legend entry per axis saying what the marks mean."""
     from matplotlib.lines import Line2D
 
-    flagged = [(x, y, _flag(g)) for x, y, g in zip(xs, ys, groups) if _flag(g)]
+    flagged = [(x, y, flags(g)) for x, y, g in zip(xs, ys, groups) if flags(g)]
     for x, y, text in flagged:
         ax.plot([x], [y], marker="x", color="red", markersize=9, linestyle="none", zorder=5)
         ax.annotate(text, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
@@ -165,7 +151,7 @@ def _lost(groups: Sequence[dict]) -> list[str]:
                 ("depth", "depth"), ("width", "width"), ("mask_k", "K"),
                 ("mask_density", "density")) if g.get(key) not in (None, 0)
                 and not (key == "depth" and g.get("core") == "deq")]
-            out.append(f"{', '.join(parts)} ({_flag(g)})")
+            out.append(f"{', '.join(parts)} ({flags(g)})")
     return out
 
 
@@ -202,8 +188,8 @@ def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
     mean = _pct(g[f"{metric}_mean"])
     std = _pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
     color = label_color(g.get("label"))
-    if _flag(g):
-        label += f" [{_flag(g)}]"
+    if flags(g):
+        label += f" [{flags(g)}]"
     ax.axhline(mean, color=color, linestyle=linestyle, linewidth=1.3, label=label)
     if std > 0:
         ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)

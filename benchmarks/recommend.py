@@ -7,7 +7,9 @@ accuracy is within ``--tolerance`` points (default 0.5) of the best of them reco
 smallest: fewest parameters, then fewest cell evaluations per forward pass (an unrolled model's
 depth x stages, a DEQ's solver iterations; the depth where they are not recorded), then
 narrowest width, then fewest masks, then least training time. Nothing is extrapolated: only
-measured configurations are candidates.
+measured configurations are candidates, and only those whose every run finished cleanly: a
+configuration with a seed that diverged (stopped on, or ended with, non-finite losses) or failed
+(a run directory without a results row) is not considered, and the command lists it.
 
 Example:
     >>> rows = [{"label": "WT", "config_id": c, "depth": d, "width": 32, "params": 1000 * d,
@@ -28,8 +30,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from benchmarks.aggregate import aggregate
+from benchmarks.aggregate import aggregate, flags
 from benchmarks.results_io import read_rows
+from benchmarks.rows import failed_rows
 from benchmarks.summary import to_markdown
 
 BUDGETS = {"params": "params", "time": "train_time_s"}
@@ -59,11 +62,13 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
 
     Returns:
         ``{"choice": group, "best": group, "best_acc": float, "candidates": [groups],
-        "feasible": int, "budget": str}`` (groups as :func:`benchmarks.aggregate.aggregate`).
+        "feasible": int, "budget": str, "unstable": [groups]}`` (groups as
+        :func:`benchmarks.aggregate.aggregate`; ``unstable``: configurations within the budget
+        left out because a seed diverged or failed, smallest first).
 
     Raises:
         ValueError: not exactly one budget, a budget <= 0, a negative tolerance, or no measured
-            configuration within the budget.
+            configuration within the budget whose runs all finished cleanly.
     """
     if (params is None) == (time_s is None):
         raise ValueError("budget: give exactly one of --params N or --time S")
@@ -72,9 +77,15 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         raise ValueError(f"budget: must be > 0, got {limit}")
     if not 0 <= tolerance < math.inf:  # nan too
         raise ValueError(f"tolerance: must be a finite number >= 0 points, got {tolerance}")
-    groups = [g for g in aggregate(rows) if math.isfinite(g["test_acc_mean"])]
-    feasible = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
-                and g[f"{budget_key}_mean"] <= limit]
+    groups = aggregate(rows)
+    within = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
+              and g[f"{budget_key}_mean"] <= limit]
+    unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
+    feasible = [g for g in within if g not in unstable and math.isfinite(g["test_acc_mean"])]
+    if not feasible and unstable:
+        raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
+                         f"diverged or failed run ({len(unstable)}; the smallest: "
+                         f"{describe(unstable[0])})")
     if not feasible:
         measured = [g[f"{budget_key}_mean"] for g in groups
                     if math.isfinite(g[f"{budget_key}_mean"])]
@@ -87,7 +98,7 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
                         key=_size_key)
     return {"choice": candidates[0], "best": best, "best_acc": best["test_acc_mean"],
             "candidates": candidates, "feasible": len(feasible),
-            "budget": f"{budget_key} <= {limit:g}"}
+            "budget": f"{budget_key} <= {limit:g}", "unstable": unstable}
 
 
 def describe(group: dict) -> str:
@@ -107,8 +118,14 @@ def describe(group: dict) -> str:
     if group.get("mask_k"):
         parts.append(f"{group['mask_k']} mask(s) at density {group.get('mask_density')}")
     text = ", ".join(p for p in parts if p)
-    text += (f": {100 * group['test_acc_mean']:.1f} ± {100 * group['test_acc_std']:.1f} % over "
-             f"{group.get('n')} seed(s)")
+    count = group.get("test_acc_count", group.get("n"))
+    if math.isfinite(group.get("test_acc_mean", math.nan)):
+        text += (f": {100 * group['test_acc_mean']:.1f} ± {100 * group['test_acc_std']:.1f} % "
+                 f"over {count} seed(s)")
+    else:
+        text += ": no clean run"
+    if flags(group):
+        text += f" [{flags(group)}]"
     if math.isfinite(group.get("params_mean", math.nan)):
         text += f", {group['params_mean']:.0f} params"
     if math.isfinite(group.get("train_time_s_mean", math.nan)):
@@ -136,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        pick = recommend(read_rows(path), params=args.params, time_s=args.time,
-                         tolerance=args.tolerance)
+        rows = read_rows(path)
+        rows += failed_rows(args.sweep_dir, {r.get("run_id") for r in rows})
+        pick = recommend(rows, params=args.params, time_s=args.time, tolerance=args.tolerance)
     except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
@@ -150,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + describe(pick["best"]))
     print(f"\ncandidates within {args.tolerance:g} points, smallest first:")
     print(to_markdown(pick["candidates"]))
+    if pick["unstable"]:
+        print(f"\nnot considered: {len(pick['unstable'])} configuration(s) under the budget "
+              "had a diverged or failed run (means over their clean runs):")
+        for group in pick["unstable"]:
+            print("  " + describe(group))
     return 0
 
 

@@ -279,10 +279,12 @@ def test_recommend_skips_a_candidate_with_a_diverged_seed_and_says_so(capsys, tm
     pick = recommend(rows, params=10000)
     assert pick["choice"]["depth"] == 4
     assert [g["depth"] for g in pick["unstable"]] == [2]
+    with pytest.raises(ValueError, match="had a diverged or failed run"):
+        recommend(rows, params=2000)  # the only configuration that fits had a diverged seed
     write_rows(str(tmp_path / "results.csv"), rows)
     assert recommend_main([str(tmp_path), "--params", "10000"]) == 0
     out = capsys.readouterr().out
-    assert "not considered" in out and "1/2 seed(s) diverged" in out
+    assert "not considered" in out and "1/2 diverged" in out
 
 
 def test_masks_panel_names_the_density_of_each_arms_panel(rows):
