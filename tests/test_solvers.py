@@ -436,6 +436,30 @@ def test_solvers_cope_with_f_reusing_its_output_buffer(method):
     torch.testing.assert_close(got[0], want[0])
 
 
+def test_broyden_takes_one_spare_buffer_for_f_reusing_its_output(monkeypatch):
+    # the rebuilt f(x_prev) went into a fresh scratch entry every step: the cached buffer was
+    # busy, so each step allocated one more (B, D) tensor, all held until the solve ended
+    import contextlib
+    import sys
+
+    module = sys.modules["wtmodels.solvers.broyden"]
+    taken, real = [], module.scratch
+
+    @contextlib.contextmanager
+    def counting(name, shape, like):
+        taken.append(name)
+        with real(name, shape, like) as buf:
+            yield buf
+
+    monkeypatch.setattr(module, "scratch", counting)
+    A = 0.9 * torch.eye(4, dtype=F64)
+    buf = torch.empty(2, 4, dtype=F64)
+    z, stats = broyden(lambda z: torch.add(torch.tanh(z @ A.T), 1.0, out=buf),
+                       torch.zeros(2, 4, dtype=F64), tol=1e-10, max_iter=60)
+    assert stats.converged.all() and int(stats.nstep.max()) > 3
+    assert taken.count("broyden.fx_prev") == 1
+
+
 @pytest.mark.parametrize("method", SOLVERS)
 def test_the_callers_z0_is_never_written(method):
     z0 = -torch.ones(4, 6)

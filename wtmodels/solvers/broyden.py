@@ -90,13 +90,14 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         Sg_old = sm.full((B, m), 0.0)  # s_i^T g of the previous step
         newer = sm.of(_newer_masks(m, x.device, x.dtype))  # (m + 1, m, m)
         g = W[:, 0]  # (B, D), a row of W so that [g, s] is one strided (B, 2, D) operand
-        x_prev = fx_prev = None
+        x_prev = fx_prev = spare = None
         for k in range(max_iter):
             fx = prob(x)
             if fx_prev is not None and fx.data_ptr() == fx_prev.data_ptr():
                 # f wrote this output over its last one: rebuild f(x_prev) = g_prev + x_prev
-                # (g still holds g_prev) in a buffer of our own
-                spare = ctx.enter_context(scratch("broyden.fx_prev", x.shape, x))
+                # (g still holds g_prev) in a buffer of our own, taken once per solve
+                if spare is None:
+                    spare = ctx.enter_context(scratch("broyden.fx_prev", x.shape, x))
                 fx_prev = torch.add(x_prev, g, out=spare)
             torch.sub(fx, x, out=g)
             if tracker.update(x, fx, g, live=(x_prev,)) or tracker.n_iter == max_iter:
