@@ -31,6 +31,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from wtmodels.train_config import resolve_config, settings_without_effect
+
 # ---------------------------------------------------------------------------------------------
 # the vocabulary the presets use (model names from wtmodels.models' registry)
 
@@ -286,9 +288,14 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
     if not seeds:
         raise ValueError("seeds: give at least one seed, e.g. --seeds 0,1,2")
     runs = []
+    read = {v.label: _read_overrides(v.config, overrides or {}, spec.runner) for v in variants}
+    unread = sorted(set(overrides or {}) - set().union(*read.values()))
+    if unread:
+        raise ValueError(f"overrides: no run of preset {name!r} reads {', '.join(unread)} (its "
+                         "models would silently ignore it)")
     for seed in seeds:
         for variant in variants:
-            config = {**variant.config, **(overrides or {}), "seed": int(seed)}
+            config = {**variant.config, **read[variant.label], "seed": int(seed)}
             runs.append(RunSpec(run_id_for(variant.label, config), variant.label, config,
                                 spec.runner))
     if overrides and "seed" in overrides:
@@ -314,6 +321,21 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
             raise ValueError(f"preset {name!r}: variants {other.label!r} and {run.label!r} "
                              f"become the same run with these overrides ({overrides or {}})")
     return runs
+
+
+def _read_overrides(config: dict, overrides: dict, runner: str | None) -> dict:
+    """The ``overrides`` that a run of ``config`` reads: a DEQ setting is not passed to a
+    weight-tied run, a mask setting not to a run without masks (the trainer refuses settings
+    its model would ignore). A custom runner's runs get them all (its ``check_config``
+    judges them); a config the trainer would reject anyway keeps them all, to fail there
+    with its own message."""
+    if runner is not None or not overrides:
+        return dict(overrides)
+    try:
+        ignored = settings_without_effect(resolve_config({**config, **overrides}))
+    except ValueError:
+        return dict(overrides)
+    return {k: v for k, v in overrides.items() if k not in ignored}
 
 
 # arguments of wtmodels.train that the harness sets per run (not settable with --set)

@@ -11,7 +11,7 @@ import pytest
 from benchmarks import presets
 from benchmarks.presets import build_runs, get_preset, list_presets, run_id_for
 from wtmodels.models import get_config
-from wtmodels.train_config import resolve_config
+from wtmodels.train_config import resolve_config, settings_without_effect
 
 TRAIN_PRESETS = [p for p in list_presets() if get_preset(p).runner is None]
 REQUIRED = {"quick", "deq_vs_wt", "depth", "width", "sparsity", "fashion", "cifar10",
@@ -31,6 +31,7 @@ def test_every_run_is_a_valid_training_config(name, smoke):
         cfg = resolve_config(dict(run.config))  # raises on an unknown key or a bad value
         # the model fields must build: sizes, norm groups dividing widths, solver names
         get_config(cfg.model, **cfg.model_overrides)
+        assert settings_without_effect(cfg) == {}  # the trainer would refuse the run
         if smoke:
             assert cfg.model.startswith("test_") and cfg.epochs == 1
             assert cfg.dataset in ("digits", "synthetic")  # nothing the tests would lack
@@ -181,4 +182,23 @@ def test_set_of_a_key_the_preset_sweeps_is_refused():
         build_runs("quick", smoke=True, overrides={"depth": 3})
     # a key only one variant sets is not swept: quick's DEQ may take another gradient
     runs = build_runs("quick", smoke=True, overrides={"grad": "phantom", "epochs": 1})
-    assert all(r.config["grad"] == "phantom" and r.config["epochs"] == 1 for r in runs)
+    assert all(r.config["epochs"] == 1 for r in runs)
+    assert {r.label for r in runs if r.config.get("grad") == "phantom"} == {"DEQ"}
+
+
+def test_set_reaches_only_the_runs_that_read_it():
+    plain = {(r.label, r.config.get("depth")): r
+             for r in build_runs("quick", smoke=True, seeds=[0])}
+    runs = build_runs("quick", smoke=True, seeds=[0],
+                      overrides={"f_max_iter": 7, "jac_reg_weight": 0.1, "mask_seed": 3})
+    for run in runs:
+        deq, masked = run.label == "DEQ", "masks" in run.label
+        assert (run.config.get("f_max_iter") == 7) == deq
+        assert (run.config.get("jac_reg_weight") == 0.1) == deq
+        assert (run.config.get("mask_seed") == 3) == masked
+        # a run that reads none of them is the run without the overrides (same id)
+        same = run.run_id == plain[(run.label, run.config.get("depth"))].run_id
+        assert same == (not deq and not masked)
+        assert settings_without_effect(resolve_config(dict(run.config))) == {}
+    with pytest.raises(ValueError, match=r"no run of preset 'depth' reads f_max_iter"):
+        build_runs("depth", smoke=True, overrides={"f_max_iter": 7, "epochs": 1})

@@ -182,6 +182,37 @@ class ModelConfig:
         return self
 
 
+#: fields read only by one core: on a model of another core they have no effect
+CORE_ONLY_FIELDS = {
+    "deq": ("f_solver", "f_max_iter", "f_tol", "b_solver", "b_max_iter", "b_tol", "grad",
+            "phantom_steps", "stop_mode", "eval_f_max_iter"),
+    "ode": ("ode_method", "ode_rtol", "ode_atol", "ode_adjoint", "ode_T"),
+}
+#: fields read only when the cell convolutions are masked (``mask_k > 0``)
+MASK_FIELDS = ("mask_density", "mask_kind", "mask_seed", "mask_schedule")
+
+
+def fields_without_effect(config: ModelConfig) -> dict[str, str]:
+    """The fields a model built from ``config`` never reads, each with the reason.
+
+    Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks.
+    (Within a DEQ the backward-solver fields stay in the config whatever ``grad`` is.)
+
+    Example:
+        >>> sorted(fields_without_effect(ModelConfig(core="unrolled")))[:2]
+        ['b_max_iter', 'b_solver']
+        >>> fields_without_effect(ModelConfig(core="unrolled"))["mask_density"]
+        'read only with mask_k > 0'
+    """
+    unused = {}
+    for core, names in CORE_ONLY_FIELDS.items():
+        if config.core != core:
+            unused.update((n, f"read by core {core!r} only") for n in names)
+    if config.mask_k == 0:
+        unused.update((n, "read only with mask_k > 0") for n in MASK_FIELDS)
+    return unused
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

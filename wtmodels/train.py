@@ -67,7 +67,13 @@ from wtmodels.distributed import DistContext
 from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
 from wtmodels.optim import build_optimizer, build_scheduler
 from wtmodels.provenance import git_sha
-from wtmodels.train_config import RUNTIME_FIELDS, TrainConfig, resolve_config, train_field_names
+from wtmodels.train_config import (
+    RUNTIME_FIELDS,
+    TrainConfig,
+    resolve_config,
+    settings_without_effect,
+    train_field_names,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -291,6 +297,11 @@ class _Trainer:
                 raise BadInput(verdict[1])
             cfg = verdict[1]
             self.cfg = cfg
+            ignored = settings_without_effect(cfg)
+            if ignored:
+                raise BadInput(f"model {cfg.model!r} would silently ignore "
+                               + ", ".join(f"{name} ({why})" for name, why in ignored.items())
+                               + ": remove these settings or choose a model that reads them")
             self.out = Path(cfg.out) if cfg.out is not None else None
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)  # restored by close()

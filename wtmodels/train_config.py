@@ -270,6 +270,42 @@ def check_model_overrides(overrides: dict) -> dict:
     return out
 
 
+#: training settings read only when the model has a DEQ core
+DEQ_TRAIN_FIELDS = ("pretrain_steps", "jac_reg_weight", "jac_reg_freq")
+
+
+def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
+    """The settings of ``cfg`` that its model would never read, each with the reason.
+
+    A model override counts when it differs from the registered variant's own value and the
+    resolved model does not read it (see ``wtmodels.model_config.fields_without_effect``); a
+    DEQ training setting counts when it differs from its default on a model without a DEQ
+    core (and ``jac_reg_freq`` when ``jac_reg_weight`` is 0). The trainer refuses such a run:
+    a setting that silently does nothing is a wrong experiment, not a harmless one.
+
+    Example:
+        >>> settings_without_effect(TrainConfig(model="wt_s", jac_reg_weight=0.1))
+        {'jac_reg_weight': "read by core 'deq' only"}
+        >>> settings_without_effect(TrainConfig(model="deq_s", model_overrides={"f_tol": 1e-3}))
+        {}
+    """
+    from wtmodels.model_config import fields_without_effect
+    from wtmodels.models import get_config
+
+    variant = get_config(cfg.model)
+    resolved = get_config(cfg.model, **cfg.model_overrides)
+    unused = fields_without_effect(resolved)
+    found = {name: unused[name] for name, value in cfg.model_overrides.items()
+             if name in unused and value != getattr(variant, name)}
+    defaults = TrainConfig()
+    if resolved.core != "deq":
+        found.update((name, "read by core 'deq' only") for name in DEQ_TRAIN_FIELDS
+                     if getattr(cfg, name) != getattr(defaults, name))
+    elif cfg.jac_reg_weight == 0 and cfg.jac_reg_freq != defaults.jac_reg_freq:
+        found["jac_reg_freq"] = "read only with jac_reg_weight > 0"
+    return found
+
+
 def resolve_config(config: dict | TrainConfig) -> TrainConfig:
     """A validated TrainConfig from a TrainConfig or a flat dict of train and model settings.
 
