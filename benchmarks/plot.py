@@ -3,8 +3,11 @@
 Reads ``DIR/results.csv`` (and ``DIR/extrapolation.csv`` when present) and writes
 ``DIR/plots/<panel>.png``, ``DIR/summary.csv`` and ``DIR/summary.md``. Each panel function
 takes the rows and returns a matplotlib ``Figure``, or ``None`` when the rows cannot support it
-(for example no sweep over width): only supported panels are drawn. Points are means over seeds
-with error bars of one standard deviation. The notebook ``notebooks/guidelines.ipynb`` calls the
+(for example no sweep over width): only supported panels are drawn. Points are means over the
+clean runs' seeds with error bars of one standard deviation; a point some of whose runs
+diverged, failed or skipped steps carries a red cross and its ``k/n`` counts (diverged and
+failed runs are left out of the mean), and configurations with no clean run are named under
+the panels. The notebook ``notebooks/guidelines.ipynb`` calls the
 same functions.
 
 =========================  =================================================================
@@ -13,8 +16,9 @@ panel                      drawn when
 ``accuracy_vs_depth``      some label has two depths or more (a line per width)
 ``accuracy_vs_width``      some label has two widths or more (a line per depth)
 ``masks``                  distinct masks and one shared mask or none at some depth (a
-                           dot per arm and depth), three mask counts or two densities at one
-                           depth and width (curves)
+                           dot per arm and depth, a panel per mask density, titled with it;
+                           ``--mask-density D`` keeps one), three mask counts or two
+                           densities at one depth and width (curves)
 ``capacity``               two labels or more with parameter counts (tied, tied + masks,
                            untied: the capacity frontier), and FLOPs per image when known
 ``time_memory``            training time for two labels or more (WT vs DEQ), peak memory
@@ -325,10 +329,22 @@ def _mask_arm(g: dict) -> str | None:
     return "no mask" if k == 0 else "1 shared mask" if k == 1 else "distinct masks"
 
 
-def _arms_by_depth(groups: Sequence[dict]) -> tuple[int | None, dict]:
-    """At the most common width: depth -> arm -> group (for several, the most masks, then the
-    density closest to 0.5)."""
-    masked = [g for g in groups if _mask_arm(g) in ("1 shared mask", "distinct masks")]
+def _density_name(density) -> str:
+    return "" if density is None else f"density {density:g}"
+
+
+def _arm_densities(groups: Sequence[dict]) -> list:
+    """The densities of the shared / distinct mask arms, in order (None: not recorded)."""
+    values = {g.get("mask_density") for g in groups
+              if _mask_arm(g) in ("1 shared mask", "distinct masks")}
+    return sorted(values, key=lambda v: (v is None, v if v is not None else 0))
+
+
+def _arms_by_depth(groups: Sequence[dict], density=None) -> tuple[int | None, dict]:
+    """At the most common width, with the masks at ``density``: depth -> arm -> group (for
+    several, the most masks). No mask and untied have no density: they join every table."""
+    masked = [g for g in groups if _mask_arm(g) in ("1 shared mask", "distinct masks")
+              and g.get("mask_density") == density]
     widths = [g.get("width") for g in masked]
     if not widths:
         return None, {}
@@ -338,16 +354,17 @@ def _arms_by_depth(groups: Sequence[dict]) -> tuple[int | None, dict]:
         arm = _mask_arm(g)
         if arm is None or g.get("width") != width or g.get("depth") is None:
             continue
+        if arm in ("1 shared mask", "distinct masks") and g.get("mask_density") != density:
+            continue
         slot = table.setdefault(g["depth"], {})
-        rank = (g.get("mask_k") or 0, -abs((g.get("mask_density") or 0.5) - 0.5))
-        if arm not in slot or rank > slot[arm][0]:
-            slot[arm] = (rank, g)
-    table = {d: {a: v[1] for a, v in arms.items()} for d, arms in table.items()
+        if arm not in slot or (g.get("mask_k") or 0) > (slot[arm].get("mask_k") or 0):
+            slot[arm] = g
+    table = {d: arms for d, arms in table.items()
              if "distinct masks" in arms and len(arms) >= 2}
     return width, table
 
 
-def _plot_arms(ax, width, table) -> None:
+def _plot_arms(ax, width, table, density=None) -> None:
     depths = sorted(table)
     arms = [a for a in MASK_ARMS if any(a in table[d] for d in depths)]
     colors = {"no mask": "C0", "1 shared mask": "C9", "distinct masks": "C2", "untied": "C3"}
@@ -365,23 +382,50 @@ def _plot_arms(ax, width, table) -> None:
                   label=name)
     ax.set_xticks(range(len(depths)))
     ax.set_xticklabels([f"depth {d}" for d in depths])
-    _finish(ax, "", "test accuracy (%)", f"Distinct vs shared vs no mask, width {width}")
+    title = f"Distinct vs shared vs no mask, width {width}"
+    _finish(ax, "", "test accuracy (%)", ", ".join(filter(None, (title, _density_name(density)))))
 
 
-def plot_masks(rows: Sequence[dict]) -> Figure | None:
+def _check_density(groups: Sequence[dict], density) -> list:
+    """The arm densities to draw: all of them, or ``density`` when it is one of them."""
+    densities = _arm_densities(groups)
+    if density is None:
+        return densities
+    if density not in densities:
+        valid = ", ".join(f"{d:g}" for d in densities if d is not None) or "none"
+        raise ValueError(f"density: no masks at density {density:g} in these results; "
+                         f"valid: {valid}")
+    return [density]
+
+
+def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | None:
     """Masks at equal parameters: per depth, no mask vs one shared mask vs distinct masks (and
-    the untied model); and where a sweep has them, accuracy vs the number of distinct masks K
-    (a line per density; K = 1 is one shared mask) and vs density (a line per K) at the depth
-    and width with the most mask settings, with no mask and untied as reference bands.
+    the untied model), one panel per mask density (or only ``density``; its title names it);
+    and where a sweep has them, accuracy vs the number of distinct masks K (a line per density;
+    K = 1 is one shared mask) and vs density (a line per K) at the depth and width with the
+    most mask settings, with no mask and untied as reference bands. More than three panels
+    take two rows: the per-depth comparisons above, the curves below.
+
+    Args:
+        rows: results rows.
+        density: draw the per-depth comparison at this mask density only.
+
+    Raises:
+        ValueError: ``density`` is not a density of the results' masked runs (names those).
 
     Example:
         >>> rows = [{"label": "WT + distinct masks", "core": "unrolled", "depth": 4, "width": 8,
         ...          "mask_k": k, "mask_density": 0.5, "test_acc": 0.8} for k in (0, 1, 2, 4)]
         >>> [ax.get_title() for ax in plot_masks(rows).axes]  # doctest: +NORMALIZE_WHITESPACE
-        ['Distinct vs shared vs no mask, width 8', 'Masks at depth 4, width 8']
+        ['Distinct vs shared vs no mask, width 8, density 0.5', 'Masks at depth 4, width 8']
     """
-    groups = [g for g in aggregate(rows, ["test_acc"]) if has([g], "test_acc")]
-    width, arms = _arms_by_depth(groups)
+    everything = aggregate(rows, ["test_acc"])
+    groups = [g for g in everything if has([g], "test_acc")]
+    arm_panels = []
+    for d in _check_density(groups, density):
+        width, arms = _arms_by_depth(groups, d)
+        if arms:
+            arm_panels.append((width, arms, d))
     setting = _masked_setting(groups)
     masked = refs = ks = densities = []
     if setting is not None:
@@ -391,40 +435,49 @@ def plot_masks(rows: Sequence[dict]) -> Figure | None:
             None, "unrolled", "untied")]
         ks = sorted({g["mask_k"] for g in masked})
         densities = sorted({g.get("mask_density") for g in masked if g.get("mask_density")})
-    panels = [p for p, ok in (("arms", bool(arms)), ("k", len(ks) >= 3),
-                              ("density", len(densities) >= 2)) if ok]
-    if not panels:
+    curves = [p for p, ok in (("k", len(ks) >= 3), ("density", len(densities) >= 2)) if ok]
+    if not arm_panels and not curves:
         return None
-    fig = Figure(figsize=(6.5 * len(panels), 4.5), layout="constrained")
-    for i, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        if panel == "arms":
-            _plot_arms(ax, width, arms)
-            continue
-        outer, inner = (densities, ks) if panel == "k" else (ks, densities)
-        for j, value in enumerate(outer):
-            key_out, key_in = ("mask_density", "mask_k") if panel == "k" else (
-                "mask_k", "mask_density")
-            pts = sorted((g for g in masked if g.get(key_out) == value), key=lambda g: g[key_in])
-            if not pts:
-                continue
-            name = f"density {value:g}" if panel == "k" else (
-                "1 shared mask" if value == 1 else f"{value} distinct masks")
-            _errorbar(ax, [g[key_in] for g in pts], pts, "test_acc",
-                      color=_sequential(j, len(outer)), marker=_MARKERS[j % len(_MARKERS)],
-                      label=name)
-        for g in refs:
-            name = "no mask" if g.get("core") in (None, "unrolled") else g.get("label")
-            _reference_line(ax, g, name)
-        if panel == "k":
-            _log2_axis(ax, inner)
-            _finish(ax, "distinct masks K (1 = one shared mask)", "test accuracy (%)",
-                    f"Masks at depth {setting[0]}, width {setting[1]}")
-        else:
-            ax.set_xticks(inner)
-            _finish(ax, "mask density (share of weights kept)", "test accuracy (%)",
-                    f"Density at depth {setting[0]}, width {setting[1]}")
+    two_rows = len(arm_panels) + len(curves) > 3 and arm_panels and curves
+    ncols = max(len(arm_panels), len(curves)) if two_rows else len(arm_panels) + len(curves)
+    fig = Figure(figsize=(6.5 * ncols, 9 if two_rows else 4.5), layout="constrained")
+    first_arms = None
+    for i, (width, arms, d) in enumerate(arm_panels):  # one y scale: densities compare
+        ax = fig.add_subplot(2 if two_rows else 1, ncols, i + 1, sharey=first_arms)
+        first_arms = first_arms or ax
+        _plot_arms(ax, width, arms, d)
+    first = ncols + 1 if two_rows else len(arm_panels) + 1
+    for i, panel in enumerate(curves):
+        ax = fig.add_subplot(2 if two_rows else 1, ncols, first + i)
+        _plot_curves(ax, panel, masked, refs, ks, densities, setting)
+    _footnote(fig, everything)
     return fig
+
+
+def _plot_curves(ax, panel, masked, refs, ks, densities, setting) -> None:
+    """Accuracy vs K (``panel == "k"``, a line per density) or vs density (a line per K)."""
+    outer, inner = (densities, ks) if panel == "k" else (ks, densities)
+    key_out, key_in = ("mask_density", "mask_k") if panel == "k" else ("mask_k", "mask_density")
+    for j, value in enumerate(outer):
+        pts = sorted((g for g in masked if g.get(key_out) == value), key=lambda g: g[key_in])
+        if not pts:
+            continue
+        name = f"density {value:g}" if panel == "k" else (
+            "1 shared mask" if value == 1 else f"{value} distinct masks")
+        _errorbar(ax, [g[key_in] for g in pts], pts, "test_acc",
+                  color=_sequential(j, len(outer)), marker=_MARKERS[j % len(_MARKERS)],
+                  label=name)
+    for g in refs:
+        name = "no mask" if g.get("core") in (None, "unrolled") else g.get("label")
+        _reference_line(ax, g, name)
+    if panel == "k":
+        _log2_axis(ax, inner)
+        _finish(ax, "distinct masks K (1 = one shared mask)", "test accuracy (%)",
+                f"Masks at depth {setting[0]}, width {setting[1]}")
+    else:
+        ax.set_xticks(inner)
+        _finish(ax, "mask density (share of weights kept)", "test accuracy (%)",
+                f"Density at depth {setting[0]}, width {setting[1]}")
 
 
 def pareto_front(groups: Sequence[dict], x: str, y: str = "test_acc") -> list[dict]:
@@ -669,19 +722,26 @@ PANELS: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
 }
 
 
-def make_plots(sweep_dir: str, out_dir: str | None = None) -> list[str]:
+def make_plots(sweep_dir: str, out_dir: str | None = None,
+               mask_density: float | None = None) -> list[str]:
     """Draw every supported panel of a sweep as PNG; returns the paths written.
 
     Args:
         sweep_dir: a directory with ``results.csv``.
         out_dir: where the PNGs go (default ``sweep_dir/plots``).
+        mask_density: the masks panel's per-depth comparison at this density only (default:
+            one panel per density).
+
+    Raises:
+        ValueError: a damaged results file, or a ``mask_density`` the results do not have.
 
     Example:
         >>> make_plots("/nonexistent")
         []
     """
     rows = load_results(sweep_dir)
-    figures = {name: fn(rows) for name, fn in PANELS.items()} if rows else {}
+    panels = {**PANELS, "masks": lambda r: plot_masks(r, density=mask_density)}
+    figures = {name: fn(rows) for name, fn in panels.items()} if rows else {}
     figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir))
     figures = {k: v for k, v in figures.items() if v is not None}
     if not figures:
@@ -714,14 +774,15 @@ def write_summary(sweep_dir: str) -> str:
     return markdown
 
 
-def make_report(sweep_dir: str) -> tuple[list[str], str]:
-    """Plots and summary table of a sweep: ``(png paths, markdown table)``.
+def make_report(sweep_dir: str, mask_density: float | None = None) -> tuple[list[str], str]:
+    """Plots and summary table of a sweep: ``(png paths, markdown table)`` (``mask_density``:
+    see :func:`make_plots`).
 
     Example:
         >>> make_report("/nonexistent")
         ([], '(no finished runs)')
     """
-    return make_plots(sweep_dir), write_summary(sweep_dir)
+    return make_plots(sweep_dir, mask_density=mask_density), write_summary(sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
                                      description="Plots and summary table of a sweep directory.")
     parser.add_argument("sweep_dir", help="a directory with results.csv")
+    parser.add_argument("--mask-density", type=float, default=None, metavar="D",
+                        help="compare no / shared / distinct masks at this density only "
+                             "(default: one panel per density)")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     args = parser.parse_args(argv)
     if not os.path.exists(os.path.join(args.sweep_dir, RESULTS)):
@@ -736,8 +800,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        paths, table = make_report(args.sweep_dir)
-    except ValueError as err:  # a damaged results file
+        paths, table = make_report(args.sweep_dir, mask_density=args.mask_density)
+    except ValueError as err:  # a damaged results file, a density the results do not have
         print(f"python -m benchmarks.plot: error: {err}", file=sys.stderr)
         return 2
     print(table)

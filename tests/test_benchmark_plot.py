@@ -68,10 +68,10 @@ def test_panels_are_skipped_when_the_data_cannot_support_them(rows):
 
 def test_masks_panel_compares_distinct_shared_and_none(rows):
     fig = plot.plot_masks(rows)
-    assert len(fig.axes) == 3  # arms per depth, vs number of masks, vs density
-    arms = _errorbar_lines(fig.axes[0])
+    assert len(fig.axes) == 4  # arms per depth at densities 0.25 and 0.5, vs K, vs density
+    arms = _errorbar_lines(fig.axes[1])  # density 0.5
     assert set(arms) == {"no mask", "1 shared mask", "distinct masks (K = 2, 8)", "untied"}
-    k_axis = fig.axes[1]
+    k_axis = fig.axes[2]
     lines = _errorbar_lines(k_axis)
     xs, ys = lines["density 0.5"]
     assert xs == [1, 2, 4, 8]  # K = 1 is the shared mask
@@ -299,3 +299,14 @@ def test_masks_panel_names_the_density_of_each_arms_panel(rows):
             if t.startswith("Distinct")] == [arms[0]]
     with pytest.raises(ValueError, match="density: .*0.25, 0.5"):
         plot.plot_masks(rows, density=0.3)
+
+
+def test_plot_command_line_picks_the_mask_density(tmp_path, capsys):
+    write_fake_sweep(str(tmp_path))
+    assert plot.main([str(tmp_path), "--mask-density", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "valid: 0.25, 0.5" in err
+    assert plot.main([str(tmp_path), "--mask-density", "0.25"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        plot.main([str(tmp_path), "--mask-density", "half"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
