@@ -442,6 +442,14 @@ def test_inference_output_does_not_alias_a_reused_output_buffer_of_f():
 
 
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_f_returning_its_argument_written_in_place_is_refused(grad):
+    # unroll recorded the residual of z.mul_(0.5).add_(1) against itself: 0, "converged"
+    for mode in (torch.enable_grad, torch.no_grad):
+        with mode(), pytest.raises(ValueError, match="modified its argument in place"):
+            wt.DEQ(grad=grad)(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
 def test_diverged_samples_come_back_from_their_start_in_every_grad_mode(grad):
     # plain iteration of an expansive map (spectral radius 1.5) from z0 = 0: the lowest-rel
     # iterate is a runaway; every mode returns f(z0) for those samples (their start had the

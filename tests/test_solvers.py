@@ -467,6 +467,20 @@ def test_the_callers_z0_is_never_written(method):
     assert (z0 == -1).all()
 
 
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_f_returning_its_argument_written_in_place_is_refused(method, dtype):
+    # z.mul_(0.5).add_(1) is z itself: the residual f(z) - z read 0 and the solve reported
+    # convergence at the first step, returning f(z0) = 1 (the fixed point is 2)
+    with pytest.raises(ValueError, match="modified its argument in place"):
+        wt.solve(lambda z: z.mul_(0.5).add_(1.0), torch.zeros(2, 3, dtype=dtype),
+                 method=method)
+    # writing the argument in place and returning a new tensor stays as it was (see above)
+    _, stats = wt.solve(lambda z: 0.5 * torch.relu_(z) + 1.0, torch.zeros(2, 3),
+                        method=method, tol=1e-6)
+    assert stats.converged.all()
+
+
 @pytest.mark.parametrize("method", ["fixed_point", "broyden"])
 def test_falling_transient_is_not_divergence(method):
     # spectral radius 0.5 but far from normal: the residual jumps 100x, then falls steadily

@@ -266,8 +266,12 @@ class DEQ(nn.Module):
         per_sample = (B,) + (1,) * (z0.dim() - 1)
         z = best_in = z0.detach()  # iterates; best_in never carries a graph
         best_out = first_out = z_in = z_out = None
+        versioned = prob.versioned and not z0.is_inference()  # no version counter otherwise
         for _ in range(self.budget):
+            version = z._version if versioned else 0
             z_in, z_out = z, f(z)
+            if versioned and z._version != version:  # f wrote z in place: z_out - z would be 0
+                prob.check_unmodified(z, z_out)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
                 fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)

@@ -151,6 +151,8 @@ class Problem:
         # (B, D), memory of its own: f sees the iterates, and the caller's z0 stays untouched
         self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype, copy=True)
         self.rounds = z0.dtype != self.compute_dtype
+        # inference tensors have no version counter (see check_unmodified)
+        self.versioned = not torch.is_inference_mode_enabled()
 
     def solver_mode(self) -> contextlib.ExitStack:
         """Context for the solver body: no autograd graph, autocast off; yields an ExitStack
@@ -167,13 +169,27 @@ class Problem:
         if self.rounds:  # f sees the iterate in z0's precision: so must the residual
             z = z.to(self.dtype)
             x.copy_(z.view(x.shape))
+        version = z._version if self.versioned else 0
         if self.autocast:
             with torch.autocast(self.device_type, dtype=self.autocast_dtype):
                 fz = self.f(z)
         else:
             fz = self.f(z)
+        if self.versioned and z._version != version:
+            self.check_unmodified(z, fz)
         fz = self.check_output(fz).reshape(x.shape)
         return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
+
+    @staticmethod
+    def check_unmodified(z: torch.Tensor, fz) -> None:
+        """``ValueError`` if ``f`` wrote its argument ``z`` in place and returned it (or a view
+        of it): the residual ``f(z) - z`` would read 0 and report a convergence never reached.
+        Called only when ``z``'s version counter moved."""
+        if (isinstance(fz, torch.Tensor)
+                and fz.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()):
+            raise ValueError("f modified its argument in place and returned it: the residual "
+                             "f(z) - z would read 0; return a new tensor (e.g. z * 0.5 + 1, "
+                             "not z.mul_(0.5).add_(1))")
 
     def check_output(self, fz) -> torch.Tensor:
         """``fz`` if it is a real floating-point tensor of ``z0``'s shape, else ``ValueError``."""
