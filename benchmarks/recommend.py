@@ -67,8 +67,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         left out because a seed diverged or failed, smallest first).
 
     Raises:
-        ValueError: not exactly one budget, a budget <= 0, a negative tolerance, or no measured
-            configuration within the budget whose runs all finished cleanly.
+        ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, or no
+            measured configuration within the budget whose runs all finished cleanly.
     """
     if (params is None) == (time_s is None):
         raise ValueError("budget: give exactly one of --params N or --time S")
@@ -78,6 +78,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
     if not 0 <= tolerance < math.inf:  # nan too
         raise ValueError(f"tolerance: must be a finite number >= 0 points, got {tolerance}")
     groups = aggregate(rows)
+    if not groups:
+        raise ValueError("results: no finished runs to recommend from")
     within = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
               and g[f"{budget_key}_mean"] <= limit]
     unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
@@ -120,8 +122,8 @@ def describe(group: dict) -> str:
     text = ", ".join(p for p in parts if p)
     count = group.get("test_acc_count", group.get("n"))
     if math.isfinite(group.get("test_acc_mean", math.nan)):
-        text += (f": {100 * group['test_acc_mean']:.1f} ± {100 * group['test_acc_std']:.1f} % "
-                 f"over {count} seed(s)")
+        spread = f" ± {100 * group['test_acc_std']:.1f}" if count > 1 else ""  # none from one
+        text += f": {100 * group['test_acc_mean']:.1f}{spread} % over {count} seed(s)"
     else:
         text += ": no clean run"
     if flags(group):

@@ -12,8 +12,8 @@ from benchmark_fakes import fake_rows, write_failed_run, write_fake_sweep
 
 from benchmarks import plot
 from benchmarks.aggregate import aggregate
+from benchmarks.recommend import describe, recommend
 from benchmarks.recommend import main as recommend_main
-from benchmarks.recommend import recommend
 from benchmarks.results_io import write_rows
 from benchmarks.summary import summary_table, to_markdown
 
@@ -310,3 +310,12 @@ def test_plot_command_line_picks_the_mask_density(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         plot.main([str(tmp_path), "--mask-density", "half"])
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_recommend_with_one_seed_or_no_runs_says_what_it_measured(tmp_path):
+    rows = [{"label": "WT", "config_id": "a", "depth": 2, "width": 32, "params": 1000,
+             "seed": 0, "test_acc": 0.95}]
+    text = describe(recommend(rows, params=2000)["choice"])
+    assert "95.0 % over 1 seed(s)" in text and "±" not in text  # one seed has no std
+    with pytest.raises(ValueError, match="no finished runs"):
+        recommend([], params=2000)  # a results.csv with a header only
