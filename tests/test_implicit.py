@@ -428,17 +428,45 @@ def test_unroll_takes_the_divergence_rule_from_f_opts():
     torch.testing.assert_close(z.detach(), z_star.expand(2, 2), rtol=1e-6, atol=0)  # |z*| ~ 5e3
 
 
-def test_inference_output_does_not_alias_a_reused_output_buffer_of_f():
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_inference_output_does_not_alias_a_reused_output_buffer_of_f(grad):
     buf = torch.empty(2, 3)
 
     def f(z):  # returns the same buffer on every call (allowed for the solvers)
         return torch.add(0.5 * z, 1.0, out=buf)
 
-    deq = wt.DEQ(f_tol=1e-8)
+    deq = wt.DEQ(f_tol=1e-8, f_max_iter=60, grad=grad)
     with torch.no_grad():
         z1, _ = deq(f, torch.zeros(2, 3))
         f(torch.full((2, 3), 7.0))  # the buffer now holds 4.5
     torch.testing.assert_close(z1, torch.full((2, 3), 2.0), atol=1e-6, rtol=0)
+    # unroll kept f(z0) by reference: with a budget of 1 it returned the buffer itself, and a
+    # sample whose residual never fell got whatever f wrote last
+    deq = wt.DEQ(f_max_iter=1, grad=grad, phantom_steps=1)
+    with torch.no_grad():
+        z1, _ = deq(f, torch.zeros(2, 3))  # f(z0) = 1 in every mode
+        f(torch.full((2, 3), 7.0))
+    torch.testing.assert_close(z1, torch.ones(2, 3), atol=0, rtol=0)
+    if grad == "unroll":  # z <- 1 - z from 0: residual 1 at every step, f(z0) = 1 is the output
+        deq = wt.DEQ(f_max_iter=4, grad=grad)
+        with torch.no_grad():
+            z1, _ = deq(lambda z: torch.sub(1.0, z, out=buf), torch.zeros(2, 3))
+        torch.testing.assert_close(z1, torch.ones(2, 3), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_the_callers_z0_is_never_written(grad):
+    # unroll handed the caller's z0 itself to f at its first step (the solvers pass a copy)
+    def f(z):
+        return 0.5 * torch.tanh(torch.relu_(z)) + 1.0
+
+    z0 = -torch.ones(2, 3)
+    with torch.no_grad():
+        wt.DEQ(grad=grad)(f, z0)
+    assert (z0 == -1).all()
+    if grad == "unroll":  # ift/phantom differentiate f at a leaf: in-place ops are refused there
+        wt.DEQ(grad=grad)(f, z0)
+        assert (z0 == -1).all()
 
 
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])

@@ -264,13 +264,13 @@ class DEQ(nn.Module):
                           **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
-        z = best_in = z0.detach()  # iterates; best_in never carries a graph
+        # iterates; best_in never carries a graph; f gets a copy of z0, as from the solvers
+        z = best_in = z0.detach().clone()
         best_out = first_out = z_in = z_out = None
-        versioned = prob.versioned and not z0.is_inference()  # no version counter otherwise
         for _ in range(self.budget):
-            version = z._version if versioned else 0
+            version = z._version if prob.versioned else 0
             z_in, z_out = z, f(z)
-            if versioned and z._version != version:  # f wrote z in place: z_out - z would be 0
+            if prob.versioned and z._version != version:  # f wrote z in place: z_out - z would be 0
                 prob.check_unmodified(z, z_out)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
@@ -284,7 +284,8 @@ class DEQ(nn.Module):
                 z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
                 z_out = f(z_in)
             if best_out is None:  # the first step (best_in is z0): f(z0), kept for prefer_start
-                first_out = best_out = z_out
+                # a copy unless autograd made it: f may return one buffer on every call
+                first_out = best_out = z_out if z_out.requires_grad else z_out.clone()
             else:
                 sel = tracker.small.torch(improved).view(per_sample)
                 best_out = torch.where(sel, z_out, best_out)
