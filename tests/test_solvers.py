@@ -302,6 +302,26 @@ def test_register_solver_and_duplicates(monkeypatch):
         wt.register_solver("test_bad", lambda f, z0: (z0, None))
 
 
+@pytest.mark.parametrize("returns", [
+    lambda z0: z0.clone(),                   # no stats: a (2, 3) tensor unpacked into two rows
+    lambda z0: (z0.clone(), None),
+    lambda z0: (z0[:1].clone(), fixed_point(torch.cos, z0, max_iter=1)[1]),
+])
+def test_a_registered_solver_returning_something_else_is_refused(monkeypatch, returns):
+    monkeypatch.setattr(solvers_pkg, "_SOLVERS", dict(solvers_pkg._SOLVERS))
+    wt.register_solver("test_bad_result",
+                       lambda f, z0, *, max_iter, tol, stop_mode: returns(z0))
+    z0 = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="'test_bad_result' must return \\(z, SolverStats\\)"):
+        wt.solve(lambda z: 0.5 * z + 1, z0, method="test_bad_result")
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="'test_bad_result' must return"):
+        wt.DEQ(f_solver="test_bad_result")(lambda z: 0.5 * z + x, z0)
+    z, _ = wt.DEQ(b_solver="test_bad_result")(lambda z: 0.5 * z + x, z0)
+    with pytest.raises(ValueError, match="'test_bad_result' must return"):
+        z.sum().backward()
+
+
 def test_a_partial_of_a_solver_keeps_its_option_checks(monkeypatch):
     monkeypatch.setattr(solvers_pkg, "_SOLVERS", dict(solvers_pkg._SOLVERS))
     wt.register_solver("test_anderson_m2", functools.partial(anderson, m=2))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .solvers import check_options, get_solver, list_solvers
+from .solvers import check_options, check_result, get_solver, list_solvers
 from .solvers.common import (
     DIVERGENCE_DEFAULTS,
     STOP_MODES,
@@ -173,8 +173,9 @@ class DEQ(nn.Module):
             z_star, stats, z_in, z_out = self._unroll(f, z0)
         else:
             solver = get_solver(self.f_solver)
-            z_sol, stats = solver(f, z0.detach(), max_iter=self.budget, tol=self.f_tol,
-                                  stop_mode=self.stop_mode, **self.f_opts)
+            z_sol, stats = check_result(self.f_solver, solver(
+                f, z0.detach(), max_iter=self.budget, tol=self.f_tol, stop_mode=self.stop_mode,
+                **self.f_opts), z0)
             z_in = z_out = None
             # the output is the same function of the inputs with autograd on or off (eval
             # metrics must come from the model that was trained): f at the solver's iterate
@@ -232,8 +233,9 @@ class DEQ(nn.Module):
             return g if vjp is None else vjp.to(g.dtype) + g  # None: f ignores z, J = 0
 
         solver = get_solver(self.b_solver)
-        u, stats = solver(adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol,
-                          stop_mode=self.stop_mode, **self.b_opts)
+        u, stats = check_result(self.b_solver, solver(
+            adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.stop_mode,
+            **self.b_opts), g)
         self.last_backward_stats = stats
         if not self._warned_backward and bool(stats.diverged.any()):
             # once per module: a training loop would repeat it every step (and code that

@@ -26,8 +26,9 @@ from .common import clear_workspace
 from .fixed_point import fixed_point
 from .stats import SolverStats
 
-__all__ = ["SolverStats", "anderson", "broyden", "check_options", "clear_workspace", "fixed_point",
-           "get_solver", "list_solvers", "register_solver", "solve", "solver_options"]
+__all__ = ["SolverStats", "anderson", "broyden", "check_options", "check_result",
+           "clear_workspace", "fixed_point", "get_solver", "list_solvers", "register_solver",
+           "solve", "solver_options"]
 
 _SOLVERS: dict[str, Callable] = {}
 _COMMON = ("max_iter", "tol", "stop_mode")
@@ -182,7 +183,32 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
     """
     solver = get_solver(method)
     check_options(method, opts)
-    return solver(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **opts)
+    return check_result(method, solver(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                                       **opts), z0)
+
+
+def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
+    """``result`` if it is ``(z, SolverStats)`` with ``z`` of ``z0``'s shape, else ``ValueError``
+    naming solver ``name`` (a registered solver returning something else would otherwise be
+    unpacked into nonsense: a ``(2, D)`` tensor makes two rows).
+
+    Example:
+        >>> import torch
+        >>> check_result("mine", torch.zeros(2, 3), torch.zeros(2, 3))
+        Traceback (most recent call last):
+            ...
+        ValueError: solver 'mine' must return (z, SolverStats) with z of z0's shape (2, 3), got...
+    """
+    ok = (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], SolverStats)
+          and isinstance(result[0], torch.Tensor) and result[0].shape == z0.shape)
+    if not ok:
+        got = (f"({', '.join(type(r).__name__ for r in result)})" if isinstance(result, tuple)
+               else type(result).__name__)
+        if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor):
+            got += f" with z of shape {tuple(result[0].shape)}"
+        raise ValueError(f"solver {name!r} must return (z, SolverStats) with z of z0's shape "
+                         f"{tuple(z0.shape)}, got {got}")
+    return result
 
 
 register_solver("fixed_point", fixed_point)
