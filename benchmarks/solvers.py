@@ -113,8 +113,12 @@ def solver_table(max_iter: int, tol: float) -> dict:
         return run
 
     def theirs(method):
+        # the same budget in f-evaluations: torchdeq's Broyden evaluates f once before its
+        # max_iter steps, its Anderson twice before its loop (max_iter calls in all)
+        budget = max_iter - 1 if method == "broyden" else max_iter
+
         def run(f, z0):
-            z, _, info = torchdeq_solver(method)(f, z0, max_iter=max_iter, tol=tol,
+            z, _, info = torchdeq_solver(method)(f, z0, max_iter=budget, tol=tol,
                                                  stop_mode="rel")
             return z, info["rel_lowest"] <= tol
         return run
@@ -339,7 +343,8 @@ def parse_args(argv):
                    help="CUDA: let convolutions use TF32 (default off: TF32's ~1e-3 relative "
                         "precision stalls the solvers near tol 1e-4)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--max-iter", type=int, default=60)
+    p.add_argument("--max-iter", type=int, default=60,
+                   help="most f-evaluations per solve, for every solver (default 60, >= 2)")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--gain", type=float, default=1.25)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -349,9 +354,10 @@ def parse_args(argv):
     p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                    help="tuned: glibc keeps freed memory (see tune_malloc); default: as is")
     args = p.parse_args(argv)
-    for name in ("threads", "max_iter"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.max_iter < 2:  # torchdeq's Anderson evaluates f twice before it checks
+        p.error("--max-iter must be >= 2")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
     if not 0 < args.tol < math.inf or not 0 < args.gain < math.inf:

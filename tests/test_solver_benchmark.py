@@ -37,7 +37,7 @@ def test_quick_run_writes_every_solver_torchdeq_and_the_memory_check(tmp_path, c
 
 @pytest.mark.parametrize("argv", [
     ["--tol", "inf"], ["--gain", "nan"], ["--tol", "0"], ["--repeats", "0"], ["--threads", "0"],
-    ["--max-iter", "0"], ["--tag", "../x"], ["--device", "tpu"], ["--bogus"],
+    ["--max-iter", "0"], ["--max-iter", "1"], ["--tag", "../x"], ["--device", "tpu"], ["--bogus"],
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -63,3 +63,17 @@ def test_markdown_marks_the_cpu_only_split_on_other_devices():
     assert "n/a (CPU only)" in md and "nan + nan" not in md
     md = solvers_bench.markdown([{**row, "f_slowdown": 1.1, "solver_ops": 0.9}], mem, prov, args)
     assert "1.1 + 0.9" in md
+
+
+def test_every_solver_keeps_to_the_same_f_evaluation_budget():
+    # torchdeq's Broyden evaluates f once before its max_iter steps: max_iter + 1 calls
+    torch.manual_seed(0)
+    for name, (_, run) in solvers_bench.solver_table(max_iter=10, tol=1e-4).items():
+        calls = [0]
+
+        def f(z, calls=calls):
+            calls[0] += 1
+            return torch.randn_like(z)  # never converges
+
+        run(f, torch.zeros(3, 8))
+        assert calls[0] <= 10, (name, calls[0])
