@@ -77,3 +77,17 @@ def test_every_solver_keeps_to_the_same_f_evaluation_budget():
 
         run(f, torch.zeros(3, 8))
         assert calls[0] <= 10, (name, calls[0])
+
+
+def test_converged_is_measured_on_the_returned_iterate_for_every_solver(monkeypatch):
+    # a solver's own claim is not taken: torchdeq's rel_lowest is that of the iterate before
+    # its last f (its Anderson returns f of it), so both sides are measured the same way
+    def liar(f, z0):
+        f(z0)
+        f(z0)
+        return z0.clone(), torch.ones(z0.shape[0], dtype=torch.bool)  # claims convergence
+
+    monkeypatch.setattr(solvers_bench, "solver_table",
+                        lambda max_iter, tol: {"liar": ("fake", liar)})
+    (row,) = solvers_bench.bench_cell(2, 4, 4, repeats=1, max_iter=10, tol=1e-4, gain=1.25)
+    assert row["converged"] == 0.0 and row["f_evals"] == 2
