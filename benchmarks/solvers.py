@@ -7,9 +7,10 @@ For each cell (batch B, channels C, size H; ``relu(GroupNorm(conv3x3(z) + x))``,
 - ``wall_ms``: wall time of the solve (median over repeats);
 - ``overhead``: ``solve time / (f_evals x time of one f)``, each repeat's solve timed next to
   ``f_evals`` plain calls of ``f`` at the same point, median of the per-repeat ratios;
-  ``overhead_best``: the same from the fastest solve and the fastest f-block (what a quiet
-  machine approaches); ``overhead_cpu``: from the main thread's CPU time (``time.thread_time``,
-  blind to preemption by other processes; with one thread it is all the work);
+  ``overhead_best``: the same from the fastest solve (per f-evaluation) and the fastest
+  f-block (what a quiet machine approaches); ``overhead_cpu``: from the main thread's CPU
+  time (``time.thread_time``, blind to preemption by other processes; with one thread it is
+  all the work);
 - ``f_slowdown`` + ``solver_ops`` ~ ``overhead`` (CPU only; medians of each, so not exactly
   equal): the time inside the calls of ``f`` during the solve and the time between them, each
   over ``f_evals x time of one f``;
@@ -184,26 +185,33 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
                 t_f, c_f = (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
                 samples[name].append((n, t_solve, t_f, share_converged(f.f, z, tol),
                                       c_solve, c_f, t_inside))
-    rows = []
-    for name, (impl, _) in solvers.items():
-        s = samples[name]
-        rows.append({
-            "B": B, "C": C, "H": H, "solver": name, "impl": impl,
-            "f_evals": int(statistics.median(r[0] for r in s)),
-            "wall_ms": round(1e3 * statistics.median(r[1] for r in s), 2),
-            "f_ms": round(1e3 * statistics.median(r[2] for r in s), 3),
-            "overhead": round(statistics.median(r[1] / (r[0] * r[2]) for r in s), 3),
-            "overhead_best": round(min(r[1] for r in s) / (s[0][0] * min(r[2] for r in s)), 3),
-            "overhead_cpu": round(statistics.median(r[4] / (r[0] * r[5]) for r in s), 3),
-            # the overhead split: f slower inside the solve (its data evicted by the
-            # solver's) and the solver's own work between the calls of f
-            "f_slowdown": (round(statistics.median(r[6] / (r[0] * r[2]) for r in s), 3)
-                           if device == "cpu" else float("nan")),
-            "solver_ops": (round(statistics.median((r[1] - r[6]) / (r[0] * r[2]) for r in s), 3)
-                           if device == "cpu" else float("nan")),
-            "converged": round(statistics.median(r[3] for r in s), 3),
-        })
-    return rows
+    return [{"B": B, "C": C, "H": H, "solver": name, "impl": impl,
+             **summarize(samples[name], device)} for name, (impl, _) in solvers.items()]
+
+
+def summarize(s: list[tuple], device: str = "cpu") -> dict:
+    """The row's measures from one solver's repeats ``s``: tuples ``(f_evals, solve s,
+    one f s, converged share, solve cpu s, one f cpu s, s inside f during the solve)``.
+
+    Every ratio divides a repeat by its own ``f_evals``; ``overhead_best`` is the lowest solve
+    time per f-evaluation over the lowest time of one f.
+    """
+    cpu = device == "cpu"
+    return {
+        "f_evals": statistics.median_low(r[0] for r in s),
+        "wall_ms": round(1e3 * statistics.median(r[1] for r in s), 2),
+        "f_ms": round(1e3 * statistics.median(r[2] for r in s), 3),
+        "overhead": round(statistics.median(r[1] / (r[0] * r[2]) for r in s), 3),
+        "overhead_best": round(min(r[1] / r[0] for r in s) / min(r[2] for r in s), 3),
+        "overhead_cpu": round(statistics.median(r[4] / (r[0] * r[5]) for r in s), 3),
+        # the overhead split: f slower inside the solve (its data evicted by the
+        # solver's) and the solver's own work between the calls of f
+        "f_slowdown": (round(statistics.median(r[6] / (r[0] * r[2]) for r in s), 3)
+                       if cpu else float("nan")),
+        "solver_ops": (round(statistics.median((r[1] - r[6]) / (r[0] * r[2]) for r in s), 3)
+                       if cpu else float("nan")),
+        "converged": round(statistics.median(r[3] for r in s), 3),
+    }
 
 
 def peak_memory_bytes(fn, device: str = "cpu") -> int:

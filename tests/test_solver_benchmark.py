@@ -91,3 +91,12 @@ def test_converged_is_measured_on_the_returned_iterate_for_every_solver(monkeypa
                         lambda max_iter, tol: {"liar": ("fake", liar)})
     (row,) = solvers_bench.bench_cell(2, 4, 4, repeats=1, max_iter=10, tol=1e-4, gain=1.25)
     assert row["converged"] == 0.0 and row["f_evals"] == 2
+
+
+def test_overhead_best_divides_each_repeat_by_its_own_f_evals():
+    # (f_evals, solve s, one f s, converged, solve cpu s, one f cpu s, inside s)
+    samples = [(20, 1.2, 0.05, 1.0, 1.2, 0.05, 1.0), (10, 1.0, 0.05, 1.0, 1.0, 0.05, 0.5)]
+    row = solvers_bench.summarize(samples, "cpu")
+    # fastest solve per f-evaluation 1.2 s / 20 against the fastest f 0.05 s
+    assert row["overhead_best"] == 1.2
+    assert row["f_evals"] in (10, 20)
