@@ -100,3 +100,28 @@ def test_overhead_best_divides_each_repeat_by_its_own_f_evals():
     # fastest solve per f-evaluation 1.2 s / 20 against the fastest f 0.05 s
     assert row["overhead_best"] == 1.2
     assert row["f_evals"] in (10, 20)
+
+
+def test_markdown_states_what_each_side_ran_with_and_what_is_compared():
+    import inspect
+
+    from torchdeq.solver.anderson import anderson_solver
+
+    import wtmodels as wt
+
+    row = {"B": 2, "C": 4, "H": 8, "solver": "fixed_point", "f_evals": 10, "wall_ms": 1.0,
+           "f_ms": 0.05, "overhead": 2.0, "overhead_best": 1.9, "overhead_cpu": 2.0,
+           "f_slowdown": 1.0, "solver_ops": 1.0, "converged": 1.0}
+    prov = {"git_sha": "x", "torch_version": "t", "device": "cpu", "threads": 2, "date": "d",
+            "load_average_1min": 0.1, "cpu_count": 2, "cpu_model": "c", "malloc": "default"}
+    mem = [{"grad": "ift", "f_max_iter": 10, "peak_mb": 1.0, "saved_for_backward_mb": 0.5}]
+    md = solvers_bench.markdown([row], mem, prov, solvers_bench.parse_args([]))
+    ours = inspect.signature(wt.solvers.anderson).parameters
+    theirs = inspect.signature(anderson_solver).parameters
+    # both sides' settings, read from the code that runs (the two lam differ in kind)
+    assert f"ours Anderson m={ours['m'].default}" in md
+    m, lam = theirs["m"].default, theirs["lam"].default
+    assert f"torchdeq Anderson m={m}, lam={lam:g} absolute" in md
+    # the stopping rule both share, and what the memory peak leaves out
+    assert "until every sample" in md and "returns f" in md
+    assert "history buffers" in md
