@@ -386,19 +386,26 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = _Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one small cell, 3 repeats")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="one small cell, 3 repeats, memory check at f_max_iter 10 and 40 "
+                        "(full: 5 cells, 7 repeats, 10 / 20 / 40)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the cells run (the overhead targets are for 2 CPU threads)")
     p.add_argument("--allow-tf32", action="store_true",
                    help="CUDA: let convolutions use TF32 (default off: TF32's ~1e-3 relative "
                         "precision stalls the solvers near tol 1e-4)")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timed repeats per solver (default 7; 3 with --quick)")
     p.add_argument("--max-iter", type=int, default=60,
                    help="most f-evaluations per solve, for every solver (default 60, >= 2)")
-    p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--gain", type=float, default=1.25)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="per-sample relative residual every solver must reach (default 1e-4)")
+    p.add_argument("--gain", type=float, default=1.25,
+                   help="conv weight scale of the cells (default 1.25)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                   help="existing directory for the csv/md files (default benchmarks/results: "
+                        "a full run there replaces the committed results)")
     p.add_argument("--tag", default=None,
                    help="output files DIR/solvers_TAG*.{csv,md} (default: none; 'quick' "
                         "with --quick)")
