@@ -47,6 +47,7 @@ from torch import nn
 
 import wtmodels as wt
 from wtmodels.atomic import atomic_torch_save, atomic_write_json, atomic_write_jsonl
+from wtmodels.cli import exit_with
 from wtmodels.metrics import peak_memory_mb
 from wtmodels.peft import LoRALayer, add_lora, count_trainable, peft_layers
 from wtmodels.peft.wrap import check_copy_args, check_int
@@ -667,4 +668,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -20,6 +20,7 @@ import sys
 
 from benchmarks.presets import load_callable
 from wtmodels.atomic import atomic_write_json
+from wtmodels.cli import exit_with
 
 
 def run_custom(run_dir: str) -> dict:
@@ -68,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

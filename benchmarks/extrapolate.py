@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks.results_io import append_rows, finished_ids, read_rows
+from wtmodels.cli import exit_with
 
 EXTRAPOLATION = "extrapolation.csv"
 KEY = "key"
@@ -243,4 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -36,6 +36,7 @@ from benchmarks.provenance import describe_machine
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import peak_memory_bytes, tune_malloc
 from wtmodels.atomic import atomic_write_text
+from wtmodels.cli import exit_with
 
 MASK_TARGET = 1.15
 DEQ_MEMORY_TARGET = 0.10
@@ -314,4 +315,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -34,7 +34,7 @@ import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from benchmarks.results_io import rows_to_csv
 from wtmodels.atomic import atomic_write_text
-from wtmodels.cli import OneLineParser, UsageError
+from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.peft import add_lora, merge_lora, peft_layers
 
 #: models measured: name -> (create_model overrides, image size)
@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -51,6 +51,7 @@ from benchmarks.results_io import read_rows, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write_text
+from wtmodels.cli import exit_with
 
 RESULTS = "results.csv"
 EXTRAPOLATION = "extrapolation.csv"
@@ -811,4 +812,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -34,6 +34,7 @@ from benchmarks.aggregate import aggregate, flags
 from benchmarks.results_io import read_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import to_markdown
+from wtmodels.cli import exit_with
 
 BUDGETS = {"params": "params", "time": "train_time_s"}
 
@@ -179,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

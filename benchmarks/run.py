@@ -47,6 +47,7 @@ from benchmarks.provenance import describe_machine, load_average, now_utc, prove
 from benchmarks.results_io import append_row, finished_ids, lock_path
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
+from wtmodels.cli import exit_with
 
 RESULTS = "results.csv"
 RUNS = "runs"
@@ -625,4 +626,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -47,6 +47,7 @@ from torch import nn
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
+from wtmodels.cli import exit_with
 
 TARGETS = {"anderson": 1.3, "broyden": 1.6}
 FULL_CELLS = [(32, 16, 8), (64, 16, 16), (32, 32, 16), (64, 64, 8), (32, 64, 16)]
@@ -475,4 +476,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

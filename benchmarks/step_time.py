@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
-from wtmodels.cli import OneLineParser, UsageError
+from wtmodels.cli import OneLineParser, UsageError, exit_with
 
 VARIANTS = ("base", "channels_last", "amp", "compile", "compile_graphs")
 
@@ -205,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

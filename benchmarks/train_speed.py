@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
-from wtmodels.cli import OneLineParser, UsageError
+from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.data import SyntheticImages
 from wtmodels.train import run
 
@@ -223,4 +223,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

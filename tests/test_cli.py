@@ -216,3 +216,19 @@ def test_run_records_the_same_commit_id_as_the_sweep_results(finished_run):
 
     config = json.loads((finished_run / "config.json").read_text())
     assert config["env"]["git_sha"] == git_sha()  # 12 characters, "-dirty" when edited
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly():
+    # `python -m benchmarks.recommend DIR | head -3` printed a BrokenPipeError traceback
+    code = ("from wtmodels.cli import exit_with\n"
+            "def main():\n"
+            "    for i in range(200000):\n"
+            "        print(i)\n"
+            "    return 0\n"
+            "exit_with(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err

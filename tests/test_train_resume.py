@@ -109,13 +109,18 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
     _assert_same_run(ref, early)
 
 
-def test_resume_of_a_finished_run_trains_nothing(tmp_path):
+def test_resume_of_a_finished_run_trains_nothing(tmp_path, capsys):
     out = tmp_path / "done"
     first = run({**BASE, "epochs": 1, "out": str(out)})
     before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
     again = run({"out": str(out), "resume": True, "progress": "none"})
-    assert again == first
+    assert again == first and capsys.readouterr().out == ""
     assert (out / "checkpoint.pt").read_bytes() == before
+    # with progress on, it says so instead of exiting silently
+    run({"out": str(out), "resume": True, "progress": "lines"})
+    said = capsys.readouterr().out
+    assert "nothing to train" in said and "epoch 1/1" in said
 
 
 def test_kill_a_real_process_mid_run_then_resume(tmp_path):

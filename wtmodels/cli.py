@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import typing
+from collections.abc import Callable
 
 from wtmodels.train_config import (
     TrainConfig,
@@ -25,6 +28,29 @@ from wtmodels.train_config import (
     train_field_names,
     unwrap_optional,
 )
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """``sys.exit(main())`` for a command-line entry point, quiet when its reader goes away.
+
+    A pipe closed early (``python -m benchmarks.recommend DIR | head -3``) raised
+    ``BrokenPipeError`` with a traceback; the command now ends with status 1 and no message
+    (stdout is pointed at ``os.devnull`` so the interpreter's final flush cannot fail again).
+
+    Example:
+        >>> exit_with(lambda: 0)
+        Traceback (most recent call last):
+        ...
+        SystemExit: 0
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
 
 
 class UsageError(ValueError):

@@ -62,7 +62,7 @@ from wtmodels.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from wtmodels.cli import UsageError, parse_settings
+from wtmodels.cli import UsageError, exit_with, parse_settings
 from wtmodels.distributed import DistContext
 from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
 from wtmodels.optim import build_optimizer, build_scheduler
@@ -647,6 +647,11 @@ class _Trainer:
         """Train the remaining epochs (none if the checkpoint holds them all); write done.json;
         return the final epoch's metrics plus the best test accuracy."""
         try:
+            if (self.start_epoch >= self.cfg.epochs and self.cfg.progress != "none"
+                    and self.ctx.is_main):
+                print(f"nothing to train: the checkpoint in {self.out} holds all "
+                      f"{self.cfg.epochs} epochs (last epoch's metrics below)", flush=True)
+                self._print_row(self.history[-1])
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 train, extra = self._train_epoch(epoch)
                 start = time.perf_counter()
@@ -731,4 +736,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
