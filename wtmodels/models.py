@@ -131,7 +131,7 @@ def build_core(width: int, cfg: ModelConfig, stage: int = 0) -> Core:
     if cfg.core == "ode":
         from wtmodels.ode import ODECore
 
-        if cfg.ode_adjoint and cfg.norm != "none":
+        if cfg.ode_adjoint and cfg.norm != "none" and stage == 0:  # once per model
             warnings.warn(
                 f"ode_adjoint with norm={cfg.norm!r}: the adjoint re-integrates z backward, "
                 "which is ill-conditioned where the norms see a near-zero input (from z0 = 0 "
