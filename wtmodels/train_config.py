@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -348,6 +349,31 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
     return TrainConfig(**train, model_overrides=check_model_overrides(model))
 
 
+#: a float in exponent notation that YAML 1.1 (PyYAML) reads as a string: no dot (``1e-3``) or
+#: no sign in the exponent (``1.0e3``)
+_YAML_EXPONENT_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader():
+    """A ``yaml.SafeLoader`` that also reads ``1e-3`` and ``1.0e3`` as floats (YAML 1.2 does;
+    PyYAML's YAML 1.1 made them strings, so ``lr: 1e-3`` was refused as not a number).
+
+    Example:
+        >>> import yaml
+        >>> yaml.load("lr: 1e-3\\nepochs: 2\\nname: e5", Loader=_yaml_loader())
+        {'lr': 0.001, 'epochs': 2, 'name': 'e5'}
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_EXPONENT_FLOAT,
+                                 list("-+0123456789."))
+    return Loader
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """Read a flat settings dict from a JSON or YAML file (``.yaml``/``.yml`` -> YAML).
 
@@ -376,7 +402,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
         else:
             data = json.loads(text)
     except Exception as err:  # noqa: BLE001 - any parse error is bad input
