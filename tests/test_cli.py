@@ -232,3 +232,27 @@ def test_a_reader_that_goes_away_ends_a_command_quietly():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_yaml_config_reads_exponent_floats(tmp_path):
+    # PyYAML follows YAML 1.1, where 1e-3 (no dot) and 1.0e3 (no exponent sign) are strings:
+    # "lr: 1e-3" was refused with "lr must be a number; got '1e-3'"
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 2e-2\nmin_lr: 1.0e-4\nweight_decay: 5E-4\nlabel_smoothing: .5e-1\n"
+                    "grad_clip: 1.0e0\nepochs: 3\nmodel: test_wt\n")
+    assert parse_settings(["--config", str(path)]) == {
+        "lr": 0.02, "min_lr": 1e-4, "weight_decay": 5e-4, "label_smoothing": 0.05,
+        "grad_clip": 1.0, "epochs": 3, "model": "test_wt"}
+
+
+def test_a_setting_spelled_twice_is_refused(tmp_path, capsys):
+    # "train-size" and "train_size" name the same setting: one of them silently won
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": "test_wt", "train-size": 64, "train_size": 32}))
+    _bad(["--config", str(path), "--out", str(tmp_path / "o")], capsys,
+         "train_size given twice")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="depth given twice"):
+        run({"model": "test_wt", "depth": 2, "model_overrides": {"depth": 3}, "epochs": 1})
+    with pytest.raises(ValueError, match="train_size given twice"):
+        run({"model": "test_wt", "train-size": 64, "train_size": 32, "epochs": 1})

@@ -154,7 +154,8 @@ def parse_settings(argv: list[str]) -> dict:
         A flat dict (train and model settings, underscores) of the settings given.
 
     Raises:
-        UsageError: an unknown flag, an unparsable value or an unreadable config file.
+        UsageError: an unknown flag, an unparsable value, an unreadable config file or one
+            that gives a setting twice (``train-size`` and ``train_size``).
 
     Example:
         >>> parse_settings(["--lr", "0.1", "--eval-f-max-iter", "none"])
@@ -163,10 +164,16 @@ def parse_settings(argv: list[str]) -> dict:
     args = vars(build_parser().parse_args(argv))
     settings = {}
     if "config" in args:
+        path = args.pop("config")
         try:
-            from_file = load_config_file(args.pop("config"))
+            from_file = load_config_file(path)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        settings.update({str(k).replace("-", "_"): v for k, v in from_file.items()})
+        for raw_key, value in from_file.items():
+            key = str(raw_key).replace("-", "_")
+            if key in settings:  # "train-size" and "train_size": one would silently win
+                raise UsageError(f"config file {path}: setting {key} given twice (as "
+                                 f"{key.replace('_', '-')!r} and {key!r})")
+            settings[key] = value
     settings.update(args)
     return settings

@@ -310,8 +310,8 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
 def resolve_config(config: dict | TrainConfig) -> TrainConfig:
     """A validated TrainConfig from a TrainConfig or a flat dict of train and model settings.
 
-    Keys of the flat dict may use dashes or underscores; keys that are ModelConfig fields go to
-    ``model_overrides`` (as does a nested ``model_overrides`` dict).
+    Keys of the flat dict may use dashes or underscores (not both for one setting); keys that
+    are ModelConfig fields go to ``model_overrides`` (as does a nested ``model_overrides`` dict).
 
     Args:
         config: a TrainConfig, or a dict such as ``{"model": "wt_s", "lr": 0.01, "depth": 4}``.
@@ -320,7 +320,8 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
         The TrainConfig.
 
     Raises:
-        ValueError: an unknown key or a bad value, naming the key and the valid choices.
+        ValueError: an unknown key, a setting given twice, or a bad value, naming the key and
+            the valid choices.
 
     Example:
         >>> cfg = resolve_config({"model": "wt_s", "epochs": 2, "mask-density": 0.25})
@@ -334,11 +335,16 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
         raise ValueError(f"config must be a dict or TrainConfig; got {type(config).__name__}")
     train_names = set(train_field_names())
     model_names = set(model_field_names())
-    train, model = {}, dict(config.get("model_overrides") or {})
+    nested = config.get("model_overrides", config.get("model-overrides")) or {}
+    train, model = {}, dict(nested)
+    spelled = {key: f"model_overrides[{key!r}]" for key in nested}  # key -> as given
     for raw_key, value in config.items():
         key = str(raw_key).replace("-", "_")
         if key == "model_overrides":
             continue
+        if key in spelled:  # "train-size" and "train_size": one would silently win
+            raise ValueError(f"setting {key} given twice (as {spelled[key]} and {raw_key!r})")
+        spelled[key] = repr(raw_key)
         if key in train_names:
             train[key] = value
         elif key in model_names:
