@@ -286,3 +286,17 @@ def test_register_model_rejects_duplicates():
         @wt.register_model
         def wt_s():
             return {}
+
+
+def test_untied_cells_share_one_dropout_mask_per_forward():
+    # one variational-dropout mask per sample per forward, as the tied cores' iterations share:
+    # an untied model holding copies of the tied cell then computes what the tied model does
+    tied, untied = _tied_and_untied(depth=3, mask_k=2, dropout=0.3)
+    tied.train(), untied.train()
+    torch.manual_seed(1)
+    y_tied = tied(X.double())
+    torch.manual_seed(1)
+    y_untied = untied(X.double())
+    assert torch.allclose(y_tied, y_untied, atol=1e-12)
+    first, *rest = [cell.drop.mask for cell in untied.cores[0].cells]
+    assert all(torch.equal(first, mask) for mask in rest)

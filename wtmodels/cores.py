@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from wtmodels.cells import reset_dropout
+from wtmodels.cells import VariationalDropout2d, reset_dropout
 from wtmodels.masks import formed_masks, mask_count, mask_index, mask_schedule, set_mask_index
 
 
@@ -133,12 +133,18 @@ class UnrolledCore(Core):
         return z
 
 
+def _dropouts(cell: nn.Module) -> list[VariationalDropout2d]:
+    return [sub for sub in cell.modules() if isinstance(sub, VariationalDropout2d)]
+
+
 class UntiedCore(Core):
     """``depth`` independent cells applied in sequence: the explicit (untied) baseline.
 
     Cell t uses mask ``mask_index(t, depth, K, schedule)`` of its own mask buffer when masked,
-    so an untied model whose cells hold copies of one weight computes exactly what the tied
-    model computes. The depth is fixed by the parameters: ``set_depth`` raises ``ValueError``.
+    and every cell multiplies by the same variational-dropout mask (one per sample per forward
+    pass, drawn by the first cell, as the tied cores' iterations share theirs), so an untied
+    model whose cells hold copies of one weight computes exactly what the tied model computes.
+    The depth is fixed by the parameters: ``set_depth`` raises ``ValueError``.
 
     Example:
         >>> import torch
@@ -168,11 +174,18 @@ class UntiedCore(Core):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.zeros_like(x)  # (B, C, H, W)
         depth = len(self.cells)
+        reset_dropout(self.cells[0], x)
+        first = _dropouts(self.cells[0])
         for t, cell in enumerate(self.cells):
             k = mask_count(cell)
             if k:
                 set_mask_index(cell, mask_index(t, depth, k, mask_schedule(cell)))
-            reset_dropout(cell, x)
+            drops = _dropouts(cell)
+            if t and [d.p for d in drops] == [d.p for d in first]:
+                for drop, shared in zip(drops, first):  # the first cell's masks
+                    drop.mask = shared.mask
+            elif t:  # cells built differently: masks of their own
+                reset_dropout(cell, x)
             with parametrize.cached():  # one masked weight per cell: mask on the fly
                 z = cell(z, x)
         self.last_stats = {"cell_evals": float(depth)}
