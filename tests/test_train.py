@@ -183,6 +183,28 @@ def test_non_finite_losses_are_skipped_and_counted(monkeypatch, tmp_path):
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
+def test_non_finite_gradient_with_a_finite_loss_is_skipped_without_clipping(monkeypatch,
+                                                                           tmp_path):
+    # with --grad-clip 0 the gradient norm was never computed, so a NaN gradient behind a
+    # finite loss reached optimizer.step() and made every weight NaN for good
+    def poison_grads(model):
+        count = {"n": 0}
+
+        def hook(grad):
+            count["n"] += 1
+            return grad * float("nan") if count["n"] == 3 else grad
+
+        model.head.weight.register_hook(hook)
+
+    _spy_models(monkeypatch, poison_grads)
+    out = tmp_path / "noclip"
+    final = run({**BASE, "epochs": 1, "grad_clip": 0.0, "out": str(out)})
+    assert final["skipped_steps"] == 1
+    weights = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert math.isfinite(final["test_loss"])
+
+
 def test_a_run_of_non_finite_losses_stops_with_the_checkpoint_intact(monkeypatch, tmp_path):
     _spy_models(monkeypatch, lambda m: _poison(m, set(range(STEPS_PER_EPOCH + 3, 10_000))))
     out = tmp_path / "diverge"

@@ -123,6 +123,22 @@ def jac_reg_step(seed: int, step: int, freq: float) -> bool:
     return freq >= 1.0 or random.Random(seed * 1_000_003 + step).random() < freq
 
 
+def _grad_norm(params) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params`` (0-dim; non-finite if any entry is),
+    as ``clip_grad_norm_`` computes it but without touching the gradients.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> float(_grad_norm([p]))
+        5.0
+    """
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in grads]))
+
+
 def _json_safe(value):
     """Floats that JSON cannot hold (NaN, inf) become None."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -520,7 +536,9 @@ class _Trainer:
                 finite = torch.isfinite(loss.detach())
                 if cfg.grad_clip > 0:
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    finite = finite & torch.isfinite(norm)
+                else:  # unclipped, a NaN gradient behind a finite loss must still skip
+                    norm = _grad_norm(params)
+                finite = finite & torch.isfinite(norm)
                 ok = self._all_finite(finite)
                 if ok:
                     self.optimizer.step()
