@@ -175,3 +175,17 @@ def test_resume_refuses_a_model_whose_registered_definition_changed(tmp_path, mo
         run({**BASE, "epochs": 1, "out": str(out), "resume": True})
     monkeypatch.setitem(model_registry._REGISTRY, "test_wt", original)
     assert run({**BASE, "epochs": 1, "out": str(out), "resume": True})["epoch"] == 1
+
+
+def test_resume_computes_on_the_saved_device_unless_given_anew(tmp_path, monkeypatch):
+    # the process context was built from the flags before the saved settings were read, so a
+    # run started with --device cpu and resumed with plain --resume went to the GPU ("auto")
+    out = tmp_path / "run"
+    run({**BASE, "epochs": 1, "device": "cpu", "out": str(out)})
+    asked = []
+    real = train_mod.DistContext.from_env
+    monkeypatch.setattr(train_mod.DistContext, "from_env",
+                        lambda device="auto": (asked.append(device), real(device))[1])
+    run({"out": str(out), "resume": True, "progress": "none"})
+    run({"out": str(out), "resume": True, "progress": "none", "device": "auto"})
+    assert asked == ["cpu", "auto"]

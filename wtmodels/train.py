@@ -181,6 +181,17 @@ def _read_saved_config(out: Path) -> dict:
         raise BadInput(f"--resume: {out / CONFIG_FILE} is unreadable ({err})") from None
 
 
+def _saved_device(out: Path, default: str) -> str:
+    """The ``device`` setting saved in ``out``'s config.json (``default`` if unreadable: the
+    run-directory checks report that). Read before the process context exists, which needs it.
+    """
+    try:
+        device = json.loads((out / CONFIG_FILE).read_text())["train"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+    return device if isinstance(device, str) else default
+
+
 def _check_same_model_definition(saved_cfg, saved_model_config: dict | None, out: Path) -> None:
     """``BadInput`` if the registry now resolves the run's model to other settings than it
     started with (the code changed): a resume would continue a different model."""
@@ -276,8 +287,11 @@ class _Trainer:
     """One run: set-up (all checks before any write), the epoch loop, checkpoints, metrics."""
 
     def __init__(self, cfg: TrainConfig, explicit: set[str]):
+        device = cfg.device
+        if cfg.resume and cfg.out is not None and "device" not in explicit:
+            device = _saved_device(Path(cfg.out), cfg.device)  # the run's own, as threads
         try:
-            self.ctx = DistContext.from_env(cfg.device)
+            self.ctx = DistContext.from_env(device)
         except ValueError as err:  # e.g. --device cuda without a GPU
             raise BadInput(str(err)) from None
         self._threads = torch.get_num_threads()
@@ -688,8 +702,8 @@ def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict
 
     Writes the run directory only when ``out`` is set. With ``resume=True`` the run in ``out``
     continues from its checkpoint with its saved settings; settings given here must agree with
-    them (``out``, ``resume``, ``data_dir``, ``download``, ``progress``, ``threads`` and
-    ``device`` may differ).
+    them (``out``, ``resume``, ``data_dir``, ``download``, ``progress``, ``threads``,
+    ``device`` and ``num_workers`` may differ; those not given are the saved ones).
 
     Args:
         config: a flat dict of TrainConfig and ModelConfig settings, or a TrainConfig.
