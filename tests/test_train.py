@@ -60,6 +60,15 @@ def test_run_without_out_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_and_data_dir_may_be_paths(tmp_path):
+    # run({"out": tmp_path / "run"}) was refused: "out must be a string; got PosixPath(...)"
+    out = tmp_path / "run"
+    run({**BASE, "epochs": 1, "train_size": 64, "out": out, "data_dir": tmp_path})
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["out"] == str(out) and config["train"]["data_dir"] == str(tmp_path)
+    assert run({"out": out, "resume": True, "progress": "none"})["epoch"] == 1
+
+
 def test_threads_are_restored():
     before = torch.get_num_threads()
     run({**BASE, "epochs": 1, "threads": 1, "train_size": 64})

@@ -31,7 +31,8 @@ from typing import Any
 
 
 def _opt(default, help: str, **meta):
-    """A dataclass field with help text and validation metadata (choices, ge, gt, le, lt)."""
+    """A dataclass field with help text and validation metadata (choices, ge, gt, le, lt;
+    path: a ``str`` field that also takes an ``os.PathLike``)."""
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -63,11 +64,13 @@ class TrainConfig:
     model: str = _opt("wt_s", "registered model name (wtmodels.list_models())")
     dataset: str = _opt("digits", "dataset name (wtmodels.data.list_datasets())")
     epochs: int = _opt(8, "number of training epochs", ge=1)
-    out: str | None = _opt(None, "run directory (config.json, metrics.jsonl, checkpoint.pt ...)")
+    out: str | None = _opt(None, "run directory (config.json, metrics.jsonl, checkpoint.pt ...)",
+                           path=True)
     resume: bool = _opt(False, "continue the run in --out from its checkpoint")
     seed: int = _opt(0, "seed of initialisation, data order and augmentation", ge=0)
     # data
-    data_dir: str | None = _opt(None, "where dataset files are (or go, with --download)")
+    data_dir: str | None = _opt(None, "where dataset files are (or go, with --download)",
+                                path=True)
     download: bool = _opt(False, "let torchvision download the dataset into --data-dir")
     train_size: int | None = _opt(None, "fixed seeded subset of the training set", ge=1)
     test_size: int | None = _opt(None, "fixed seeded subset of the test set", ge=1)
@@ -165,7 +168,8 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
         name: field name, used in the error message.
         value: the value.
         tp: the field's annotation.
-        meta: field metadata with optional ``choices``, ``ge``, ``gt``, ``le``, ``lt``.
+        meta: field metadata with optional ``choices``, ``ge``, ``gt``, ``le``, ``lt`` and
+            ``path`` (a ``pathlib.Path`` becomes its string).
 
     Returns:
         The value, coerced to the field type.
@@ -201,6 +205,8 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
         if not math.isfinite(value):  # no setting means anything at inf or nan
             raise ValueError(f"{name} must be a finite number; got {value!r}")
     elif inner is str:
+        if meta.get("path") and isinstance(value, os.PathLike):
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string; got {value!r}")
     elif origin in (tuple, list) or inner in (tuple, list):
