@@ -106,11 +106,15 @@ def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     (["--jac-reg-weight", "inf"], "jac_reg_weight must be a finite number; got inf"),
     (["--lr", "nan"], "lr must be a finite number; got nan"),
     # settings the model would never read: refused, not silently ignored
-    (["--f-max-iter", "5"], "'test_wt' would silently ignore f_max_iter (read by core 'deq'"),
+    (["--f-max-iter", "5"], "(test_wt) would silently ignore f_max_iter (read by core 'deq'"),
     (["--jac-reg-weight", "0.1"], "ignore jac_reg_weight"),
     (["--ode-method", "euler"], "ignore ode_method"),
     (["--mask-density", "0.25"], "ignore mask_density (read only with mask_k > 0)"),
     (["--model", "test_deq", "--jac-reg-freq", "0.5"], "read only with jac_reg_weight > 0"),
+    (["--momentum", "0.5"], "ignore momentum (read only with optimizer 'sgd')"),
+    (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "ignore nesterov"),
+    (["--schedule", "constant", "--min-lr", "0.001"], "ignore min_lr"),
+    (["--amp-dtype", "float16"], "ignore amp_dtype (read only with amp)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "never"

@@ -329,9 +329,9 @@ class _Trainer:
             self.cfg = cfg
             ignored = settings_without_effect(cfg)
             if ignored:
-                raise BadInput(f"model {cfg.model!r} would silently ignore "
+                raise BadInput(f"this run ({cfg.model}) would silently ignore "
                                + ", ".join(f"{name} ({why})" for name, why in ignored.items())
-                               + ": remove these settings or choose a model that reads them")
+                               + ": remove these settings or choose what reads them")
             self.out = Path(cfg.out) if cfg.out is not None else None
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)  # restored by close()

@@ -282,13 +282,15 @@ DEQ_TRAIN_FIELDS = ("pretrain_steps", "jac_reg_weight", "jac_reg_freq")
 
 
 def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
-    """The settings of ``cfg`` that its model would never read, each with the reason.
+    """The settings of ``cfg`` that the run would never read, each with the reason.
 
     A model override counts when it differs from the registered variant's own value and the
     resolved model does not read it (see ``wtmodels.model_config.fields_without_effect``); a
-    DEQ training setting counts when it differs from its default on a model without a DEQ
-    core (and ``jac_reg_freq`` when ``jac_reg_weight`` is 0). The trainer refuses such a run:
-    a setting that silently does nothing is a wrong experiment, not a harmless one.
+    training setting counts when it differs from its default and what reads it is off: DEQ
+    practice without a DEQ core, ``jac_reg_freq`` without ``jac_reg_weight``, ``momentum`` /
+    ``nesterov`` without SGD (``nesterov`` without momentum), ``min_lr`` without the cosine
+    schedule, ``amp_dtype`` without ``amp``. The trainer refuses such a run: a setting that
+    silently does nothing is a wrong experiment, not a harmless one.
 
     Example:
         >>> settings_without_effect(TrainConfig(model="wt_s", jac_reg_weight=0.1))
@@ -310,6 +312,15 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
                      if getattr(cfg, name) != getattr(defaults, name))
     elif cfg.jac_reg_weight == 0 and cfg.jac_reg_freq != defaults.jac_reg_freq:
         found["jac_reg_freq"] = "read only with jac_reg_weight > 0"
+    off = {  # setting -> (why unread, if unread)
+        "momentum": ("read only with optimizer 'sgd'", cfg.optimizer != "sgd"),
+        "nesterov": ("read only with optimizer 'sgd' and momentum > 0",
+                     cfg.optimizer != "sgd" or cfg.momentum == 0),
+        "min_lr": ("read only with schedule 'cosine'", cfg.schedule != "cosine"),
+        "amp_dtype": ("read only with amp", not cfg.amp),
+    }
+    found.update((name, why) for name, (why, unread) in off.items()
+                 if unread and getattr(cfg, name) != getattr(defaults, name))
     return found
 
 
