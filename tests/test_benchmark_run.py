@@ -35,7 +35,8 @@ def quick_d2(tmp_path_factory):
     """The quick preset's depth-2 runs at smoke size, by the command line, two at a time."""
     out = tmp_path_factory.mktemp("sweep") / "quick"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "quick", "--smoke", "--out",
-                           str(out), "--only", "_d2_", "--jobs", "2"], capture_output=True,
+                           str(out), "--only", "_d2_", "--jobs", "2", "--device", "cpu"],
+                          capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
@@ -218,7 +219,7 @@ def test_custom_runner_and_submitit_launcher(tmp_path, tiny_preset, monkeypatch)
     name = tiny_preset("custom", [Variant("custom", {"model": "test_wt", **TINY})],
                        runner="benchmark_fakes:train_runner")
     out = str(tmp_path / "s")
-    report = sweep(name, out, plots=False, launcher="submitit",
+    report = sweep(name, out, plots=False, launcher="submitit", device="cpu",
                    launcher_options={"cluster": "local"}, echo=_quiet)
     assert report.ran == 1 and not report.failed
     (row,) = read_rows(os.path.join(out, RESULTS))

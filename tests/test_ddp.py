@@ -20,8 +20,11 @@ import torch
 from wtmodels.checkpoint import load_checkpoint
 from wtmodels.train import run
 
+# device "cpu": two ranks on a machine with one GPU would both take it (NCCL refuses), and the
+# checks compare runs bit for bit
 SETTINGS = {"model": "test_wt", "dataset": "digits", "train_size": 256, "test_size": 101,
-            "batch_size": 32, "augment": True, "epochs": 2, "threads": 1, "lr": 0.01}
+            "batch_size": 32, "augment": True, "epochs": 2, "threads": 1, "lr": 0.01,
+            "device": "cpu"}
 
 
 def _torchrun(out, settings, *extra) -> list[str]:
