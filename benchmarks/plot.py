@@ -136,7 +136,7 @@ def _mark_flagged(ax, xs, ys, groups) -> None:
     steps, and one legend entry per axis saying what the marks mean."""
     from matplotlib.lines import Line2D
 
-    flagged = [(x, y, flags(g)) for x, y, g in zip(xs, ys, groups) if flags(g)]
+    flagged = [(x, y, text) for x, y, g in zip(xs, ys, groups) if (text := flags(g))]
     for x, y, text in flagged:
         ax.plot([x], [y], marker="x", color="red", markersize=9, linestyle="none", zorder=5)
         ax.annotate(text, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
@@ -193,8 +193,8 @@ def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
     mean = _pct(g[f"{metric}_mean"])
     std = _pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
     color = label_color(g.get("label"))
-    if flags(g):
-        label += f" [{flags(g)}]"
+    if marks := flags(g):
+        label += f" [{marks}]"
     ax.axhline(mean, color=color, linestyle=linestyle, linewidth=1.3, label=label)
     if std > 0:
         ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)

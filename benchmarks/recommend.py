@@ -127,8 +127,8 @@ def describe(group: dict) -> str:
         text += f": {100 * group['test_acc_mean']:.1f}{spread} % over {count} seed(s)"
     else:
         text += ": no clean run"
-    if flags(group):
-        text += f" [{flags(group)}]"
+    if marks := flags(group):
+        text += f" [{marks}]"
     if math.isfinite(group.get("params_mean", math.nan)):
         text += f", {group['params_mean']:.0f} params"
     if math.isfinite(group.get("train_time_s_mean", math.nan)):

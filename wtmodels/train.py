@@ -186,8 +186,8 @@ def _saved_device(out: Path, default: str) -> str:
     run-directory checks report that). Read before the process context exists, which needs it.
     """
     try:
-        device = json.loads((out / CONFIG_FILE).read_text())["train"]["device"]
-    except (OSError, ValueError, KeyError, TypeError):
+        device = _read_saved_config(out)["train"].get("device")
+    except (BadInput, AttributeError):
         return default
     return device if isinstance(device, str) else default
 
