@@ -99,12 +99,56 @@ def make_masks(
         >>> masks.sum(dim=(1, 2)).tolist()
         [36, 36, 36]
     """
+    shape, k, density, n, m = _resolve(shape, k, density, kind, seed, n, m)
+    if density == 1.0:
+        return torch.ones((k, *shape), dtype=torch.bool)
+
+    numel = math.prod(shape)
+    generator = torch.Generator().manual_seed(int(seed))
+    if kind == "random":
+        ones = round(density * numel)
+        draw = lambda count: _draw_random(count, numel, ones, generator)  # noqa: E731
+    elif kind == "bernoulli":
+        draw = lambda count: torch.rand(count, numel, generator=generator) < density  # noqa: E731
+    else:
+        groups = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m)
+        draw = lambda count: _draw_nm(count, groups, n, m, generator)  # noqa: E731
+    flat = _distinct(draw, k)  # (k, numel)
+    return flat.reshape(k, *shape)
+
+
+def check_masks(
+    shape: int | Sequence[int],
+    k: int = 4,
+    density: float = 0.5,
+    kind: str = "random",
+    seed: int = 0,
+    *,
+    n: int | None = None,
+    m: int | None = None,
+) -> None:
+    """Raise the ``ValueError`` :func:`make_masks` would raise for these arguments, drawing
+    nothing (cheap for any shape: a config can be checked before a model is built).
+
+    Example:
+        >>> check_masks((8, 8, 3, 3), k=4, density=0.5, kind="nm")
+        >>> check_masks((6, 6, 3, 3), k=4, density=0.3, kind="nm")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: density 0.3 with m=4 gives n=1.2 ones per group; ...
+    """
+    _resolve(shape, k, density, kind, seed, n, m)
+
+
+def _resolve(shape, k, density, kind, seed, n, m):
+    """Validate the arguments of :func:`make_masks`; return ``(shape, k, density, n, m)``."""
     shape = _check_shape(shape)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer >= 0 and < 2**64, got {seed!r}")
     if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
         0.0 < density <= 1.0
     ):
@@ -116,12 +160,11 @@ def make_masks(
         raise ValueError(f"n and m apply only to kind='nm', not kind={kind!r}")
 
     numel = math.prod(shape)
+    if kind == "nm":
+        n, m = _nm_pattern(shape, density, n, m)  # validated at density 1 too
     if density == 1.0:
-        if kind == "nm":
-            _nm_pattern(shape, density, n, m)  # still validate the pattern arguments
-        return torch.ones((k, *shape), dtype=torch.bool)
+        return shape, k, density, n, m
 
-    generator = torch.Generator().manual_seed(int(seed))
     if kind == "random":
         ones = round(density * numel)
         if ones == 0:
@@ -130,24 +173,17 @@ def make_masks(
                 f"use density >= {0.5 / numel:.3g}"
             )
         log_possible = _log_comb(numel, ones)
-        draw = lambda count: _draw_random(count, numel, ones, generator)  # noqa: E731
     elif kind == "bernoulli":
         log_possible = numel * math.log(2)  # every pattern is possible when 0 < density < 1
-        draw = lambda count: torch.rand(count, numel, generator=generator) < density  # noqa: E731
     else:
-        n, m = _nm_pattern(shape, density, n, m)
-        rows, cols = _rows_cols(shape)
-        groups = rows * (cols // m)
-        log_possible = groups * _log_comb(m, n)
-        draw = lambda count: _draw_nm(count, groups, n, m, generator)  # noqa: E731
+        log_possible = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m) * _log_comb(m, n)
 
     if log_possible < math.log(k) - 1e-9:
         raise ValueError(
             f"only {round(math.exp(log_possible))} distinct {kind!r} masks of shape "
             f"{tuple(shape)} at density {density} exist, fewer than k={k}"
         )
-    flat = _distinct(draw, k)  # (k, numel)
-    return flat.reshape(k, *shape)
+    return shape, k, density, n, m
 
 
 def _log_comb(n: int, r: int) -> float:
@@ -174,24 +210,27 @@ def _nm_pattern(
 ) -> tuple[int, int]:
     """Resolve and validate (n, m) of an N:M pattern for ``shape``."""
     m = 4 if m is None else m
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
         raise ValueError(f"m (N:M group size) must be an integer >= 1, got {m!r}")
+    m = int(m)
     implied = density * m
+    # 1e-6: a float32 density such as 0.1 is 1.5e-9 off (x m = 10: 1.5e-8)
     if n is None:
-        if abs(implied - round(implied)) > 1e-9 or round(implied) < 1:
+        if abs(implied - round(implied)) > 1e-6 or round(implied) < 1:
             raise ValueError(
                 f"density {density} with m={m} gives n={implied:g} ones per group; N:M needs "
                 f"density = n/m for an integer 1 <= n <= m, e.g. "
                 f"{', '.join(f'{i}/{m}' for i in range(1, m + 1))}"
             )
         n = round(implied)
-    elif isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= m:
+    elif isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= m:
         raise ValueError(f"n must be an integer in [1, m={m}], got {n!r}")
-    elif abs(implied - n) > 1e-9:
+    elif abs(implied - n) > 1e-6:
         raise ValueError(
             f"n={n} and m={m} give density {n / m:g} but density={density}; "
             f"pass density={n}/{m} or leave n out"
         )
+    n = int(n)
     _, cols = _rows_cols(shape)
     if cols % m:
         raise ValueError(
@@ -270,6 +309,9 @@ def mask_index(t: int, depth: int, k: int, schedule: str = "cyclic") -> int:
         >>> [mask_index(t, 6, 3, "block") for t in range(6)]
         [0, 0, 1, 1, 2, 2]
     """
+    for name, value, low in (("t", t, 0), ("depth", depth, 1), ("k", k, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if schedule == "cyclic":
         return t % k
     if schedule == "block":
@@ -544,6 +586,8 @@ def set_mask_index(module: nn.Module, index: int) -> None:
         >>> set_mask_index(conv, 2); conv.mask_index
         2
     """
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise ValueError(f"mask index must be an integer, got {index!r}")
     for layer in _masked_layers(module):
         if not 0 <= index < layer.weight_masks.shape[0]:
             raise ValueError(

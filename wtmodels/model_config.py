@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from wtmodels.cells import NORMS
-from wtmodels.masks import MASK_KINDS, MASK_SCHEDULES
+from wtmodels.masks import MASK_KINDS, MASK_SCHEDULES, check_masks
 
 CORES = ("unrolled", "deq", "ode", "untied")
 GRADS = ("ift", "phantom", "unroll")
@@ -171,6 +171,16 @@ class ModelConfig:
                         f"norm_groups={self.norm_groups} must divide every stage width "
                         f"{self.stage_widths()} (width * 2**stage)"
                     )
+        if self.mask_k:  # what drawing the masks would refuse, refused before any build
+            for w in self.stage_widths():
+                try:
+                    check_masks((w, w, 3, 3), self.mask_k, self.mask_density, self.mask_kind)
+                except ValueError as err:
+                    raise ValueError(
+                        f"mask_k={self.mask_k}, mask_density={self.mask_density}, mask_kind="
+                        f"{self.mask_kind!r} cannot mask the cell convolutions of width {w} "
+                        f"(weight {w}x{w}x3x3): {err}"
+                    ) from None
         # Names are checked whatever the core: a misspelt solver or method is an error even
         # where the field is unused, never silently ignored.
         from wtmodels.ode import check_method
