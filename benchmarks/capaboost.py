@@ -422,6 +422,9 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
     seeds = list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be integers >= 0 (at least one), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (a repeated seed would count one run twice in "
+                         f"the means and wins), got {seeds!r}")
     configs = []
     for seed in seeds:
         for entry in sweep(smoke):
@@ -654,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     try:
         args = parser.parse_args(argv)
-        seeds = _seeds(args.seeds) if args.seeds else ((0,) if args.smoke else (0, 1, 2))
+        seeds = (_seeds(args.seeds) if args.seeds is not None
+                 else (0,) if args.smoke else (0, 1, 2))
         if args.threads < 1:
             raise ValueError(f"threads must be >= 1, got {args.threads}")
         overrides = {} if args.dataset is None else {"dataset": args.dataset}

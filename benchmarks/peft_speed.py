@@ -185,6 +185,8 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
 
         run_speed("benchmarks/results", cases=("capaboost_model",), repeats=3)
     """
+    if not cases:
+        raise ValueError(f"no case given; valid cases: {', '.join(CASES)}")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"unknown case {unknown[0]!r}; valid cases: {', '.join(CASES)}")

@@ -26,6 +26,7 @@ from wtmodels.peft.wrap import (
     PEFTLayer,
     check_copy_args,
     check_int,
+    check_materialized,
     concat_copies,
     draw_copy_masks,
     find_targets,
@@ -81,6 +82,7 @@ class AdapterLayer(PEFTLayer):
         bottleneck, copies, density, seed = int(bottleneck), int(copies), float(density), int(seed)
         if not isinstance(base, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"adapters follow nn.Conv2d or nn.Linear, got {type(base).__name__}")
+        check_materialized(base)
         super().__init__(base)
         self.bottleneck = bottleneck
         self.copies = copies

@@ -22,6 +22,8 @@ gradients, and both form the masked copies once per forward pass of the model.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +36,7 @@ from wtmodels.peft.wrap import (
     PEFTLayer,
     check_copy_args,
     check_int,
+    check_materialized,
     concat_copies,
     draw_copy_masks,
     find_targets,
@@ -109,6 +112,7 @@ class LoRALayer(PEFTLayer):
         if not isinstance(base, expected):
             raise ValueError(f"{type(self).__name__} wraps an {expected.__name__}, got "
                              f"{type(base).__name__}")
+        check_materialized(base)
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ValueError(f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported; "
                              "leave it out of targets")
@@ -378,9 +382,10 @@ def check_lora_args(rank, copies, density, kind, alpha, impl="auto", seed=0) -> 
     check_copy_args(copies, density, kind, seed)
     check_impl(impl)
     if alpha is not None and (
-        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+        isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+        or not 0 < alpha < math.inf
     ):
-        raise ValueError(f"alpha must be a number > 0 or None, got {alpha!r}")
+        raise ValueError(f"alpha must be a finite number > 0 or None, got {alpha!r}")
 
 
 def add_lora(

@@ -23,6 +23,10 @@ from wtmodels.masks import MASK_KINDS, apply_to_mask_stacks, make_masks
 SUPPORTED_TYPES = (nn.Conv2d, nn.Linear)
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class PEFTLayer(nn.Module):
     """Base of the wrappers: a frozen ``base`` layer plus a trainable update.
 
@@ -43,7 +47,15 @@ class PEFTLayer(nn.Module):
 
     def formed(self) -> tuple[torch.Tensor, ...]:
         """The weights formed for the current forward pass, or freshly formed ones."""
-        return self._formed if self._formed is not None else self.form()
+        if self._formed is not None:
+            return self._formed
+        # Formed on the fly, e.g. while activation checkpointing (use_reentrant=False)
+        # recomputes a region after the model's forward pass: the forward pass itself used the
+        # weights formed on entry and saved none of the forming's tensors, so the forming's own
+        # saved tensors are kept out of any enclosing saved-tensor hooks (identity hooks),
+        # or the recomputation would save more tensors than the forward pass did.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            return self.form()
 
     def peft_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters this wrapper adds (the base's are not among them)."""
@@ -81,6 +93,15 @@ def check_copy_args(copies: object, density: object, kind: object, seed: object 
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; valid kinds: {', '.join(MASK_KINDS)}")
+
+
+def check_materialized(base: nn.Module) -> None:
+    """``ValueError`` if ``base`` is a lazy layer whose weight has no shape yet."""
+    if any(nn.parameter.is_lazy(p) for p in base.parameters(recurse=False)):
+        raise ValueError(
+            f"{type(base).__name__} is not initialized yet (lazy module): run one forward pass "
+            "of the model so that its weight gets a shape, then add LoRA / adapters"
+        )
 
 
 def draw_copy_masks(
