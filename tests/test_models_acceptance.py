@@ -85,3 +85,20 @@ def test_set_mask_index_refuses_a_non_integer():
     conv = apply_masks(torch.nn.Conv2d(2, 2, 1), k=3)
     with pytest.raises(ValueError, match="integer"):
         set_mask_index(conv, 1.5)
+
+
+def test_settings_a_model_never_reads_are_refused_not_ignored():
+    from wtmodels.model_config import ModelConfig, fields_without_effect
+    from wtmodels.train_config import TrainConfig, settings_without_effect
+
+    # ode_s integrates with rk4 (fixed steps): tolerances are never read
+    found = settings_without_effect(TrainConfig(model="ode_s",
+                                                model_overrides={"ode_rtol": 1e-5}))
+    assert list(found) == ["ode_rtol"] and "rk4" in found["ode_rtol"]
+    assert settings_without_effect(TrainConfig(model="ode_m",  # dopri5 reads them
+                                               model_overrides={"ode_rtol": 1e-5})) == {}
+    # norm_groups only sizes GroupNorm
+    found = settings_without_effect(TrainConfig(
+        model="wt_s", model_overrides={"norm": "layer", "norm_groups": 4}))
+    assert list(found) == ["norm_groups"]
+    assert "norm_groups" not in fields_without_effect(ModelConfig(norm="group"))

@@ -205,14 +205,18 @@ MASK_FIELDS = ("mask_density", "mask_kind", "mask_seed", "mask_schedule")
 def fields_without_effect(config: ModelConfig) -> dict[str, str]:
     """The fields a model built from ``config`` never reads, each with the reason.
 
-    Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks.
-    (Within a DEQ the backward-solver fields stay in the config whatever ``grad`` is.)
+    Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks,
+    ``norm_groups`` without GroupNorm, ``ode_rtol`` / ``ode_atol`` with a fixed-grid
+    ``ode_method`` (rk4, euler, ...). (Within a DEQ the backward-solver fields stay in the
+    config whatever ``grad`` is.)
 
     Example:
         >>> sorted(fields_without_effect(ModelConfig(core="unrolled")))[:2]
         ['b_max_iter', 'b_solver']
         >>> fields_without_effect(ModelConfig(core="unrolled"))["mask_density"]
         'read only with mask_k > 0'
+        >>> fields_without_effect(ModelConfig(core="ode", ode_method="rk4"))["ode_rtol"]
+        "read only by an adaptive ode_method, not the fixed-grid 'rk4'"
     """
     unused = {}
     for core, names in CORE_ONLY_FIELDS.items():
@@ -220,6 +224,14 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
             unused.update((n, f"read by core {core!r} only") for n in names)
     if config.mask_k == 0:
         unused.update((n, "read only with mask_k > 0") for n in MASK_FIELDS)
+    if config.norm != "group":
+        unused["norm_groups"] = "read only with norm 'group'"
+    if config.core == "ode":
+        from wtmodels.ode import is_fixed_grid
+
+        if is_fixed_grid(config.ode_method):  # fixed steps of T / depth: no error control
+            unused.update((n, f"read only by an adaptive ode_method, not the fixed-grid "
+                              f"{config.ode_method!r}") for n in ("ode_rtol", "ode_atol"))
     return unused
 
 
