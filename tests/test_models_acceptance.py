@@ -102,3 +102,12 @@ def test_settings_a_model_never_reads_are_refused_not_ignored():
         model="wt_s", model_overrides={"norm": "layer", "norm_groups": 4}))
     assert list(found) == ["norm_groups"]
     assert "norm_groups" not in fields_without_effect(ModelConfig(norm="group"))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2, 3, 8, 8), (8, 8)])
+def test_images_of_the_wrong_shape_are_a_clear_error(shape):
+    # an unbatched (C, H, W) image failed deep inside ("mat1 and mat2 shapes cannot be
+    # multiplied" from the head, or a GroupNorm size error); wrong channels a conv error
+    model = wt.create_model("test_wt", in_chans=1)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, H, W\)"):
+        model(torch.randn(*shape))

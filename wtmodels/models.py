@@ -175,6 +175,13 @@ class ImplicitClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, C_last)`` of images ``(B, in_chans, H, W)``."""
+        if x.dim() != 4 or x.shape[1] != self.config.in_chans:
+            # an unbatched (C, H, W) image otherwise failed deep inside (GroupNorm or the head)
+            raise ValueError(
+                f"expected images of shape (B, {self.config.in_chans}, H, W) (in_chans="
+                f"{self.config.in_chans}); got a tensor of shape {tuple(x.shape)}"
+                + (" (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else "")
+            )
         x = self.stem(x)  # (B, C0, H, W)
         for i, core in enumerate(self.cores):
             if i:
