@@ -5,6 +5,8 @@ Rows written without a ``config_id`` are grouped by :data:`GROUP_COLUMNS` instea
 over the group's clean runs only: a run the trainer stopped on non-finite losses, or that ended
 with one (:data:`UNSTABLE`), and a run that failed without a row (:data:`FAILED`, see
 :func:`benchmarks.rows.failed_rows`) are counted (``n_stopped``, ``n_failed``), not averaged.
+A clean run without a finite ``test_acc`` (a hand-written or foreign row: missing, NaN, text)
+is counted too (``n_noacc``), so a mean over fewer seeds than the group holds is flagged.
 
 Example:
     >>> rows = [{"config_id": "a", "label": "WT", "depth": 2, "test_acc": 0.8},
@@ -104,7 +106,8 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
     """One dict per configuration: its config columns, ``n`` (runs, whatever their end),
     ``n_stopped`` (runs the trainer stopped on non-finite losses, or that ended with one:
     :data:`UNSTABLE`), ``n_failed`` (:data:`FAILED` runs), ``n_skipped`` (clean runs that
-    skipped steps), ``seeds``, and for each metric ``<m>_mean``, ``<m>_std`` and ``<m>_count``
+    skipped steps), ``n_noacc`` (clean runs without a finite ``test_acc``), ``seeds``, and
+    for each metric ``<m>_mean``, ``<m>_std`` and ``<m>_count``
     (over the clean runs' finite values; nan when there are none).
 
     Args:
@@ -135,6 +138,7 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         entry["n_failed"] = sum(m.get("status") == FAILED for m in members)
         kept = [m for m in members if clean(m)]
         entry["n_skipped"] = sum(skipped_steps(m) for m in kept)
+        entry["n_noacc"] = sum(not _finite(m.get("test_acc")) for m in kept)
         entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
         for metric in metrics:
             mean, std, count = mean_std(number(m.get(metric)) for m in kept)
@@ -145,17 +149,24 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
     return out
 
 
+def _finite(value) -> bool:
+    value = number(value)
+    return value is not None and math.isfinite(value)
+
+
 def flags(group: dict) -> str:
     """What went wrong in a configuration's runs, as ``k/n`` counts (``""`` when nothing).
 
     Example:
         >>> flags({"n": 3, "n_stopped": 1, "n_failed": 0, "n_skipped": 2})
         '1/3 diverged, 2/3 skipped steps'
+        >>> flags({"n": 2, "n_noacc": 1})
+        '1/2 without accuracy'
     """
     n = group.get("n", 0)
     return ", ".join(f"{group[key]}/{n} {what}" for key, what in (
-        ("n_stopped", "diverged"), ("n_failed", "failed"), ("n_skipped", "skipped steps"))
-        if group.get(key))
+        ("n_stopped", "diverged"), ("n_failed", "failed"), ("n_skipped", "skipped steps"),
+        ("n_noacc", "without accuracy")) if group.get(key))
 
 
 def has(groups: Sequence[dict], metric: str) -> bool:

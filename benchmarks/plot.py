@@ -5,9 +5,9 @@ Reads ``DIR/results.csv`` (and ``DIR/extrapolation.csv`` when present) and write
 takes the rows and returns a matplotlib ``Figure``, or ``None`` when the rows cannot support it
 (for example no sweep over width): only supported panels are drawn. Points are means over the
 clean runs' seeds with error bars of one standard deviation; a point some of whose runs
-diverged, failed or skipped steps carries a red cross and its ``k/n`` counts (diverged and
-failed runs are left out of the mean), and configurations with no clean run are named under
-the panels. The notebook ``notebooks/guidelines.ipynb`` calls the
+diverged, failed, skipped steps or have no finite accuracy carries a red cross and its ``k/n``
+counts (all but the skipped-step runs are left out of the mean), and configurations with no
+clean run are named under the panels. The notebook ``notebooks/guidelines.ipynb`` calls the
 same functions.
 
 =========================  =================================================================
@@ -127,8 +127,8 @@ def _errorbar(ax, xs, groups, metric, **style):
 
 
 #: legend entry of the flagged points
-FLAG_LEGEND = ("x: k/n runs diverged or failed (excluded from the mean)\n"
-               "or skipped steps (kept)")
+FLAG_LEGEND = ("x: k/n runs diverged, failed or without accuracy\n"
+               "(excluded from the mean) or skipped steps (kept)")
 
 
 def _mark_flagged(ax, xs, ys, groups) -> None:
@@ -147,10 +147,12 @@ def _mark_flagged(ax, xs, ys, groups) -> None:
 
 
 def _lost(groups: Sequence[dict]) -> list[str]:
-    """Configurations with runs but no clean one (every seed diverged or failed)."""
+    """Configurations with runs but no clean accuracy (every seed diverged, failed or has no
+    finite ``test_acc``)."""
     out = []
     for g in groups:
-        if g.get("test_acc_count", 1) == 0 and (g.get("n_stopped") or g.get("n_failed")):
+        if g.get("test_acc_count", 1) == 0 and (g.get("n_stopped") or g.get("n_failed")
+                                                or g.get("n_noacc")):
             parts = [str(g.get("label"))]
             parts += [f"{name} {g[key]}" for key, name in (
                 ("depth", "depth"), ("width", "width"), ("mask_k", "K"),

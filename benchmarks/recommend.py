@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from benchmarks.aggregate import aggregate, flags
+from benchmarks.aggregate import aggregate, config_key, flags, number
 from benchmarks.results_io import read_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import to_markdown
@@ -81,17 +81,36 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
     groups = aggregate(rows)
     if not groups:
         raise ValueError("results: no finished runs to recommend from")
-    within = [g for g in groups if math.isfinite(g[f"{budget_key}_mean"])
-              and g[f"{budget_key}_mean"] <= limit]
+    # a configuration whose every seed diverged has no clean mean of the budget column: place
+    # it by its runs' own values, so it is listed among the unstable ones, not lost
+    recorded: dict[tuple, list[float]] = {}
+    for row in rows:
+        value = number(row.get(budget_key))
+        if value is not None and math.isfinite(value):
+            recorded.setdefault(config_key(row), []).append(value)
+
+    def cost(g: dict) -> float:
+        mean = g[f"{budget_key}_mean"]
+        if math.isfinite(mean):
+            return mean
+        values = recorded.get(config_key(g))
+        return sum(values) / len(values) if values else math.nan
+
+    within = [g for g in groups if math.isfinite(cost(g)) and cost(g) <= limit
+              and (math.isfinite(g[f"{budget_key}_mean"]) or g["n_stopped"] or g["n_failed"])]
     unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
     feasible = [g for g in within if g not in unstable and math.isfinite(g["test_acc_mean"])]
     if not feasible and unstable:
         raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
-                         f"diverged or failed run ({len(unstable)}; the smallest: "
+                         f"diverged or failed run ({len(unstable)} configuration(s); the "
+                         f"smallest: "
                          f"{describe(unstable[0])})")
     if not feasible:
         measured = [g[f"{budget_key}_mean"] for g in groups
                     if math.isfinite(g[f"{budget_key}_mean"])]
+        if not any(math.isfinite(number(r.get(budget_key)) or math.nan) for r in rows):
+            raise ValueError(f"budget: no run in these results records {budget_key}, the "
+                             f"column the budget is on")
         smallest = f"; the smallest measured is {min(measured):.4g}" if measured else ""
         raise ValueError(f"budget: no measured configuration has {budget_key} <= {limit:g}"
                          + smallest)
@@ -111,16 +130,19 @@ def describe(group: dict) -> str:
         >>> describe({"label": "WT", "depth": 4, "width": 32, "n": 2, "test_acc_mean": 0.95,
         ...           "test_acc_std": 0.01, "params_mean": 1e5, "train_time_s_mean": 12.0})
         'WT, depth 4, width 32: 95.0 ± 1.0 % over 2 seed(s), 100000 params, 12.0 s training'
+        >>> describe({"depth": 8, "test_acc_mean": 0.6, "n": 1})
+        'depth 8: 60.0 % over 1 seed(s)'
     """
-    parts = [str(group.get("label"))]
+    parts = [str(group["label"]) if group.get("label") is not None else ""]
     if group.get("core") == "deq":
         parts.append(" / ".join(str(group[k]) for k in ("f_solver", "grad") if group.get(k)))
-    else:
-        parts.append(f"depth {group.get('depth')}")
-    parts.append(f"width {group.get('width')}")
+    elif group.get("depth") is not None:
+        parts.append(f"depth {group['depth']}")
+    if group.get("width") is not None:
+        parts.append(f"width {group['width']}")
     if group.get("mask_k"):
         parts.append(f"{group['mask_k']} mask(s) at density {group.get('mask_density')}")
-    text = ", ".join(p for p in parts if p)
+    text = ", ".join(p for p in parts if p) or "(no label, depth or width)"
     count = group.get("test_acc_count", group.get("n"))
     if math.isfinite(group.get("test_acc_mean", math.nan)):
         spread = f" ± {100 * group['test_acc_std']:.1f}" if count > 1 else ""  # none from one

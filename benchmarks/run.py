@@ -55,6 +55,8 @@ LOG = "train.log"
 DONE = "done.json"  # written by the trainer when every epoch is done
 STOPPED = "stopped.json"  # written here when the trainer gave up on non-finite losses
 EXIT_DIVERGED = 3  # python -m wtmodels.train's status for "stopped: non-finite losses"
+#: submitit's options where the command line gives none
+SUBMITIT_DEFAULTS = {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 240}
 
 
 @dataclass(frozen=True)
@@ -579,9 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="local", choices=LAUNCHERS)
     p.add_argument("--cluster", help="submitit cluster (default: slurm if present, else local)")
     p.add_argument("--partition", help="Slurm partition (submitit)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per Slurm job (submitit)")
-    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per Slurm job (submitit)")
-    p.add_argument("--timeout-min", type=int, default=240, help="per-job limit (submitit)")
+    default = SUBMITIT_DEFAULTS
+    p.add_argument("--gpus-per-node", type=int,
+                   help=f"GPUs per Slurm job (submitit; default {default['gpus_per_node']})")
+    p.add_argument("--cpus-per-task", type=int,
+                   help=f"CPUs per Slurm job (submitit; default {default['cpus_per_task']})")
+    p.add_argument("--timeout-min", type=int,
+                   help=f"per-job limit in minutes (submitit; default {default['timeout_min']})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device of each run")
     p.add_argument("--only", help="run only the runs whose id contains this text")
     p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
@@ -595,15 +601,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launcher_options(args: argparse.Namespace) -> dict:
+    """submitit's options from the command line; refused (ValueError) with the local launcher,
+    where they would do nothing, and when out of range."""
+    given = {flag: value for flag, value in (
+        ("--cluster", args.cluster), ("--partition", args.partition),
+        ("--gpus-per-node", args.gpus_per_node), ("--cpus-per-task", args.cpus_per_task),
+        ("--timeout-min", args.timeout_min)) if value is not None}
+    if args.launcher != "submitit":
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --launcher submitit (the local "
+                             "launcher would ignore it)")
+        return {}
+    for flag, low in (("--gpus-per-node", 0), ("--cpus-per-task", 1), ("--timeout-min", 1)):
+        if flag in given and given[flag] < low:
+            raise ValueError(f"{flag}: must be >= {low}, got {given[flag]}")
+    options = dict(SUBMITIT_DEFAULTS, cluster=args.cluster, slurm_partition=args.partition)
+    options.update({key: value for key, value in (
+        ("gpus_per_node", args.gpus_per_node), ("cpus_per_task", args.cpus_per_task),
+        ("timeout_min", args.timeout_min)) if value is not None})
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 if a run failed)."""
     args = build_parser().parse_args(argv)
-    options = {}
-    if args.launcher == "submitit":
-        options = dict(cluster=args.cluster, slurm_partition=args.partition,
-                       gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                       timeout_min=args.timeout_min)
     try:
+        options = _launcher_options(args)
+        keys = [key for key, _ in args.set]
+        if repeated := sorted({key for key in keys if keys.count(key) > 1}):
+            raise ValueError(f"--set: {', '.join(repeated)} given more than once (one value "
+                             "per key)")
         report = sweep(args.preset, args.out, smoke=args.smoke, seeds=args.seeds, jobs=args.jobs,
                        launcher=args.launcher, threads=args.threads, device=args.device,
                        dry_run=args.dry_run, plots=not args.no_plots,
@@ -612,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what is recorded stays; the rerun finishes the rest
+        print("python -m benchmarks.run: interrupted; rerun the same command to finish the "
+              "sweep (recorded runs are kept, a run with a checkpoint resumes)", file=sys.stderr)
+        return 130
     if args.dry_run:
         return 0
     print(f"ran {report.ran} ({report.diverged} diverged), recorded {report.recorded}, skipped "

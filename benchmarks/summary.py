@@ -2,8 +2,9 @@
 
 ``seeds`` counts every run of a configuration; the means are over its clean runs only, and the
 columns ``runs stopped`` (stopped on non-finite losses, or ended with one), ``runs failed`` (a
-run directory without a results row) and ``runs with skipped steps`` (kept in the means) show
-where any run has them (see :func:`benchmarks.aggregate.aggregate`).
+run directory without a results row), ``runs with skipped steps`` (kept in the means) and
+``runs without accuracy`` (no finite ``test_acc``: hand-written rows) show where any run has
+them (see :func:`benchmarks.aggregate.aggregate`).
 
 Written as ``summary.csv`` (raw means and standard deviations) and ``summary.md`` (rounded,
 ``mean ± std``), and printed at the end of ``python -m benchmarks.run``.
@@ -36,6 +37,7 @@ COLUMNS = (
     ("runs stopped", "n_stopped", "nonzero"),
     ("runs failed", "n_failed", "nonzero"),
     ("runs with skipped steps", "n_skipped", "nonzero"),
+    ("runs without accuracy", "n_noacc", "nonzero"),
     ("test acc %", "test_acc", "pct"),
     ("best acc %", "best_test_acc", "pct_mean"),
     ("params", "params", "int"),
