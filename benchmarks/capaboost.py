@@ -69,6 +69,9 @@ SMOKE_SETTINGS = {
     "depth": 2, "stages": 1, "pretrain_size": None, "finetune_size": None, "test_size": None,
     "pretrain_epochs": 4, "finetune_epochs": 3,
 }
+#: with --smoke on another dataset, the sizes left at "all images" become these (seconds, not the
+#: minutes 60k Fashion-MNIST images would take)
+SMOKE_CAPS = {"pretrain_size": 1000, "finetune_size": 500, "test_size": 1000}
 RANKS, SMOKE_RANKS = (1, 2, 4), (1,)
 COPIES, DENSITY = (2, 4), 0.5
 
@@ -391,6 +394,40 @@ COLUMNS = (
 )
 
 
+def experiment_configs(smoke: bool = False, seeds=(0, 1, 2), **overrides
+                       ) -> list[tuple[str, dict]]:
+    """``(label, config)`` of every run of the experiment, validated (``ValueError`` on a bad
+    seed list or setting).
+
+    With ``smoke`` on a dataset other than digits, sizes left at "all images" are capped
+    (:data:`SMOKE_CAPS`), so a smoke run stays a matter of seconds.
+
+    Example:
+        >>> runs = experiment_configs(smoke=True, seeds=(0,), dataset="fashion_mnist")
+        >>> runs[0][1]["pretrain_size"], len(runs)
+        (1000, 5)
+    """
+    unknown = sorted(set(overrides) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(SETTINGS)}")
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be integers >= 0 (at least one), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct (a repeated seed would count one run twice in "
+                         f"the means and wins), got {seeds!r}")
+    configs = []
+    for seed in seeds:
+        for entry in sweep(smoke):
+            label = entry.pop("label")
+            config = {**entry, **overrides, "seed": seed}
+            if smoke and config["dataset"] != "digits":
+                config.update({k: v for k, v in SMOKE_CAPS.items() if config[k] is None})
+            check_config(config)
+            configs.append((label, config))
+    return configs
+
+
 def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: int | None = 1,
                   **overrides) -> list[dict]:
     """Run every configuration of :func:`sweep` for every seed, then tabulate and plot.
@@ -416,22 +453,7 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
     from benchmarks.presets import config_id_for, run_id_for
     from benchmarks.results_io import write_rows
 
-    unknown = sorted(set(overrides) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(SETTINGS)}")
-    seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be integers >= 0 (at least one), got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct (a repeated seed would count one run twice in "
-                         f"the means and wins), got {seeds!r}")
-    configs = []
-    for seed in seeds:
-        for entry in sweep(smoke):
-            label = entry.pop("label")
-            config = {**entry, **overrides, "seed": seed}
-            check_config(config)
-            configs.append((label, config))
+    configs = experiment_configs(smoke, seeds, **overrides)
     if threads is not None:
         torch.set_num_threads(threads)
     rows = []

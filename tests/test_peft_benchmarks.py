@@ -90,3 +90,12 @@ def test_speed_benchmark_writes_ratios(tmp_path):
 def test_speed_cli_bad_case(capsys, tmp_path):
     assert peft_speed.main(["--out", str(tmp_path), "--cases", "vit"]) == 2
     assert "valid cases: wt_s, capaboost_model" in capsys.readouterr().err
+
+
+def test_smoke_caps_the_sizes_only_on_a_dataset_other_than_digits():
+    digits = capaboost.experiment_configs(smoke=True, seeds=(0,))
+    assert all(c["pretrain_size"] is None for _, c in digits)  # all ~720 digits per task
+    fashion = capaboost.experiment_configs(smoke=True, seeds=(0,), dataset="fashion_mnist")
+    assert all(c[k] == v for _, c in fashion for k, v in capaboost.SMOKE_CAPS.items())
+    full = capaboost.experiment_configs(seeds=(0,), dataset="fashion_mnist")
+    assert all(c["pretrain_size"] == capaboost.SETTINGS["pretrain_size"] for _, c in full)
