@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from wtmodels.checkpoint import load_checkpoint
@@ -96,3 +97,18 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
     wa = load_checkpoint(ref / "checkpoint.pt")["model"]
     wb = load_checkpoint(killed / "checkpoint.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_rank_with_an_empty_test_shard(tmp_path):
+    """test_size 1 on 2 processes: rank 1's test shard is empty, so it has no core statistics
+    to reduce; the ranks' reductions crashed on a collective mismatch (gloo aborted)."""
+    settings = {**SETTINGS, "model": "test_deq", "train_size": 64, "test_size": 1, "epochs": 1}
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run(_torchrun(two, settings), capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run({**settings, "out": str(one), "progress": "none"})
+    (a,), (b,) = _rows(one), _rows(two)
+    assert a.keys() == b.keys()
+    for key in ("test_acc", "nstep", "converged", "rel_residual_max", "cell_evals"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key

@@ -90,10 +90,15 @@ class EpochMeter:
                 self.correct + round(correct), None
         sum_keys = sorted(self.stat_sums)
         max_keys = sorted(self.stat_max)
+        if ctx.world_size > 1:  # a rank that saw no batch (an empty test shard) has no keys:
+            # the collectives below need the same list on every rank
+            seen = ctx.gather_objects((sum_keys, max_keys))
+            sum_keys = sorted({k for keys, _ in seen for k in keys})
+            max_keys = sorted({k for _, keys in seen for k in keys})
         sums = ctx.all_reduce_sum([self.loss_sum, float(self.correct), float(self.count)]
-                                  + [self.stat_sums[k] for k in sum_keys]
-                                  + [float(self.stat_counts[k]) for k in sum_keys])
-        maxes = ctx.all_reduce_max([self.stat_max[k] for k in max_keys])
+                                  + [self.stat_sums.get(k, 0.0) for k in sum_keys]
+                                  + [float(self.stat_counts.get(k, 0)) for k in sum_keys])
+        maxes = ctx.all_reduce_max([self.stat_max.get(k, float("-inf")) for k in max_keys])
         count = sums[2]
         out = {"loss": sums[0] / count if count else float("nan"),
                "acc": sums[1] / count if count else float("nan"),
