@@ -260,3 +260,33 @@ def test_a_setting_spelled_twice_is_refused(tmp_path, capsys):
         run({"model": "test_wt", "depth": 2, "model_overrides": {"depth": 3}, "epochs": 1})
     with pytest.raises(ValueError, match="train_size given twice"):
         run({"model": "test_wt", "train-size": 64, "train_size": 32, "epochs": 1})
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".json", '{"model": "test_wt", "epochs": 1, "lr": 0.1, "epochs": 2}'),
+    (".yaml", "model: test_wt\nepochs: 1\nlr: 0.1\nepochs: 2\n"),
+    (".yaml", "model: test_wt\nmodel_overrides:\n  depth: 2\n  depth: 3\n"),
+])
+def test_a_key_repeated_in_a_config_file_is_refused(tmp_path, capsys, suffix, text):
+    # json and PyYAML both kept the last of two equal keys silently (epochs 2, depth 3)
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    _bad(["--config", str(path), "--out", str(tmp_path / "o"), *FAST], capsys, "given twice")
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {depth: 2, width: 8}\nmodel_overrides:\n  <<: *b\n  depth: 3\n")
+    assert parse_settings(["--config", str(path)])["model_overrides"] == {"depth": 3, "width": 8}
+
+
+@pytest.mark.parametrize("value", ["3", "[1, 2]", "deep"])
+def test_model_overrides_that_is_not_a_mapping(tmp_path, capsys, value):
+    # 'model_overrides: 3' crashed with a TypeError traceback
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: test_wt\nmodel_overrides: {value}\n")
+    _bad(["--config", str(path), "--out", str(tmp_path / "o"), *FAST], capsys,
+         "model_overrides must be a mapping")
+    with pytest.raises(ValueError, match="model_overrides must be a mapping"):
+        run({"model": "test_wt", "model_overrides": [("depth", 2)]})

@@ -353,6 +353,8 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
     train_names = set(train_field_names())
     model_names = set(model_field_names())
     nested = config.get("model_overrides", config.get("model-overrides")) or {}
+    if not isinstance(nested, dict):
+        raise ValueError(f"model_overrides must be a mapping of model settings; got {nested!r}")
     train, model = {}, dict(nested)
     spelled = {key: f"model_overrides[{key!r}]" for key in nested}  # key -> as given
     for raw_key, value in config.items():
@@ -390,11 +392,39 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # YAML forbids a key twice in one mapping; PyYAML kept the last one silently
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"setting {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_EXPONENT_FLOAT,
                                  list("-+0123456789."))
     return Loader
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object as a dict, refusing a key given twice (``json`` kept the last silently).
+
+    Example:
+        >>> json.loads('{"lr": 0.1, "lr": 0.2}', object_pairs_hook=_no_duplicate_keys)
+        Traceback (most recent call last):
+        ...
+        ValueError: setting 'lr' given twice
+    """
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"setting {key!r} given twice")
+        out[key] = value
+    return out
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -427,7 +457,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
             data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except Exception as err:  # noqa: BLE001 - any parse error is bad input
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"config file {path} is not valid "
