@@ -236,10 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     try:
-        extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)
+        added = extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)
     except ValueError as err:  # a damaged results file, run config or checkpoint
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    # say so when nothing was added (every depth already there, or no run with a checkpoint)
+    print(f"{added} row(s) added to {os.path.join(args.sweep_dir, EXTRAPOLATION)}; redraw the "
+          f"panel with python -m benchmarks.plot {args.sweep_dir}")
     return 0
 
 

@@ -267,6 +267,10 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
                 name = f"{g.get('label')}, {line_name} {g.get(line)} (no {x} axis)"
             _reference_line(ax, g, name, linestyle=_LINESTYLES[i % len(_LINESTYLES)])
     _log2_axis(ax, [g[x] for pts in lines.values() for g in pts])
+    if len(line_values) == 1:  # the legend names no width (depth): say it in the title
+        value = line_values[0]
+        value = f"{value:g}" if isinstance(value, (int, float)) else value
+        title = title.replace(" (", f", {line_name} {value} (", 1)
     _finish(ax, xlabel, "test accuracy (%)", title)
     _legend_outside(ax)
     _footnote(fig, [g for g in everything if g.get(x) is not None])

@@ -94,8 +94,9 @@ def _format_cell(value) -> str:
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """Read a results CSV into a list of dicts with numbers parsed (missing file: ``[]``).
 
-    Empty cells become ``None``; ``"True"``/``"False"`` become bools. A damaged file (a row
-    with more or fewer cells than the header, bytes that are not UTF-8, a directory) raises
+    Empty cells become ``None``; ``"True"``/``"False"`` become bools. A byte-order mark (a
+    spreadsheet's "CSV UTF-8" save) is dropped. A damaged file (a row with more or fewer cells
+    than the header, a column named twice, bytes that are not UTF-8, a directory) raises
     ``ValueError`` naming it.
 
     Args:
@@ -109,8 +110,12 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         []
     """
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            names = reader.fieldnames or ()
+            if twice := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more "
+                                 "than once in the header: a damaged results file")
             rows = []
             for row in reader:
                 if None in row or None in row.values():  # more / fewer cells than the header
@@ -210,7 +215,7 @@ def append_rows(path: str | os.PathLike, new_rows: Iterable[dict], key: str = RU
     path = os.fspath(path)
     with file_lock(lock_path(path)):
         rows = read_rows(path)
-        present = {str(r.get(key)) for r in rows}
+        present = _keys(path, rows, key)
         added = 0
         for row in new_rows:
             if str(row[key]) not in present:
@@ -245,4 +250,14 @@ def finished_ids(path: str | os.PathLike, key: str = RUN_ID) -> set[str]:
         >>> finished_ids("/nonexistent.csv")
         set()
     """
-    return {str(r[key]) for r in read_rows(path) if r.get(key) is not None}
+    return _keys(path, read_rows(path), key)
+
+
+def _keys(path, rows: list[dict], key: str) -> set[str]:
+    """The ``key`` values of ``rows``; a row without one (its column deleted or emptied by
+    hand) would make every run look unrecorded and be written again: ``ValueError``."""
+    for line, row in enumerate(rows, start=2):
+        if row.get(key) is None:
+            raise ValueError(f"{path}: line {line} has no {key}: a damaged results file (restore "
+                             f"it, or delete that line and rerun the sweep)")
+    return {str(r[key]) for r in rows}

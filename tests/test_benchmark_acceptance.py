@@ -123,3 +123,52 @@ def test_notebook_survives_a_sweep_with_no_recommendation(tmp_path, monkeypatch)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.outputs if o.output_type == "stream")
     assert "no recommendation: budget: every configuration" in text
+
+
+def test_extrapolate_says_how_many_rows_it_added(tmp_path, capsys):
+    # with nothing to add (hand-written rows, no checkpoints) it printed nothing at all
+    from benchmarks.extrapolate import main as extrapolate_main
+
+    write_rows(str(tmp_path / "results.csv"), _rows({2: [0.8]}))
+    assert extrapolate_main([str(tmp_path)]) == 0
+    assert "0 row(s) added to" in capsys.readouterr().out
+
+
+def test_a_sweep_at_one_width_names_it_in_the_title():
+    # quick runs one width: the legend said "WT" and nothing said which width
+    rows = _rows({2: [0.8], 4: [0.85]})
+    assert plot.plot_accuracy_vs_depth(rows).axes[0].get_title() == (
+        "Accuracy vs depth, width 16 (mean ± std over seeds)")
+    two = rows + [dict(r, width=32, run_id=r["run_id"] + "w") for r in rows]
+    assert plot.plot_accuracy_vs_depth(two).axes[0].get_title() == (
+        "Accuracy vs depth (mean ± std over seeds)")  # the legend names them
+
+
+def test_a_spreadsheet_saved_results_file_keeps_its_run_ids(tmp_path):
+    # "CSV UTF-8" from a spreadsheet starts with a byte-order mark: the first column became
+    # "\ufeffrun_id", so a rerun found no run recorded and wrote every row again
+    from benchmarks.results_io import append_row, finished_ids, read_rows
+
+    path = tmp_path / "results.csv"
+    path.write_bytes(b"\xef\xbb\xbfrun_id,label,test_acc\r\na,WT,0.8\r\nb,WT,0.9\r\n")
+    assert finished_ids(path) == {"a", "b"}
+    assert append_row(path, {"run_id": "a", "test_acc": 0.1}) is False
+    assert append_row(path, {"run_id": "c", "test_acc": 0.7}) is True
+    assert [r["run_id"] for r in read_rows(path)] == ["a", "b", "c"]
+    assert list(read_rows(path)[0]) == ["run_id", "label", "test_acc"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run_id,depth,depth,test_acc\na,2,3,0.8\n", "'depth' appear more than once"),
+    ("run_id,label,test_acc\na,WT,0.8\n,WT,0.9\n", "line 3 has no run_id"),
+])
+def test_a_header_naming_a_column_twice_or_a_row_without_an_id_is_damage(tmp_path, capsys,
+                                                                          text, message):
+    # a repeated column was read silently (the last one won); a row without a run_id made a
+    # rerun write every row again
+    (tmp_path / "results.csv").write_text(text)
+    command = plot.main if "depth" in text else (
+        lambda args: run_cli.main(["quick", "--smoke", "--dry-run", "--out", *args]))
+    assert command([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
