@@ -338,3 +338,52 @@ def test_loaders_shard_global_batches_across_ranks():
     assert sum(test_counts) == 30 == sum(len(y) for _, y in test_one)
     with pytest.raises(ValueError, match="multiple"):
         build_loaders(train, test, batch_size=15, world_size=2)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip", "crc"])
+def test_corrupt_gzipped_idx_files_are_a_value_error(tmp_path, damage):
+    # a truncated or corrupt .gz crashed with EOFError / BadGzipFile (a traceback on the CLI)
+    _write_mnist_folder(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "not_gzip":
+        path.write_bytes(gzip.decompress(raw))
+    else:
+        flipped = bytearray(raw)
+        flipped[-6] ^= 0xFF  # inside the CRC trailer
+        path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz cannot be read"):
+        get_datasets("fashion_mnist", data_dir=tmp_path)
+
+
+def test_truncated_idx_file_in_the_torchvision_layout_is_a_value_error(tmp_path):
+    # torchvision's own reader failed its reshape with a RuntimeError (a traceback on the CLI)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist_folder(raw, gz=False)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="cannot be read"):
+        get_datasets("mnist", data_dir=tmp_path)
+
+
+def test_imagefolder_mixed_modes_sizes_and_an_empty_class(tmp_path):
+    """Grayscale, RGB and RGBA PNGs of different sizes load as 3-channel images of one size;
+    a class folder without images is refused naming the split it is in."""
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("L", (9 + c, 13), 200).save(tmp_path / split / cls / "gray.png")
+            Image.new("RGB", (31, 17 + c), (0, 255, 0)).save(tmp_path / split / cls / "rgb.png")
+            Image.new("RGBA", (5, 40), (0, 0, 255, 10)).save(tmp_path / split / cls / "rgba.png")
+    train, test, info = get_datasets("imagefolder", data_dir=tmp_path, image_size=12)
+    assert info["in_chans"] == 3 and (len(train), len(test)) == (6, 6)
+    loader, _ = build_loaders(train, test, batch_size=6)
+    x, y = next(iter(loader))
+    assert tuple(x.shape) == (6, 3, 12, 12) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "val" / "c").mkdir()
+    (tmp_path / "train" / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "0.png")
+    with pytest.raises(ValueError, match=r"val: Found no valid file for the classes c"):
+        get_datasets("imagefolder", data_dir=tmp_path)

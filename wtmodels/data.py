@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,8 +233,12 @@ def _digits(data_dir, download, augment, image_size, opts):
 def _read_idx(path: Path) -> torch.Tensor:
     """Read an idx file (``.gz`` or plain) holding unsigned bytes, e.g. MNIST images/labels."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # truncated or not gzip, unreadable
+        raise ValueError(f"{path} cannot be read (truncated or corrupt?): "
+                         f"{type(err).__name__}: {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 3:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
@@ -284,8 +289,13 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
         if all(f and f[0].suffix != ".gz" and f[1].suffix != ".gz"
                for f in (_idx_files(tv_raw, True), _idx_files(tv_raw, False))):
             # torchvision's own layout, uncompressed: its class reads it as is
-            return (tv_cls(root, train=True, transform=train_tf),
-                    tv_cls(root, train=False, transform=test_tf), info)
+            try:
+                return (tv_cls(root, train=True, transform=train_tf),
+                        tv_cls(root, train=False, transform=test_tf), info)
+            except (RuntimeError, OSError) as err:  # a truncated file fails its reshape
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValueError(f"dataset {name}: the idx files in {tv_raw} cannot be read "
+                                 f"(truncated or corrupt?): {first}") from None
         candidates += [tv_raw, root]
     else:  # the system copies only when no folder was named
         candidates += [Path(p) for p in search]
@@ -380,11 +390,14 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
                                v2.CenterCrop(size), _to_float_image(), norm])
     test_tf = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size),
                           _to_float_image(), norm])
-    try:
-        train = ImageFolder(str(root / "train"), transform=train_tf)
-        test = ImageFolder(str(root / "val"), transform=test_tf)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise ValueError(f"dataset imagefolder: {err}".replace("\n", " ")) from None
+    found = {}
+    for split, tf in (("train", train_tf), ("val", test_tf)):
+        try:
+            found[split] = ImageFolder(str(root / split), transform=tf)
+        except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
+            raise ValueError(f"dataset imagefolder: {root / split}: {err}".replace("\n", " ")
+                             ) from None
+    train, test = found["train"], found["val"]
     if train.classes != test.classes:
         raise ValueError(f"dataset imagefolder: train classes {train.classes} differ from val "
                          f"classes {test.classes}")
