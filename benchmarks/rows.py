@@ -74,6 +74,9 @@ CONFIG_COLUMNS = (
 _LAST = ("test_acc", "train_acc", "train_loss", "test_loss", "nstep", "rel_residual",
          "converged", "diverged", "nfe", "cell_evals")
 _MEDIAN = ("epoch_time_s", "images_per_s")
+#: columns only the runs of that core read (blank in the others' rows, not their defaults)
+_CORE_COLUMNS = {"deq": ("f_solver", "f_max_iter", "f_tol", "b_solver", "grad"),
+                 "ode": ("ode_method",)}
 _MODEL_INFO = ("params", "nonzero_params_per_iter", "cell_evals", "flops_per_image")
 
 
@@ -202,6 +205,9 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
         row["run_git_sha"] = env["git_sha"]  # as the run's own process saw it
     if row.get("mask_k") == 0:  # no mask: the density setting means nothing
         row["mask_density"] = None
+    for core, keys in _CORE_COLUMNS.items():  # a core's settings mean nothing to the others
+        if row.get("core") not in (None, core):
+            row.update(dict.fromkeys(keys))
     row.update({k: info[k] for k in _MODEL_INFO if k in info})
     summary = summarise_metrics(read_metrics(run_dir))
     for key, value in _flatten(done).items():  # done.json fills what the epochs lack

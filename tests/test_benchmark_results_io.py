@@ -129,3 +129,24 @@ def test_recovered_row_of_a_run_killed_before_harness_json_has_a_status(tmp_path
     assert assemble_row(str(tmp_path))["status"] == "ok"
     (tmp_path / "stopped.json").write_text(json.dumps({"status": "diverged"}))
     assert assemble_row(str(tmp_path))["status"] == "diverged"
+
+
+@pytest.mark.parametrize("core, blank, kept", [
+    ("unrolled", ("f_solver", "grad", "ode_method"), ()),
+    ("deq", ("ode_method",), ("f_solver", "grad")),
+    ("ode", ("f_solver", "grad"), ("ode_method",)),
+])
+def test_a_row_leaves_blank_the_settings_its_core_never_reads(tmp_path, core, blank, kept):
+    import json
+
+    from benchmarks.rows import assemble_row
+
+    model = {"core": core, "f_solver": "anderson", "grad": "ift", "ode_method": "rk4",
+             "mask_k": 0, "mask_density": 0.5}
+    (tmp_path / "spec.json").write_text(json.dumps({"run_id": "r", "label": core,
+                                                    "config": {"seed": 0}}))
+    (tmp_path / "config.json").write_text(json.dumps({"model": model, "epochs": 1}))
+    (tmp_path / "done.json").write_text(json.dumps({"test_acc": 0.9}))
+    row = assemble_row(str(tmp_path))
+    assert row["core"] == core and row["mask_density"] is None
+    assert all(row[k] is None for k in blank) and all(row[k] == model[k] for k in kept)
