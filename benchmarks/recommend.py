@@ -129,7 +129,7 @@ def describe(group: dict) -> str:
     Example:
         >>> describe({"label": "WT", "depth": 4, "width": 32, "n": 2, "test_acc_mean": 0.95,
         ...           "test_acc_std": 0.01, "params_mean": 1e5, "train_time_s_mean": 12.0})
-        'WT, depth 4, width 32: 95.0 ± 1.0 % over 2 seed(s), 100000 params, 12.0 s training'
+        'WT, depth 4, width 32: 95.0 ± 1.0 % over 2 seed(s), 100000 params, 12 s training'
         >>> describe({"depth": 8, "test_acc_mean": 0.6, "n": 1})
         'depth 8: 60.0 % over 1 seed(s)'
     """
@@ -154,7 +154,8 @@ def describe(group: dict) -> str:
     if math.isfinite(group.get("params_mean", math.nan)):
         text += f", {group['params_mean']:.0f} params"
     if math.isfinite(group.get("train_time_s_mean", math.nan)):
-        text += f", {group['train_time_s_mean']:.1f} s training"
+        seconds = group["train_time_s_mean"]  # 0.042 s, 12.3 s, 1234 s
+        text += f", {seconds:.3g} s training" if seconds < 100 else f", {seconds:.0f} s training"
     return text
 
 
