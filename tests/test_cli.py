@@ -290,3 +290,12 @@ def test_model_overrides_that_is_not_a_mapping(tmp_path, capsys, value):
          "model_overrides must be a mapping")
     with pytest.raises(ValueError, match="model_overrides must be a mapping"):
         run({"model": "test_wt", "model_overrides": [("depth", 2)]})
+
+
+def test_an_out_that_cannot_be_created(tmp_path, capsys):
+    # --out under a file crashed with NotADirectoryError (a traceback) after loading the data
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    _bad(["--model", "test_wt", "--epochs", "1", "--out", str(blocker / "run" / "a"), *FAST],
+         capsys, "cannot be created")
+    assert blocker.read_text() == "x"

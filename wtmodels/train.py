@@ -208,6 +208,18 @@ def _check_same_model_definition(saved_cfg, saved_model_config: dict | None, out
                        "resume with the code it started with")
 
 
+def _check_creatable(out: Path) -> None:
+    """``BadInput`` if directory ``out`` cannot be made: its nearest existing ancestor is a
+    file or not writable (checked before anything is built; nothing is created here)."""
+    parent = out.absolute()
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"--out {out} cannot be created: {parent} is not a directory")
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out} cannot be created: {parent} is not writable")
+
+
 def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """Check ``--out``/``--resume`` against the directory; on resume, the saved settings
     (explicitly given identity settings must match them)."""
@@ -224,6 +236,7 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
         if holds_run:
             raise BadInput(f"--out {out} already holds a run; add --resume to continue it or "
                            "choose another --out")
+        _check_creatable(out)
         return cfg
     if not (out / CONFIG_FILE).is_file():
         raise BadInput(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
@@ -433,7 +446,10 @@ class _Trainer:
     def _write_start_files(self) -> None:
         if self.out is None or not self.ctx.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. a path under /proc, a read-only file system
+            raise BadInput(f"--out {self.out} cannot be created: {err.strerror or err}") from None
         cfg = self.cfg
         if not (self.out / CONFIG_FILE).exists():
             atomic_write_json(self.out / CONFIG_FILE, {
