@@ -387,3 +387,15 @@ def test_imagefolder_mixed_modes_sizes_and_an_empty_class(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / "0.png")
     with pytest.raises(ValueError, match=r"val: Found no valid file for the classes c"):
         get_datasets("imagefolder", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_a_failed_download_is_a_value_error(tmp_path, monkeypatch, name):
+    # offline, --download crashed with URLError / RuntimeError tracebacks; every request goes
+    # to a closed local port here, so nothing can be fetched
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=f"dataset {name}: downloading into .* failed"):
+        get_datasets(name, data_dir=tmp_path / "dl", download=True)

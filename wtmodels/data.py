@@ -264,6 +264,13 @@ def _idx_files(folder: Path, train: bool) -> tuple[Path, Path] | None:
     return found[0], found[1]
 
 
+def _download_failed(name: str, root: Path, err: Exception) -> str:
+    """The one-line message of a failed ``download=True``."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return (f"dataset {name}: downloading into {root} failed (no network?): {reason[:300]}; "
+            "put the files there yourself and drop --download")
+
+
 def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size,
                 search: list[str]):
     """(Fashion-)MNIST through torchvision, from its own layout or any folder of idx files."""
@@ -280,9 +287,12 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
     if download and root is None:
         raise ValueError(f"dataset {name}: --download needs --data-dir DIR to download into")
     if root is not None and download:
-        root.mkdir(parents=True, exist_ok=True)
-        return (tv_cls(root, train=True, transform=train_tf, download=True),
-                tv_cls(root, train=False, transform=test_tf, download=True), info)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return (tv_cls(root, train=True, transform=train_tf, download=True),
+                    tv_cls(root, train=False, transform=test_tf, download=True), info)
+        except (RuntimeError, OSError) as err:  # no network, a failed mirror, a bad folder
+            raise ValueError(_download_failed(name, root, err)) from None
     candidates = []
     if root is not None:
         tv_raw = root / tv_name / "raw"
@@ -355,7 +365,10 @@ def _cifar(name: str, tv_name: str, num_classes: int, data_dir, download, augmen
     try:
         train = tv_cls(root, train=True, transform=train_tf, download=download)
         test = tv_cls(root, train=False, transform=test_tf, download=download)
-    except RuntimeError as err:  # torchvision: files missing or failing their MD5 check
+    except (RuntimeError, OSError) as err:
+        if download:  # no network, a failed mirror, a download failing its MD5 check
+            raise ValueError(_download_failed(name, root, err)) from None
+        # torchvision: files missing or failing their MD5 check
         raise ValueError(f"dataset {name}: no intact {tv_cls.base_folder} under {root} "
                          f"(files missing or MD5 mismatch: {err}); add --download") from None
     return train, test, {"num_classes": num_classes, "in_chans": 3, "image_size": size}
