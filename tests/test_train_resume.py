@@ -190,3 +190,26 @@ def test_resume_computes_on_the_saved_device_unless_given_anew(tmp_path, monkeyp
     run({"out": str(out), "resume": True, "progress": "none"})
     run({"out": str(out), "resume": True, "progress": "none", "device": "auto"})
     assert asked == ["cpu", "auto"]
+
+
+def test_resume_removes_the_temporary_files_a_kill_left(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = train_mod.atomic_write_jsonl, {"n": 0}
+
+    def dies_after_epoch_1(path, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:  # start, epoch 1, then die after epoch 2's checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        real(path, rows)
+
+    monkeypatch.setattr(train_mod, "atomic_write_jsonl", dies_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run({**BASE, "epochs": 3, "out": str(out)})
+    monkeypatch.undo()
+    leftovers = [out / "checkpoint.pt.k1ll3d.tmp", out / "metrics.jsonl.x9.tmp"]
+    kept = out / "notes.txt.1.tmp"  # not one of the run's files: left alone
+    for path in [*leftovers, kept]:
+        path.write_bytes(b"partial")
+    run({"out": str(out), "resume": True, "progress": "none"})
+    assert not any(p.exists() for p in leftovers) and kept.exists()
+    assert [r["epoch"] for r in _rows(out)] == [1, 2, 3]

@@ -450,6 +450,10 @@ class _Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # e.g. a path under /proc, a read-only file system
             raise BadInput(f"--out {self.out} cannot be created: {err.strerror or err}") from None
+        # a kill during an atomic write leaves its temporary file (a checkpoint's size): drop them
+        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_INFO_FILE, DONE_FILE):
+            for leftover in self.out.glob(f"{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
         cfg = self.cfg
         if not (self.out / CONFIG_FILE).exists():
             atomic_write_json(self.out / CONFIG_FILE, {
