@@ -200,7 +200,7 @@ class DEQ(nn.Module):
         """
         frozen = stats.diverged.to(z_sol.device)  # (B,)
         z = self._phantom_steps(f, z_sol, frozen)
-        bad = ~torch.isfinite(z.detach()).flatten(1).all(1) & ~frozen
+        bad = ~torch.isfinite(z.detach()).reshape(z.shape[0], -1).all(1) & ~frozen
         if bool(bad.any()):
             z = self._phantom_steps(f, z_sol, frozen | bad)
         return z
