@@ -2,6 +2,7 @@
 oracles on new problems, 1-d batches, per-sample difficulty, stats semantics, faults."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,28 @@ def test_ift_gradcheck_with_an_ignored_parameter_and_inputs():
                    torch.zeros(B, D, dtype=F64))[0]
 
     assert torch.autograd.gradcheck(fn, (W, bias, x, unused), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["long_history_scalar", "inf_sample_lam0"])
+def test_anderson_is_silent_on_the_non_finite_values_it_handles(case):
+    """Near-singular / non-finite small systems are the solver's business (it falls back to a
+    plain step): numpy's RuntimeWarnings ('overflow encountered in cast', 'invalid value
+    encountered in multiply') leaked out, and under warnings-as-errors the solve raised."""
+    if case == "long_history_scalar":  # D = 1, m = 50: rank-1 Gram matrices
+        a = torch.linspace(0.5, 1.5, 5)[:, None]
+        f, z0, opts = (lambda z: torch.cos(a * z)), torch.zeros(5, 1), {"m": 50}
+    else:
+        b = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+
+        def f(z):
+            out = 0.5 * z + b
+            out[2] = math.inf
+            return out
+
+        z0, opts = torch.zeros(3, 4), {"lam": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, stats = wt.solve(f, z0, method="anderson", tol=1e-6, max_iter=200, **opts)
+    assert torch.isfinite(z).all()
+    assert stats.converged.tolist() == ([True] * 5 if case == "long_history_scalar"
+                                        else [True, True, False])

@@ -122,18 +122,19 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
     the newest) residual, so that old, large residuals in a long history do not swamp the recent
     ones (scaled by the largest, m = 20 / 50 needed 30 / 60 steps where m = 5 needs 14; now 13).
     Samples whose system stays singular get ``fallback`` (n,), the one-hot weight of the newest
-    iterate. Arrays of ``sm``.
+    iterate. Arrays of ``sm``. Silent on the non-finite values it replaces (numpy would warn:
+    ``inf * 0`` with ``lam=0``, a ``y`` that overflows, ``inf - inf`` in the check).
     """
-    A = H.copy()
-    diag = np.einsum("bii->bi", A)  # (B, n), writable view
-    diag += (diag.min(1) * lam + _TINY)[:, None]
-    y, ok = sm.solve(A, ones)
-    s = y.sum(1)
-    if bool(ok.all()) and bool((s != 0).all()):
-        alpha = y / s[:, None]
-        if math.isfinite(alpha.sum(dtype=np.float64)):
-            return alpha
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(all="ignore"):
+        A = H.copy()
+        diag = np.einsum("bii->bi", A)  # (B, n), writable view
+        diag += (diag.min(1) * lam + _TINY)[:, None]
+        y, ok = sm.solve(A, ones)
+        s = y.sum(1)
+        if bool(ok.all()) and bool((s != 0).all()):
+            alpha = y / s[:, None]
+            if math.isfinite(alpha.sum(dtype=np.float64)):
+                return alpha
         alpha = y / s[:, None]
         ok = ok & np.isfinite(alpha).all(1)
     return np.where(ok[:, None], alpha, fallback)

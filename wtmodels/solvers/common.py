@@ -262,14 +262,17 @@ class Small:
 
     def solve(self, A, b):
         """Batched ``A x = b`` (``(B, n, n)``, ``(B, n)``) -> ``(x, ok)``, ``ok`` (B,) bool
-        marking samples whose system was regular (finite solution)."""
-        try:
-            x = np.linalg.solve(A, b[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # some sample is singular: solve one by one
-            x = np.full(b.shape, np.nan, dtype=b.dtype)
-            for i in range(len(b)):
-                with contextlib.suppress(np.linalg.LinAlgError):
-                    x[i] = np.linalg.solve(A[i], b[i])
+        marking samples whose system was regular (finite solution). Silent: a near-singular
+        system's solution may overflow the dtype (numpy would warn, and under
+        ``warnings.simplefilter("error")`` raise); it is flagged here instead."""
+        with np.errstate(all="ignore"):
+            try:
+                x = np.linalg.solve(A, b[..., None])[..., 0]
+            except np.linalg.LinAlgError:  # some sample is singular: solve one by one
+                x = np.full(b.shape, np.nan, dtype=b.dtype)
+                for i in range(len(b)):
+                    with contextlib.suppress(np.linalg.LinAlgError):
+                        x[i] = np.linalg.solve(A[i], b[i])
         return x, np.isfinite(x).all(-1)
 
 
