@@ -572,3 +572,31 @@ def test_a_solve_under_inference_mode_leaves_later_solves_working(method):
     assert stats.converged.all() and not z.is_inference()
     torch.testing.assert_close(z, z_star, atol=1e-4, rtol=0)
     torch.testing.assert_close(z_eval, z, rtol=0, atol=0)
+
+
+def test_small_solve_flags_exactly_singular_systems_and_solves_the_rest():
+    from wtmodels.solvers.common import Small
+
+    rng = np.random.default_rng(0)
+    A, b = rng.random((6, 3, 3)) + 3 * np.eye(3), rng.random((6, 3))
+    A[2] = 0.0
+    A[4] = [[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 1.0, 1.0]]  # proportional rows
+    x, ok = Small(torch.zeros(1)).solve(A, b)
+    assert ok.tolist() == [True, True, False, True, False, True]
+    assert np.isnan(x[~ok]).all()
+    assert np.allclose(x[ok], np.linalg.solve(A[ok], b[ok][..., None])[..., 0])
+
+
+def test_broyden_samples_that_stopped_do_not_make_the_small_systems_singular(monkeypatch):
+    from wtmodels.solvers.common import Small
+
+    calls = []
+    real = Small._solve_regular
+    monkeypatch.setattr(Small, "_solve_regular",
+                        staticmethod(lambda A, b: calls.append(1) or real(A, b)))
+    a = torch.linspace(0.1, 0.9, 16, dtype=torch.float64)[:, None]  # (16, 1): per-sample rates
+    z, stats = wt.solve(lambda z: a * torch.tanh(z) + 1, torch.zeros(16, 4, dtype=torch.float64),
+                        method="broyden", max_iter=40, tol=1e-10)
+    assert stats.converged.all() and len(set(stats.nstep.tolist())) > 1  # stopped apart
+    assert torch.allclose(z, a * torch.tanh(z) + 1, atol=1e-8)
+    assert calls == []  # a stopped sample's zero secant pair is kept out of the batched solve

@@ -120,6 +120,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 Sg_old[:, :n] = Sg
                 mask = newer[slot if k > m else m, :n, :n]
                 M = SY[:, :n, :n] + SS[:, :n, :n] * mask
+                if not tracker.all_active:  # a stopped sample's pairs are 0 (s = 0): M singular
+                    M[~tracker.active] = sm.xp.eye(n, dtype=M.dtype)  # and its step unused
                 c, ok = sm.solve(M, Sg)  # (B, n)
                 if not bool(ok.all()):
                     c = sm.xp.where(ok[:, None], c, 0.0)

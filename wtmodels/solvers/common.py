@@ -268,12 +268,26 @@ class Small:
         with np.errstate(all="ignore"):
             try:
                 x = np.linalg.solve(A, b[..., None])[..., 0]
-            except np.linalg.LinAlgError:  # some sample is singular: solve one by one
-                x = np.full(b.shape, np.nan, dtype=b.dtype)
-                for i in range(len(b)):
-                    with contextlib.suppress(np.linalg.LinAlgError):
-                        x[i] = np.linalg.solve(A[i], b[i])
+            except np.linalg.LinAlgError:  # some sample is singular
+                x = self._solve_regular(A, b)
         return x, np.isfinite(x).all(-1)
+
+    @staticmethod
+    def _solve_regular(A, b):
+        """:meth:`solve` when some systems are exactly singular: those (found by the same LU
+        factorisation, ``slogdet`` sign 0) get NaN rows, the rest one batched solve."""
+        singular = np.linalg.slogdet(A)[0] == 0  # (B,)
+        eye = np.eye(A.shape[-1], dtype=A.dtype)
+        try:
+            x = np.linalg.solve(np.where(singular[:, None, None], eye, A), b[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # pivots differ after all: one by one
+            x = np.full(b.shape, np.nan, dtype=b.dtype)
+            for i in range(len(b)):
+                with contextlib.suppress(np.linalg.LinAlgError):
+                    x[i] = np.linalg.solve(A[i], b[i])
+            return x
+        x[singular] = np.nan
+        return x
 
 
 class Tracker:
