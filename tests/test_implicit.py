@@ -207,6 +207,18 @@ def test_bf16_autocast_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in cell.parameters())
 
 
+@pytest.mark.parametrize("z0_dtype", [torch.float32, torch.bfloat16])
+def test_z_star_has_z0s_dtype_in_every_grad_mode_under_autocast(z0_dtype):
+    lin = torch.nn.Linear(6, 6)  # under bf16 autocast f returns bf16, whatever z's dtype
+    x = torch.randn(3, 6)
+    for grad in ("ift", "phantom", "unroll"):
+        deq = wt.DEQ(f_tol=1e-2, f_max_iter=10, grad=grad)
+        for autograd in (True, False):
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(autograd):
+                z, _ = deq(lambda z: torch.tanh(lin(z) + x), torch.zeros(3, 6, dtype=z0_dtype))
+            assert z.dtype == z0_dtype, (grad, autograd)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"grad": "exact"}, r"grad must be one of \['ift', 'phantom', 'unroll'\]"),
     ({"f_solver": "newton"}, "valid solvers"), ({"b_solver": "x"}, "valid solvers"),
@@ -494,3 +506,12 @@ def test_diverged_samples_come_back_from_their_start_in_every_grad_mode(grad):
     torch.testing.assert_close(z.detach(), x)
     torch.testing.assert_close(stats.abs_lowest, x.norm(dim=1))
     torch.testing.assert_close(stats.rel_lowest, torch.ones(4, dtype=F64), rtol=1e-7, atol=0)
+
+
+def test_float64_estimates_keep_float64_precision():
+    deq = wt.DEQ()
+    z = torch.ones(2, 5, dtype=F64)
+    r = deq.spectral_radius(lambda z: 0.9 * z, z)
+    assert r.dtype == F64 and (r - 0.9).abs().max() < 1e-12
+    loss = deq.jacobian_loss(lambda z: 0.9 * z, z)  # ||J||_F^2 / numel = 0.81 exactly
+    assert loss.dtype == F64 and abs(loss.item() - 0.81) < 1e-12

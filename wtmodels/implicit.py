@@ -161,7 +161,8 @@ class DEQ(nn.Module):
             ``z_star`` is ``f`` applied once at the solver's iterate (``"ift"``), the phantom
             steps' result from it (``"phantom"``), or ``f`` at each sample's lowest-residual
             unrolled iterate (``"unroll"``), with autograd on or off alike: evaluation under
-            ``torch.no_grad()`` computes the function that training differentiates.
+            ``torch.no_grad()`` computes the function that training differentiates. It has
+            ``z0``'s dtype in every mode (under autocast ``f`` may return another).
         """
         self.check_settings()
         if not isinstance(z0, torch.Tensor):
@@ -184,8 +185,9 @@ class DEQ(nn.Module):
                 z_star = self._phantom(f, z_sol.detach(), stats)
             elif torch.is_grad_enabled():
                 z_star, z_in, z_out = self._ift(f, z_sol)
+                z_star = z_star.to(z0.dtype)  # f's output dtype may differ (autocast)
             else:  # a copy: f may return one buffer on every call (the next call's output)
-                z_star = f(z_sol).clone()
+                z_star = f(z_sol).to(z0.dtype, copy=True)
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         return z_star, stats
@@ -225,7 +227,7 @@ class DEQ(nn.Module):
                         grad: torch.Tensor) -> torch.Tensor:
         """Solve ``u = J^T u + grad`` (``J = dz_out/dz_in``) with the backward solver."""
         # solved in float32 at least: a bf16 gradient (autocast) would round every iterate
-        g = grad if grad.dtype == torch.float64 else grad.float()
+        g = _at_least_float32(grad)
 
         def adjoint(u):
             vjp = torch.autograd.grad(z_out, z_in, u.to(z_out.dtype), retain_graph=True,
@@ -336,7 +338,7 @@ class DEQ(nn.Module):
                 vjp = torch.autograd.grad(z_out, z_star, v, retain_graph=True,
                                           create_graph=create, allow_unused=True)[0]
                 if vjp is not None:  # None: f ignores z, J = 0
-                    total = total + vjp.float().pow(2).sum() / vjp.numel()
+                    total = total + _at_least_float32(vjp).pow(2).sum() / vjp.numel()
         loss = total / self.jac_reg_samples
         return loss if create else loss.detach()
 
@@ -378,11 +380,16 @@ class DEQ(nn.Module):
                                         allow_unused=True)[0]
                 if w is None:
                     return z_in.new_zeros(B)
-                growth.append(w.reshape(B, -1).norm(dim=1).float())
+                growth.append(_at_least_float32(w).reshape(B, -1).norm(dim=1))
                 v = w.to(v.dtype)
         tail = torch.stack(growth[n_iter // 2:])  # (k, B)
         radius = tail.clamp_min(1e-30).log().mean(0).exp()
         return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as is when it is float64 (a bf16 gradient rounds every iterate)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _needs_autograd(what: str) -> None:
