@@ -236,6 +236,17 @@ def validate_runs(runs: list[RunSpec]) -> None:
 SETTING = "sweep_setting.json"
 
 
+def _runs_here(launcher: str, launcher_options: dict | None) -> bool:
+    """Whether the runs execute on this machine: not for submitit jobs sent to Slurm, whose
+    submit host usually has no GPU (each job's ``wtmodels.train`` checks its own device)."""
+    if launcher != "submitit":
+        return True
+    cluster = (launcher_options or {}).get("cluster")
+    if cluster is None:  # submitit picks Slurm where it is installed
+        return not (shutil.which("sbatch") or shutil.which("srun"))
+    return cluster in ("local", "debug")
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -462,7 +473,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
                              f"{preset!r} (e.g. {runs[0].run_id})")
         runs = matching
     validate_runs(runs)
-    if device == "cuda" and not _cuda_available():
+    if device == "cuda" and _runs_here(launcher, launcher_options) and not _cuda_available():
         raise ValueError("--device cuda but no CUDA device is available")
     _check_same_setting(out, smoke, overrides or {}, write=not dry_run)
     report = SweepReport(planned=len(runs))

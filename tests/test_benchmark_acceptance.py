@@ -172,3 +172,21 @@ def test_a_header_naming_a_column_twice_or_a_row_without_an_id_is_damage(tmp_pat
     assert command([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("options, refused", [
+    ({"cluster": "slurm"}, False),  # a Slurm submit host usually has no GPU; the jobs check
+    ({"cluster": "local"}, True), ({"cluster": "debug"}, True),
+])
+def test_device_cuda_is_checked_where_the_runs_execute(tmp_path, monkeypatch, options, refused):
+    monkeypatch.setattr(run_cli, "_cuda_available", lambda: False)
+    call = lambda: run_cli.sweep("quick", str(tmp_path / "s"), smoke=True, device="cuda",  # noqa: E731
+                                 launcher="submitit", launcher_options=options, dry_run=True,
+                                 echo=lambda *a, **k: None)
+    if refused:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            call()
+    else:
+        call()
+    with pytest.raises(ValueError, match="no CUDA device"):  # the local launcher runs here
+        run_cli.sweep("quick", str(tmp_path / "s"), smoke=True, device="cuda", dry_run=True)
