@@ -180,3 +180,13 @@ def test_real_fashion_mnist_matches_the_raw_idx_files():
                               atol=1e-3)
     pixels = train.data.float() / 255  # the constants are the training set's statistics
     assert abs(pixels.std().item() - data.NORMALISATION["fashion_mnist"][1][0]) < 1e-3
+
+
+def test_cifar_data_dir_at_the_batches_folder_names_the_folder_above(tmp_path, monkeypatch):
+    # genuine files, but --data-dir named cifar-10-batches-py itself: the message said
+    # "add --download", which would fetch 170 MB into a nested folder
+    _write_cifar10(tmp_path, monkeypatch)
+    inner = tmp_path / tvd.CIFAR10.base_folder
+    with pytest.raises(ValueError, match=f"pass the folder above it: --data-dir {tmp_path}$"):
+        get_datasets("cifar10", data_dir=inner)
+    assert len(get_datasets("cifar10", data_dir=tmp_path)[0]) == 15

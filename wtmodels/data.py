@@ -383,6 +383,9 @@ def _cifar(name: str, tv_name: str, num_classes: int, data_dir, download, augmen
     except (RuntimeError, OSError) as err:
         if download:  # no network, a failed mirror, a download failing its MD5 check
             raise ValueError(_download_failed(name, root, err)) from None
+        if (root / tv_cls.train_list[0][0]).is_file():  # pointed at the batches folder itself
+            raise ValueError(f"dataset {name}: {root} holds the batches themselves; pass the "
+                             f"folder above it: --data-dir {root.parent}") from None
         # torchvision: files missing or failing their MD5 check
         raise ValueError(f"dataset {name}: no intact {tv_cls.base_folder} under {root} "
                          f"(files missing or MD5 mismatch: {err}); add --download") from None
