@@ -1,7 +1,8 @@
 """Optimizers and the warm-up + cosine learning-rate schedule of the trainer.
 
 Weight decay applies to matrices and convolution kernels only (parameters with 2+ dimensions),
-never to biases or normalisation scales. The schedule is stepped once per training step.
+never to biases, normalisation scales or weight-norm magnitudes. The schedule is stepped once
+per training step.
 
 Example:
     >>> import torch
@@ -25,18 +26,41 @@ from torch import nn
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+def _weight_norm_scales(model: nn.Module) -> set[int]:
+    """``id``s of the weight-norm magnitudes ``g`` of ``model`` (``parametrizations.weight_norm``:
+    ``original0``; the legacy ``nn.utils.weight_norm``: ``<name>_g``). They are per-channel
+    scales of shape ``(C_out, 1, ...)``, so 2+-dimensional, but no kernels."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    scales = set()
+    for module in model.modules():
+        for plist in getattr(module, "parametrizations", {}).values():
+            if any(type(p).__name__ == "_WeightNorm" for p in plist):
+                scales.add(id(plist.original0))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                scales.add(id(getattr(module, hook.name + "_g")))
+    return scales
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: tensors with 2+ dims get ``weight_decay``, the rest (biases, norms) none.
+    """Two groups: tensors with 2+ dims get ``weight_decay``, the rest (biases, norm scales,
+    weight-norm magnitudes) none.
 
     Example:
         >>> groups = parameter_groups(torch.nn.Conv2d(1, 2, 3), 0.1)
         >>> [tuple(p.shape) for p in groups[0]["params"]], groups[1]["weight_decay"]
         ([(2, 1, 3, 3)], 0.0)
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> groups = parameter_groups(weight_norm(torch.nn.Conv2d(1, 2, 3)), 0.1)
+        >>> [tuple(p.shape) for g in groups for p in g["params"]]  # v decayed; g and bias not
+        [(2, 1, 3, 3), (2,), (2, 1, 1, 1)]
     """
+    scales = _weight_norm_scales(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and id(p) not in scales else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -556,15 +556,19 @@ class _Trainer:
             # one read of a device flag per step (a synchronisation on GPUs): the loss and the
             # gradient norm are checked together after the backward pass
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:  # float16: the scaler skips non-finite steps itself
-                ok = self._all_finite(loss)
+            if self.scaler is not None:  # float16: a step whose scaled gradients overflow is
+                # skipped (and the scale lowered): counted as skipped like any non-finite step
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                finite = torch.isfinite(loss.detach())
+                if cfg.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    norm = _grad_norm(params)
+                ok = self._all_finite(finite & torch.isfinite(norm))
                 if ok:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.unscale_(self.optimizer)
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                self.scaler.update()  # lowers the scale after an overflow
             else:
                 loss.backward()
                 finite = torch.isfinite(loss.detach())
