@@ -399,3 +399,34 @@ def test_a_failed_download_is_a_value_error(tmp_path, monkeypatch, name):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match=f"dataset {name}: downloading into .* failed"):
         get_datasets(name, data_dir=tmp_path / "dl", download=True)
+
+
+def test_neighbouring_seeds_do_not_share_their_data_order():
+    # torch's DistributedSampler seeds with seed + epoch: seed 0's epoch 1 was seed 1's epoch 0
+    from wtmodels.data import build_loaders, get_datasets
+
+    train, test, _ = get_datasets("digits", train_size=64, augment=False)
+
+    def order(seed, epoch, rank=0, world=1):
+        loader, _ = build_loaders(train, test, batch_size=8, seed=seed, rank=rank,
+                                  world_size=world)
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(0, 1) != order(1, 0) and order(0, 2) != order(2, 0)
+    assert order(3, 2) == order(3, 2) and sorted(order(3, 2)) == list(range(64))
+    # two ranks split exactly the one-process order
+    assert sorted(order(3, 2, 0, 2) + order(3, 2, 1, 2)) == list(range(64))
+    assert order(3, 2, 0, 2) == order(3, 2)[0::2]
+
+
+def test_the_order_is_padded_to_a_multiple_of_the_ranks():
+    from wtmodels.data import build_loaders, get_datasets
+
+    train, test, _ = get_datasets("digits", train_size=63, augment=False)
+    parts = []
+    for rank in (0, 1):
+        loader, _ = build_loaders(train, test, batch_size=8, seed=0, rank=rank, world_size=2)
+        loader.sampler.set_epoch(0)
+        parts.append(list(loader.sampler))
+    assert len(parts[0]) == len(parts[1]) == 32 and set(parts[0] + parts[1]) == set(range(63))

@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import gzip
+import math
 import numbers
 import os
 import zlib
@@ -606,7 +607,16 @@ class SeededItems(Dataset):
 
 
 class _EpochSampler(DistributedSampler):
-    """A :class:`DistributedSampler` that also tells a :class:`SeededItems` set the epoch."""
+    """A :class:`DistributedSampler` that also tells a :class:`SeededItems` set the epoch, and
+    shuffles with a seed hashed from ``(seed, epoch)``: torch's own ``seed + epoch`` gives seed
+    0's epoch 1 the order of seed 1's epoch 0, so runs with neighbouring seeds shared orders."""
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(_hash_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.dataset), generator=gen).tolist()
+        extra = self.total_size - len(order)  # pad (repeating) to a multiple of the ranks
+        order += (order * math.ceil(extra / len(order)))[:extra] if extra else []
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -617,7 +627,8 @@ class _EpochSampler(DistributedSampler):
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
                   test_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                   rank: int = 0, world_size: int = 1, pin_memory: bool = False):
-    """Train and test loaders whose order is a pure function of ``(seed, epoch)``.
+    """Train and test loaders whose order is a pure function of ``(seed, epoch)`` (hashed: no two
+    ``(seed, epoch)`` pairs share an order by construction).
 
     The train loader shuffles with a :class:`~torch.utils.data.DistributedSampler` even on one
     process (call ``train_loader.sampler.set_epoch(epoch)`` each epoch), so that ``N`` processes
