@@ -201,7 +201,8 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
         if not wanted:
             continue
         base = {k: row.get(k) for k in ("run_id", "label", "config_id", "model", "core", "width",
-                                        "mask_k", "mask_density", "seed")}
+                                        "mask_k", "mask_density", "seed", "dataset", "epochs",
+                                        "train_size")}
         new = [{KEY: f"{row['run_id']}@{r['test_depth']}", **base, **r}
                for r in evaluate_depths(run_dir, [d / depth for d in wanted], device)]
         added += append_rows(path, new, KEY)

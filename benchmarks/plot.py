@@ -4,11 +4,11 @@ Reads ``DIR/results.csv`` (and ``DIR/extrapolation.csv`` when present) and write
 ``DIR/plots/<panel>.png``, ``DIR/summary.csv`` and ``DIR/summary.md``. Each panel function
 takes the rows and returns a matplotlib ``Figure``, or ``None`` when the rows cannot support it
 (for example no sweep over width): only supported panels are drawn. Points are means over the
-clean runs' seeds with error bars of one standard deviation; a point some of whose runs
-diverged, failed, skipped steps or have no finite accuracy carries a red cross and its ``k/n``
-counts (all but the skipped-step runs are left out of the mean), and configurations with no
-clean run are named under the panels. The notebook ``notebooks/guidelines.ipynb`` calls the
-same functions.
+clean runs' seeds with error bars of one sample standard deviation (n - 1); a point some of
+whose runs diverged, failed, skipped steps or have no finite accuracy carries a red cross and
+its ``k/n`` counts (all but the skipped-step runs are left out of the mean), and configurations
+with no clean run are named under the panels. The notebook ``notebooks/guidelines.ipynb``
+calls the same functions.
 
 =========================  =================================================================
 panel                      drawn when
@@ -46,7 +46,16 @@ from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
-from benchmarks.aggregate import FAILED, UNSTABLE, aggregate, flags, has, mean_std, number
+from benchmarks.aggregate import (
+    FAILED,
+    GROUP_COLUMNS,
+    UNSTABLE,
+    aggregate,
+    flags,
+    has,
+    mean_std,
+    number,
+)
 from benchmarks.results_io import read_rows, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
@@ -213,14 +222,38 @@ def _setting(g: dict, x: str) -> tuple:
 
 
 def _setting_name(setting: tuple) -> str:
-    k, density, solver, grad = setting
+    k, density, solver, grad, *extra = setting
     parts = []
     if k:
         parts.append(f"K={k}")
     if density is not None:
         parts.append(f"density {density:g}")
     parts += [str(v) for v in (solver, grad) if v]
+    parts += [f"{column} {value}" for column, value in (extra[0] if extra else ())]
     return " ".join(parts)
+
+
+#: configuration columns that can tell two configurations of one line apart at one x
+_SPLIT_COLUMNS = tuple(c for c in GROUP_COLUMNS
+                       if c not in ("label", "mask_k", "mask_density", "f_solver", "grad"))
+
+
+def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, list[dict]]:
+    """Split a line that holds two configurations at one x (a directory shared by presets
+    that differ in, e.g., epochs or dataset) by the columns that differ, so no line joins
+    points of different experiments; the setting then carries ``(column, value)`` pairs."""
+    out: dict[tuple, list[dict]] = {}
+    for (label, value, setting), pts in lines.items():
+        xs = [g[x] for g in pts]
+        if len(set(xs)) == len(xs):
+            out[(label, value, setting)] = pts
+            continue
+        varying = [c for c in _SPLIT_COLUMNS
+                   if c != x and len({str(g.get(c)) for g in pts}) > 1] or ["config_id"]
+        for g in pts:
+            extra = tuple((c.replace("_", " "), g.get(c)) for c in varying)
+            out.setdefault((label, value, (*setting, extra)), []).append(g)
+    return out
 
 
 def _legend_outside(ax) -> None:
@@ -238,6 +271,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     for g in groups:
         if g.get(x) is not None:
             lines.setdefault((g.get("label"), g.get(line), _setting(g, x)), []).append(g)
+    lines = _split_duplicates(lines, x)
     lines = {k: v for k, v in lines.items() if len({g[x] for g in v}) >= 2}
     if not lines:
         return None
@@ -285,7 +319,7 @@ def plot_accuracy_vs_depth(rows: Sequence[dict]) -> Figure | None:
         True
     """
     return _sweep_plot(rows, "depth", "width", "depth (cell applications)",
-                       "Accuracy vs depth (mean ± std over seeds)", "width")
+                       "Accuracy vs depth (mean ± sample std over seeds)", "width")
 
 
 def plot_accuracy_vs_width(rows: Sequence[dict]) -> Figure | None:
@@ -296,7 +330,7 @@ def plot_accuracy_vs_width(rows: Sequence[dict]) -> Figure | None:
         True
     """
     return _sweep_plot(rows, "width", "depth", "width (channels of the first stage)",
-                       "Accuracy vs width (mean ± std over seeds)", "depth")
+                       "Accuracy vs width (mean ± sample std over seeds)", "depth")
 
 
 def _sequential(i: int, n: int):
@@ -558,7 +592,7 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
         >>> rows = [{"label": l, "train_time_s": t, "test_acc": .8, "peak_mem_mb": 50}
         ...         for l, t in (("WT", 10), ("DEQ", 30))]
         >>> [ax.get_xlabel() for ax in plot_time_memory(rows).axes]
-        ['training time (s)', 'peak memory (MB)']
+        ['training time (s)', 'peak memory (MiB)']
     """
     everything = aggregate(rows, ["test_acc", "train_time_s", "cpu_s", "peak_mem_mb"])
     groups = [g for g in everything if has([g], "test_acc")]
@@ -570,7 +604,7 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
         panels.append(("cpu_s", "CPU seconds of the run's process",
                        "Accuracy vs CPU time (whole run)"))
     if len(_labels([g for g in groups if has([g], "peak_mem_mb")])) >= 2:
-        panels.append(("peak_mem_mb", "peak memory (MB)", "Accuracy vs peak memory"))
+        panels.append(("peak_mem_mb", "peak memory (MiB)", "Accuracy vs peak memory"))
     fig = Figure(figsize=(5.5 * len(panels) + 1, 4.5), layout="constrained")
     for i, (metric, xlabel, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -671,6 +705,26 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
     return fig
 
 
+def _split_configurations(rows: Sequence[dict], fields: Sequence[str]) -> list[tuple]:
+    """Per row, what tells its configuration apart from another one that shares its ``fields``
+    (a directory shared by presets that differ in, e.g., epochs): ``(column, value)`` pairs of
+    the columns that differ (the ``config_id`` when none is recorded), ``()`` when its
+    ``fields`` hold one configuration only, whose seeds a line may then average."""
+    same: dict[tuple, list[dict]] = {}
+    for r in rows:
+        same.setdefault(tuple(r.get(f) for f in fields), []).append(r)
+    out = []
+    for r in rows:
+        others = same[tuple(r.get(f) for f in fields)]
+        if len({str(o.get("config_id")) for o in others}) < 2:
+            out.append(())
+            continue
+        varying = [c for c in ("dataset", "epochs", "train_size", "model")
+                   if len({str(o.get(c)) for o in others}) > 1] or ["config_id"]
+        out.append(tuple((c.replace("_", " "), r.get(c)) for c in varying))
+    return out
+
+
 def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
     """Test-time depth extrapolation: accuracy vs (test depth / training depth), a panel per
     label and a line per training depth.
@@ -695,19 +749,22 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
         # one line per configuration (depth, width, masks): seeds are what a line averages
         fields = ("train_depth", "width", "mask_k", "mask_density")
         varies = {f for f in fields[1:] if len({r.get(f) for r in mine}) > 1}
-        lines = sorted({tuple(r.get(f) for f in fields) for r in mine},
-                       key=lambda k: tuple(-1 if number(v) is None else number(v) for v in k))
+        keys = [(*(r.get(f) for f in fields), extra)
+                for r, extra in zip(mine, _split_configurations(mine, fields))]
+        lines = sorted(set(keys), key=lambda k: (
+            *(-1 if number(v) is None else number(v) for v in k[:-1]), str(k[-1])))
         for j, key in enumerate(lines):
             by_factor: dict[float, list[float]] = {}
-            for r in mine:
-                if tuple(r.get(f) for f in fields) == key:
+            for r, row_key in zip(mine, keys):
+                if row_key == key:
                     by_factor.setdefault(float(r["factor"]), []).append(_pct(r["test_acc"]))
             xs = sorted(by_factor)
             stats = [mean_std(by_factor[x]) for x in xs]
-            depth, width, mask_k, density = key
+            depth, width, mask_k, density, extra = key
             name = (f"trained at {depth}" + (f", width {width}" if "width" in varies else "")
                     + (f", K={mask_k}" if "mask_k" in varies else "")
-                    + (f", density {density}" if "mask_density" in varies else ""))
+                    + (f", density {density}" if "mask_density" in varies else "")
+                    + "".join(f", {column} {value}" for column, value in extra))
             ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
                         marker=_MARKERS[j % len(_MARKERS)], color=_sequential(j, len(lines)),
                         linestyle=_LINESTYLES[j % len(_LINESTYLES)], label=name)
@@ -765,6 +822,11 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
     return paths
 
 
+#: what the ``±`` of the summary table and the error bars are
+SPREAD_NOTE = ("Means over each configuration's clean seeds; ± (and each error bar) is the sample "
+               "standard deviation (n − 1 denominator), none from a single seed.")
+
+
 def write_summary(sweep_dir: str) -> str:
     """Write ``summary.csv`` and ``summary.md`` beside ``results.csv``; returns the Markdown.
 
@@ -776,6 +838,7 @@ def write_summary(sweep_dir: str) -> str:
     table = summary_table(rows)
     markdown = to_markdown(table)
     if table:
+        markdown += "\n\n" + SPREAD_NOTE
         write_rows(os.path.join(sweep_dir, "summary.csv"), to_csv_rows(table))
         atomic_write_text(os.path.join(sweep_dir, "summary.md"), markdown + "\n")
     return markdown

@@ -6,8 +6,9 @@ run directory without a results row), ``runs with skipped steps`` (kept in the m
 ``runs without accuracy`` (no finite ``test_acc``: hand-written rows) show where any run has
 them (see :func:`benchmarks.aggregate.aggregate`).
 
-Written as ``summary.csv`` (raw means and standard deviations) and ``summary.md`` (rounded,
-``mean ± std``), and printed at the end of ``python -m benchmarks.run``.
+Written as ``summary.csv`` (raw means and sample standard deviations, n - 1) and ``summary.md``
+(rounded, ``mean ± std``, with a line saying which std), and printed at the end of
+``python -m benchmarks.run``.
 
 Example:
     >>> rows = [{"config_id": "a", "label": "WT", "depth": 2, "width": 8, "seed": s,
@@ -27,12 +28,15 @@ from benchmarks.aggregate import aggregate
 COLUMNS = (
     ("label", "label", "text"),
     ("model", "model", "hidden"),
+    ("dataset", "dataset", "text"),  # shown, as every text column, only where it varies
     ("depth", "depth", "text"),
     ("width", "width", "text"),
     ("masks", "mask_k", "text"),
     ("density", "mask_density", "text"),
     ("solver", "f_solver", "text"),
     ("grad", "grad", "text"),
+    ("epochs", "epochs", "text"),
+    ("train size", "train_size", "text"),
     ("seeds", "n", "text"),
     ("runs stopped", "n_stopped", "nonzero"),
     ("runs failed", "n_failed", "nonzero"),
@@ -44,7 +48,7 @@ COLUMNS = (
     ("train time s", "train_time_s", "num"),
     ("epoch s", "epoch_time_s", "num"),
     ("img/s", "images_per_s", "int"),
-    ("peak MB", "peak_mem_mb", "int"),
+    ("peak MiB", "peak_mem_mb", "int"),  # peak_memory_mb is in MiB (2**20 bytes)
     ("cell evals", "cell_evals", "num"),
     ("solver steps", "nstep", "num"),
     ("rel residual", "rel_residual", "sci"),
