@@ -211,7 +211,7 @@ def validate_runs(runs: list[RunSpec]) -> None:
     """
     from wtmodels.data import list_datasets
     from wtmodels.models import get_config
-    from wtmodels.train_config import resolve_config
+    from wtmodels.train_config import resolve_config, settings_without_effect
 
     for run in runs:
         if run.runner is not None:  # a custom runner's own check_config, if it has one
@@ -226,6 +226,10 @@ def validate_runs(runs: list[RunSpec]) -> None:
         try:
             cfg = resolve_config(dict(run.config))
             get_config(cfg.model, **cfg.model_overrides)
+            ignored = settings_without_effect(cfg)  # the trainer would refuse the run
+            if ignored:
+                raise ValueError("it would silently ignore " + ", ".join(
+                    f"{name} ({why})" for name, why in ignored.items()))
             if cfg.dataset not in list_datasets():
                 raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of: "
                                  f"{', '.join(list_datasets())}")

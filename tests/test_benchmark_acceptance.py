@@ -190,3 +190,15 @@ def test_device_cuda_is_checked_where_the_runs_execute(tmp_path, monkeypatch, op
         call()
     with pytest.raises(ValueError, match="no CUDA device"):  # the local launcher runs here
         run_cli.sweep("quick", str(tmp_path / "s"), smoke=True, device="cuda", dry_run=True)
+
+
+def test_a_set_that_makes_runs_refuse_their_own_settings_is_refused_before_any_run(tmp_path,
+                                                                                   capsys):
+    # fashion's smoke size trains on synthetic images of its shape: on the real dataset those
+    # shape settings would be ignored, and every run failed after the sweep had started
+    out = tmp_path / "f"
+    code = run_cli.main(["fashion", "--smoke", "--set", "dataset=fashion_mnist",
+                         "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ignore synthetic_channels" in err[0]
+    assert not (out / "results.csv").exists()

@@ -115,6 +115,7 @@ def test_config_file_with_flags_overriding_it(tmp_path, suffix):
     (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "ignore nesterov"),
     (["--schedule", "constant", "--min-lr", "0.001"], "ignore min_lr"),
     (["--amp-dtype", "float16"], "ignore amp_dtype (read only with amp)"),
+    (["--synthetic-classes", "4"], "ignore synthetic_classes (read by dataset 'synthetic' only)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "never"

@@ -279,6 +279,8 @@ def check_model_overrides(overrides: dict) -> dict:
 
 #: training settings read only when the model has a DEQ core
 DEQ_TRAIN_FIELDS = ("pretrain_steps", "jac_reg_weight", "jac_reg_freq")
+#: training settings read only by the synthetic dataset
+SYNTHETIC_FIELDS = ("synthetic_channels", "synthetic_classes")
 
 
 def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
@@ -289,8 +291,9 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     training setting counts when it differs from its default and what reads it is off: DEQ
     practice without a DEQ core, ``jac_reg_freq`` without ``jac_reg_weight``, ``momentum`` /
     ``nesterov`` without SGD (``nesterov`` without momentum), ``min_lr`` without the cosine
-    schedule, ``amp_dtype`` without ``amp``. The trainer refuses such a run: a setting that
-    silently does nothing is a wrong experiment, not a harmless one.
+    schedule, ``amp_dtype`` without ``amp``, the synthetic dataset's shape on another
+    dataset. The trainer refuses such a run: a setting that silently does nothing is a wrong
+    experiment, not a harmless one.
 
     Example:
         >>> settings_without_effect(TrainConfig(model="wt_s", jac_reg_weight=0.1))
@@ -321,6 +324,9 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     }
     found.update((name, why) for name, (why, unread) in off.items()
                  if unread and getattr(cfg, name) != getattr(defaults, name))
+    if cfg.dataset != "synthetic":
+        found.update((name, "read by dataset 'synthetic' only") for name in SYNTHETIC_FIELDS
+                     if getattr(cfg, name) is not None)
     return found
 
 
