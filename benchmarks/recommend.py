@@ -52,7 +52,7 @@ def _size_key(g: dict) -> tuple:
 
 
 def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: float | None = None,
-              tolerance: float = 0.5) -> dict:
+              tolerance: float = 0.5, dataset: str | None = None) -> dict:
     """The smallest measured configuration within ``tolerance`` points of the best under a budget.
 
     Args:
@@ -60,6 +60,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         params: budget of trainable parameters (mean over seeds must be <= it).
         time_s: budget of total training time in seconds (mean over seeds must be <= it).
         tolerance: accuracy slack in percentage points.
+        dataset: keep only the rows of this dataset; needed when the rows hold several
+            (their accuracies are not comparable).
 
     Returns:
         ``{"choice": group, "best": group, "best_acc": float, "candidates": [groups],
@@ -68,8 +70,9 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         left out because a seed diverged or failed, smallest first).
 
     Raises:
-        ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, or no
-            measured configuration within the budget whose runs all finished cleanly.
+        ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, rows
+            of several datasets and no ``dataset``, or no measured configuration within the
+            budget whose runs all finished cleanly.
     """
     if (params is None) == (time_s is None):
         raise ValueError("budget: give exactly one of --params N or --time S")
@@ -78,6 +81,15 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         raise ValueError(f"budget: must be > 0, got {limit}")
     if not 0 <= tolerance < math.inf:  # nan too
         raise ValueError(f"tolerance: must be a finite number >= 0 points, got {tolerance}")
+    datasets = sorted({str(r["dataset"]) for r in rows if r.get("dataset") not in (None, "")})
+    if dataset is not None:
+        if dataset not in datasets:
+            raise ValueError(f"dataset: no runs on {dataset!r}; the results hold "
+                             f"{', '.join(datasets) or 'no dataset column'}")
+        rows = [r for r in rows if str(r.get("dataset")) == dataset]
+    elif len(datasets) > 1:
+        raise ValueError(f"dataset: the results hold runs on {', '.join(datasets)}, whose "
+                         "accuracies are not comparable; choose one with --dataset NAME")
     groups = aggregate(rows)
     if not groups:
         raise ValueError("results: no finished runs to recommend from")
@@ -160,7 +172,8 @@ def describe(group: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.recommend DIR --params N | --time S [--tolerance P]``."""
+    """``python -m benchmarks.recommend DIR --params N | --time S [--tolerance P] [--dataset D]``
+    (exit 2 with one line on bad input)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.recommend",
         description="The smallest measured configuration within a tolerance of the best "
@@ -171,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--time", type=float, help="training-time budget in seconds (per run)")
     parser.add_argument("--tolerance", type=float, default=0.5,
                         help="accuracy slack in percentage points (default 0.5)")
+    parser.add_argument("--dataset", default=None,
+                        help="only the runs on this dataset (needed when the results hold several)")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     args = parser.parse_args(argv)
     path = os.path.join(args.sweep_dir, "results.csv")
@@ -181,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = read_rows(path)
         rows += failed_rows(args.sweep_dir, {r.get("run_id") for r in rows})
-        pick = recommend(rows, params=args.params, time_s=args.time, tolerance=args.tolerance)
+        pick = recommend(rows, params=args.params, time_s=args.time, tolerance=args.tolerance,
+                         dataset=args.dataset)
     except ValueError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2

@@ -202,3 +202,19 @@ def test_a_set_that_makes_runs_refuse_their_own_settings_is_refused_before_any_r
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ignore synthetic_channels" in err[0]
     assert not (out / "results.csv").exists()
+
+
+def test_recommend_does_not_compare_accuracies_across_datasets(tmp_path, capsys):
+    digits = [dict(r, dataset="digits") for r in _rows({2: [0.99, 0.98], 4: [0.97, 0.97]})]
+    fashion = [dict(r, dataset="fashion_mnist", run_id="f" + r["run_id"], params=500)
+               for r in _rows({2: [0.80, 0.81], 4: [0.82, 0.83]})]
+    with pytest.raises(ValueError, match="runs on digits, fashion_mnist.*--dataset"):
+        recommend(digits + fashion, params=2000)
+    pick = recommend(digits + fashion, params=2000, dataset="fashion_mnist")
+    assert pick["choice"]["depth"] == 4 and pick["feasible"] == 2
+    with pytest.raises(ValueError, match="no runs on 'cifar10'"):
+        recommend(digits + fashion, params=2000, dataset="cifar10")
+    write_rows(str(tmp_path / "results.csv"), digits + fashion)
+    assert recommend_main([str(tmp_path), "--params", "2000"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert recommend_main([str(tmp_path), "--params", "2000", "--dataset", "digits"]) == 0
