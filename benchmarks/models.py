@@ -10,7 +10,7 @@ Three checks, each measured in one run:
 2. DEQ (IFT) peak memory of one forward + backward as the forward budget ``f_max_iter`` goes
    10 -> 40 (``f_tol`` so small that the solver uses the whole budget). Target: within 10%.
 3. Unrolled weight-tied memory vs depth D (with and without K = D masks): least-squares slope
-   in MB per iteration.
+   in MiB per iteration.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak replayed from
 ``torch.profiler`` memory events (``benchmarks.solvers.peak_memory_bytes``) and the bytes
@@ -231,7 +231,7 @@ def markdown(speed, deq, unrolled, summary, prov: dict, threads: int, command: s
         "",
         "One forward + backward of `deq_s` (one stage); the solver runs the whole budget.",
         "",
-        "| f_max_iter | nstep | peak MB | saved for backward MB |",
+        "| f_max_iter | nstep | peak MiB | saved for backward MiB |",
         "|---|---|---|---|",
     ]
     for r in deq:
@@ -241,7 +241,7 @@ def markdown(speed, deq, unrolled, summary, prov: dict, threads: int, command: s
         "",
         "## Unrolled weight-tied memory vs depth",
         "",
-        "| depth | masks K | peak MB | saved for backward MB |",
+        "| depth | masks K | peak MiB | saved for backward MiB |",
         "|---|---|---|---|",
     ]
     for r in unrolled:

@@ -366,7 +366,7 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
               "Peak above the memory held before the step (after a warm-up step)"
               + (": the solvers' history buffers, kept from the warm-up on CPU and the same "
                  "for every f_max_iter, are not in it." if args.device == "cpu" else "."), "",
-              "| grad | f_max_iter | peak MB | saved for backward MB |", "|---|---|---|---|"]
+              "| grad | f_max_iter | peak MiB | saved for backward MiB |", "|---|---|---|---|"]
     for r in mem:
         lines.append(f"| {r['grad']} | {r['f_max_iter']} | {r['peak_mb']} | "
                      f"{r['saved_for_backward_mb']} |")
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     mem = memory_check([10, 40] if args.quick else [10, 20, 40], device=args.device)
     for r in mem:
         print(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
-              f"{r['peak_mb']:8.2f} MB  saved for backward {r['saved_for_backward_mb']:8.2f} MB")
+              f"{r['peak_mb']:8.2f} MiB  saved for backward {r['saved_for_backward_mb']:8.2f} MiB")
     machine = describe_machine()
     prov = {"git_sha": machine["git_sha"], "torch_version": torch.__version__,
             "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
