@@ -4,7 +4,11 @@ The interval is cut into ``depth`` segments of length ``T / depth``; segment t u
 ``mask_index(t, depth, K, schedule)`` when the cell is masked (consecutive segments with the same
 mask are integrated in one call). Fixed-grid methods (euler, rk4, ...) take steps of
 ``T / depth``, so with ``method="euler"`` and ``T = depth`` the core computes exactly the
-unrolled weight-tied network. Adaptive methods (dopri5, ...) use ``rtol`` / ``atol``.
+unrolled weight-tied network. Adaptive methods (dopri5, ...) use ``rtol`` / ``atol`` per
+sample: a step is accepted when every sample's RMS error ratio is at most 1 (torchdiffeq's
+default RMS over the whole batch let an easy batch dilute a hard sample's error, up to
+``sqrt(B)``-fold). The step sizes are still shared by the batch, so a sample's output depends
+on its batch within the tolerance.
 ``set_depth(D')`` integrates over ``[0, T * D' / D]`` with the same segment length.
 
 Example:
@@ -52,6 +56,19 @@ def _grid(steps: int):
     return construct
 
 
+def per_sample_rms_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Largest per-sample RMS of a ``(B, ...)`` tensor: the error norm of adaptive steps, so
+    that ``rtol`` / ``atol`` bound every sample's error, not the batch's average.
+
+    Example:
+        >>> per_sample_rms_norm(torch.tensor([[1.0, -1.0], [3.0, 3.0]]))  # RMS 1 and 3
+        tensor(3.)
+    """
+    if tensor.dim() < 2:  # no batch dimension: plain RMS
+        return tensor.abs().pow(2).mean().sqrt()
+    return tensor.abs().pow(2).flatten(1).mean(1).sqrt().max()
+
+
 def check_method(method: str) -> str:
     """Return ``method`` or raise ``ValueError`` listing the valid ODE methods."""
     if method not in ODE_METHODS:
@@ -84,8 +101,8 @@ class ODECore(Core):
         depth: number of segments (and of fixed-grid steps), >= 1.
         T: end time, > 0.
         method: a torchdiffeq method (see ``ODE_METHODS``).
-        rtol: relative tolerance of adaptive methods.
-        atol: absolute tolerance of adaptive methods.
+        rtol: relative tolerance of adaptive methods (per sample).
+        atol: absolute tolerance of adaptive methods (per sample).
         adjoint: backpropagate with the adjoint ODE (memory independent of the steps).
 
     ``last_stats`` holds ``nfe`` and ``cell_evals`` (both the number of evaluations of the
@@ -159,7 +176,7 @@ class ODECore(Core):
                 # fixed grid: exactly end - first steps (a step_size grid can gain a tiny
                 # extra step when (t1 - t0) / step rounds up)
                 options = ({"grid_constructor": _grid(end - first)}
-                           if is_fixed_grid(self.method) else None)
+                           if is_fixed_grid(self.method) else {"norm": per_sample_rms_norm})
                 kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
                 if self.adjoint:
                     params = (*self.cell.parameters(), x)
