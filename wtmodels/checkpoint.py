@@ -67,7 +67,11 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator | None = No
     """
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: a resume that sees fewer GPUs (another
+        # machine, CUDA_VISIBLE_DEVICES) restores those it has (torch's set_rng_state_all
+        # would fail with an IndexError on the first missing one)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],  # noqa: NPY002
                          n["has_gauss"], n["gauss"]))

@@ -69,6 +69,11 @@ class DistContext:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
+            visible = torch.cuda.device_count()
+            if not 0 <= local_rank < visible:  # else a bare "invalid device ordinal"
+                raise ValueError(f"LOCAL_RANK={local_rank} but this node has {visible} visible "
+                                 f"CUDA device(s): start at most {visible} process(es) per node "
+                                 "(torchrun --nproc_per_node) or use device cpu")
             torch.cuda.set_device(local_rank)
             dev = torch.device("cuda", local_rank)
         else:

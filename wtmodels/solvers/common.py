@@ -143,6 +143,7 @@ class Problem:
         self.f = f
         self.shape = z0.shape
         self.dtype = z0.dtype
+        self.device = z0.device
         self.compute_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
         self.device_type = z0.device.type
         self.autocast = torch.is_autocast_enabled(self.device_type)
@@ -199,6 +200,9 @@ class Problem:
                              f"(the shape of z0), got {got}")
         if not fz.is_floating_point():
             raise ValueError(f"f must return a real floating-point tensor, got {fz.dtype}")
+        if fz.device != self.device:  # else a bare cross-device error deep in the solver
+            raise ValueError(f"f must return a tensor on the device of z0 ({self.device}), "
+                             f"got one on {fz.device}")
         return fz
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
