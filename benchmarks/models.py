@@ -128,7 +128,7 @@ def _memory_row(check: str, net: torch.nn.Module, x: torch.Tensor, **info) -> di
     step()  # warm-up (solver buffers, allocator)
     net.zero_grad(set_to_none=True)
     saved[0] = 0
-    peak = peak_memory_bytes(step)
+    peak = peak_memory_bytes(step, _device())  # on CUDA: max_memory_allocated
     net.zero_grad(set_to_none=True)
     return {"check": check, **info, "peak_mb": round(peak / 2**20, 3),
             "saved_for_backward_mb": round(saved[0] / 2**20, 3)}
@@ -278,6 +278,10 @@ def parse_args(argv):
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:  # before measuring: a bad --out must not cost the whole run
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        p.error(f"--out {args.out}: {err}")
     return args
 
 

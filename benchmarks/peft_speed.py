@@ -194,6 +194,7 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
                          ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+    os.makedirs(out_dir, exist_ok=True)  # before measuring: a bad folder fails at once
     torch.set_num_threads(threads)
     rows = [row for case in cases for row in measure_case(case, rank, batch, repeats)]
     machine = describe_machine()
@@ -201,7 +202,6 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
         row.update(threads=threads, device="cpu", git_sha=machine["git_sha"],
                    torch_version=machine["torch_version"], date=machine["date"],
                    load_average_1min=machine["load_average_1min"])
-    os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "peft_speed.csv"), rows_to_csv(rows))
     atomic_write_text(os.path.join(out_dir, "peft_speed.md"), markdown(rows, machine))
     return rows
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         rows = run_speed(args.out, tuple(c for c in args.cases.split(",") if c), args.rank,
                          args.batch, args.repeats, args.threads)
-    except (UsageError, ValueError) as err:
+    except (UsageError, ValueError, OSError) as err:
         print(f"python -m benchmarks.peft_speed: error: {err}", file=sys.stderr)
         return 2
     with open(os.path.join(args.out, "peft_speed.md")) as f:

@@ -112,13 +112,17 @@ def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, 
 def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Path:
     """Write ``step_time_<device>_<models>.csv`` and ``.md`` into ``out``; returns the ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
+    machine = describe_machine()
+    # provenance on every CSV row too (the .md has it in its header line)
+    prov = {"device": device.type, "threads": torch.get_num_threads(),
+            "git_sha": machine["git_sha"], "torch_version": torch.__version__,
+            "date": machine["date"], "load_average_1min": machine["load_average_1min"]}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=[*rows[0], *prov])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, **prov} for row in rows)
     stem = f"step_time_{device.type}_{'-'.join(dict.fromkeys(r['model'] for r in rows))}"
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
-    machine = describe_machine()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_model"]
     lines = [f"# Training step time ({where})", "", f"`{command}`", "",
              f"git {machine['git_sha']}, torch {torch.__version__}, {machine['date']}, "

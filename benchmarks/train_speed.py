@@ -10,8 +10,9 @@ the same synthetic images with the same optimisation (AdamW, weight decay, gradi
 - ``harness``: ``wtmodels.train.run`` (its sampler, non-finite check, metrics, core stats ...).
 
 Each loop runs one warm-up epoch (compilation happens there) and one timed epoch; the images/s
-of the timed epoch are recorded. Repeats are interleaved (plain, harness, plain, harness, ...)
-and medians reported, so the ratios come from one run on one machine:
+of the timed epoch are recorded. Repeats are interleaved (plain, harness, harness, plain, ...:
+the order alternates per repeat, an even number of repeats balances it) and medians reported,
+so the ratios come from one run on one machine:
 
 - ``overhead_pct``: ``plain / harness - 1`` in percent (target < 5);
 - ``speedup_vs_base``: the variant's images/s over the ``base`` variant's, per loop.
@@ -121,7 +122,10 @@ def measure(args) -> list[dict]:
     samples = {(v, loop): [] for v in args.variants for loop in ("plain", "harness")}
     for rep in range(args.repeats):
         for variant in args.variants:
-            for loop, fn in (("plain", plain_loop), ("harness", harness_loop)):
+            loops = (("plain", plain_loop), ("harness", harness_loop))
+            # alternate which loop goes first: the first run in a process is slower (up to
+            # 25% on a CPU), which must not always land on the same side of the ratio
+            for loop, fn in loops if rep % 2 == 0 else loops[::-1]:
                 rate = fn(args.model, image_size, args.batch_size, args.train_size, device,
                           VARIANTS[variant])
                 samples[(variant, loop)].append(rate)

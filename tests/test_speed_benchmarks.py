@@ -68,3 +68,80 @@ def test_train_speed_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, me
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_step_time_csv_rows_carry_provenance(tmp_path):
+    import torch
+    assert main(["--models", "test_wt", "--batch-sizes", "4", "--image-size", "8",
+                 "--variants", "base", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    (row,) = csv.DictReader((tmp_path / "step_time_cpu_test_wt.csv").open())
+    assert row["device"] == "cpu" and row["threads"] == str(torch.get_num_threads())
+    assert row["torch_version"] == torch.__version__ and row["git_sha"] and row["date"]
+    assert "load_average_1min" in row
+    # the Markdown table keeps the measured columns only (provenance is in its header line)
+    assert "| model | variant | batch | image_size | step_ms |" in (
+        tmp_path / "step_time_cpu_test_wt.md").read_text()
+
+
+def test_train_speed_alternates_loop_order_and_computes_overhead(tmp_path, monkeypatch):
+    import benchmarks.train_speed as ts
+    calls = []
+
+    def fake(loop, rate):
+        def fn(*args, **kwargs):
+            calls.append(loop)
+            return rate
+        return fn
+
+    monkeypatch.setattr(ts, "plain_loop", fake("plain", 100.0))
+    monkeypatch.setattr(ts, "harness_loop", fake("harness", 80.0))
+    assert ts.main(["--repeats", "2", "--variants", "base", "--out", str(tmp_path)]) == 0
+    # the first run in a process is slower: it must not always be the same loop's
+    assert calls == ["plain", "harness", "harness", "plain"]
+    rows = {r["loop"]: r for r in csv.DictReader((tmp_path / "train_speed_cpu.csv").open())}
+    assert float(rows["harness"]["overhead_pct"]) == 25.0  # plain / harness - 1
+    assert "| base | 100.0 | 80.0 | +25.0% |" in (tmp_path / "train_speed_cpu.md").read_text()
+
+
+def test_models_memory_rows_use_the_cuda_peak_on_cuda(monkeypatch):
+    """On CUDA the peak is max_memory_allocated (the docstring), not the CPU profiler's."""
+    import torch
+
+    import benchmarks.models as bm
+    devices = []
+
+    def fake_peak(fn, device="cpu"):
+        devices.append(device)
+        fn()
+        return 2**20
+
+    monkeypatch.setattr(bm, "_device", lambda: "cuda")
+    monkeypatch.setattr(bm, "peak_memory_bytes", fake_peak)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
+    row = bm._memory_row("check", net, torch.randn(2, 1, 4, 4))
+    assert devices == ["cuda"] and row["peak_mb"] == 1.0
+
+
+def _no_measuring(*args, **kwargs):
+    raise AssertionError("measured before checking --out")
+
+
+def test_models_bad_out_exits_2_before_measuring(tmp_path, monkeypatch, capsys):
+    import benchmarks.models as bm
+    monkeypatch.setattr(bm, "mask_speed", _no_measuring)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        bm.main(["--quick", "--out", str(tmp_path / "file")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks.models: error: --out") and err.count("\n") == 1
+
+
+def test_peft_speed_bad_out_exits_2_before_measuring(tmp_path, monkeypatch, capsys):
+    import benchmarks.peft_speed as ps
+    monkeypatch.setattr(ps, "measure_case", _no_measuring)
+    (tmp_path / "file").write_text("x")
+    assert ps.main(["--cases", "wt_s", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "File exists" in err and err.count("\n") == 1
