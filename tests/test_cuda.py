@@ -115,3 +115,73 @@ def test_tf32_option_runs_and_the_flags_are_restored(tf32):
                      batch_size=32, epochs=1, device="cuda", tf32=tf32, progress="none"))
     assert final["train_loss"] > 0
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_staggered_stopping_on_cuda_matches_cpu(method):
+    # samples stop at different steps: the frozen rows (index_copy_ with indices made on the
+    # host and copied over) and every statistic must equal the CPU solve's
+    scale = torch.tensor([0.1, 0.5, 0.9, 0.7], dtype=torch.float64)[:, None]
+    results = {}
+    for device in ("cpu", "cuda"):
+        s = scale.to(device)
+        results[device] = wt.solve(lambda z, s=s: s * torch.sin(z) + 1.0,
+                                   torch.zeros(4, 3, dtype=torch.float64, device=device),
+                                   method=method, max_iter=100, tol=1e-10)
+    (z_cpu, s_cpu), (z_gpu, s_gpu) = results["cpu"], results["cuda"]
+    assert len(set(s_cpu.nstep.tolist())) > 1
+    assert s_gpu.nstep.tolist() == s_cpu.nstep.tolist()
+    assert s_gpu.converged.tolist() == s_cpu.converged.tolist()
+    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=1e-12, atol=1e-12)
+
+
+def test_f_returning_a_cpu_tensor_for_a_cuda_z0_is_a_value_error():
+    with pytest.raises(ValueError, match="device of z0"):
+        wt.solve(lambda z: z.cpu() * 0.5, torch.zeros(2, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_deq_outputs_stats_and_diagnostics_stay_on_cuda_and_match_cpu(grad):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    out = {}
+    for device in ("cpu", "cuda"):
+        layer, xd = lin.to(device), x.to(device)
+        deq = wt.DEQ(f_max_iter=60, f_tol=1e-10, b_max_iter=60, b_tol=1e-10, grad=grad,
+                     jac_reg=True)
+        f = lambda z, layer=layer, xd=xd: torch.tanh(layer(z) + xd)  # noqa: E731
+        z, stats = deq(f, torch.zeros_like(xd))
+        z.sum().backward()
+        radius = deq.spectral_radius(f, z.detach())
+        for t in (z, stats.nstep, stats.converged, stats.abs_trace, stats.jac_loss, radius):
+            assert t.device.type == device
+        out[device] = (z.detach().cpu(), layer.weight.grad.cpu(), stats.jac_loss.cpu())
+        layer.zero_grad()
+    for a, b in zip(out["cuda"], out["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_cuda_checkpoint_resumes_on_the_cpu_and_on_cuda(tmp_path, monkeypatch):
+    from wtmodels import train as train_mod
+
+    settings = dict(model="test_deq", dataset="digits", train_size=64, test_size=32,
+                    batch_size=32, epochs=2, device="cuda", progress="none")
+    real_save = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real_save(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    for i, target in enumerate(("cpu", "cuda")):
+        out = tmp_path / f"run{i}"
+        monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run({**settings, "out": str(out)})
+        monkeypatch.undo()
+        final = run({"out": str(out), "resume": True, "progress": "none", "device": target})
+        assert final["train_loss"] > 0 and (out / "done.json").exists()
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
