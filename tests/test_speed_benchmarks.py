@@ -145,3 +145,18 @@ def test_peft_speed_bad_out_exits_2_before_measuring(tmp_path, monkeypatch, caps
     assert ps.main(["--cases", "wt_s", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert "File exists" in err and err.count("\n") == 1
+
+
+def test_models_saved_for_backward_counts_each_storage_once():
+    """A ReLU's output saved again by the next conv is one tensor; weights and input excluded."""
+    import torch
+
+    import benchmarks.models as bm
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    row = bm._memory_row("check", net, torch.randn(8, 4, 32, 32))
+    # the two ReLU outputs, 8x16x32x32 float32 = 0.5 MiB each (+ a few bytes of logsumexp)
+    assert row["saved_for_backward_mb"] == pytest.approx(1.0, abs=0.01)
+    assert row["saved_for_backward_mb"] <= row["peak_mb"]
