@@ -558,7 +558,8 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
     ax.set_xlabel("trainable parameters (log; LoRA and CapaBoost equal at each r)")
     ax.set_ylabel("test accuracy on the new task (%)")
     seeds = len({r["seed"] for r in rows})
-    ax.set_title(f"{rows[0]['dataset']} classes 0-4 -> 5-9, mean +- std over {seeds} seeds\n"
+    spread = f"mean +- std over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
+    ax.set_title(f"{rows[0]['dataset']} classes 0-4 -> 5-9, {spread}\n"
                  + "; ".join(notes), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
@@ -649,7 +650,9 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
         paired = "" if not diff else \
             f"{statistics.mean(diff):+.2f} ({sum(d > 0 for d in diff)}/{len(diff)})"
         lines.append(
-            f"| {key[0]} | {key[1] or ''} | {runs[0]['params']} | {acc:.2f} +- {err:.2f} | "
+            f"| {key[0]} | {key[1] or ''} | {runs[0]['params']} | {acc:.2f}"
+            # one seed has no sample std (n - 1): no "+- 0.00", as the harness's summaries
+            f"{f' +- {err:.2f}' if len(runs) > 1 else ''} | "
             f"{paired} | {rank} | {erank} | "
             f"{statistics.median(r['train_time_s'] for r in runs):.1f} |")
     text = "\n".join(lines) + "\n"

@@ -99,3 +99,36 @@ def test_smoke_caps_the_sizes_only_on_a_dataset_other_than_digits():
     assert all(c[k] == v for _, c in fashion for k, v in capaboost.SMOKE_CAPS.items())
     full = capaboost.experiment_configs(seeds=(0,), dataset="fashion_mnist")
     assert all(c["pretrain_size"] == capaboost.SETTINGS["pretrain_size"] for _, c in full)
+
+
+def _summary_rows(accs: dict[str, list[float]]) -> list[dict]:
+    common = {"dataset": "digits", "model": "test_wt", "width": 8, "depth": 2, "stages": 1,
+              "pretrain_test_acc": 0.5, "finetune_images": 10, "finetune_epochs": 1,
+              "lr": 0.003, "test_images": 20, "git_sha": "x", "torch_version": "t",
+              "threads": 1, "date": "d", "params": 9, "train_time_s": 1.0}
+    rows = []
+    for label, values in accs.items():
+        for seed, acc in enumerate(values):
+            ranked = label != "head only"
+            rows.append({**common, "label": label, "seed": seed, "test_acc": acc,
+                         "rank": 1 if ranked else None,
+                         "update_rank": 1.0 if ranked else None,
+                         "update_erank": 1.0 if ranked else None})
+    return rows
+
+
+def test_summary_numbers_by_hand(tmp_path):
+    # LoRA 50, 60, 70 -> mean 60, sample std 10; CapaBoost 52, 60, 68 -> paired differences
+    # +2, 0 (a tie is no win), -2 -> mean +0.00, 1 win of 3
+    rows = _summary_rows({"LoRA": [0.5, 0.6, 0.7], "CapaBoost d=2": [0.52, 0.6, 0.68]})
+    text = capaboost.write_summary(rows, str(tmp_path))
+    assert "| LoRA | 1 | 9 | 60.00 +- 10.00 |  |" in text
+    assert "| CapaBoost d=2 | 1 | 9 | 60.00 +- 8.00 | +0.00 (1/3) |" in text
+
+
+def test_summary_single_seed_shows_no_std(tmp_path):
+    # a sample std of one value is undefined: "+- 0.00" would claim a spread of zero
+    rows = _summary_rows({"head only": [0.3], "LoRA": [0.5], "CapaBoost d=2": [0.55]})
+    text = capaboost.write_summary(rows, str(tmp_path))
+    assert "+-" not in text.split("| --- |")[-1]
+    assert "| LoRA | 1 | 9 | 50.00 |  |" in text and "| +5.00 (1/1) |" in text
