@@ -35,7 +35,7 @@ import torch
 import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from benchmarks.results_io import rows_to_csv
-from benchmarks.solvers import peak_memory_bytes, tune_malloc
+from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 
@@ -120,31 +120,20 @@ def _memory_row(check: str, net: torch.nn.Module, x: torch.Tensor, **info) -> di
     ReLU's output that the next conv saves again is one tensor), without the parameters and
     ``x`` (held anyway). Summing every saved tensor counted such tensors twice (35% more).
     """
-    held = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    held.add(x.untyped_storage().data_ptr())
-    storages: dict[int, int] = {}
-    saved = [0]
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in held:
-            storages[storage.data_ptr()] = storage.nbytes()
-            saved[0] = sum(storages.values())
-        return t
+    saved = SavedBytes(held=[*net.parameters(), x])
 
     def step():
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             loss = net(x).logsumexp(1).mean()
         loss.backward()
 
     step()  # warm-up (solver buffers, allocator)
     net.zero_grad(set_to_none=True)
-    storages.clear()
-    saved[0] = 0
+    saved.reset()
     peak = peak_memory_bytes(step, _device())  # on CUDA: max_memory_allocated
     net.zero_grad(set_to_none=True)
     return {"check": check, **info, "peak_mb": round(peak / 2**20, 3),
-            "saved_for_backward_mb": round(saved[0] / 2**20, 3)}
+            "saved_for_backward_mb": round(saved.total / 2**20, 3)}
 
 
 def deq_memory(budgets: list[int], batch: int = 32, size: int = 16) -> list[dict]:

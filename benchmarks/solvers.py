@@ -216,6 +216,38 @@ def summarize(s: list[tuple], device: str = "cpu") -> dict:
     }
 
 
+class SavedBytes:
+    """The bytes autograd keeps for backward, as a ``saved_tensors_hooks`` pack hook: distinct
+    storages, each counted once (a ReLU output the next conv saves again is one tensor), without
+    the storages of ``held`` (parameters, inputs: in memory anyway).
+
+    Example:
+        >>> x = torch.ones(4, requires_grad=True)
+        >>> count = SavedBytes(held=[x])
+        >>> with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+        ...     y = torch.relu(x * 2.0).exp()
+        >>> count.total  # the outputs of relu and exp, 16 bytes each (x is held)
+        32
+    """
+
+    def __init__(self, held=()):
+        self.held = {t.untyped_storage().data_ptr() for t in held}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.held:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def reset(self) -> None:
+        self.storages.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
 def peak_memory_bytes(fn, device: str = "cpu") -> int:
     """Peak memory allocated on ``device`` while ``fn()`` runs, above what was allocated
     before it."""
@@ -253,25 +285,21 @@ def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16,
     for grad in ("ift", "unroll"):
         for budget in budgets:
             deq = wt.DEQ(grad=grad, f_max_iter=budget, f_tol=1e-30, b_max_iter=20, b_tol=1e-30)
-            saved = [0]
+            saved = SavedBytes(held=[*cell.parameters(), x, z0])
 
-            def pack(t, saved=saved):
-                saved[0] += t.numel() * t.element_size()
-                return t
-
-            def step(deq=deq, pack=pack):
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            def step(deq=deq, saved=saved):
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                     z, _ = deq(lambda z: cell(z, x), z0)
                 z.square().mean().backward()
 
             step()  # warm-up (and the solver's reusable buffers)
             cell.zero_grad(set_to_none=True)
-            saved[0] = 0
+            saved.reset()
             peak = peak_memory_bytes(step, device)
             cell.zero_grad(set_to_none=True)
             rows.append({"grad": grad, "f_max_iter": budget, "B": B, "C": C, "H": H,
                          "peak_mb": round(peak / 2**20, 2),
-                         "saved_for_backward_mb": round(saved[0] / 2**20, 2)})
+                         "saved_for_backward_mb": round(saved.total / 2**20, 2)})
     return rows
 
 

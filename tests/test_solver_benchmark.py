@@ -125,3 +125,17 @@ def test_markdown_states_what_each_side_ran_with_and_what_is_compared():
     # the stopping rule both share, and what the memory peak leaves out
     assert "until every sample" in md and "returns f" in md
     assert "history buffers" in md
+
+
+def test_saved_bytes_counts_each_storage_once_without_held_tensors():
+    import torch
+
+    from benchmarks.solvers import SavedBytes
+
+    w = torch.ones(8, 8, requires_grad=True)
+    x = torch.ones(2, 8)
+    count = SavedBytes(held=[w, x])
+    with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+        h = torch.relu(x @ w)  # relu saves h; the next matmul saves h again (and w: held)
+        (h @ w).sum()
+    assert count.total == h.numel() * h.element_size()
