@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks import capaboost, peft_speed
-from wtmodels.peft import add_adapters, add_lora
+from wtmodels.peft import add_adapters, add_lora, merge_lora, unmerge_lora
 
 
 class _Checkpointed(nn.Module):
@@ -90,3 +90,38 @@ def test_speed_cli_empty_cases_exit_2(capsys, tmp_path):
     assert peft_speed.main(["--out", str(tmp_path), "--cases", ","]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "valid cases: wt_s, capaboost_model" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_unmerge_gives_the_pre_merge_weight_tensors_back_bit_for_bit(dtype, weight_norm):
+    # W + delta - delta is W only up to rounding (0.4% in bfloat16), and weight norm's right
+    # inverse returned (g, v) = (|W|, W): v rescaled, a negative g flipped
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3)
+    if weight_norm:
+        conv = nn.utils.parametrizations.weight_norm(conv)
+        with torch.no_grad():  # a trained g: not |v|, one negative
+            conv.parametrizations.weight.original0.mul_(1.7)[0] *= -1
+    net = nn.Sequential(conv).to(dtype)
+    layers = add_lora(net, rank=2, copies=2, density=0.5)
+    nn.init.normal_(layers[0].lora_B, std=0.05)
+    before = {k: v.clone() for k, v in net.state_dict().items() if torch.is_tensor(v)}
+    for _ in range(3):  # e.g. a merged evaluation after every epoch
+        merge_lora(net)
+        unmerge_lora(net)
+    for k, v in net.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, before[k]), k
+
+
+def test_unmerge_keeps_a_change_made_to_the_base_while_merged():
+    net = nn.Sequential(nn.Linear(4, 3).double())
+    layer = add_lora(net, rank=2, targets=nn.Linear)[0]
+    nn.init.normal_(layer.lora_B)
+    weight = layer.base.weight.detach().clone()
+    merge_lora(net)
+    with torch.no_grad():
+        layer.base.weight.add_(1.0)  # e.g. an optimizer step on an unfrozen base
+    unmerge_lora(net)
+    torch.testing.assert_close(layer.base.weight, weight + 1.0, rtol=1e-12, atol=1e-12)
