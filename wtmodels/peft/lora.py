@@ -129,7 +129,6 @@ class LoRALayer(PEFTLayer):
         self.kind = kind
         self.scale = (rank if alpha is None else float(alpha)) / rank
         self.merged = False
-        self._merged_delta: torch.Tensor | None = None  # what merge() added, for unmerge()
         # the base weight's tensors before merge() (weight norm: g and v) and the tensors /
         # versions merge() left, so that unmerge() can give the very same bits back
         self._pre_merge: tuple[dict, dict] | None = None
@@ -271,7 +270,6 @@ class LoRALayer(PEFTLayer):
         originals = self._weight_originals()
         before = {k: p.detach().clone() for k, p in originals.items()}
         self._shift_weight(delta)
-        self._merged_delta = delta
         if originals:
             self._pre_merge = (before, {k: (p, p._version) for k, p in originals.items()})
         self.merged = True
@@ -307,11 +305,10 @@ class LoRALayer(PEFTLayer):
 
         If nothing changed the base weight since :meth:`merge` (an in-place change, a load, a
         move to another dtype or device), its pre-merge tensors are put back bit for bit
-        (weight norm's g and v included); otherwise the update is subtracted (equal to the
-        original weight up to rounding). The update subtracted is the one :meth:`merge`
-        added, even if the factors changed since (an optimizer step while merged); after
-        loading a merged state dict it is recomputed from the factors. While merged the layer
-        keeps the update and the pre-merge weight: two weight-sized tensors.
+        (weight norm's g and v included); otherwise the update, recomputed from the factors,
+        is subtracted (equal to the original weight up to rounding, and to the update merge
+        added while the factors are unchanged: a merged layer's forward gives them no
+        gradient). While merged the layer keeps the pre-merge weight: one weight-sized copy.
 
         Raises:
             RuntimeError: not merged.
@@ -319,10 +316,9 @@ class LoRALayer(PEFTLayer):
         if not self.merged:
             raise RuntimeError("LoRA update is not merged; nothing to unmerge")
         if not self._restore_pre_merge():
-            delta = self._merged_delta if self._merged_delta is not None else self.delta_weight()
+            delta = self.delta_weight()
             weight = self.base.weight  # the model may have moved (device, dtype) since merging
             self._shift_weight(-delta.detach().to(device=weight.device, dtype=weight.dtype))
-        self._merged_delta = None
         self._pre_merge = None
         self.merged = False
 
@@ -331,8 +327,7 @@ class LoRALayer(PEFTLayer):
 
     def set_extra_state(self, state: dict) -> None:
         self.merged = bool(state["merged"])
-        self._merged_delta = None  # a loaded merged layer: unmerge recomputes the update
-        self._pre_merge = None
+        self._pre_merge = None  # a loaded merged layer: unmerge recomputes the update
 
     def extra_repr(self) -> str:
         return (
