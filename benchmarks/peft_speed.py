@@ -69,13 +69,15 @@ def _impls(model: torch.nn.Module) -> str:
 
 
 def _interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, the functions interleaved per repeat."""
+    """Median seconds per call of each function, the functions interleaved per repeat (in
+    reversed order every other repeat: no function always runs first)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for rep in range(repeats):
+        for name, fn in (order if rep % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -160,3 +160,12 @@ def test_models_saved_for_backward_counts_each_storage_once():
     # the two ReLU outputs, 8x16x32x32 float32 = 0.5 MiB each (+ a few bytes of logsumexp)
     assert row["saved_for_backward_mb"] == pytest.approx(1.0, abs=0.01)
     assert row["saved_for_backward_mb"] <= row["peak_mb"]
+
+
+def test_peft_speed_alternates_the_order_of_its_variants():
+    from benchmarks.peft_speed import _interleaved
+
+    calls = []
+    medians = _interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                           repeats=4, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and set(medians) == {"a", "b"}
