@@ -105,7 +105,10 @@ def test_unrolled_deq_f_returning_another_device_is_a_value_error():
         deq(lambda z: torch.empty(z.shape, device="meta"), torch.zeros(2, 3))
 
 
-def test_registered_solver_returning_another_device_is_a_value_error():
+def test_registered_solver_returning_another_device_is_a_value_error(monkeypatch):
+    # a private copy of the registry: the registration must not leak into other tests
+    monkeypatch.setattr(wt.solvers, "_SOLVERS", dict(wt.solvers._SOLVERS))
+
     def to_meta(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel"):
         z, stats = wt.solvers.fixed_point(f, z0, max_iter=max_iter, tol=tol)
         return z.to("meta"), stats
