@@ -238,6 +238,19 @@ _SPLIT_COLUMNS = tuple(c for c in GROUP_COLUMNS
                        if c not in ("label", "mask_k", "mask_density", "f_solver", "grad"))
 
 
+def _distinguishing(members: Sequence[dict], skip: Sequence[str] = ()) -> tuple[str, ...]:
+    """The configuration columns (not in ``skip``) whose values differ across ``members``:
+    what tells apart configurations that one line would otherwise join (a directory shared by
+    presets that differ in, e.g., epochs or dataset); ``("config_id",)`` when none do."""
+    return tuple(c for c in _SPLIT_COLUMNS if c not in skip
+                 and len({str(m.get(c)) for m in members}) > 1) or ("config_id",)
+
+
+def _tags(row: dict, columns: Sequence[str]) -> tuple:
+    """``(column, value)`` pairs of ``row`` for a legend entry."""
+    return tuple((c.replace("_", " "), row.get(c)) for c in columns)
+
+
 def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, list[dict]]:
     """Split a line that holds two configurations at one x (a directory shared by presets
     that differ in, e.g., epochs or dataset) by the columns that differ, so no line joins
@@ -248,11 +261,9 @@ def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, lis
         if len(set(xs)) == len(xs):
             out[(label, value, setting)] = pts
             continue
-        varying = [c for c in _SPLIT_COLUMNS
-                   if c != x and len({str(g.get(c)) for g in pts}) > 1] or ["config_id"]
+        varying = _distinguishing(pts, skip=(x,))
         for g in pts:
-            extra = tuple((c.replace("_", " "), g.get(c)) for c in varying)
-            out.setdefault((label, value, (*setting, extra)), []).append(g)
+            out.setdefault((label, value, (*setting, _tags(g, varying))), []).append(g)
     return out
 
 
@@ -719,9 +730,7 @@ def _split_configurations(rows: Sequence[dict], fields: Sequence[str]) -> list[t
         if len({str(o.get("config_id")) for o in others}) < 2:
             out.append(())
             continue
-        varying = [c for c in ("dataset", "epochs", "train_size", "model")
-                   if len({str(o.get(c)) for o in others}) > 1] or ["config_id"]
-        out.append(tuple((c.replace("_", " "), r.get(c)) for c in varying))
+        out.append(_tags(r, _distinguishing(others, skip=fields)))
     return out
 
 

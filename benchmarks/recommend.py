@@ -108,15 +108,14 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         values = recorded.get(config_key(g))
         return sum(values) / len(values) if values else math.nan
 
-    within = [g for g in groups if math.isfinite(cost(g)) and cost(g) <= limit
+    within = [g for g in groups if cost(g) <= limit  # nan (nothing recorded) is not
               and (math.isfinite(g[f"{budget_key}_mean"]) or g["n_stopped"] or g["n_failed"])]
     unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
     feasible = [g for g in within if g not in unstable and math.isfinite(g["test_acc_mean"])]
     if not feasible and unstable:
         raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
                          f"diverged or failed run ({len(unstable)} configuration(s); the "
-                         f"smallest: "
-                         f"{describe(unstable[0])})")
+                         f"smallest: {describe(unstable[0])})")
     if not feasible:
         measured = [g[f"{budget_key}_mean"] for g in groups
                     if math.isfinite(g[f"{budget_key}_mean"])]

@@ -48,7 +48,7 @@ COLUMNS = (
     ("train time s", "train_time_s", "num"),
     ("epoch s", "epoch_time_s", "num"),
     ("img/s", "images_per_s", "int"),
-    ("peak MiB", "peak_mem_mb", "int"),  # peak_memory_mb is in MiB (2**20 bytes)
+    ("peak MiB", "peak_mem_mb", "int"),  # peak_mem_mb is in MiB (2**20 bytes)
     ("cell evals", "cell_evals", "num"),
     ("solver steps", "nstep", "num"),
     ("rel residual", "rel_residual", "sci"),

@@ -55,11 +55,17 @@ def test_solver_flags_a_non_finite_sample_on_cuda(method):
     assert bool(stats.converged[[0, 1, 3, 4, 5]].all())
 
 
-def test_deq_ift_gradient_on_cuda_matches_cpu():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 16, dtype=torch.float64)
+def _contractive_linear(n: int) -> torch.nn.Linear:
+    """A float64 ``Linear(n, n)`` with spectral norm 0.5 (``tanh(lin(z) + x)`` contracts)."""
+    lin = torch.nn.Linear(n, n, dtype=torch.float64)
     with torch.no_grad():
         lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    return lin
+
+
+def test_deq_ift_gradient_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    lin = _contractive_linear(16)
     x = torch.randn(4, 16, dtype=torch.float64)
     grads = {}
     for device in ("cpu", "cuda"):
@@ -143,9 +149,7 @@ def test_f_returning_a_cpu_tensor_for_a_cuda_z0_is_a_value_error():
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
 def test_deq_outputs_stats_and_diagnostics_stay_on_cuda_and_match_cpu(grad):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    lin = _contractive_linear(8)
     x = torch.randn(3, 8, dtype=torch.float64)
     out = {}
     for device in ("cpu", "cuda"):

@@ -266,12 +266,10 @@ class LoRALayer(PEFTLayer):
         if self.merged:
             raise RuntimeError("LoRA update is already merged; unmerge() first")
         self._check_mergeable()
-        delta = self.delta_weight().detach().clone()
         originals = self._weight_originals()
         before = {k: p.detach().clone() for k, p in originals.items()}
-        self._shift_weight(delta)
-        if originals:
-            self._pre_merge = (before, {k: (p, p._version) for k, p in originals.items()})
+        self._shift_weight(self.delta_weight().detach())
+        self._pre_merge = (before, {k: (p, p._version) for k, p in originals.items()})
         self.merged = True
 
     def _weight_originals(self) -> dict[str, torch.Tensor]:
@@ -301,7 +299,7 @@ class LoRALayer(PEFTLayer):
         return True
 
     def unmerge(self) -> None:
-        """Subtract the merged update again.
+        """Undo :meth:`merge`.
 
         If nothing changed the base weight since :meth:`merge` (an in-place change, a load, a
         move to another dtype or device), its pre-merge tensors are put back bit for bit
