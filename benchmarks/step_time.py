@@ -2,11 +2,13 @@
 
 Where ``benchmarks.train_speed`` measures whole epochs through a DataLoader, this isolates the
 model: random images and labels are made once on the device, and each step is timed after
-warm-up steps (which also absorb ``torch.compile``). For each (model, variant, batch) it reports
-the median step time, images/s and, from one profiled step, the GPU's busy time (the sum of its
-kernels) over the step's wall time: a ratio well below 1 means the step is bound by launching
-kernels (Python and framework overhead on the host), not by the GPU's arithmetic, so larger
-batches come almost for free and bf16 or channels-last cannot help.
+warm-up steps (which also absorb ``torch.compile``). The variants of one (model, batch) are built
+together and their timed steps interleaved (one step of each in turn, the order reversed every
+other round), so a drift of the machine's speed reaches them alike. For each (model, variant,
+batch) it reports the median step time, images/s and, from one profiled step, the GPU's busy
+time (the sum of its kernels) over the step's wall time: a ratio well below 1 means the step
+is bound by launching kernels (Python and framework overhead on the host), not by the GPU's
+arithmetic, so larger batches come almost for free and bf16 or channels-last cannot help.
 
 Variants: ``base``, ``channels_last``, ``amp`` (bf16 autocast), ``compile`` (``torch.compile``,
 default mode) and ``compile_graphs`` (``mode="reduce-overhead"``: CUDA graphs, CUDA only).
@@ -56,14 +58,16 @@ def _gpu_busy_ms(step, device: torch.device) -> float:
     return sum(e.device_time for e in kernels) / 1000.0
 
 
-def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, steps: int,
-               device: torch.device, seed: int = 0) -> dict:
-    """Median step time of ``model_name`` under ``variant``; a row for the results table.
+def build_step(model_name: str, variant: str, batch_size: int, image_size: int,
+               device: torch.device, seed: int = 0):
+    """One training step of ``model_name`` under ``variant``, warmed up: ``(step, model)``.
+
+    ``step()`` runs forward, backward and AdamW on a batch made once on ``device``; three
+    warm-up steps (cuDNN autotuning, compilation, graph capture) have run when it is returned.
 
     Example:
-        >>> row = time_steps("test_wt", "base", 8, 8, 2, torch.device("cpu"))
-        >>> row["model"], row["img_per_s"] > 0
-        ('test_wt', True)
+        >>> step, model = build_step("test_wt", "base", 4, 8, torch.device("cpu"))
+        >>> step()
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
@@ -90,23 +94,78 @@ def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, 
         loss.backward()
         opt.step()
 
-    for _ in range(3):  # warm-up: cuDNN autotuning, compilation, graph capture
+    for _ in range(3):
         step()
     _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    step_ms = 1000 * statistics.median(times)
-    busy_ms = _gpu_busy_ms(step, device)
-    return {"model": model_name, "variant": variant, "batch": batch_size,
+    return step, model
+
+
+def time_variants(model_name: str, variants: list[str], batch_size: int, image_size: int,
+                  steps: int, device: torch.device, seed: int = 0,
+                  on_error=None) -> list[dict]:
+    """Median step time of ``model_name`` under each variant, timed interleaved.
+
+    Every variant is built and warmed up first; then timed step ``i`` of each variant runs
+    before step ``i + 1`` of any (the order reversed every other round), so a drift of the
+    machine's speed (thermal, other processes) reaches all variants alike. A variant that fails
+    to build or to run is dropped, the others kept: ``on_error(variant, exception)`` is told
+    (re-raised when ``on_error`` is None). Returns one row per surviving variant, in order.
+
+    Example:
+        >>> rows = time_variants("test_wt", ["base", "amp"], 4, 8, 2, torch.device("cpu"))
+        >>> [r["variant"] for r in rows], rows[0]["img_per_s"] > 0
+        (['base', 'amp'], True)
+    """
+    def failed(variant, err):
+        if on_error is None:
+            raise err
+        on_error(variant, err)
+
+    built = {}
+    for variant in variants:
+        try:
+            built[variant] = build_step(model_name, variant, batch_size, image_size, device, seed)
+        except Exception as err:  # one failing variant must not lose the others
+            failed(variant, err)
+    times = {variant: [] for variant in built}
+    for i in range(steps):
+        order = list(built) if i % 2 == 0 else list(built)[::-1]
+        for variant in order:
+            step, _ = built[variant]
+            try:
+                start = time.perf_counter()
+                step()
+                _sync(device)
+            except Exception as err:
+                del built[variant], times[variant]
+                failed(variant, err)
+                continue
+            times[variant].append(time.perf_counter() - start)
+    rows = []
+    for variant, (step, model) in built.items():
+        step_ms = 1000 * statistics.median(times[variant])
+        busy_ms = _gpu_busy_ms(step, device)
+        rows.append({
+            "model": model_name, "variant": variant, "batch": batch_size,
             "image_size": image_size, "step_ms": round(step_ms, 3),
             "img_per_s": round(batch_size / step_ms * 1000, 1),
             "gpu_busy_ms": round(busy_ms, 3),
-            "gpu_busy_frac": round(busy_ms / step_ms, 3) if busy_ms == busy_ms else float("nan"),
-            "cell_evals": model.core_stats().get("cell_evals", float("nan"))}
+            "gpu_busy_frac": (round(busy_ms / step_ms, 3) if busy_ms == busy_ms
+                              else float("nan")),
+            "cell_evals": model.core_stats().get("cell_evals", float("nan"))})
+    return rows
+
+
+def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, steps: int,
+               device: torch.device, seed: int = 0) -> dict:
+    """Median step time of ``model_name`` under one ``variant``; a row for the results table.
+
+    Example:
+        >>> row = time_steps("test_wt", "base", 8, 8, 2, torch.device("cpu"))
+        >>> row["model"], row["img_per_s"] > 0
+        ('test_wt', True)
+    """
+    return time_variants(model_name, [variant], batch_size, image_size, steps, device, seed)[0]
 
 
 def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Path:
@@ -191,14 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in models:
         for batch in batch_sizes:
-            for variant in variants:
-                if variant == "compile_graphs" and device.type != "cuda":
-                    continue
-                try:
-                    row = time_steps(name, variant, batch, args.image_size, args.steps, device)
-                except Exception as err:  # one failing variant must not lose the others
-                    print(f"{name} {variant} {batch}: failed: {err!r}", file=sys.stderr)
-                    continue
+            runnable = [v for v in variants if v != "compile_graphs" or device.type == "cuda"]
+
+            def report(variant, err, name=name, batch=batch):
+                print(f"{name} {variant} {batch}: failed: {err!r}", file=sys.stderr)
+
+            for row in time_variants(name, runnable, batch, args.image_size, args.steps, device,
+                                     on_error=report):
                 rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if not rows:

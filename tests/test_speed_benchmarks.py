@@ -169,3 +169,36 @@ def test_peft_speed_alternates_the_order_of_its_variants():
     medians = _interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                            repeats=4, warmup=0)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and set(medians) == {"a", "b"}
+
+
+def test_step_time_interleaves_variants_and_drops_a_failing_one(monkeypatch):
+    import torch
+
+    import benchmarks.step_time as st
+    calls = []
+
+    class FakeModel:
+        def core_stats(self):
+            return {}
+
+    def fake_build(model_name, variant, batch_size, image_size, device, seed=0):
+        if variant == "compile":
+            raise RuntimeError("no compiler")
+
+        def step():
+            calls.append(variant)
+            if variant == "channels_last" and calls.count(variant) == 2:
+                raise RuntimeError("out of memory")
+        return step, FakeModel()
+
+    monkeypatch.setattr(st, "build_step", fake_build)
+    failures = []
+    rows = st.time_variants("test_wt", ["base", "amp", "compile", "channels_last"], 4, 8, 4,
+                            torch.device("cpu"), on_error=lambda v, e: failures.append(v))
+    assert failures == ["compile", "channels_last"]
+    assert [r["variant"] for r in rows] == ["base", "amp"]
+    # one timed step of each variant per round, the order reversed every other round
+    assert calls == ["base", "amp", "channels_last", "channels_last", "amp", "base",
+                     "base", "amp", "amp", "base"]
+    with pytest.raises(RuntimeError, match="no compiler"):  # no on_error: raised
+        st.time_variants("test_wt", ["compile"], 4, 8, 1, torch.device("cpu"))
