@@ -96,6 +96,7 @@ class DEQ(nn.Module):
         self.jac_reg, self.jac_reg_samples = jac_reg, jac_reg_samples
         self.last_backward_stats: SolverStats | None = None
         self._warned_backward = False
+        self._copy_z = False  # f writes its argument in place: differentiate through a copy
         self.check_settings()
 
     def check_settings(self) -> None:
@@ -187,7 +188,8 @@ class DEQ(nn.Module):
                 z_star, z_in, z_out = self._ift(f, z_sol)
                 z_star = z_star.to(z0.dtype)  # f's output dtype may differ (autocast)
             else:  # a copy: f may return one buffer on every call (the next call's output)
-                z_star = f(z_sol).to(z0.dtype, copy=True)
+                # (on a copy when jac_reg reads z_sol again: f may write its argument)
+                z_star = f(z_sol.clone() if jac else z_sol).to(z0.dtype, copy=True)
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         return z_star, stats
@@ -210,18 +212,65 @@ class DEQ(nn.Module):
     def _phantom_steps(self, f, z_sol: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
         keep_at_start = frozen.view(-1, *([1] * (z_sol.dim() - 1))) if bool(frozen.any()) else None
         z = z_sol
-        for _ in range(self.phantom_steps):
+        for step in range(self.phantom_steps):
             z_in = z if keep_at_start is None else torch.where(keep_at_start, z_sol, z)
-            z = torch.lerp(z_in, f(z_in).to(z_in.dtype), self.tau)
+            if step == 0 and not getattr(self, "_copy_z", False):
+                # z_sol is read again (the damping, frozen samples, the retry): f gets a copy,
+                # and if f writes it, every later call gets one too (see _f_of)
+                arg = z_in.clone()
+                version = None if arg.is_inference() else arg._version  # (no counter)
+                fz = f(arg)
+                self._copy_z = version is not None and arg._version != version
+            else:
+                fz = self._f_of(f, z_in)
+            z = torch.lerp(z_in, fz.to(z_in.dtype), self.tau)
         return z
 
     def _ift(self, f, z_sol: torch.Tensor):
         """``f(z_sol)`` whose backward solves the adjoint fixed point."""
         z_in = z_sol.detach().requires_grad_()
-        z_out = f(z_in)
+        z_out = self._f_at(f, z_in)
         if not z_out.requires_grad:  # f has nothing to differentiate
             return z_out, z_in, z_out
         return _AdjointSolve.apply(z_out, z_in, self), z_in, z_out
+
+    def _f_of(self, f, z: torch.Tensor) -> torch.Tensor:
+        """``f(z)``, for an ``f`` that writes its argument in place (see
+        :class:`~wtmodels.solvers.common.Problem`) ``f`` at the written ``z``, on a copy.
+
+        The first such call is seen by ``z``'s version counter (no tensor operation); ``f`` is
+        then evaluated again on a copy, and this module hands ``f`` copies from then on. One
+        that returns its argument written in place raises ``ValueError``, as in the solvers.
+        """
+        if getattr(self, "_copy_z", False):
+            return f(z.clone())
+        if z.is_inference():  # no version counter
+            return f(z)
+        version = z._version
+        out = f(z)
+        if z._version != version:
+            Problem.check_unmodified(z, out)
+            self._copy_z = True
+            out = f(z.clone())
+        return out
+
+    def _f_at(self, f, z_in: torch.Tensor) -> torch.Tensor:
+        """``f(z_in)`` for a leaf ``z_in`` that requires grad, differentiable w.r.t. it.
+
+        An ``f`` that writes its argument in place (a pre-activation cell starting with
+        ``nn.ReLU(inplace=True)``, which the solvers and the other modes accept) would fail
+        on the leaf with autograd's "a leaf Variable that requires grad is being used in an
+        in-place operation": it gets a copy instead (from then on, for this module, without
+        trying the leaf first), so the vector-Jacobian products still reach ``z_in``.
+        """
+        if not getattr(self, "_copy_z", False):  # (a DEQ pickled before it existed)
+            try:
+                return f(z_in)
+            except RuntimeError as e:
+                if "leaf Variable that requires grad" not in str(e):
+                    raise
+            self._copy_z = True
+        return f(z_in.clone())
 
     def _backward_solve(self, z_out: torch.Tensor, z_in: torch.Tensor,
                         grad: torch.Tensor) -> torch.Tensor:
@@ -272,10 +321,7 @@ class DEQ(nn.Module):
         z = best_in = z0.detach().clone()
         best_out = first_out = z_in = z_out = None
         for _ in range(self.budget):
-            version = z._version if prob.versioned else 0
-            z_in, z_out = z, f(z)
-            if prob.versioned and z._version != version:  # f wrote z in place: z_out - z would be 0
-                prob.check_unmodified(z, z_out)
+            z_in, z_out = z, self._f_of(f, z)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
                 fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)
@@ -286,7 +332,7 @@ class DEQ(nn.Module):
                 finite = np.isfinite(tracker.abs_trace[:, tracker.n_iter - 1])  # (B,)
             if not finite.all():  # redo the step with those samples at their best
                 z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
-                z_out = f(z_in)
+                z_out = self._f_of(f, z_in)
             if best_out is None:  # the first step (best_in is z0): f(z0), kept for prefer_start
                 # a copy unless autograd made it: f may return one buffer on every call
                 first_out = best_out = z_out if z_out.requires_grad else z_out.clone()
@@ -329,7 +375,7 @@ class DEQ(nn.Module):
         with torch.enable_grad():
             if z_out is None or not z_star.requires_grad:
                 z_star = _leaf(z_star)
-                z_out = f(z_star)
+                z_out = self._f_at(f, z_star)
             if not z_out.requires_grad:
                 return z_out.new_zeros(())
             total = z_out.new_zeros(())
@@ -369,7 +415,7 @@ class DEQ(nn.Module):
         B = z_star.shape[0]
         with torch.enable_grad():
             z_in = _leaf(z_star)
-            z_out = f(z_in)
+            z_out = self._f_at(f, z_in)
             if not z_out.requires_grad:  # f ignores z: J = 0
                 return z_in.new_zeros(B)
             v = torch.randn_like(z_in)

@@ -188,10 +188,11 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
 
 
 def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
-    """``result`` if it is ``(z, SolverStats)`` with ``z`` of ``z0``'s shape and device, else
-    ``ValueError`` naming solver ``name`` (a registered solver returning something else would
-    otherwise be unpacked into nonsense: a ``(2, D)`` tensor makes two rows; a ``z`` moved to
-    the CPU would make a GPU model's output a CPU tensor, or fail deep inside ``f``).
+    """``result`` if it is ``(z, SolverStats)`` with ``z`` of ``z0``'s shape, device and
+    dtype, else ``ValueError`` naming solver ``name`` (a registered solver returning something
+    else would otherwise be unpacked into nonsense: a ``(2, D)`` tensor makes two rows; a ``z``
+    moved to the CPU, or cast to float64, would make a GPU model's output a CPU tensor, or fail
+    deep inside ``f``).
 
     Example:
         >>> import torch
@@ -205,6 +206,9 @@ def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, Sol
     if ok and result[0].device != z0.device:
         raise ValueError(f"solver {name!r} must return z on the device of z0 ({z0.device}), "
                          f"got {result[0].device}")
+    if ok and result[0].dtype != z0.dtype:  # else f fails at the next call (DEQ: f(z*))
+        raise ValueError(f"solver {name!r} must return z in the dtype of z0 ({z0.dtype}), "
+                         f"got {result[0].dtype}")
     if not ok:
         got = (f"({', '.join(type(r).__name__ for r in result)})" if isinstance(result, tuple)
                else type(result).__name__)

@@ -131,6 +131,13 @@ class Problem:
     The solver's own arithmetic runs with autocast disabled (inside :meth:`solver_mode`);
     ``f`` itself is called under the autocast state the caller had, on a tensor of the shape
     and dtype of ``z0``. Its output is cast to the compute dtype (bf16 outputs are fine).
+
+    An ``f`` that writes its argument in place (a cell starting with ``nn.ReLU(inplace=True)``)
+    would overwrite the solver's iterate, so the residual would describe another point and
+    the iterates could never leave the values ``f`` writes (rectified ones never reach a
+    fixed point with negative entries). The first such call is detected by the argument's
+    version counter (free, no tensor operation): ``f`` is evaluated once more on a copy of
+    the (written) iterate, and from then on gets a copy of every iterate.
     """
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor):
@@ -154,6 +161,7 @@ class Problem:
         self.rounds = z0.dtype != self.compute_dtype
         # inference tensors have no version counter (see check_unmodified)
         self.versioned = not torch.is_inference_mode_enabled()
+        self.copies = False  # f writes its argument in place: it gets copies of the iterates
 
     def solver_mode(self) -> contextlib.ExitStack:
         """Context for the solver body: no autograd graph, autocast off; yields an ExitStack
@@ -171,15 +179,20 @@ class Problem:
             z = z.to(self.dtype)
             x.copy_(z.view(x.shape))
         version = z._version if self.versioned else 0
-        if self.autocast:
-            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-                fz = self.f(z)
-        else:
-            fz = self.f(z)
+        fz = self._call(z.clone() if self.copies else z)
         if self.versioned and z._version != version:
             self.check_unmodified(z, fz)
+            if not self.rounds:  # (z is a copy then) f wrote the iterate x: f again at it
+                self.copies = True
+                fz = self._call(z.clone())
         fz = self.check_output(fz).reshape(x.shape)
         return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
+
+    def _call(self, z: torch.Tensor):
+        if self.autocast:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                return self.f(z)
+        return self.f(z)
 
     @staticmethod
     def check_unmodified(z: torch.Tensor, fz) -> None:
