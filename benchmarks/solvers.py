@@ -38,6 +38,7 @@ import io
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -462,6 +463,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not out.is_dir():
         print(f"error: --out {out} is not a directory", file=sys.stderr)
+        return 2
+    try:  # a directory that takes no files must fail now, not after the whole run
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        print(f"error: --out {out} is not writable: {err.strerror or err}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -515,3 +515,16 @@ def test_float64_estimates_keep_float64_precision():
     assert r.dtype == F64 and (r - 0.9).abs().max() < 1e-12
     loss = deq.jacobian_loss(lambda z: 0.9 * z, z)  # ||J||_F^2 / numel = 0.81 exactly
     assert loss.dtype == F64 and abs(loss.item() - 0.81) < 1e-12
+
+
+@pytest.mark.parametrize("other", ["phantom", "unroll"])
+def test_last_backward_stats_is_cleared_by_a_mode_without_an_adjoint_solve(other):
+    x = torch.tensor([[1.0], [2.0]], dtype=F64, requires_grad=True)
+    deq = wt.DEQ(f_tol=1e-10, b_tol=1e-10)
+    z, _ = deq(lambda z: 0.5 * z + x, torch.zeros(2, 1, dtype=F64))
+    z.sum().backward()
+    assert deq.last_backward_stats.converged.all()
+    deq.grad = other  # the ift stats no longer describe this module's gradients
+    z, _ = deq(lambda z: 0.5 * z + x, torch.zeros(2, 1, dtype=F64))
+    z.sum().backward()
+    assert deq.last_backward_stats is None

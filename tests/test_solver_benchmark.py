@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,14 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
 def test_out_must_be_a_directory(tmp_path, capsys):
     assert solvers_bench.main(["--quick", "--out", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_that_takes_no_files_fails_before_the_run(capsys, monkeypatch):
+    monkeypatch.setattr(solvers_bench, "bench_cell", lambda *a: pytest.fail("benchmark ran"))
+    assert solvers_bench.main(["--quick", "--out", "/proc"]) == 2  # root may write elsewhere
+    err = capsys.readouterr().err
+    assert "--out /proc is not writable" in err and err.count("\n") == 1
 
 
 def test_markdown_marks_the_cpu_only_split_on_other_devices():

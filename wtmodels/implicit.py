@@ -63,7 +63,8 @@ class DEQ(nn.Module):
     The attributes of the same names may be changed after construction (e.g. a model's
     ``set_depth`` sets ``f_max_iter``/``eval_f_max_iter``); every call checks them again.
     ``f_solver``/``f_opts`` serve ``"ift"`` and ``"phantom"`` (``"unroll"`` iterates plainly);
-    ``b_*`` serve ``"ift"`` only.
+    ``b_*`` serve ``"ift"`` only. ``last_backward_stats`` holds the :class:`SolverStats` of the
+    latest adjoint solve (``"ift"``); a forward call in another mode sets it to ``None``.
 
     Example:
         >>> import torch, wtmodels as wt
@@ -171,6 +172,8 @@ class DEQ(nn.Module):
         if jac_reg is not None and not isinstance(jac_reg, bool):
             raise ValueError(f"jac_reg must be a bool or None, got {jac_reg!r}")
         jac = self.jac_reg if jac_reg is None else jac_reg
+        if self.grad != "ift":  # no adjoint solve will follow: not the stats of an older one
+            self.last_backward_stats = None
         if self.grad == "unroll":
             z_star, stats, z_in, z_out = self._unroll(f, z0)
         else:
