@@ -660,6 +660,17 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
     return text
 
 
+def _make_out_dir(out: str) -> None:
+    """Create the experiment directory, or ``ValueError`` saying why it cannot be (a file in
+    the way, no permission), before anything runs."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out} cannot be created: {err.strerror or err}") from None
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
@@ -687,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"threads must be >= 1, got {args.threads}")
         overrides = {} if args.dataset is None else {"dataset": args.dataset}
+        experiment_configs(args.smoke, seeds, **overrides)  # bad values: before any folder
+        _make_out_dir(args.out)
         rows = run_capaboost(args.out, smoke=args.smoke, seeds=seeds, threads=args.threads,
                              **overrides)
     except (UsageError, ValueError) as err:

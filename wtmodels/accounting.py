@@ -33,7 +33,8 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
     Counts every parameter outside the cores (stem, transitions, head) plus, per stage, the
     parameters of one cell minus the weights its masks zero (averaged over the K masks; exact
     for ``"random"`` and ``"nm"`` masks). For a tied core that is the whole cell; for an untied
-    core one of its D cells.
+    core one of its D cells. Masks of frozen weights (e.g. a masked cell under LoRA) subtract
+    nothing: those weights are not counted in the first place.
 
     Example:
         >>> import wtmodels as wt
@@ -45,7 +46,7 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
     total = count_params(model) - sum(count_params(core) for core in model.cores)
     for core in model.cores:
         cell = core.cells[0] if hasattr(core, "cells") else core.cell
-        total += count_params(cell) - masked_out_per_iter(cell)
+        total += count_params(cell) - masked_out_per_iter(cell, trainable_only=True)
     return float(total)
 
 

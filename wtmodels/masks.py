@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 MASK_KINDS = ("random", "bernoulli", "nm")
 MASK_SCHEDULES = ("cyclic", "block")
@@ -167,10 +168,10 @@ def _resolve(shape, k, density, kind, seed, n, m):
 
     if kind == "random":
         ones = round(density * numel)
-        if ones == 0:
+        if ones == 0:  # round() halves to even: density 0.5 / numel gives 0 too
             raise ValueError(
                 f"density {density} of a weight with {numel} entries rounds to 0 ones; "
-                f"use density >= {0.5 / numel:.3g}"
+                f"use density >= {1 / numel:.3g} (one entry)"
             )
         log_possible = _log_comb(numel, ones)
     elif kind == "bernoulli":
@@ -453,7 +454,7 @@ def apply_masks(
         schedule: which mask iteration t uses, ``"cyclic"`` or ``"block"`` (see
             :func:`mask_index`); stored on the layers for the caller to read with
             :func:`mask_schedule`.
-        types: layer types to mask, among ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (subclasses
+        types: layer type(s) to mask, among ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (subclasses
             included, parametrized ones too, but not one that overrides ``forward``: a
             ``ValueError``). The ``out_proj`` of an ``nn.MultiheadAttention`` is skipped (the
             attention reads its weight directly).
@@ -478,7 +479,8 @@ def apply_masks(
         raise ValueError(
             f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
         )
-    types = tuple(types)
+    # one class (or a stray string) is one item, as add_lora's targets take it
+    types = (types,) if isinstance(types, (type, str)) else tuple(types)
     bad = [t for t in types if not (isinstance(t, type) and issubclass(t, MASKABLE_TYPES))]
     if not types or bad:
         raise ValueError(
@@ -626,18 +628,32 @@ def formed_masks(module: nn.Module) -> Iterator[None]:
             layer._mask_stack = None
 
 
-def masked_out_per_iter(module: nn.Module) -> float:
+def masked_out_per_iter(module: nn.Module, trainable_only: bool = False) -> float:
     """Weights zeroed by the masks in one application of ``module``, averaged over the K masks.
+
+    With ``trainable_only`` only layers whose weight trains count (a frozen weight, e.g. the
+    base of a LoRA wrapper, is not among the trainable parameters to subtract from).
 
     Example:
         >>> import torch
         >>> conv = apply_masks(torch.nn.Conv2d(2, 4, 1, bias=False), k=2, density=0.25)
         >>> masked_out_per_iter(conv)
         6.0
+        >>> _ = conv.requires_grad_(False)
+        >>> masked_out_per_iter(conv, trainable_only=True)
+        0.0
     """
     return float(
         sum(
             (~layer.weight_masks).flatten(1).sum(1).float().mean().item()
             for layer in _masked_layers(module)
+            if not trainable_only or _weight_trains(layer)
         )
     )
+
+
+def _weight_trains(layer: nn.Module) -> bool:
+    """Whether the (possibly parametrized, e.g. weight-normed) weight of ``layer`` trains."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return any(p.requires_grad for p in layer.parametrizations.weight.parameters())
+    return layer.weight.requires_grad

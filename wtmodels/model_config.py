@@ -207,7 +207,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
 
     Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks,
     ``norm_groups`` without GroupNorm, ``ode_rtol`` / ``ode_atol`` with a fixed-grid
-    ``ode_method`` (rk4, euler, ...). (Within a DEQ the backward-solver fields stay in the
+    ``ode_method`` (rk4, euler, ...; not ``implicit_adams`` / ``fixed_adams``, whose corrector
+    iterates to the tolerances). (Within a DEQ the backward-solver fields stay in the
     config whatever ``grad`` is.)
 
     Example:
@@ -215,8 +216,11 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
         ['b_max_iter', 'b_solver']
         >>> fields_without_effect(ModelConfig(core="unrolled"))["mask_density"]
         'read only with mask_k > 0'
-        >>> fields_without_effect(ModelConfig(core="ode", ode_method="rk4"))["ode_rtol"]
-        "read only by an adaptive ode_method, not the fixed-grid 'rk4'"
+        >>> fields_without_effect(ModelConfig(core="ode", ode_method="rk4"))["ode_rtol"][-16:]
+        "fixed-grid 'rk4'"
+        >>> adams = ModelConfig(core="ode", ode_method="implicit_adams")
+        >>> "ode_rtol" in fields_without_effect(adams)  # its corrector iterates to the tolerances
+        False
     """
     unused = {}
     for core, names in CORE_ONLY_FIELDS.items():
@@ -227,11 +231,14 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
     if config.norm != "group":
         unused["norm_groups"] = "read only with norm 'group'"
     if config.core == "ode":
-        from wtmodels.ode import is_fixed_grid
+        from wtmodels.ode import reads_tolerances
 
-        if is_fixed_grid(config.ode_method):  # fixed steps of T / depth: no error control
-            unused.update((n, f"read only by an adaptive ode_method, not the fixed-grid "
-                              f"{config.ode_method!r}") for n in ("ode_rtol", "ode_atol"))
+        # fixed steps of T / depth: no error control (but the implicit Adams corrector
+        # iterates to the tolerances)
+        if not reads_tolerances(config.ode_method):
+            unused.update((n, f"read only by an adaptive ode_method or implicit_adams / "
+                              f"fixed_adams, not the fixed-grid {config.ode_method!r}")
+                          for n in ("ode_rtol", "ode_atol"))
     return unused
 
 

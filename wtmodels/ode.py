@@ -32,6 +32,7 @@ import math
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
@@ -53,6 +54,21 @@ def is_fixed_grid(method: str) -> bool:
     return issubclass(SOLVERS[method], FixedGridODESolver)
 
 
+def reads_tolerances(method: str) -> bool:
+    """True when ``rtol`` / ``atol`` change what ``method`` computes: every adaptive method,
+    and the fixed-grid ``implicit_adams`` / ``fixed_adams``, whose Adams-Moulton corrector
+    iterates until the tolerances are met.
+
+    Example:
+        >>> reads_tolerances("dopri5"), reads_tolerances("rk4"), reads_tolerances("implicit_adams")
+        (True, False, True)
+    """
+    if not is_fixed_grid(method):
+        return True
+    solver = SOLVERS[method]
+    return issubclass(solver, AdamsBashforthMoulton) and not issubclass(solver, AdamsBashforth)
+
+
 def _grid(steps: int):
     """A torchdiffeq ``grid_constructor``: ``steps`` equal steps from ``t[0]`` to ``t[-1]``."""
     def construct(func, y0, t):
@@ -69,6 +85,8 @@ def per_sample_rms_norm(tensor: torch.Tensor) -> torch.Tensor:
         >>> per_sample_rms_norm(torch.tensor([[1.0, -1.0], [3.0, 3.0]]))  # RMS 1 and 3
         tensor(3.)
     """
+    if tensor.numel() == 0:  # an empty batch: nothing to be wrong about
+        return tensor.new_zeros(())
     if tensor.dim() < 2:  # no batch dimension: plain RMS
         return tensor.abs().pow(2).mean().sqrt()
     return tensor.abs().pow(2).flatten(1).mean(1).sqrt().max()

@@ -34,6 +34,7 @@ from wtmodels.peft.wrap import (
     install_forming_hooks,
     replace_layers,
     resolve_head,
+    wrap_each,
 )
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -98,7 +99,8 @@ class AdapterLayer(PEFTLayer):
         self.adapter_up_bias = nn.Parameter(torch.zeros(channels, **factory))
         nn.init.kaiming_uniform_(self.adapter_down, a=5**0.5)
         for name, weight in (("down", self.adapter_down), ("up", self.adapter_up)):
-            masks = draw_copy_masks(weight.shape, copies, density, kind, derive_seed(seed, name))
+            masks = draw_copy_masks(weight.shape, copies, density, kind, derive_seed(seed, name),
+                                    label=f"adapter_{name}")
             self.register_buffer(
                 f"mask_{name}", None if masks is None else masks.to(weight.device)
             )
@@ -185,13 +187,10 @@ def add_adapters(
     check_adapter_args(bottleneck, copies, density, kind, activation, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
-    wrappers = {
-        id(layer): AdapterLayer(
-            layer, bottleneck, copies=copies, density=density, kind=kind,
-            seed=derive_seed(seed, name), activation=activation,
-        )
-        for name, layer in selected
-    }
+    wrappers = wrap_each(selected, lambda name, layer: AdapterLayer(
+        layer, bottleneck, copies=copies, density=density, kind=kind,
+        seed=derive_seed(seed, name), activation=activation,
+    ))  # every layer validated before the model changes
     replace_layers(model, wrappers)
     freeze_base(model, head)
     install_forming_hooks(model)

@@ -45,6 +45,7 @@ from wtmodels.peft.wrap import (
     peft_layers,
     replace_layers,
     resolve_head,
+    wrap_each,
 )
 
 IMPLS = ("auto", "factorized", "dense")
@@ -141,7 +142,8 @@ class LoRALayer(PEFTLayer):
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
         for name, shape in (("A", a_shape), ("B", b_shape)):
-            masks = draw_copy_masks(shape, copies, density, kind, derive_seed(seed, name))
+            masks = draw_copy_masks(shape, copies, density, kind, derive_seed(seed, name),
+                                    label=f"lora_{name}")
             self.register_buffer(
                 f"mask_{name}", None if masks is None else masks.to(weight.device)
             )
@@ -482,13 +484,10 @@ def add_lora(
     check_lora_args(rank, copies, density, kind, alpha, impl, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
-    wrappers = {
-        id(layer): LoRALayer.wrap(
-            layer, rank, copies=copies, density=density, kind=kind,
-            seed=derive_seed(seed, name), alpha=alpha, impl=impl,
-        )
-        for name, layer in selected
-    }  # every layer validated before the model changes
+    wrappers = wrap_each(selected, lambda name, layer: LoRALayer.wrap(
+        layer, rank, copies=copies, density=density, kind=kind,
+        seed=derive_seed(seed, name), alpha=alpha, impl=impl,
+    ))  # every layer validated before the model changes
     replace_layers(model, wrappers)
     freeze_base(model, head)
     install_forming_hooks(model)

@@ -105,11 +105,13 @@ def check_materialized(base: nn.Module) -> None:
 
 
 def draw_copy_masks(
-    shape: Sequence[int], copies: int, density: float, kind: str, seed: int
+    shape: Sequence[int], copies: int, density: float, kind: str, seed: int,
+    label: str = "the update weight",
 ) -> torch.Tensor | None:
     """Masks ``(copies, *shape)`` (bool) for the copies of one weight; None at density 1.
 
-    At density 1 every copy is the unmasked weight, so no mask is stored.
+    At density 1 every copy is the unmasked weight, so no mask is stored. A request the shape
+    cannot hold raises ``ValueError`` naming ``label`` (e.g. ``"lora_B"``).
 
     Example:
         >>> draw_copy_masks((4, 3), copies=2, density=0.5, kind="random", seed=0).shape
@@ -119,7 +121,22 @@ def draw_copy_masks(
     """
     if density == 1.0:
         return None
-    return make_masks(tuple(shape), k=copies, density=density, kind=kind, seed=seed)
+    try:
+        return make_masks(tuple(shape), k=copies, density=density, kind=kind, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"masks of {label} {tuple(shape)}: {err}") from None
+
+
+def wrap_each(selected: list[tuple[str, nn.Module]], build) -> dict[int, nn.Module]:
+    """``{id(layer): build(name, layer)}`` for the selected layers; a ``ValueError`` names the
+    layer it came from (a model may hold dozens of similar layers)."""
+    wrappers = {}
+    for name, layer in selected:
+        try:
+            wrappers[id(layer)] = build(name, layer)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}): {err}") from None
+    return wrappers
 
 
 def concat_copies(
@@ -159,8 +176,12 @@ def concat_copies(
 
 
 def _check_targets(targets: object) -> tuple[tuple[type, ...], tuple[str, ...]]:
-    items = (targets,) if isinstance(targets, (str, type)) else tuple(targets)
     valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    try:
+        items = (targets,) if isinstance(targets, (str, type)) else tuple(targets)
+    except TypeError:
+        raise ValueError(f"targets must be layer types among {valid} and/or module name "
+                         f"patterns (str), got {targets!r}") from None
     types, patterns = [], []
     for item in items:
         if isinstance(item, str):
