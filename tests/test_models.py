@@ -1,5 +1,6 @@
 """Tests of the classifiers: every family, tied vs untied, masks, accounting, bad arguments."""
 
+import dataclasses
 import io
 import math
 
@@ -300,3 +301,18 @@ def test_untied_cells_share_one_dropout_mask_per_forward():
     assert torch.allclose(y_tied, y_untied, atol=1e-12)
     first, *rest = [cell.drop.mask for cell in untied.cores[0].cells]
     assert all(torch.equal(first, mask) for mask in rest)
+
+
+def test_numpy_scalars_from_a_sweep_are_taken_as_python_numbers():
+    import json
+
+    import numpy as np
+
+    from wtmodels.model_config import ModelConfig
+    cfg = ModelConfig.from_dict({"depth": np.int64(3), "mask_k": np.arange(5)[2],
+                                 "mask_density": np.float32(0.5), "weight_norm": np.bool_(True)})
+    assert (cfg.depth, cfg.mask_k, cfg.mask_density, cfg.weight_norm) == (3, 2, 0.5, True)
+    assert type(cfg.depth) is int and type(cfg.mask_density) is float
+    json.dumps(dataclasses.asdict(cfg))  # numpy scalars would not serialise
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        ModelConfig.from_dict({"depth": np.float64(3.0)})

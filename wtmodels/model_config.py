@@ -15,6 +15,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from wtmodels.cells import NORMS
 from wtmodels.masks import MASK_KINDS, MASK_SCHEDULES, check_masks
 
@@ -125,9 +127,16 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Check every field; raise ``ValueError`` naming the field and what is allowed.
 
+        Numpy scalars (a sweep over ``np.arange`` / ``np.linspace``) become the Python
+        numbers they hold, so the config stays JSON-serialisable.
+
         Returns:
             ``self``.
         """
+        for name in self.field_names():
+            value = getattr(self, name)
+            if isinstance(value, np.generic) and value.ndim == 0:
+                setattr(self, name, value.item())
         for name in ("num_classes", "in_chans", "depth", "width", "stages", "norm_groups",
                      "f_max_iter", "b_max_iter", "phantom_steps"):
             _check_int(name, getattr(self, name), minimum=1)
