@@ -190,11 +190,13 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
     path = os.path.join(sweep_dir, EXTRAPOLATION)
     done = finished_ids(path, KEY)
     added = 0
+    no_checkpoint = []
     for row in read_rows(os.path.join(sweep_dir, "results.csv")):
         if row.get("core") not in CORES_WITH_DEPTH or row.get("status", "ok") != "ok":
             continue
         run_dir = os.path.join(sweep_dir, "runs", str(row["run_id"]))
         if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            no_checkpoint.append(str(row["run_id"]))
             continue
         depth = trained_depth(read_run_config(run_dir)["model_config"])
         wanted = [d for d in depth_grid(depth, factors) if f"{row['run_id']}@{d}" not in done]
@@ -208,6 +210,9 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
         added += append_rows(path, new, KEY)
         echo(f"  extrapolated {row['run_id']}: " + ", ".join(
             f"depth {r['test_depth']}: {100 * r['test_acc']:.1f}%" for r in new))
+    if no_checkpoint:  # e.g. results.csv copied without runs/: say why nothing was evaluated
+        echo(f"  skipped {len(no_checkpoint)} run(s) without runs/<run_id>/checkpoint.pt "
+             f"(e.g. {no_checkpoint[0]})")
     return added
 
 

@@ -100,6 +100,9 @@ def load_results(sweep_dir: str, failed: bool = True) -> list[dict]:
     rows = read_rows(os.path.join(sweep_dir, RESULTS))
     if failed:
         rows += failed_rows(sweep_dir, {r.get("run_id") for r in rows})
+    for row in rows:  # a hand-written file without a label column: name lines by the model
+        if row.get("label") is None:
+            row["label"] = str(row.get("model") or "(no label)")
     return rows
 
 

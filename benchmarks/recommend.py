@@ -116,6 +116,10 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
                          f"diverged or failed run ({len(unstable)} configuration(s); the "
                          f"smallest: {describe(unstable[0])})")
+    if not feasible and not any(math.isfinite(number(r.get("test_acc")) or math.nan)
+                                for r in rows):
+        raise ValueError("results: no run records a finite test_acc, the accuracy a "
+                         "recommendation is made on")
     if not feasible:
         measured = [g[f"{budget_key}_mean"] for g in groups
                     if math.isfinite(g[f"{budget_key}_mean"])]

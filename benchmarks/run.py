@@ -275,8 +275,11 @@ def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool) -> 
             "directory holds one setting (its plots and tables pool every row); use another "
             "--out")
     if saved is None and write:
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(path, setting)
+        try:
+            os.makedirs(out, exist_ok=True)
+            atomic_write_json(path, setting)
+        except OSError as err:  # a read-only place, a path under a file, /proc ...
+            raise ValueError(f"--out {out} cannot be created: {err.strerror or err}") from None
 
 
 def _describe(setting: dict) -> str:

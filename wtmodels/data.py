@@ -407,12 +407,19 @@ def _load_rgb(path: str):
     to 255, turning every such image white."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        if img.mode == "I" or img.mode.startswith("I;16"):
-            wide = np.asarray(img).astype(np.float64)  # (H, W) in 0..65535
-            img = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L")
-        return img.convert("RGB")
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                wide = np.asarray(img).astype(np.float64)  # (H, W) in 0..65535
+                img = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8),
+                                      "L")
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # truncated, not an image, bad header
+        if str(path) in str(err):
+            raise
+        # PIL's "image file is truncated" names no file: in a tree of a million, say which
+        raise OSError(f"{path}: {err}") from err
 
 
 def _imagefolder(data_dir, download, augment, image_size, opts):

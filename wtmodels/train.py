@@ -277,7 +277,15 @@ def _read(loader):
         except StopIteration:
             return
         except Exception as err:  # noqa: BLE001 - any failure inside the data pipeline
-            first = (str(err).strip().splitlines() or [""])[0][:300]
+            lines = [line for line in str(err).strip().splitlines() if line.strip()] or [""]
+            first = lines[0]
+            if first.startswith("Caught ") and "worker process" in first and len(lines) > 1:
+                # a loader worker's error: its first line names only the worker; the last line
+                # of the traceback it carries is the error itself ("OSError: <file>: ...")
+                last = lines[-1].strip()
+                name, _, rest = last.partition(": ")
+                first = rest if rest and name.split(".")[-1] == type(err).__name__ else last
+            first = first[:300]
             raise BadInput(f"reading the data failed: {type(err).__name__}: {first}") from err
         yield batch
 
@@ -339,6 +347,10 @@ class _Trainer:
             if verdict[0] == "error":
                 raise BadInput(verdict[1])
             cfg = verdict[1]
+            if cfg.data_dir is not None:  # config.json must find the data from anywhere: a
+                # relative path broke --resume and benchmarks.extrapolate run from another folder
+                cfg = dataclasses.replace(
+                    cfg, data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)))
             self.cfg = cfg
             ignored = settings_without_effect(cfg)
             if ignored:

@@ -209,6 +209,9 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
             value = os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string; got {value!r}")
+        if meta.get("path") and not value.strip():  # Path("") is the current directory
+            raise ValueError(f"{name} must be a path, got an empty one ({value!r}); leave it "
+                             "out (or give none) for no path")
     elif origin in (tuple, list) or inner in (tuple, list):
         if not isinstance(value, (tuple, list)):
             raise ValueError(f"{name} must be a list; got {value!r}")
@@ -454,9 +457,12 @@ def load_config_file(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is fine
     except OSError as err:
         raise ValueError(f"config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
