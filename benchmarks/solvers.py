@@ -416,7 +416,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m benchmarks.solvers", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="one small cell, 3 repeats, memory check at f_max_iter 10 and 40 "
                         "(full: 6 cells, 7 repeats, 10 / 20 / 40)")

@@ -39,9 +39,7 @@ LINES = TEXT.splitlines()
 
 # Imports a block uses but does not write, keyed by the start of the block's first line. Each
 # entry is a README bug to fix (the block fails when pasted alone); remove it once fixed.
-PRELUDE = {
-    "masks = wt.make_masks(": "import torch, wtmodels as wt",
-}
+PRELUDE: dict[str, str] = {}
 
 
 def _python_blocks():
