@@ -16,6 +16,7 @@ file                   row columns
                        ``rel_residual_max`` / ``diverged_max`` (max over epochs)
 ``model_info.json``    ``params``, ``nonzero_params_per_iter``, ``cell_evals``, ``flops_per_image``
 ``done.json``          final metrics (fill what ``metrics.jsonl`` lacks; custom runners)
+``stopped.json``       ``skipped_steps`` of the epoch a stopped run did not finish (added)
 ``harness.json``       ``status`` (``ok``, or ``diverged`` when the trainer stopped on
                        non-finite losses; ``nonfinite`` when it finished but its last epoch's
                        train or test loss was not finite), ``wall_s`` and ``cpu_s`` (wall and
@@ -216,6 +217,9 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     if "best_test_acc" not in summary and "test_acc" in summary:
         summary["best_test_acc"] = summary["test_acc"]
     row.update(summary)
+    stopped = _read_json(os.path.join(run_dir, "stopped.json")) or {}
+    if isinstance(stopped.get("skipped_steps"), int):  # the unfinished epoch's, not in metrics
+        row["skipped_steps"] = (row.get("skipped_steps") or 0) + stopped["skipped_steps"]
     row.update(harness)
     if row.get("status") is None:  # killed after the run finished, before harness.json
         stopped = os.path.exists(os.path.join(run_dir, "stopped.json"))

@@ -53,7 +53,7 @@ RESULTS = "results.csv"
 RUNS = "runs"
 LOG = "train.log"
 DONE = "done.json"  # written by the trainer when every epoch is done
-STOPPED = "stopped.json"  # written here when the trainer gave up on non-finite losses
+STOPPED = "stopped.json"  # the trainer gave up on non-finite losses (it or we write it)
 EXIT_DIVERGED = 3  # python -m wtmodels.train's status for "stopped: non-finite losses"
 #: submitit's options where the command line gives none
 SUBMITIT_DEFAULTS = {"gpus_per_node": 0, "cpus_per_task": 1, "timeout_min": 240}
@@ -375,8 +375,9 @@ def _execute(task: RunTask) -> RunOutcome:
             return RunOutcome(spec.run_id, "recorded", 0.0, time.perf_counter() - start)
         code, wall, cpu, resumed = _launch(task, spec, run_dir)
         if code == EXIT_DIVERGED and spec.runner is None:
-            atomic_write_json(os.path.join(run_dir, STOPPED), {
-                "status": "diverged", "reason": _last_line(os.path.join(run_dir, LOG))})
+            if not os.path.exists(os.path.join(run_dir, STOPPED)):  # the trainer's own is fuller
+                atomic_write_json(os.path.join(run_dir, STOPPED), {
+                    "status": "diverged", "reason": _last_line(os.path.join(run_dir, LOG))})
         elif code != 0 or not os.path.exists(os.path.join(run_dir, DONE)):
             why = _last_line(os.path.join(run_dir, LOG)) or f"exit status {code}"
             return RunOutcome(spec.run_id, "failed", wall, time.perf_counter() - start - wall,

@@ -203,6 +203,7 @@ def test_failed_run_is_reported_not_recorded_and_diverged_run_is_a_result(tmp_pa
     assert "cifar" in failed.message.lower()  # the trainer's own error line
     (row,) = read_rows(os.path.join(out, RESULTS))
     assert row["label"] == "boom" and row["status"] == "diverged" and row["test_acc"] is None
+    assert row["skipped_steps"] == 1  # in the epoch it stopped in (no metrics row for it)
     again = sweep(name, out, plots=False, echo=_quiet)  # the diverged run is not retried
     assert again.skipped == 1 and again.ran == 0 and len(again.failed) == 1
 

@@ -223,6 +223,13 @@ def test_a_run_of_non_finite_losses_stops_with_the_checkpoint_intact(monkeypatch
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert [r["epoch"] for r in _rows(out)] == [1]
     assert not (out / "done.json").exists()
+    # the unfinished epoch's skipped steps, which no metrics row holds, are in stopped.json
+    stopped = json.loads((out / "stopped.json").read_text())
+    assert (stopped["epoch"], stopped["skipped_steps"]) == (2, 5)
+    assert "5 consecutive non-finite losses" in stopped["reason"]
+    monkeypatch.undo()  # healthy again: --resume trains, and clears it
+    run({"out": str(out), "resume": True})
+    assert (out / "done.json").exists() and not (out / "stopped.json").exists()
 
 
 def test_diverged_exit_status_and_message(monkeypatch, tmp_path, capsys):

@@ -10,7 +10,9 @@ field; ``--help`` lists them)::
 The run directory holds ``config.json`` (``train`` settings, ``model_overrides``, the resolved
 ``model_config``, ``data_info`` and ``env`` provenance), ``model_info.json``
 (``model_summary``), ``metrics.jsonl`` (one object per finished epoch), ``checkpoint.pt``
-(written atomically after every epoch) and, once every epoch is done, ``done.json``.
+(written atomically after every epoch) and, once every epoch is done, ``done.json``; a run
+stopped on non-finite losses writes ``stopped.json`` instead (reason, epoch, the
+``skipped_steps`` of that unfinished epoch; removed when ``--resume`` trains again).
 
 Metrics per epoch (``metrics.jsonl``): ``epoch`` (1-based), ``train_loss`` and ``train_acc``
 (plain cross-entropy and accuracy of the training batches as trained: augmented, train mode,
@@ -83,6 +85,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_INFO_FILE = "model_info.json"
 DONE_FILE = "done.json"
+STOPPED_FILE = "stopped.json"  # the run gave up on non-finite losses (removed on resume)
 
 
 class BadInput(ValueError):
@@ -90,7 +93,15 @@ class BadInput(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-    """Training stopped after ``max_bad_steps`` consecutive non-finite losses."""
+    """Training stopped after ``max_bad_steps`` consecutive non-finite losses.
+
+    ``epoch`` (1-based) and ``skipped_steps`` (the steps of that unfinished epoch skipped for
+    non-finite losses, which no ``metrics.jsonl`` row records) say where.
+    """
+
+    def __init__(self, message: str, epoch: int = 0, skipped_steps: int = 0):
+        super().__init__(message)
+        self.epoch, self.skipped_steps = epoch, skipped_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +381,8 @@ class _Trainer:
             self.history: list[dict] = []
             if self.out is not None and cfg.resume and (self.out / CHECKPOINT_FILE).exists():
                 self._load(self.out / CHECKPOINT_FILE)
+            if self.out is not None and cfg.resume and ctx.is_main:  # it trains again
+                (self.out / STOPPED_FILE).unlink(missing_ok=True)
         except BadInput:
             raise
         except ValueError as err:
@@ -605,7 +618,7 @@ class _Trainer:
                 self.consecutive_bad += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.consecutive_bad >= cfg.max_bad_steps:
-                    self._stop_diverged(epoch)  # raises
+                    self._stop_diverged(epoch, skipped)  # raises
                 continue
             self.consecutive_bad = 0
             with torch.no_grad():
@@ -631,12 +644,19 @@ class _Trainer:
             extra["jac_loss"] = jac_meter.reduce(self.ctx)["loss"]
         return stats, extra
 
-    def _stop_diverged(self, epoch: int) -> None:
+    def _stop_diverged(self, epoch: int, skipped: int) -> None:
+        """Raise :class:`TrainingDiverged`; with ``out`` set, first write ``stopped.json``
+        (the reason, the epoch, its ``skipped_steps``) for the harness's stability columns."""
         where = (f"the last good checkpoint is {self.out / CHECKPOINT_FILE} (epoch {epoch})"
                  if self.out is not None and epoch > 0 else "no checkpoint had been written yet")
-        raise TrainingDiverged(
+        err = TrainingDiverged(
             f"training stopped: {self.consecutive_bad} consecutive non-finite losses in epoch "
-            f"{epoch + 1} (step {self.global_step}); {where}")
+            f"{epoch + 1} (step {self.global_step}); {where}", epoch + 1, skipped)
+        if self.out is not None and self.ctx.is_main:
+            atomic_write_json(self.out / STOPPED_FILE, {
+                "status": "diverged", "reason": str(err), "epoch": epoch + 1,
+                "step": self.global_step, "skipped_steps": skipped})
+        raise err
 
     @torch.no_grad()
     def evaluate(self) -> dict:
