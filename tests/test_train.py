@@ -16,7 +16,8 @@ from wtmodels import models as model_registry
 from wtmodels import train as train_mod
 from wtmodels.checkpoint import load_checkpoint
 from wtmodels.optim import warmup_cosine
-from wtmodels.train import TrainingDiverged, jac_reg_step, run
+from wtmodels.train import BadInput, TrainingDiverged, jac_reg_step, run
+from wtmodels.train_config import TrainConfig
 
 BASE = dict(model="test_wt", dataset="digits", train_size=256, test_size=128, batch_size=32,
             threads=1, progress="none")
@@ -62,10 +63,18 @@ def test_run_without_out_writes_nothing(tmp_path, monkeypatch):
 
 def test_out_and_data_dir_may_be_paths(tmp_path):
     # run({"out": tmp_path / "run"}) was refused: "out must be a string; got PosixPath(...)"
+    from PIL import Image
+    data = tmp_path / "images"  # an ImageFolder tree: digits reads no data_dir (refused)
+    for split in ("train", "val"):
+        for c in range(2):
+            (data / split / str(c)).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (255 * c, 0, 0)).save(data / split / str(c) / f"{i}.png")
     out = tmp_path / "run"
-    run({**BASE, "epochs": 1, "train_size": 64, "out": out, "data_dir": tmp_path})
+    run({**BASE, "dataset": "imagefolder", "image_size": 8, "train_size": None,
+         "test_size": None, "epochs": 1, "out": out, "data_dir": data})
     config = json.loads((out / "config.json").read_text())
-    assert config["train"]["out"] == str(out) and config["train"]["data_dir"] == str(tmp_path)
+    assert config["train"]["out"] == str(out) and config["train"]["data_dir"] == str(data)
     assert run({"out": out, "resume": True, "progress": "none"})["epoch"] == 1
 
 
@@ -279,3 +288,17 @@ def test_compiled_deq_with_ift_trains_past_a_recompilation(tmp_path):
                  "out": str(out)})  # batches 32, 32, 16
     assert math.isfinite(final["train_loss"]) and (out / "done.json").exists()
     assert functorch_config.donated_buffer == before  # restored after the run
+
+
+@pytest.mark.parametrize("settings, unread", [
+    ({"dataset": "digits", "data_dir": "/data"}, {"data_dir"}),
+    ({"dataset": "synthetic", "download": True}, {"download"}),
+    ({"dataset": "imagefolder", "data_dir": "/data", "download": True}, {"download"}),
+    ({"dataset": "cifar10", "data_dir": "/data", "download": True}, set()),
+])
+def test_data_settings_a_dataset_never_reads_are_refused(settings, unread):
+    from wtmodels.train_config import settings_without_effect
+    assert set(settings_without_effect(TrainConfig(model="test_wt", **settings))) == unread
+    if unread:
+        with pytest.raises(BadInput, match="would silently ignore " + next(iter(unread))):
+            run({**BASE, **settings, "epochs": 1})

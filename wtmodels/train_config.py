@@ -284,6 +284,7 @@ def check_model_overrides(overrides: dict) -> dict:
 DEQ_TRAIN_FIELDS = ("pretrain_steps", "jac_reg_weight", "jac_reg_freq")
 #: training settings read only by the synthetic dataset
 SYNTHETIC_FIELDS = ("synthetic_channels", "synthetic_classes")
+FILELESS_DATASETS = ("digits", "synthetic")  # bundled or generated: no data_dir, no download
 
 
 def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
@@ -295,8 +296,10 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     practice without a DEQ core, ``jac_reg_freq`` without ``jac_reg_weight``, ``momentum`` /
     ``nesterov`` without SGD (``nesterov`` without momentum), ``min_lr`` without the cosine
     schedule, ``amp_dtype`` without ``amp``, the synthetic dataset's shape on another
-    dataset. The trainer refuses such a run: a setting that silently does nothing is a wrong
-    experiment, not a harmless one.
+    dataset, ``data_dir`` / ``download`` for a dataset that reads no files (``digits`` ships
+    with scikit-learn, ``synthetic`` is generated), ``download`` for ``imagefolder``. The
+    trainer refuses such a run: a setting that silently does nothing is a wrong experiment,
+    not a harmless one.
 
     Example:
         >>> settings_without_effect(TrainConfig(model="wt_s", jac_reg_weight=0.1))
@@ -330,6 +333,12 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     if cfg.dataset != "synthetic":
         found.update((name, "read by dataset 'synthetic' only") for name in SYNTHETIC_FIELDS
                      if getattr(cfg, name) is not None)
+    if cfg.dataset in FILELESS_DATASETS:
+        found.update((name, f"dataset {cfg.dataset!r} reads no files")
+                     for name in ("data_dir", "download")
+                     if getattr(cfg, name) != getattr(defaults, name))
+    elif cfg.dataset == "imagefolder" and cfg.download:
+        found["download"] = "dataset 'imagefolder' has nothing to download"
     return found
 
 
