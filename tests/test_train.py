@@ -302,3 +302,11 @@ def test_data_settings_a_dataset_never_reads_are_refused(settings, unread):
     if unread:
         with pytest.raises(BadInput, match="would silently ignore " + next(iter(unread))):
             run({**BASE, **settings, "epochs": 1})
+
+
+def test_a_warm_up_longer_than_the_run_is_refused(capsys):
+    with pytest.raises(ValueError, match=r"warmup_epochs must be <= epochs \(2\); got 3"):
+        TrainConfig(model="test_wt", epochs=2, warmup_epochs=3)
+    assert TrainConfig(model="test_wt", epochs=2, warmup_epochs=2).warmup_epochs == 2
+    assert train_mod.main(["--epochs", "1", "--warmup-epochs", "1.5", "--out", "x"]) == 2
+    assert "warmup_epochs must be <= epochs (1)" in capsys.readouterr().err

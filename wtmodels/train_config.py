@@ -125,6 +125,9 @@ class TrainConfig:
                 TrainConfig, f.name), f.metadata))
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be <= lr ({self.lr}); got {self.min_lr}")
+        if self.warmup_epochs > self.epochs:  # the learning rate would never reach lr
+            raise ValueError(f"warmup_epochs must be <= epochs ({self.epochs}); got "
+                             f"{self.warmup_epochs}")
 
     def to_dict(self) -> dict:
         """A JSON-ready copy of every field.
