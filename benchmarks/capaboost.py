@@ -489,8 +489,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 LABEL_ORDER = ("head only", "LoRA", "CapaBoost d=2", "CapaBoost d=4", "full")
-COLOURS = {"head only": "tab:gray", "LoRA": "tab:blue", "CapaBoost d=2": "tab:orange",
-           "CapaBoost d=4": "tab:red", "full": "black"}
+#: colour-blind-safe colours (Okabe & Ito) and markers, the same in both figures
+COLOURS = {"head only": "#999999", "LoRA": "#0072B2", "CapaBoost d=2": "#E69F00",
+           "CapaBoost d=4": "#CC79A7", "full": "black"}
+MARKERS = {"head only": "v", "LoRA": "o", "CapaBoost d=2": "s", "CapaBoost d=4": "^",
+           "full": "D"}
 
 
 def paired_differences(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
@@ -519,19 +522,31 @@ def _reference(groups, label: str) -> tuple[float, int] | None:
 
 
 def plot_results(rows: list[dict], out_dir: str) -> list[str]:
-    """``accuracy_vs_params.png`` and ``rank_vs_copies.png`` from the result rows.
+    """``accuracy_vs_params.png`` and ``rank_vs_copies.png`` from the result rows, each with a
+    vector PDF beside it (:func:`benchmarks.plot.save_figure`); returns the PNG paths.
 
-    The first has two panels: accuracy vs trainable parameters (mean +- std over seeds; head
-    only and full fine-tuning as references) and the paired difference to LoRA per rank.
+    The first has two panels: accuracy vs trainable parameters (mean ± one sample standard
+    deviation over seeds; full fine-tuning as a reference line, head only named in the title)
+    and the paired difference to LoRA per rank.
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from benchmarks.plot import STYLE
+
+    with matplotlib.rc_context(STYLE):  # the harness's figures' fonts, sizes and PDF fonts
+        return _plot_results(rows, out_dir)
+
+
+def _plot_results(rows: list[dict], out_dir: str) -> list[str]:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    from benchmarks.plot import DATASET_NAMES, _compact_log_x, save_figure
 
     groups = _groups(rows)
     paths = []
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4), width_ratios=(1.35, 1))
+    fig = Figure(figsize=(7.2, 3.3), layout="constrained")
+    ax, bx = fig.subplots(1, 2, width_ratios=(1.35, 1))
     nudge = {"LoRA": 0.94, "CapaBoost d=2": 1.0, "CapaBoost d=4": 1.06}
     for label in ("LoRA", "CapaBoost d=2", "CapaBoost d=4"):
         keys = sorted(k for k in groups if k[0] == label)
@@ -539,12 +554,12 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
             continue
         stats = [_mean_std([100 * r["test_acc"] for r in groups[k]]) for k in keys]
         xs = [groups[k][0]["params"] * nudge[label] for k in keys]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats], fmt="o-",
-                    capsize=3, color=COLOURS[label], label=label)
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[e for _, e in stats],
+                    marker=MARKERS[label], elinewidth=0.9, color=COLOURS[label], label=label)
         if label == "LoRA":
             for x, (m, _), key in zip(xs, stats, keys):
                 ax.annotate(f"r={key[1]}", (x, m), textcoords="offset points", xytext=(-6, 6),
-                            fontsize=8, color=COLOURS[label], ha="right")
+                            fontsize=7, color=COLOURS[label], ha="right")
     notes = []
     for label, style in (("full", "--"), ("head only", ":")):
         ref = _reference(groups, label)
@@ -553,16 +568,18 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
             if label == "full":
                 ax.axhline(ref[0], ls=style, color=COLOURS[label], lw=1,
                            label=f"full fine-tune ({ref[1]} params)")
-    ax.set_xscale("log")
     ax.margins(x=0.1)
-    ax.set_xlabel("trainable parameters (log; LoRA and CapaBoost equal at each r)")
+    _compact_log_x(ax)  # 2k 3k 5k, not overlapping 2 × 10^3 labels
+    ax.set_xlabel("trainable parameters (log scale;\nLoRA and CapaBoost equal at each r)")
     ax.set_ylabel("test accuracy on the new task (%)")
     seeds = len({r["seed"] for r in rows})
-    spread = f"mean +- std over {seeds} seeds" if seeds > 1 else "1 seed (no std)"
-    ax.set_title(f"{rows[0]['dataset']} classes 0-4 -> 5-9, {spread}\n"
-                 + "; ".join(notes), fontsize=9)
+    spread = (f"mean ± 1 sample std (n − 1) over {seeds} seeds" if seeds > 1
+              else "1 seed (no std)")
+    dataset = DATASET_NAMES.get(rows[0]["dataset"], rows[0]["dataset"])
+    fig.suptitle(f"{dataset}: pretrained on classes 0–4, fine-tuned on 5–9; {spread}")
+    ax.set_title("\n".join(notes))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(loc="lower right")
 
     diffs = paired_differences(rows)
     ranks = sorted({k[1] for k in diffs})
@@ -573,24 +590,24 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
             if not values:
                 continue
             x = i + offsets[label]
-            bx.plot([x] * len(values), values, "o", color=COLOURS[label], alpha=0.45, ms=4)
+            bx.plot([x] * len(values), values, MARKERS[label], color=COLOURS[label], alpha=0.55,
+                    ms=3.5, mew=0)
             bx.plot([x - 0.08, x + 0.08], [statistics.mean(values)] * 2, "-",
                     color=COLOURS[label], lw=2.5, label=label if i == 0 else None)
-    bx.axhline(0.0, color="tab:blue", lw=1)
+    bx.axhline(0.0, color=COLOURS["LoRA"], lw=1, label="LoRA (zero difference)")
     bx.set_xticks(range(len(ranks)), [f"r={r}" for r in ranks])
-    bx.set_ylabel("accuracy minus LoRA's, same rank and seed (points)")
-    bx.set_title("Paired difference to LoRA (dots: seeds, bars: mean)", fontsize=9)
+    bx.set_xlabel("LoRA rank r")
+    bx.set_ylabel("accuracy minus LoRA's at the same\nrank and seed (percentage points)")
+    bx.set_title("Paired difference to LoRA\n(dots: seeds, bars: mean)")
     bx.grid(alpha=0.3, axis="y")
-    bx.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_vs_params.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    bx.legend(loc="best")
+    paths.append(save_figure(fig, os.path.join(out_dir, "accuracy_vs_params.png")))
 
-    fig, ax = plt.subplots(figsize=(6.2, 4.3))
+    fig = Figure(figsize=(4.2, 3.2), layout="constrained")
+    ax = fig.subplots()
     ranked = [r for r in rows if r.get("update_rank") is not None]
     copies = sorted({r["copies"] for r in ranked})
-    cmap = plt.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     lora_ranks = sorted({r["rank"] for r in ranked})
     for i, rank in enumerate(lora_ranks):
         colour = cmap(i / max(1, len(lora_ranks) - 1) * 0.85)
@@ -600,7 +617,7 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
         def mean(key, by_d=by_d, ds=ds):
             return [statistics.mean(r[key] for r in by_d[d]) for d in ds]
 
-        ax.plot(ds, mean("rank_bound"), "x:", color="0.45", ms=9, mew=1.5,
+        ax.plot(ds, mean("rank_bound"), "x:", color="0.45", ms=7, mew=1.2,
                 label="bound min(d r, out, in k k)" if i == 0 else None)
         ax.plot(ds, mean("update_rank"), "o-", color=colour, label=f"r={rank}: rank")
         ax.plot(ds, mean("update_erank"), "^--", color=colour, label=f"r={rank}: effective rank")
@@ -608,13 +625,11 @@ def plot_results(rows: list[dict], out_dir: str) -> list[str]:
     ax.set_xticks(copies, [str(d) for d in copies])
     ax.set_xlabel("copies d (density 0.5 for d > 1; d = 1 is plain LoRA)")
     ax.set_ylabel("per-layer rank of the trained update\n(mean over layers and seeds)")
-    ax.set_title("Rank of the update vs copies at equal trainable parameters", fontsize=10)
+    ax.set_title("Rank of the update vs copies\nat equal trainable parameters")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "rank_vs_copies.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    ax.minorticks_off()
+    fig.legend(loc="outside lower center", ncol=2)
+    paths.append(save_figure(fig, os.path.join(out_dir, "rank_vs_copies.png")))
     return paths
 
 

@@ -66,26 +66,198 @@ RESULTS = "results.csv"
 EXTRAPOLATION = "extrapolation.csv"
 PLOTS = "plots"
 
-#: fixed colours of the presets' labels (others take the next free colour)
-LABEL_COLORS = {"WT": "C0", "WT + distinct masks": "C2", "WT + shared mask": "C9",
-                "untied": "C3", "DEQ": "C1", "ODE": "C4"}
-_SPARE_COLORS = ("C5", "C6", "C7", "C8", "#8c564b", "#bcbd22", "#17becf", "#393b79")
+#: Okabe & Ito's colour-blind-safe palette (Color Universal Design), by name
+OKABE_ITO = {"blue": "#0072B2", "orange": "#E69F00", "sky blue": "#56B4E9",
+             "bluish green": "#009E73", "vermillion": "#D55E00", "reddish purple": "#CC79A7",
+             "yellow": "#F0E442", "black": "#000000"}
+#: fixed colours of the presets' labels, the model families: the same in every figure
+LABEL_COLORS = {"WT": OKABE_ITO["blue"], "WT + distinct masks": OKABE_ITO["bluish green"],
+                "WT + shared mask": OKABE_ITO["sky blue"], "untied": OKABE_ITO["vermillion"],
+                "DEQ": OKABE_ITO["orange"], "ODE": OKABE_ITO["reddish purple"]}
+#: fixed markers of the families (told apart in grey print and by colour-blind readers too)
+LABEL_MARKERS = {"WT": "o", "WT + distinct masks": "^", "WT + shared mask": "s", "untied": "D",
+                 "DEQ": "v", "ODE": "P"}
+#: colours of labels outside every family (Paul Tol's colour-blind-safe "muted" set)
+_SPARE_COLORS = ("#332288", "#882255", "#44AA99", "#999933", "#AA4499", "#117733", "#661100",
+                 "#888888")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LINESTYLES = ("-", "--", ":", "-.")
+#: how a family's variants (e.g. ``DEQ anderson / ift``) shade its colour: mixed with black
+#: (> 0) or white (< 0) by this share
+_SHADES = (0.3, -0.3, 0.55, 0.15, -0.15)
+#: label -> colour given to labels outside the presets' (kept for the process)
+_ASSIGNED: dict[str, str] = {}
+
+#: matplotlib settings of every figure: fonts that stay legible when a panel is printed at
+#: single-column width (about 3.3 in), TrueType fonts in the PDFs (Type 3 fonts are refused by
+#: some publishers), thin spines
+STYLE = {"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "xtick.labelsize": 7,
+         "ytick.labelsize": 7, "legend.fontsize": 7, "legend.title_fontsize": 7,
+         "figure.titlesize": 8.5, "figure.labelsize": 8, "lines.linewidth": 1.3,
+         "lines.markersize": 4.5, "errorbar.capsize": 2.5, "axes.linewidth": 0.7,
+         "axes.spines.top": False, "axes.spines.right": False, "grid.linewidth": 0.5,
+         "legend.framealpha": 0.85, "pdf.fonttype": 42, "ps.fonttype": 42,
+         "svg.fonttype": "none", "savefig.dpi": 200}
+#: inches of one panel: a single-panel figure prints at its own size in one column
+PANEL_SIZE = (3.4, 2.7)
+#: resolution of the PNGs (dots per inch); each PNG has a vector PDF beside it
+PNG_DPI = 200
 
 
-def label_color(label: str, _assigned: dict = {}) -> str:  # noqa: B006 (a deliberate cache)
-    """A colour per label, fixed for the presets' labels, stable for the others.
+def _styled(fn=None, *, bars: bool = True):
+    """Draw ``fn``'s figure under :data:`STYLE` (fonts and sizes are fixed when drawn) and
+    title it with the setting of its rows (:func:`describe_setting`; ``bars``: it draws error
+    bars, and the title says what they are)."""
+    import functools
+
+    if fn is None:
+        return functools.partial(_styled, bars=bars)
+
+    @functools.wraps(fn)
+    def wrapper(rows, *args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(STYLE):
+            fig = fn(rows, *args, **kwargs)
+            if fig is not None:
+                _suptitle(fig, describe_setting(rows, bars=bars))
+        return fig
+
+    return wrapper
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, broken into lines that fit its width (a clipped title says
+    nothing): at a break after "; " or ", " where it can."""
+    import textwrap
+
+    width = max(30, int(fig.get_figwidth() * 15))  # characters of 8.5 pt per inch, roughly
+    lines = []
+    for part in text.split("; "):
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += "; " + part
+        else:
+            lines += textwrap.wrap(part, width) or [""]
+    fig.suptitle("\n".join(lines))
+
+
+#: dataset names as a paper writes them
+DATASET_NAMES = {"digits": "digits (sklearn, 8×8)", "mnist": "MNIST",
+                 "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "imagefolder": "image folder", "synthetic": "synthetic"}
+
+
+def _values(rows: Sequence[dict], column: str) -> list:
+    found = {r.get(column) for r in rows} - {None, ""}
+    return sorted(found, key=lambda v: (number(v) is None, number(v) or 0, str(v)))
+
+
+def _span(values: Sequence, unit: str) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:g} {unit}" if isinstance(values[0], float) else f"{values[0]} {unit}"
+    return f"{values[0]}–{values[-1]} {unit}"
+
+
+def describe_setting(rows: Sequence[dict], context: Sequence[dict] = (),
+                     bars: bool = True) -> str:
+    """One line naming what a figure shows: dataset, training images and image size (when set),
+    epochs, seeds per point and what the error bars are; columns ``rows`` lack are read from
+    ``context`` (the results rows, for the extrapolation rows).
+
+    Example:
+        >>> describe_setting([{"dataset": "fashion_mnist", "epochs": 6, "config_id": "a",
+        ...                    "seed": s} for s in (0, 1, 2)])
+        'Fashion-MNIST, 6 epochs; mean ± 1 sample std (n − 1) over 3 seeds'
+    """
+    def values(column):
+        return _values(rows, column) or _values(context, column)
+
+    parts = [", ".join(DATASET_NAMES.get(str(d), str(d)) for d in values("dataset"))]
+    sizes = values("train_size")
+    if sizes:
+        parts.append(_span([int(number(v)) for v in sizes], "training images"))
+    pixels = values("image_size")
+    if len(pixels) == 1:
+        parts.append(f"{int(number(pixels[0]))}×{int(number(pixels[0]))} px")
+    epochs = values("epochs")
+    if epochs:
+        parts.append(_span([int(number(v)) for v in epochs], "epochs"))
+    seeds: dict = {}
+    for r in rows:
+        if r.get("seed") not in (None, ""):
+            key = r.get("config_id") or r.get("label")
+            seeds.setdefault(key, set()).add(r.get("seed"))
+    counts = sorted({len(v) for v in seeds.values()})
+    text = ", ".join(p for p in parts if p)
+    if counts:
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        what = (f"mean ± 1 sample std (n − 1) over {n} seeds" if bars
+                else f"{n} seeds per configuration")
+        text = f"{text}; {what}" if text else what
+    return text
+
+
+def label_family(label) -> str | None:
+    """The preset family a label belongs to: the longest name of :data:`LABEL_COLORS` it equals
+    or starts with as a word (``"DEQ anderson / ift"`` is a DEQ, ``"DEQs"`` is not), None for
+    other labels.
+
+    Example:
+        >>> [label_family(x) for x in ("DEQ broyden / phantom", "WT + shared mask", "MLP")]
+        ['DEQ', 'WT + shared mask', None]
+    """
+    label = str(label)
+    names = [n for n in LABEL_COLORS if label == n or (label.startswith(n)
+                                                        and label[len(n)] in " ,;(/")]
+    return max(names, key=len) if names else None
+
+
+def _shade(color: str, share: float) -> str:
+    from matplotlib.colors import to_hex, to_rgb
+
+    target = 0.0 if share > 0 else 1.0
+    return to_hex([c + abs(share) * (target - c) for c in to_rgb(color)])
+
+
+def label_color(label: str, _assigned: dict = _ASSIGNED) -> str:
+    """A colour per label, the same in every figure: fixed (colour-blind safe) for the
+    presets' labels, a shade of the family's colour for a family's variants (``"DEQ anderson /
+    ift"``: a shade of the DEQ's orange), a spare colour for other labels, kept once given.
 
     Example:
         >>> label_color("WT"), label_color("DEQ")
-        ('C0', 'C1')
+        ('#0072B2', '#E69F00')
     """
     if label in LABEL_COLORS:
         return LABEL_COLORS[label]
     if label not in _assigned:
-        _assigned[label] = _SPARE_COLORS[len(_assigned) % len(_SPARE_COLORS)]
+        family = label_family(label)
+        if family is None:
+            spare = [k for k in _assigned if label_family(k) is None]
+            _assigned[label] = _SPARE_COLORS[len(spare) % len(_SPARE_COLORS)]
+        else:
+            kin = [k for k in _assigned if label_family(k) == family]
+            _assigned[label] = _shade(LABEL_COLORS[family], _SHADES[len(kin) % len(_SHADES)])
     return _assigned[label]
+
+
+def label_marker(label: str) -> str:
+    """A marker per label, the same in every figure: fixed for each family (a DEQ variant takes
+    one by its position among the DEQ variants seen so far), cycled for other labels.
+
+    Example:
+        >>> label_marker("WT"), label_marker("untied")
+        ('o', 'D')
+    """
+    if label in LABEL_MARKERS:
+        return LABEL_MARKERS[label]
+    label_color(label)  # register it: its position among its kin picks the marker
+    family = label_family(label)
+    kin = [k for k in _ASSIGNED if label_family(k) == family]
+    others = [m for m in _MARKERS if m != LABEL_MARKERS.get(family)]
+    return others[kin.index(label) % len(others)]
 
 
 def load_results(sweep_dir: str, failed: bool = True) -> list[dict]:
@@ -117,11 +289,15 @@ def load_extrapolation(sweep_dir: str) -> list[dict]:
 
 
 def _labels(groups: Sequence[dict]) -> list[str]:
+    """The labels of ``groups``, the presets' families first in one fixed order (so legends
+    and axes list them alike in every figure), other labels after them as they come."""
     seen: list[str] = []
     for g in groups:
         if g.get("label") not in seen:
             seen.append(g.get("label"))
-    return seen
+    order = list(LABEL_COLORS)
+    return sorted(seen, key=lambda lab: order.index(label_family(lab))
+                  if label_family(lab) is not None else len(order))
 
 
 def _pct(value: float) -> float:
@@ -134,7 +310,7 @@ def _errorbar(ax, xs, groups, metric, **style):
     ys = [_pct(g[f"{metric}_mean"]) for g in groups]
     es = [_pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
           for g in groups]
-    ax.errorbar(xs, ys, yerr=es, capsize=3, markersize=5, linewidth=1.5, **style)
+    ax.errorbar(xs, ys, yerr=es, elinewidth=0.9, **style)
     _mark_flagged(ax, xs, ys, groups)
 
 
@@ -150,8 +326,8 @@ def _mark_flagged(ax, xs, ys, groups) -> None:
 
     flagged = [(x, y, text) for x, y, g in zip(xs, ys, groups) if (text := flags(g))]
     for x, y, text in flagged:
-        ax.plot([x], [y], marker="x", color="red", markersize=9, linestyle="none", zorder=5)
-        ax.annotate(text, (x, y), xytext=(5, -11), textcoords="offset points", fontsize=7,
+        ax.plot([x], [y], marker="x", color="red", markersize=7, linestyle="none", zorder=5)
+        ax.annotate(text, (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6,
                     color="red")
     if flagged and FLAG_LEGEND not in ax.get_legend_handles_labels()[1]:
         ax.add_line(Line2D([], [], marker="x", color="red", linestyle="none",
@@ -179,17 +355,17 @@ def _footnote(fig: Figure, groups: Sequence[dict]) -> None:
     lost = _lost(groups)
     if lost:
         more = f"; + {len(lost) - 4} more" if len(lost) > 4 else ""
-        fig.supxlabel("not drawn, no clean run: " + "; ".join(lost[:4]) + more, fontsize=8,
-                      color="red")
+        fig.supxlabel("not drawn, no clean run: " + "; ".join(lost[:4]) + more, fontsize=6.5,
+                      color="red", wrap=True)
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+        ax.legend(loc="best")
 
 
 def _log2_axis(ax, values: Sequence[float]) -> None:
@@ -271,8 +447,30 @@ def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, lis
 
 
 def _legend_outside(ax) -> None:
-    if len(ax.get_legend_handles_labels()[0]) > 5:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), framealpha=0.85)
+    """More than four entries: the legend beside the axes, off the data."""
+    if len(ax.get_legend_handles_labels()[0]) > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def _shared_entries(axes: Sequence) -> dict:
+    """Legend text -> handle over ``axes`` (each text once); their own legends removed."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.remove()
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    return entries
+
+
+def _figure_legend(fig: Figure, axes: Sequence, where: str = "lower center") -> None:
+    """One legend under the panels for entries the panels share (each label once), instead of
+    a legend inside each panel that covers its points."""
+    entries = _shared_entries(axes)
+    if entries:
+        ncol = 1 if where.endswith("upper") else min(len(entries), 4 if len(axes) > 1 else 2)
+        fig.legend(list(entries.values()), list(entries), loc=f"outside {where}", ncol=ncol)
 
 
 def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str,
@@ -294,7 +492,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     settings = {}
     for label, value, setting in lines:
         settings.setdefault((label, value), set()).add(setting)
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.15), layout="constrained")
     ax = fig.add_subplot()
     for (label, value, setting), pts in lines.items():
         pts = sorted(pts, key=lambda g: g[x])
@@ -304,8 +502,9 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
             name += f", {line_name} {value}"
         if len(settings[(label, value)]) > 1:
             name += f" ({_setting_name(setting)})"
+        # colour and marker: the family; line style (and open markers): the width (depth)
         _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=label_color(label),
-                  marker=_MARKERS[i % len(_MARKERS)],
+                  marker=label_marker(label), markerfacecolor="white" if i % 2 else None,
                   linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
     for g in groups:  # implicit / continuous cores have no depth or are not swept: a band
         if g.get("label") not in swept_labels and g.get("core") in ("deq", "ode"):
@@ -325,6 +524,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     return fig
 
 
+@_styled
 def plot_accuracy_vs_depth(rows: Sequence[dict]) -> Figure | None:
     """Test accuracy vs depth, a line per (label, width); DEQ / ODE as reference bands.
 
@@ -336,6 +536,7 @@ def plot_accuracy_vs_depth(rows: Sequence[dict]) -> Figure | None:
                        "Accuracy vs depth (mean ± sample std over seeds)", "width")
 
 
+@_styled
 def plot_accuracy_vs_width(rows: Sequence[dict]) -> Figure | None:
     """Test accuracy vs width, a line per (label, depth).
 
@@ -422,8 +623,9 @@ def _arms_by_depth(groups: Sequence[dict], density=None) -> tuple[int | None, di
 def _plot_arms(ax, width, table, density=None) -> None:
     depths = sorted(table)
     arms = [a for a in MASK_ARMS if any(a in table[d] for d in depths)]
-    colors = {"no mask": "C0", "1 shared mask": "C9", "distinct masks": "C2", "untied": "C3"}
-    markers = {"no mask": "o", "1 shared mask": "s", "distinct masks": "^", "untied": "D"}
+    # each arm in the colour and marker of the preset family it is
+    family = {"no mask": "WT", "1 shared mask": "WT + shared mask",
+              "distinct masks": "WT + distinct masks", "untied": "untied"}
     for j, arm in enumerate(arms):
         offset = 0.6 * (j - (len(arms) - 1) / 2) / max(len(arms), 1)
         pts = [(i, table[d][arm]) for i, d in enumerate(depths) if arm in table[d]]
@@ -433,12 +635,14 @@ def _plot_arms(ax, width, table, density=None) -> None:
             follows = all(g.get("mask_k") == g.get("depth") for _, g in pts)
             name += " (K = depth)" if follows else f" (K = {', '.join(map(str, sorted(ks)))})"
         _errorbar(ax, [i + offset for i, _ in pts], [g for _, g in pts], "test_acc",
-                  color=colors[arm], marker=markers[arm], linestyle="none",
-                  label=name)
+                  color=LABEL_COLORS[family[arm]], marker=LABEL_MARKERS[family[arm]],
+                  linestyle="none", label=name)
     ax.set_xticks(range(len(depths)))
-    ax.set_xticklabels([f"depth {d}" for d in depths])
+    ax.set_xticklabels([str(d) for d in depths])
+    ax.set_xlim(-0.5, len(depths) - 0.5)
     title = f"Distinct vs shared vs no mask, width {width}"
-    _finish(ax, "", "test accuracy (%)", ", ".join(filter(None, (title, _density_name(density)))))
+    _finish(ax, "depth (cell applications)", "test accuracy (%)",
+            ", ".join(filter(None, (title, _density_name(density)))))
 
 
 def _check_density(groups: Sequence[dict], density) -> list:
@@ -453,6 +657,7 @@ def _check_density(groups: Sequence[dict], density) -> list:
     return [density]
 
 
+@_styled
 def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | None:
     """Masks at equal parameters: per depth, no mask vs one shared mask vs distinct masks (and
     the untied model), one panel per mask density (or only ``density``; its title names it);
@@ -495,12 +700,24 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
         return None
     two_rows = len(arm_panels) + len(curves) > 3 and arm_panels and curves
     ncols = max(len(arm_panels), len(curves)) if two_rows else len(arm_panels) + len(curves)
-    fig = Figure(figsize=(6.5 * ncols, 9 if two_rows else 4.5), layout="constrained")
+    # wider panels than the others: the arms panels' titles name width and density
+    fig = Figure(figsize=(PANEL_SIZE[0] * 1.25 * ncols,
+                          PANEL_SIZE[1] * (2 if two_rows else 1) + 0.6), layout="constrained")
     first_arms = None
+    arm_axes = []
     for i, (width, arms, d) in enumerate(arm_panels):  # one y scale: densities compare
         ax = fig.add_subplot(2 if two_rows else 1, ncols, i + 1, sharey=first_arms)
         first_arms = first_arms or ax
         _plot_arms(ax, width, arms, d)
+        arm_axes.append(ax)
+    if len(arm_axes) > 1 and two_rows and len(curves) < ncols:
+        # the arms are the same in every panel: one legend, in the free cell of the grid
+        slot = fig.add_subplot(2, ncols, 2 * ncols)
+        slot.axis("off")
+        entries = _shared_entries(arm_axes)
+        slot.legend(list(entries.values()), list(entries), loc="center")
+    elif len(arm_axes) > 1:  # one legend: under them, or beside the top row (the arms)
+        _figure_legend(fig, arm_axes, "right upper" if two_rows else "lower center")
     first = ncols + 1 if two_rows else len(arm_panels) + 1
     for i, panel in enumerate(curves):
         ax = fig.add_subplot(2 if two_rows else 1, ncols, first + i)
@@ -558,20 +775,21 @@ def _frontier(ax, groups: Sequence[dict], x: str, xlabel: str, title: str) -> No
         mine = [g for g in groups if g.get("label") == label and has([g], x)]
         if not mine:
             continue
-        color = label_color(label)
+        color, marker = label_color(label), label_marker(label)
         off = [g for g in mine if g not in pareto_front(mine, x)]
         ax.scatter([g[f"{x}_mean"] for g in mine], [_pct(g["test_acc_mean"]) for g in mine],
-                   color=color, alpha=0.3, s=14)
+                   color=color, marker=marker, alpha=0.3, s=12, linewidths=0)
         _mark_flagged(ax, [g[f"{x}_mean"] for g in off], [_pct(g["test_acc_mean"]) for g in off],
                       off)
         front = pareto_front(mine, x)
         _errorbar(ax, [g[f"{x}_mean"] for g in front], front, "test_acc", color=color,
-                  marker="o", linestyle="-" if len(front) > 1 else "none", label=label)
-    ax.set_xscale("log")
+                  marker=marker, linestyle="-" if len(front) > 1 else "none", label=label)
+    _compact_log_x(ax)
     _finish(ax, xlabel, "test accuracy (%)", title + "\n(line: best configuration per budget, "
             "faint: all)")
 
 
+@_styled
 def plot_capacity(rows: Sequence[dict]) -> Figure | None:
     """The capacity frontier: accuracy vs trainable parameters (and vs FLOPs per image).
 
@@ -585,18 +803,26 @@ def plot_capacity(rows: Sequence[dict]) -> Figure | None:
     groups = [g for g in everything if has([g], "test_acc")]
     if len(_labels([g for g in groups if has([g], "params")])) < 2:
         return None
-    with_flops = len(_labels([g for g in groups if has([g], "flops_per_image")])) >= 2
-    fig = Figure(figsize=(13 if with_flops else 7, 4.5), layout="constrained")
+    flops = [g["flops_per_image_mean"] for g in groups if has([g], "flops_per_image")]
+    # a compute panel needs two labels and compute that differs (one x for all says nothing)
+    with_flops = (len(_labels([g for g in groups if has([g], "flops_per_image")])) >= 2
+                  and min(flops) > 0 and max(flops) / min(flops) > 1.05)
+    fig = Figure(figsize=(PANEL_SIZE[0] * (2 if with_flops else 1.3), PANEL_SIZE[1] + 0.7),
+                 layout="constrained")
     ax = fig.add_subplot(1, 2 if with_flops else 1, 1)
     _frontier(ax, [g for g in groups if has([g], "params")], "params",
               "trainable parameters", "Capacity: accuracy vs parameters")
+    axes = [ax]
     if with_flops:
-        _frontier(fig.add_subplot(1, 2, 2), [g for g in groups if has([g], "flops_per_image")],
+        axes.append(fig.add_subplot(1, 2, 2))
+        _frontier(axes[-1], [g for g in groups if has([g], "flops_per_image")],
                   "flops_per_image", "FLOPs per image (forward)", "Accuracy vs compute")
+    _figure_legend(fig, axes)
     _footnote(fig, everything)
     return fig
 
 
+@_styled
 def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
     """Accuracy vs total training time (wall clock of the epochs), vs the CPU seconds of the
     run's process (when recorded: the cost whatever else the machine ran), and vs peak memory;
@@ -619,9 +845,12 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
                        "Accuracy vs CPU time (whole run)"))
     if len(_labels([g for g in groups if has([g], "peak_mem_mb")])) >= 2:
         panels.append(("peak_mem_mb", "peak memory (MiB)", "Accuracy vs peak memory"))
-    fig = Figure(figsize=(5.5 * len(panels) + 1, 4.5), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1] + 0.5),
+                 layout="constrained")
+    axes = []
     for i, (metric, xlabel, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1, sharey=axes[0] if axes else None)
+        axes.append(ax)
         for label in _labels(groups):
             pts = [g for g in groups if g.get("label") == label and has([g], metric)]
             if not pts:
@@ -631,13 +860,44 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
                         xerr=[g[f"{metric}_std"] if g[f"{metric}_count"] > 1 else 0 for g in pts],
                         yerr=[_pct(g["test_acc_std"]) if g["test_acc_count"] > 1 else 0
                               for g in pts],
-                        color=label_color(label), marker="o", linestyle="none", capsize=3,
-                        label=label)
+                        color=label_color(label), marker=label_marker(label), linestyle="none",
+                        elinewidth=0.9, label=label)
             _mark_flagged(ax, [g[f"{metric}_mean"] for g in pts],
                           [_pct(g["test_acc_mean"]) for g in pts], pts)
-        _finish(ax, xlabel, "test accuracy (%)", title)
+        _log_if_wide(ax, [g[f"{metric}_mean"] for g in groups if has([g], metric)])
+        _finish(ax, xlabel, "test accuracy (%)" if i == 0 else "", title)
+    _figure_legend(fig, axes)
     _footnote(fig, everything)
     return fig
+
+
+def _log_if_wide(ax, values: Sequence[float]) -> None:
+    """A log x axis where the values span a decade or more (DEQ vs WT times can)."""
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    if values and max(values) / min(values) >= 10:
+        _compact_log_x(ax)
+
+
+def _compact(value: float, _pos=None) -> str:
+    """``60k``, ``1.5M``, ``200``: tick labels that do not run into each other."""
+    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def _compact_log_x(ax) -> None:
+    """A log x axis labelled at powers of ten and at 2, 3 and 5 times them (``20k``, ``30k``,
+    ``50k``, ``100k``): no overlapping ``3 × 10^7 4 × 10^7`` labels on a span under a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_compact))
+    low, high = ax.get_xlim()
+    few = low > 0 and high / low < 300  # under 2.5 decades: label the 2s and 5s too
+    ax.xaxis.set_minor_formatter(FuncFormatter(_compact) if few else NullFormatter())
 
 
 def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
@@ -645,18 +905,20 @@ def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
     for i, (label, values) in enumerate(values_by_label.items()):
         n = len(values)
         xs = [i + (0.3 * (j / max(n - 1, 1) - 0.5) if n > 1 else 0.0) for j in range(n)]
-        ax.scatter(xs, values, color=label_color(label), s=22, alpha=0.8)
+        ax.scatter(xs, values, color=label_color(label), marker=label_marker(label), s=16,
+                   alpha=0.85, linewidths=0)
         mean, _, _ = mean_std(values)
         if math.isfinite(mean):
-            ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.2)
+            ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.0)
     ax.set_xticks(range(len(values_by_label)))
-    ax.set_xticklabels(list(values_by_label), rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels(list(values_by_label), rotation=25, ha="right")
     ax.set_xlim(-0.6, len(values_by_label) - 0.4)
     if log:
         ax.set_yscale("log")
     _finish(ax, "", ylabel, title, legend=False)
 
 
+@_styled(bars=False)
 def plot_stability(rows: Sequence[dict]) -> Figure | None:
     """Stability: final solver residuals per run (implicit cores), share of diverged solves and
     skipped (non-finite) steps per label, and the seed spread of accuracy per configuration.
@@ -687,14 +949,15 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
                 mean_std(1.0 if (v or 0) > 0 else 0.0 for v in skipped if v is not None)[0],
                 mean_std(stopped)[0])
     groups = [g for g in aggregate(rows, ["test_acc"]) if g["test_acc_count"] >= 2]
-    spread = {}
+    spread = {lab: [] for lab in _labels(groups)}  # the labels in the order of every figure
     for g in groups:
-        spread.setdefault(g.get("label"), []).append(_pct(g["test_acc_std"]))
+        spread[g.get("label")].append(_pct(g["test_acc_std"]))
     panels = [p for p, data in (("residual", residuals), ("divergence", divergence),
                                 ("spread", spread)) if data]
     if not panels:
         return None
-    fig = Figure(figsize=(5 * len(panels), 4.5), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1] + 0.9),
+                 layout="constrained")
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         if panel == "residual":
@@ -704,15 +967,22 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
             names = list(divergence)
             bars = [[_pct(divergence[n][i]) if math.isfinite(divergence[n][i]) else 0.0
                      for n in names] for i in range(4)]
-            for i, (values, color, what) in enumerate(zip(bars, ("C1", "C3", "C7", "black"), (
-                    "solves not converged to tol (test)", "diverged solves (test)",
-                    "runs with skipped steps", "runs stopped (non-finite) or failed"))):
+            for i, (values, color, hatch, what) in enumerate(zip(
+                    bars, (OKABE_ITO["orange"], OKABE_ITO["vermillion"], "#999999", "black"),
+                    ("///", "xxx", "...", ""), (
+                        "solves not converged to tol (test)", "diverged solves (test)",
+                        "runs with skipped steps", "runs stopped (non-finite) or failed"))):
                 ax.bar([x + 0.2 * (i - 1.5) for x in range(len(names))], values, width=0.2,
-                       color=color, label=f"{what} (%)")
+                       color=color, hatch=hatch, edgecolor="white", linewidth=0,
+                       label=f"{what} (%)")
             ax.set_xticks(list(range(len(names))))
-            ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-            ax.set_ylim(0, max(5.0, *(v for b in bars for v in b)) * 1.35)
-            _finish(ax, "", "percent", "Solver and training failures")
+            ax.set_xticklabels(names, rotation=25, ha="right")
+            ax.set_ylim(0, max(5.0, *(v for b in bars for v in b)) * 1.1)
+            if not any(v for b in bars for v in b):  # an empty panel says why it is empty
+                ax.text(0.5, 0.5, "no failures in any run", transform=ax.transAxes,
+                        ha="center", va="center", color="0.35")
+            _finish(ax, "", "share (%)", "Solver and training failures", legend=False)
+            _figure_legend(fig, [ax])
         else:
             _strip(ax, spread, "std of test accuracy over seeds (points)",
                    "Seed spread per configuration")
@@ -737,6 +1007,7 @@ def _split_configurations(rows: Sequence[dict], fields: Sequence[str]) -> list[t
     return out
 
 
+@_styled
 def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
     """Test-time depth extrapolation: accuracy vs (test depth / training depth), a panel per
     label and a line per training depth.
@@ -752,10 +1023,13 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
               if len({r.get("factor") for r in rows if r.get("label") == lab}) >= 2]
     if not labels:
         return None
-    fig = Figure(figsize=(4.5 * len(labels), 4.2), layout="constrained")
+    ncols = min(len(labels), 4)  # more labels: more rows, not a strip too wide to print
+    nrows = -(-len(labels) // ncols)
+    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, (PANEL_SIZE[1] + 0.2) * nrows),
+                 layout="constrained")
     axes = []
     for i, label in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1, sharey=axes[0] if axes else None)
+        ax = fig.add_subplot(nrows, ncols, i + 1, sharey=axes[0] if axes else None)
         axes.append(ax)
         mine = [r for r in rows if r.get("label") == label]
         # one line per configuration (depth, width, masks): seeds are what a line averages
@@ -777,13 +1051,21 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
                     + (f", K={mask_k}" if "mask_k" in varies else "")
                     + (f", density {density}" if "mask_density" in varies else "")
                     + "".join(f", {column} {value}" for column, value in extra))
-            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3,
-                        marker=_MARKERS[j % len(_MARKERS)], color=_sequential(j, len(lines)),
+            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats],
+                        elinewidth=0.9, marker=_MARKERS[j % len(_MARKERS)],
+                        color=_sequential(j, len(lines)),
                         linestyle=_LINESTYLES[j % len(_LINESTYLES)], label=name)
         ax.axvline(1.0, color="gray", linewidth=0.8, linestyle=":")
+        # a ratio axis: halving and doubling the depth lie equally far from the training depth
+        factors = sorted({float(r["factor"]) for r in mine if number(r.get("factor"))})
+        if factors and factors[0] > 0:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(factors)
+            ax.set_xticklabels([f"{v:g}" for v in factors])
+            ax.minorticks_off()
         unit = "solver iterations" if mine[0].get("core") == "deq" else "depth"
-        _finish(ax, f"test {unit} / training {unit}", "test accuracy (%)" if i == 0 else "",
-                label)
+        _finish(ax, f"test {unit} / training {unit}",
+                "test accuracy (%)" if i % ncols == 0 else "", label)
     return fig
 
 
@@ -800,11 +1082,12 @@ PANELS: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
 
 def make_plots(sweep_dir: str, out_dir: str | None = None,
                mask_density: float | None = None) -> list[str]:
-    """Draw every supported panel of a sweep as PNG; returns the paths written.
+    """Draw every supported panel of a sweep as PNG, with a vector PDF beside each; returns
+    the PNG paths written.
 
     Args:
         sweep_dir: a directory with ``results.csv``.
-        out_dir: where the PNGs go (default ``sweep_dir/plots``).
+        out_dir: where the PNGs and PDFs go (default ``sweep_dir/plots``).
         mask_density: the masks panel's per-depth comparison at this density only (default:
             one panel per density).
 
@@ -822,16 +1105,40 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
     figures = {k: v for k, v in figures.items() if v is not None}
     if not figures:
         return []
+    if "extrapolation" in figures:  # its rows hold no dataset or epochs: the results do
+        _suptitle(figures["extrapolation"], describe_setting(load_extrapolation(sweep_dir), rows))
     out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, fig in figures.items():
-        path = os.path.join(out_dir, f"{name}.png")
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    return [save_figure(fig, os.path.join(out_dir, f"{name}.png"))
+            for name, fig in figures.items()]
+
+
+def save_figure(fig: Figure, path: str, formats: Sequence[str] = ("png", "pdf")) -> str:
+    """Write ``fig`` as ``path`` (a PNG at :data:`PNG_DPI`) and, beside it, in each other of
+    ``formats`` (a vector PDF by default, with TrueType fonts and no creation date, so an
+    unchanged figure rewrites the same bytes); each file atomically. Returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> fig = Figure()
+        >>> _ = fig.add_subplot().plot([1, 2])
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_figure(fig, os.path.join(folder, "a.png"))
+        >>> sorted(os.listdir(folder))
+        ['a.pdf', 'a.png']
+    """
+    import matplotlib
+
+    stem, _ = os.path.splitext(path)
+    folder, name = os.path.split(stem)
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+    with matplotlib.rc_context(STYLE):
+        for fmt in formats:
+            target = f"{stem}.{fmt}"
+            tmp = os.path.join(folder, f".{name}.tmp.{fmt}")
+            fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata.get(fmt))
+            os.replace(tmp, target)
+    return path
 
 
 #: what the ``±`` of the summary table and the error bars are

@@ -141,10 +141,11 @@ def test_plot_command_line_writes_every_panel_and_the_summary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.plot", str(tmp_path / "s")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "| label |" in proc.stdout
-    pngs = sorted((tmp_path / "s" / "plots").iterdir())
+    pngs = sorted((tmp_path / "s" / "plots").glob("*.png"))
     assert [p.name for p in pngs] == sorted(f"{n}.png" for n in [*plot.PANELS, "extrapolation"])
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"  # vector copy beside it
     summary = (tmp_path / "s" / "summary.md").read_text()
     assert summary.startswith("| label |") and summary.strip() in proc.stdout
     assert (tmp_path / "s" / "summary.csv").read_text().startswith("label,")
