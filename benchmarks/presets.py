@@ -31,7 +31,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from wtmodels.train_config import resolve_config, settings_without_effect
+from wtmodels.train_config import (
+    TrainConfig,
+    field_type,
+    model_config_class,
+    model_field_names,
+    resolve_config,
+    settings_without_effect,
+    train_field_names,
+    unwrap_optional,
+)
 
 # ---------------------------------------------------------------------------------------------
 # the vocabulary the presets use (model names from wtmodels.models' registry)
@@ -288,6 +297,8 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
     if not seeds:
         raise ValueError("seeds: give at least one seed, e.g. --seeds 0,1,2")
     runs = []
+    if spec.runner is None:  # --set lr=1 and --set lr=1.0 are one run: one id
+        overrides = _as_field_types(overrides or {})
     read = {v.label: _read_overrides(v.config, overrides or {}, spec.runner) for v in variants}
     unread = sorted(set(overrides or {}) - set().union(*read.values()))
     if unread:
@@ -321,6 +332,29 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
             raise ValueError(f"preset {name!r}: variants {other.label!r} and {run.label!r} "
                              f"become the same run with these overrides ({overrides or {}})")
     return runs
+
+
+def _as_field_types(overrides: dict) -> dict:
+    """``overrides`` with a whole number given for a float setting made a float, as the trainer
+    reads it (``--set lr=1`` and ``--set lr=1.0`` gave the same run two ids, so a rerun with the
+    other spelling trained every run again and the tables held the configuration twice).
+
+    Example:
+        >>> _as_field_types({"lr": 1, "epochs": 2, "augment": False, "nope": 3})
+        {'lr': 1.0, 'epochs': 2, 'augment': False, 'nope': 3}
+    """
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if key in train_field_names():
+            tp = field_type(TrainConfig, key)
+        elif key in model_field_names():
+            tp = field_type(model_config_class(), key)
+        else:
+            continue
+        if (unwrap_optional(tp)[0] is float and isinstance(value, int)
+                and not isinstance(value, bool)):
+            out[key] = float(value)
+    return out
 
 
 def _read_overrides(config: dict, overrides: dict, runner: str | None) -> dict:

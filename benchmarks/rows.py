@@ -7,7 +7,9 @@ A run directory (written by ``python -m wtmodels.train`` or a custom runner, plu
 file                   row columns
 =====================  ====================================================================
 ``spec.json``          ``run_id``, ``label``, and every argument the sweep gave the run
-``config.json``        the resolved model fields (``core``, ``depth``, ``width``, masks, solver)
+``config.json``        the resolved model fields (``core``, ``depth``, ``width``, masks, solver);
+                       ``resumed_with``: what a resuming process ran with unlike the first
+                       (``git_sha``, ``torch_version``, ``device``, ``threads``), if anything
 ``metrics.jsonl``      ``test_acc`` (last epoch), ``best_test_acc`` (max), final losses,
                        ``epoch_time_s`` / ``images_per_s`` (medians over epochs),
                        ``train_time_s`` (sum), ``peak_mem_mb`` (max), ``skipped_steps`` (sum),
@@ -168,6 +170,30 @@ def summarise_metrics(epochs: list[dict]) -> dict:
     return out
 
 
+#: what a resumed process may change that the row's provenance columns describe
+_RESUME_ENV = ("git_sha", "torch_version", "device", "threads", "world_size")
+
+
+def _resumed_with(env: dict, resumes) -> str | None:
+    """What the processes that resumed a run ran with unlike its first (``config.json``'s
+    ``resumes``), e.g. ``"epoch 3-: threads 2"``; None when nothing differed.
+
+    Example:
+        >>> _resumed_with({"threads": 1, "device": "cpu"},
+        ...               [{"from_epoch": 2, "env": {"threads": 2, "device": "cpu"}}])
+        'epoch 3-: threads 2'
+    """
+    parts = []
+    for resume in resumes if isinstance(resumes, list) else []:
+        other = resume.get("env") if isinstance(resume, dict) else None
+        if not isinstance(other, dict):
+            continue
+        diff = [f"{k} {other[k]}" for k in _RESUME_ENV if k in other and other[k] != env.get(k)]
+        if diff:
+            parts.append(f"epoch {int(resume.get('from_epoch') or 0) + 1}-: {', '.join(diff)}")
+    return "; ".join(parts) or None
+
+
 def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     """One results row for a finished run directory.
 
@@ -199,11 +225,15 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
                  "config_id": config_id_for(spec.get("label"), spec.get("config") or {})}
     row.update({k: v for k, v in (spec.get("config") or {}).items() if not isinstance(v, dict)})
     row.update({k: config[k] for k in CONFIG_COLUMNS if k in config})
-    env = (_read_json(os.path.join(run_dir, "config.json")) or {}).get("env") or {}
+    run_config = _read_json(os.path.join(run_dir, "config.json")) or {}
+    env = run_config.get("env") or {}
     row.update(provenance or {})
     row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
     if env.get("git_sha"):
         row["run_git_sha"] = env["git_sha"]  # as the run's own process saw it
+    changed = _resumed_with(env, run_config.get("resumes"))
+    if changed:
+        row["resumed_with"] = changed
     if row.get("mask_k") == 0:  # no mask: the density setting means nothing
         row["mask_density"] = None
     for core, keys in _CORE_COLUMNS.items():  # a core's settings mean nothing to the others

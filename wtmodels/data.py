@@ -148,8 +148,9 @@ class SyntheticImages(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         label = index % self.num_classes
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.split) * 1_000_003
-                                            + index)
+        # modulo 2**64, torch's seed range (a large seed overflowed; smaller ones keep theirs)
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.split) * 1_000_003
+                                             + index) & _MASK64)
         shift = torch.randint(-2, 3, (2,), generator=gen)
         image = torch.roll(self.prototypes[label], shifts=(int(shift[0]), int(shift[1])),
                            dims=(1, 2))  # (C, H, W)

@@ -25,12 +25,16 @@ def git_sha(root: str = _ROOT) -> str:
     """
     if not os.path.exists(os.path.join(root, ".git")):
         return os.environ.get("WTMODELS_GIT_SHA", "unknown")
+    # git's GIT_DIR, GIT_WORK_TREE, GIT_INDEX_FILE ... point it at another repository: set in
+    # a git hook or `git rebase --exec` of another project, they made this the sha (and dirt)
+    # of that project's checkout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
+                             capture_output=True, text=True, timeout=10, env=env).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=root, check=True, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+                               timeout=10, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")

@@ -388,7 +388,8 @@ class _Trainer:
         except ValueError as err:
             raise BadInput(str(err)) from None
         if ctx.rank and self.start_epoch == 0:  # a fresh start (else the checkpoint's RNG)
-            seed_everything(cfg.seed + 7919 * ctx.rank)  # distinct augmentation per rank
+            # distinct dropout per rank (modulo torch's 2**64 seed range)
+            seed_everything((cfg.seed + 7919 * ctx.rank) % 2**64)
         self._write_start_files()
         self._wrap_model()
 
@@ -486,6 +487,18 @@ class _Trainer:
                 "model_overrides": dict(sorted(cfg.model_overrides.items())),
                 "model_config": dataclasses.asdict(self.model_config),
                 "data_info": self.info, "env": self._env()})
+        elif cfg.resume and self.start_epoch < cfg.epochs:
+            # a resume that trains: `env` describes the first process; this one may run other
+            # code, threads or device (which change the numbers): record it too
+            try:
+                saved = json.loads((self.out / CONFIG_FILE).read_text())
+            except (OSError, ValueError):
+                saved = None  # checked at start-up: readable
+            if isinstance(saved, dict):
+                resumes = saved.get("resumes") if isinstance(saved.get("resumes"), list) else []
+                saved["resumes"] = [*resumes, {"from_epoch": self.start_epoch,
+                                               "env": self._env()}]
+                atomic_write_json(self.out / CONFIG_FILE, saved)
         if not (self.out / MODEL_INFO_FILE).exists():
             with torch.random.fork_rng(devices=[]):  # the summary's forward pass draws nothing
                 summary = model_registry.model_summary(

@@ -67,7 +67,9 @@ class TrainConfig:
     out: str | None = _opt(None, "run directory (config.json, metrics.jsonl, checkpoint.pt ...)",
                            path=True)
     resume: bool = _opt(False, "continue the run in --out from its checkpoint")
-    seed: int = _opt(0, "seed of initialisation, data order and augmentation", ge=0)
+    # < 2**64: torch.manual_seed's range (a larger seed failed as "Overflow when unpacking
+    # long long", naming no setting)
+    seed: int = _opt(0, "seed of initialisation, data order and augmentation", ge=0, lt=2**64)
     # data
     data_dir: str | None = _opt(None, "where dataset files are (or go, with --download)",
                                 path=True)
@@ -75,7 +77,7 @@ class TrainConfig:
     train_size: int | None = _opt(None, "fixed seeded subset of the training set", ge=1)
     test_size: int | None = _opt(None, "fixed seeded subset of the test set", ge=1)
     data_seed: int = _opt(0, "seed of the --train-size/--test-size subsets and synthetic data",
-                          ge=0)
+                          ge=0, lt=2**64)
     augment: bool = _opt(True, "standard training augmentation of the dataset")
     image_size: int | None = _opt(None, "resize images to this size (default: native / 224)",
                                   ge=1)

@@ -1,0 +1,206 @@
+"""Reproducibility as a researcher depends on it: same command, same numbers, stable ids, true
+provenance.
+
+Each check runs what the README promises on a case the other tests do not: two separate
+processes (other ``PYTHONHASHSEED``, other ``--num-workers``), a sweep run twice (``--jobs`` 1
+and 2), ``--set`` spellings of one value, seeds at the ends of their range, git variables of
+another repository in the environment, and a run resumed with other threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import presets
+from benchmarks.presets import Preset, Variant, build_runs
+from benchmarks.results_io import read_rows
+from benchmarks.rows import assemble_row
+from benchmarks.run import RESULTS, sweep
+from wtmodels import train as train_mod
+from wtmodels.checkpoint import load_checkpoint
+from wtmodels.data import SyntheticImages
+from wtmodels.provenance import git_sha
+from wtmodels.train import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"epoch_time_s", "eval_time_s", "images_per_s", "peak_mem_mb"}
+TINY = dict(dataset="digits", train_size=64, test_size=32, batch_size=32, threads=1,
+            progress="none", device="cpu")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict:
+    return load_checkpoint(out / "checkpoint.pt")["model"]
+
+
+def _cli(out: Path, flags: list[str], hash_seed: int) -> None:
+    env = dict(os.environ, PYTHONHASHSEED=str(hash_seed))
+    argv = [sys.executable, "-m", "wtmodels.train", "--out", str(out), *flags]
+    for key, value in TINY.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_same_command_in_two_processes_gives_the_same_numbers_whatever_the_workers(tmp_path):
+    # a DEQ with distinct masks, dropout, augmentation and random Hutchinson probes: every
+    # generator matters; string hashing (PYTHONHASHSEED) and loader workers must not
+    flags = ["--model", "test_deq", "--epochs", "2", "--mask-k", "2", "--dropout", "0.2",
+             "--augment", "--jac-reg-weight", "0.1", "--jac-reg-freq", "0.5", "--seed", "4"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _cli(a, flags + ["--num-workers", "0"], hash_seed=1)
+    _cli(b, flags + ["--num-workers", "2"], hash_seed=2)
+    assert _metrics(a) == _metrics(b) and len(_metrics(a)) == 2
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any("mask" in k for k in wa)  # the masks travel in the state: equal too
+
+
+def test_a_sweep_run_twice_with_one_or_two_jobs_gives_the_same_rows(tmp_path, monkeypatch):
+    data = {k: v for k, v in TINY.items() if k not in ("threads", "progress", "device")}
+    variants = [Variant("WT masks", {"model": "test_wt", **data, "epochs": 1, "mask_k": 2,
+                                     "dropout": 0.1}),
+                Variant("DEQ", {"model": "test_deq", **data, "epochs": 1})]
+    monkeypatch.setitem(presets._PRESETS, "repro7", Preset("repro7", "test", lambda s: variants))
+    for name, jobs in (("a", 1), ("b", 2)):
+        sweep("repro7", str(tmp_path / name), jobs=jobs, plots=False, device="cpu",
+              echo=lambda *_: None)
+    varying = {"epoch_time_s", "train_time_s", "images_per_s", "peak_mem_mb", "wall_s", "cpu_s",
+               "date", "load_average_1min", "eval_time_s", "git_sha", "run_git_sha"}
+
+    def rows(name):
+        return sorted(({k: v for k, v in r.items() if k not in varying}
+                       for r in read_rows(tmp_path / name / RESULTS)), key=lambda r: r["run_id"])
+
+    first, second = rows("a"), rows("b")
+    assert len(first) == 2 and first == second
+    assert all(r["status"] == "ok" and r["test_acc"] is not None for r in first)
+
+
+def test_a_whole_number_for_a_float_setting_is_one_run_id():
+    # --set lr=1 and --set lr=1.0 (JSON: an int and a float) train the same run; they got two
+    # ids, so a rerun with the other spelling trained everything again beside the first rows
+    one = build_runs("quick", smoke=True, overrides={"lr": 1, "f_tol": 1})
+    other = build_runs("quick", smoke=True, overrides={"lr": 1.0, "f_tol": 1.0})
+    assert [r.run_id for r in one] == [r.run_id for r in other]
+    assert {type(r.config["lr"]) for r in one} == {float}
+    # integer settings keep their integers
+    assert build_runs("quick", smoke=True, overrides={"epochs": 2})[0].config["epochs"] == 2
+
+
+def test_run_ids_do_not_depend_on_the_process():
+    code = ("from benchmarks.presets import build_runs; "
+            "print(' '.join(r.run_id for r in build_runs('quick', smoke=True)))")
+    ids = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONHASHSEED=str(seed)), check=True).stdout
+           for seed in (1, 2)}
+    assert len(ids) == 1
+    assert ids.pop().split() == [r.run_id for r in build_runs("quick", smoke=True)]
+
+
+@pytest.mark.parametrize("key", ["seed", "data_seed"])
+def test_seeds_at_the_end_of_their_range(tmp_path, key):
+    # 2**64 - 1 trains; 2**64 was "Overflow when unpacking long long", naming nothing; a large
+    # data seed of synthetic images failed while reading the data
+    settings = dict(TINY, model="test_wt", epochs=1, dataset="synthetic", train_size=32,
+                    test_size=32)
+    assert 0.0 <= run({**settings, key: 2**64 - 1})["test_acc"] <= 1.0
+    with pytest.raises(ValueError, match=f"{key} must be < 18446744073709551616"):
+        run({**settings, key: 2**64})
+    assert train_mod.main(["--out", str(tmp_path / "r"), "--model", "test_wt",
+                           "--" + key.replace("_", "-"), str(2**64)]) == 2
+
+
+def test_synthetic_images_of_small_seeds_are_unchanged():
+    ds = SyntheticImages(8, num_classes=2, shape=(1, 6, 6), seed=3, split=1)
+    gen = torch.Generator().manual_seed((3 * 1_000_003 + 1) * 1_000_003 + 5)
+    shift = torch.randint(-2, 3, (2,), generator=gen)
+    expected = torch.roll(ds.prototypes[1], shifts=(int(shift[0]), int(shift[1])), dims=(1, 2))
+    expected = expected + 0.5 * torch.randn((1, 6, 6), generator=gen)
+    assert torch.equal(ds[5][0], expected)
+    big = SyntheticImages(4, num_classes=2, shape=(1, 6, 6), seed=2**63, split=1)
+    assert torch.equal(big[3][0], big[3][0])
+
+
+def test_git_sha_is_this_checkout_s_even_with_another_repository_s_git_variables(
+        tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    git = ["git", "-c", "user.email=a@b", "-c", "user.name=n"]
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    (other / "f").write_text("x")
+    subprocess.run(["git", "add", "f"], cwd=other, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=other, check=True)
+    theirs = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=other, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    ours = git_sha()
+    # as a git hook or `git rebase --exec` of the other project sets them
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(other))
+    assert git_sha() == ours and not git_sha().startswith(theirs)
+    # and -dirty follows the tracked files of the checkout given
+    monkeypatch.delenv("GIT_DIR")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    assert git_sha(str(other)) == theirs
+    (other / "f").write_text("y")
+    assert git_sha(str(other)) == theirs + "-dirty"
+
+
+def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
+    # config.json's env described the first process only: a run resumed with 2 threads (which
+    # changes the numbers) was recorded as a 1-thread run
+    out = tmp_path / "run"
+    settings = dict(TINY, model="test_wt", epochs=2, out=str(out))
+    real = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(settings)
+    monkeypatch.undo()
+    run({"out": str(out), "resume": True, "threads": 2})
+    config = json.loads((out / "config.json").read_text())
+    assert config["env"]["threads"] == 1
+    (resume,) = config["resumes"]
+    assert resume["from_epoch"] == 1 and resume["env"]["threads"] == 2
+    assert resume["env"]["git_sha"] == git_sha()
+    (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
+    row = assemble_row(str(out))
+    assert row["threads"] == 1 and row["resumed_with"] == "epoch 2-: threads 2"
+    # a resume of the finished run trains nothing and records nothing
+    run({"out": str(out), "resume": True, "threads": 1})
+    assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
+
+
+def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(dict(TINY, model="test_wt", epochs=2, out=str(out)))
+    monkeypatch.undo()
+    run({"out": str(out), "resume": True})
+    assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
+    (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
+    assert "resumed_with" not in assemble_row(str(out))
