@@ -37,10 +37,12 @@ from wtmodels.atomic import atomic_write_text
 RUN_ID = "run_id"
 
 #: Columns always read back as text, even when they look like numbers (a git sha such as
-#: ``"12e4567"`` would otherwise parse as a float).
+#: ``"12e4567"`` would otherwise parse as a float, and the next append wrote it back as
+#: ``inf``; ``"000000012345"`` lost its zeros).
 TEXT_COLUMNS = frozenset(
-    {RUN_ID, "key", "config_id", "git_sha", "model", "dataset", "label", "core", "torch_version",
-     "device", "date", "f_solver", "b_solver", "grad", "mask_kind", "host", "runner", "status"}
+    {RUN_ID, "key", "config_id", "git_sha", "run_git_sha", "model", "dataset", "label", "core",
+     "torch_version", "device", "date", "f_solver", "b_solver", "grad", "mask_kind", "host",
+     "runner", "status", "data_dir", "resumed_with"}
 )
 
 

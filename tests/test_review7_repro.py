@@ -20,7 +20,7 @@ import torch
 
 from benchmarks import presets
 from benchmarks.presets import Preset, Variant, build_runs
-from benchmarks.results_io import read_rows
+from benchmarks.results_io import append_row, read_rows
 from benchmarks.rows import assemble_row
 from benchmarks.run import RESULTS, sweep
 from wtmodels import train as train_mod
@@ -204,3 +204,16 @@ def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, monkeypatch):
     assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
     (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
     assert "resumed_with" not in assemble_row(str(out))
+
+
+def test_a_run_s_own_git_sha_survives_the_next_append(tmp_path):
+    # run_git_sha was parsed as a number: "1234567e8901" became inf when the next row was
+    # appended (results.csv is rewritten whole), "000000012345" lost its zeros
+    path = tmp_path / RESULTS
+    shas = ["1234567e8901", "000000012345", "123456789012"]
+    for i, sha in enumerate(shas):
+        append_row(path, {"run_id": f"r{i}", "git_sha": sha, "run_git_sha": sha,
+                          "data_dir": "1e3"})
+    rows = read_rows(path)
+    assert [r["run_git_sha"] for r in rows] == shas == [r["git_sha"] for r in rows]
+    assert {r["data_dir"] for r in rows} == {"1e3"}
