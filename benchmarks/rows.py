@@ -251,6 +251,8 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     if isinstance(stopped.get("skipped_steps"), int):  # the unfinished epoch's, not in metrics
         row["skipped_steps"] = (row.get("skipped_steps") or 0) + stopped["skipped_steps"]
     row.update(harness)
+    if "threads" in env:  # what the run's first process used (harness.json: the last one's;
+        row["threads"] = env["threads"]  # later processes that differed: resumed_with)
     if row.get("status") is None:  # killed after the run finished, before harness.json
         stopped = os.path.exists(os.path.join(run_dir, "stopped.json"))
         row["status"] = "diverged" if stopped else "ok"

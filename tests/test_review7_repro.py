@@ -217,3 +217,33 @@ def test_a_run_s_own_git_sha_survives_the_next_append(tmp_path):
     rows = read_rows(path)
     assert [r["run_git_sha"] for r in rows] == shas == [r["git_sha"] for r in rows]
     assert {r["data_dir"] for r in rows} == {"1e3"}
+
+
+def test_a_sweep_rerun_with_other_threads_keeps_the_first_threads_and_says_what_changed(
+        tmp_path, monkeypatch):
+    # the row's threads came from harness.json (the last process) while config.json said what
+    # the first process used: a run resumed with other threads looked like a plain 2-thread run
+    data = {k: v for k, v in TINY.items() if k not in ("threads", "progress", "device")}
+    variants = [Variant("WT", {"model": "test_wt", **data, "epochs": 2})]
+    monkeypatch.setitem(presets._PRESETS, "repro7t", Preset("repro7t", "test", lambda s: variants))
+    out = tmp_path / "s"
+    (spec,) = build_runs("repro7t")
+    run_dir = out / "runs" / spec.run_id
+    real = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):  # the sweep's first process, killed after epoch 1
+        run({**spec.config, "out": str(run_dir), "threads": 1, "progress": "none",
+             "device": "cpu"})
+    monkeypatch.setattr(train_mod._Trainer, "_save", real)
+    report = sweep("repro7t", str(out), threads=2, device="cpu", plots=False,
+                   echo=lambda *_: None)
+    assert report.ran == 1 and not report.failed
+    (row,) = read_rows(out / RESULTS)
+    assert row["resumed"] is True and row["epochs_done"] == 2
+    assert row["threads"] == 1 and row["resumed_with"] == "epoch 2-: threads 2"
