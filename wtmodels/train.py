@@ -8,7 +8,8 @@ field; ``--help`` lists them)::
     torchrun --nproc_per_node 2 -m wtmodels.train --model wt_s --out runs/ddp  # DDP
 
 The run directory holds ``config.json`` (``train`` settings, ``model_overrides``, the resolved
-``model_config``, ``data_info`` and ``env`` provenance), ``model_info.json``
+``model_config``, ``data_info`` and ``env`` provenance of the first process; ``resumes``: for each
+``--resume`` that trained, ``{"from_epoch", "env"}``), ``model_info.json``
 (``model_summary``), ``metrics.jsonl`` (one object per finished epoch), ``checkpoint.pt``
 (written atomically after every epoch) and, once every epoch is done, ``done.json``; a run
 stopped on non-finite losses writes ``stopped.json`` instead (reason, epoch, the
