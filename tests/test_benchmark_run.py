@@ -73,10 +73,12 @@ def test_sweep_ends_with_plots_summary_and_extrapolation(quick_d2):
     assert "| label |" in stdout  # the summary table is printed
     for name in ("summary.csv", "summary.md", "machine.json", "harness_timing.json"):
         assert (out / name).is_file(), name
-    pngs = sorted(os.listdir(out / "plots"))
+    pngs = sorted(p for p in os.listdir(out / "plots") if p.endswith(".png"))
     assert "capacity.png" in pngs and "extrapolation.png" in pngs
     for png in pngs:
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pdf = out / "plots" / png.replace(".png", ".pdf")  # the vector copy beside it
+        assert pdf.read_bytes()[:5] == b"%PDF-"
     # extrapolation: the tied runs (not the untied one) at test depths 1..4; at the trained
     # depth the accuracy is the run's own final test accuracy (same checkpoint, same test set)
     results = {r["run_id"]: r for r in read_rows(out / RESULTS)}
