@@ -60,13 +60,14 @@ def test_an_f_that_modifies_a_parameter_in_place_still_raises_autograds_error():
         wt.DEQ()(f, torch.zeros(2, 3, dtype=F64))
 
 
-def test_a_registered_solver_returning_another_dtype_is_refused():
+def test_a_registered_solver_returning_another_dtype_is_refused(monkeypatch):
     # a custom solver that returned float64 for a float32 z0 passed the result check; DEQ then
     # fed it to f, which failed with "expected m1 and m2 to have the same dtype"
     def to64(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel"):
         return anderson(lambda z: f(z.float()).double(), z0.double(), max_iter=max_iter,
                         tol=tol, stop_mode=stop_mode)
 
+    monkeypatch.setattr(wt.solvers, "_SOLVERS", dict(wt.solvers._SOLVERS))  # registry kept clean
     wt.register_solver("test_review7_to64", to64, overwrite=True)
     W = torch.eye(3) * 0.5
     with pytest.raises(ValueError, match="dtype of z0"):
