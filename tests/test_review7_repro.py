@@ -157,11 +157,8 @@ def test_git_sha_is_this_checkout_s_even_with_another_repository_s_git_variables
     assert git_sha(str(other)) == theirs + "-dirty"
 
 
-def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
-    # config.json's env described the first process only: a run resumed with 2 threads (which
-    # changes the numbers) was recorded as a 1-thread run
-    out = tmp_path / "run"
-    settings = dict(TINY, model="test_wt", epochs=2, out=str(out))
+def _killed_after_epoch_1(monkeypatch, settings: dict) -> None:
+    """Run ``settings`` until its first checkpoint is written, then stop it as a kill would."""
     real = train_mod._Trainer._save
 
     def save_then_die(self, epoch):
@@ -173,6 +170,13 @@ def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(settings)
     monkeypatch.undo()
+
+
+def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
+    # config.json's env described the first process only: a run resumed with 2 threads (which
+    # changes the numbers) was recorded as a 1-thread run
+    out = tmp_path / "run"
+    _killed_after_epoch_1(monkeypatch, dict(TINY, model="test_wt", epochs=2, out=str(out)))
     run({"out": str(out), "resume": True, "threads": 2})
     config = json.loads((out / "config.json").read_text())
     assert config["env"]["threads"] == 1
@@ -189,17 +193,7 @@ def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
 
 def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(dict(TINY, model="test_wt", epochs=2, out=str(out)))
-    monkeypatch.undo()
+    _killed_after_epoch_1(monkeypatch, dict(TINY, model="test_wt", epochs=2, out=str(out)))
     run({"out": str(out), "resume": True})
     assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
     (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
