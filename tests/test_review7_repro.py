@@ -169,7 +169,7 @@ def _killed_after_epoch_1(monkeypatch, settings: dict) -> None:
     monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(settings)
-    monkeypatch.undo()
+    monkeypatch.setattr(train_mod._Trainer, "_save", real)
 
 
 def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
@@ -223,18 +223,8 @@ def test_a_sweep_rerun_with_other_threads_keeps_the_first_threads_and_says_what_
     out = tmp_path / "s"
     (spec,) = build_runs("repro7t")
     run_dir = out / "runs" / spec.run_id
-    real = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):  # the sweep's first process, killed after epoch 1
-        run({**spec.config, "out": str(run_dir), "threads": 1, "progress": "none",
-             "device": "cpu"})
-    monkeypatch.setattr(train_mod._Trainer, "_save", real)
+    _killed_after_epoch_1(monkeypatch, {**spec.config, "out": str(run_dir), "threads": 1,
+                                        "progress": "none", "device": "cpu"})  # first process
     report = sweep("repro7t", str(out), threads=2, device="cpu", plots=False,
                    echo=lambda *_: None)
     assert report.ran == 1 and not report.failed
