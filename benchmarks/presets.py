@@ -297,8 +297,9 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
     if not seeds:
         raise ValueError("seeds: give at least one seed, e.g. --seeds 0,1,2")
     runs = []
-    if spec.runner is None:  # --set lr=1 and --set lr=1.0 are one run: one id
-        overrides = _as_field_types(overrides or {})
+    # --set lr=1 and --set lr=1.0 are one run: one id (a custom runner: as its presets type it)
+    overrides = (_as_field_types(overrides or {}) if spec.runner is None
+                 else _as_variant_types(overrides or {}, variants))
     read = {v.label: _read_overrides(v.config, overrides or {}, spec.runner) for v in variants}
     unread = sorted(set(overrides or {}) - set().union(*read.values()))
     if unread:
@@ -352,6 +353,24 @@ def _as_field_types(overrides: dict) -> dict:
         else:
             continue
         if (unwrap_optional(tp)[0] is float and isinstance(value, int)
+                and not isinstance(value, bool)):
+            out[key] = float(value)
+    return out
+
+
+def _as_variant_types(overrides: dict, variants: Sequence) -> dict:
+    """``overrides`` with a whole number made a float where the preset's variants give that
+    setting as a float (a custom runner's settings have no declared types).
+
+    Example:
+        >>> v = [Variant("a", {"lr": 3e-3, "epochs": 4})]
+        >>> _as_variant_types({"lr": 1, "epochs": 2}, v)
+        {'lr': 1.0, 'epochs': 2}
+    """
+    out = dict(overrides)
+    for key, value in overrides.items():
+        given = [v.config[key] for v in variants if key in v.config]
+        if (given and all(isinstance(g, float) for g in given) and isinstance(value, int)
                 and not isinstance(value, bool)):
             out[key] = float(value)
     return out

@@ -97,6 +97,11 @@ def test_a_whole_number_for_a_float_setting_is_one_run_id():
     assert {type(r.config["lr"]) for r in one} == {float}
     # integer settings keep their integers
     assert build_runs("quick", smoke=True, overrides={"epochs": 2})[0].config["epochs"] == 2
+    # a custom runner's settings (capaboost) follow the types its preset gives them
+    one = build_runs("capaboost", smoke=True, overrides={"lr": 1})
+    assert [r.run_id for r in one] == [
+        r.run_id for r in build_runs("capaboost", smoke=True, overrides={"lr": 1.0})]
+    assert {type(r.config["lr"]) for r in one} == {float}
 
 
 def test_run_ids_do_not_depend_on_the_process():
