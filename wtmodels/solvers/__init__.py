@@ -69,6 +69,11 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
                and not any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())]
     if missing:
         raise ValueError(f"solver {name!r} must accept the keyword arguments {missing}")
+    try:  # as solve and DEQ call it (else a TypeError at the first solve, or deep in training)
+        inspect.signature(solver).bind(None, None, max_iter=1, tol=1.0, stop_mode="rel")
+    except TypeError as e:
+        raise ValueError(f"solver {name!r} must be callable as solver(f, z0, *, max_iter, "
+                         f"tol, stop_mode) with its other options optional: {e}") from None
     _SOLVERS[name] = solver
     return solver
 
