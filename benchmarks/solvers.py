@@ -109,7 +109,13 @@ class Counted:
 
 
 def torchdeq_missing() -> str | None:
-    """None where torchdeq imports, else a one-line note saying what the run leaves out."""
+    """None where torchdeq imports, else a one-line note saying what the run leaves out.
+
+    Example:
+        >>> note = torchdeq_missing()
+        >>> note is None or note.startswith("torchdeq is not installed")
+        True
+    """
     try:
         import torchdeq.solver  # noqa: F401
     except ImportError as err:
