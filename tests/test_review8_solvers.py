@@ -26,3 +26,36 @@ def test_register_solver_refuses_a_signature_solve_cannot_call(monkeypatch, solv
     wt.register_solver("test_review8_kw", lambda f, z0, **kw: wt.solve(f, z0, **kw))
     z, stats = wt.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 2), method="test_review8_kw")
     assert bool(stats.converged.all())
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_a_non_finite_start_does_not_poison_the_other_samples_gradients(grad):
+    # a warm start cached from a step that blew up: one sample's z0 is NaN. The solvers flag it
+    # diverged and hand it back as it came; the DEQ then evaluated f at it with autograd, and
+    # 0 x NaN in f's backward made every parameter's gradient NaN, even with that sample left
+    # out of the loss (as a diverging sample, whose gradients stay finite, may be)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4, dtype=F64)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    x = torch.randn(3, 4, dtype=F64)
+    deq = wt.DEQ(grad=grad, f_tol=1e-10, b_tol=1e-10, f_max_iter=60, b_max_iter=60,
+                 jac_reg=True)
+
+    def grads(z0, rows):
+        lin.zero_grad()
+        z, stats = deq(lambda z: torch.tanh(lin(z)) + x[rows], z0)
+        (z[[0, -1]].square().sum() + stats.jac_loss * 0.0).backward()
+        return z, stats, lin.weight.grad.clone()
+
+    z0 = torch.zeros(3, 4, dtype=F64)
+    z0[1, 2] = float("nan")
+    z, stats, g = grads(z0, [0, 1, 2])
+    assert stats.diverged.tolist() == [False, True, False]
+    assert not stats.converged[1] and torch.isfinite(stats.jac_loss)
+    assert torch.equal(z[1].isnan(), z0[1].isnan())  # back as it came
+    _, _, g_ref = grads(torch.zeros(2, 4, dtype=F64), [0, 2])  # the batch without it
+    torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():  # the same output with autograd off
+        z_eval, _ = deq(lambda z: torch.tanh(lin(z)) + x, z0)
+    torch.testing.assert_close(z_eval, z.detach(), equal_nan=True)

@@ -164,7 +164,9 @@ class DEQ(nn.Module):
             steps' result from it (``"phantom"``), or ``f`` at each sample's lowest-residual
             unrolled iterate (``"unroll"``), with autograd on or off alike: evaluation under
             ``torch.no_grad()`` computes the function that training differentiates. It has
-            ``z0``'s dtype in every mode (under autocast ``f`` may return another).
+            ``z0``'s dtype in every mode (under autocast ``f`` may return another). A sample
+            whose ``z0`` is non-finite comes back as it came (flagged diverged), outside the
+            graph: a loss that leaves it out keeps finite gradients.
         """
         self.check_settings()
         if not isinstance(z0, torch.Tensor):
@@ -174,6 +176,14 @@ class DEQ(nn.Module):
         jac = self.jac_reg if jac_reg is None else jac_reg
         if self.grad != "ift":  # no adjoint solve will follow: not the stats of an older one
             self.last_backward_stats = None
+        start_bad = _nonfinite_rows(z0)
+        if start_bad is not None:
+            # a sample with a non-finite start (e.g. a warm start cached from a step that
+            # blew up) comes back as it came (the solvers flag it diverged); f never sees it
+            # with autograd: f(NaN) in the graph would make every shared parameter's gradient
+            # NaN (0 x NaN), also when the loss leaves that sample out
+            f_user, zero = f, torch.zeros((), dtype=z0.dtype, device=z0.device)
+            f = lambda z: f_user(torch.where(start_bad, zero, z))  # noqa: E731
         if self.grad == "unroll":
             z_star, stats, z_in, z_out = self._unroll(f, z0)
         else:
@@ -195,6 +205,8 @@ class DEQ(nn.Module):
                 z_star = f(z_sol.clone() if jac else z_sol).to(z0.dtype, copy=True)
         if jac:
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
+        if start_bad is not None:
+            z_star = torch.where(start_bad, z0.detach().to(z_star.dtype), z_star)
         return z_star, stats
 
     def _phantom(self, f, z_sol: torch.Tensor, stats: SolverStats) -> torch.Tensor:
@@ -434,6 +446,17 @@ class DEQ(nn.Module):
         tail = torch.stack(growth[n_iter // 2:])  # (k, B)
         radius = tail.clamp_min(1e-30).log().mean(0).exp()
         return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
+
+
+def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:
+    """``(B, 1, ...)`` bool mask of the samples of ``z0`` with a non-finite entry, or ``None``
+    when there are none (or ``z0`` is not a ``(B, ...)`` float tensor: the solver says why)."""
+    if z0.dim() < 1 or z0.shape[0] < 1 or not z0.is_floating_point() or z0.numel() == 0:
+        return None
+    bad = ~torch.isfinite(z0.detach()).reshape(z0.shape[0], -1).all(1)
+    if not bool(bad.any()):
+        return None
+    return bad.view(-1, *([1] * (z0.dim() - 1)))
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
