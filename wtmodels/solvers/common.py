@@ -10,7 +10,8 @@ for float64 inputs, float32 otherwise) and leaves all per-sample decisions to :c
   absolute residual stayed above ``div_factor`` times the lowest absolute residual it had
   for ``patience`` consecutive evaluations and ended that run no lower than it began
   (whatever the stop mode: a relative residual can stay bounded while the iterates run off to
-  infinity; a transient bump that is already falling again is not divergence).
+  infinity; a transient bump that is already falling again is not divergence; nor is a bump
+  while the relative residual is at rounding level, <= 64 x the compute dtype's eps).
   A diverged sample keeps its best finite iterate and is never reported converged; a sample
   whose ``z0`` is non-finite has no finite iterate and is returned as it came, flagged diverged.
 - for a ``z0`` in a lower precision (bf16, fp16) the iterates are rounded to it before ``f``
@@ -337,6 +338,9 @@ class Tracker:
         self.n_iter = 0
         self.all_active = True
         self.check_growth = math.isfinite(div_factor)
+        # a relative residual this small is rounding noise: its bumps above a lucky low (an
+        # exact 0) are no divergence (a tol below the precision would flag samples at its floor)
+        self.noise_rel = 64 * torch.finfo(x0.dtype).eps
         self.streak_any = False  # some sample's streak is > 0
 
     @property
@@ -403,7 +407,7 @@ class Tracker:
         # (and is no lower than where that streak began: a falling transient is not flagged)
         self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
-            grow = abs_r > self.div_factor * self.min_abs
+            grow = (abs_r > self.div_factor * self.min_abs) & (rel_r > self.noise_rel)
             if self.streak_any or bool(grow.any()):
                 self.streak_start = xp.where(grow & (self.streak == 0), abs_r,
                                              self.streak_start)
