@@ -407,11 +407,12 @@ def _data(dataset: str, smoke: bool, **full) -> dict:
     return {"dataset": dataset, **OPTIM, **full}
 
 
-def _smoke_dataset(shape: tuple[int, int, int]) -> dict:
-    """Smoke data for presets whose real data may be absent: synthetic images of that shape."""
+def _smoke_dataset(shape: tuple[int, int, int], classes: int = 10) -> dict:
+    """Smoke data for presets whose real data may be absent: synthetic images of that shape
+    and number of classes."""
     channels, size, _ = shape
     return {"dataset": "synthetic", "synthetic_channels": channels, "image_size": size,
-            "synthetic_classes": 10, **OPTIM, **SMOKE_DATA}
+            "synthetic_classes": classes, **OPTIM, **SMOKE_DATA}
 
 
 def _model(core: str, size: str, smoke: bool) -> str:
@@ -550,7 +551,7 @@ def fashion(smoke: bool) -> list[Variant]:
 
 def _cifar(num_classes: int, smoke: bool) -> list[Variant]:
     if smoke:
-        data = _smoke_dataset((3, 32, 32))
+        data = _smoke_dataset((3, 32, 32), num_classes)  # CIFAR-100's smoke: a 100-class head
     else:
         data = _data(f"cifar{num_classes}", smoke, epochs=100, batch_size=128, lr=3e-3)
     widths = (8,) if smoke else (64, 128)

@@ -65,9 +65,11 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
 
     Returns:
         ``{"choice": group, "best": group, "best_acc": float, "candidates": [groups],
-        "feasible": int, "budget": str, "unstable": [groups]}`` (groups as
-        :func:`benchmarks.aggregate.aggregate`; ``unstable``: configurations within the budget
-        left out because a seed diverged or failed, smallest first).
+        "feasible": int, "budget": str, "unstable": [groups], "unmeasured": [groups]}``
+        (groups as :func:`benchmarks.aggregate.aggregate`; ``unstable``: configurations within
+        the budget left out because a seed diverged or failed, smallest first;
+        ``unmeasured``: configurations whose every run failed, so that no run records the
+        budget column and whether they fit is unknown).
 
     Raises:
         ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, rows
@@ -111,6 +113,10 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
     within = [g for g in groups if cost(g) <= limit  # nan (nothing recorded) is not
               and (math.isfinite(g[f"{budget_key}_mean"]) or g["n_stopped"] or g["n_failed"])]
     unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
+    # a configuration whose every run failed records no budget column: whether it fits is
+    # unknown, so it is listed apart rather than silently left out
+    unmeasured = sorted((g for g in groups if g["n_failed"] and math.isnan(cost(g))),
+                        key=_size_key)
     feasible = [g for g in within if g not in unstable and math.isfinite(g["test_acc_mean"])]
     if not feasible and unstable:
         raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
@@ -135,7 +141,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
                         key=_size_key)
     return {"choice": candidates[0], "best": best, "best_acc": best["test_acc_mean"],
             "candidates": candidates, "feasible": len(feasible),
-            "budget": f"{budget_key} <= {limit:g}", "unstable": unstable}
+            "budget": f"{budget_key} <= {limit:g}", "unstable": unstable,
+            "unmeasured": unmeasured}
 
 
 def describe(group: dict) -> str:
@@ -217,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnot considered: {len(pick['unstable'])} configuration(s) under the budget "
               "had a diverged or failed run (means over their clean runs):")
         for group in pick["unstable"]:
+            print("  " + describe(group))
+    if pick["unmeasured"]:
+        print(f"\nnot considered: {len(pick['unmeasured'])} configuration(s) whose every run "
+              f"failed (no {BUDGETS['params' if args.params is not None else 'time']} "
+              "recorded; rerun the sweep):")
+        for group in pick["unmeasured"]:
             print("  " + describe(group))
     return 0
 

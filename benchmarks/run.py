@@ -480,6 +480,13 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
             raise ValueError(f"--only {only!r} matches none of the {len(runs)} run ids of "
                              f"{preset!r} (e.g. {runs[0].run_id})")
         runs = matching
+        # build_runs refuses a --set no run of the preset reads; among the runs --only picks,
+        # one that none of them reads would be silently ignored as well
+        unread = sorted(k for k in overrides or {} if not any(k in r.config for r in runs))
+        if unread:
+            raise ValueError(f"--set: none of the {len(runs)} run(s) --only {only!r} picks "
+                             f"reads {', '.join(unread)} (their models would silently ignore "
+                             "it)")
     validate_runs(runs)
     if device == "cuda" and _runs_here(launcher, launcher_options) and not _cuda_available():
         raise ValueError("--device cuda but no CUDA device is available")
