@@ -343,6 +343,8 @@ def _as_field_types(overrides: dict) -> dict:
     Example:
         >>> _as_field_types({"lr": 1, "epochs": 2, "augment": False, "nope": 3})
         {'lr': 1.0, 'epochs': 2, 'augment': False, 'nope': 3}
+        >>> _as_field_types({"lr": ".01", "weight_decay": "x"})
+        {'lr': 0.01, 'weight_decay': 'x'}
     """
     out = dict(overrides)
     for key, value in overrides.items():
@@ -355,6 +357,11 @@ def _as_field_types(overrides: dict) -> dict:
         if (unwrap_optional(tp)[0] is float and isinstance(value, int)
                 and not isinstance(value, bool)):
             out[key] = float(value)
+        elif unwrap_optional(tp)[0] is float and isinstance(value, str):
+            try:  # a number JSON does not spell (.01, 1e-3 is JSON already): as the trainer's
+                out[key] = float(value.strip())  # --lr .01 reads it (range checks come later)
+            except ValueError:
+                pass
     return out
 
 

@@ -4,7 +4,7 @@ Each test pins a bug found by trying the commands as the README describes them: 
 ``cifar100`` smoke size trained a 10-class head (its runs were the ``cifar10`` smoke runs, ids
 included), ``recommend`` left a configuration whose every run failed out of its output without
 a word, and ``benchmarks.run --only ... --set KEY=VALUE`` accepted a key that none of the picked
-runs reads (the option was silently ignored).
+runs reads (the option was silently ignored); `--set lr=.01` was "not a number".
 """
 
 from __future__ import annotations
@@ -69,3 +69,12 @@ def test_only_with_set_that_no_picked_run_reads_is_refused(tmp_path, capsys):
     report = sweep("quick", str(tmp_path / "c"), smoke=True, dry_run=True, only="deq",
                    overrides={"f_max_iter": 10}, echo=lambda *a: None)
     assert report.planned == 1
+
+
+def test_set_float_spelled_without_leading_zero_is_a_number():
+    # --set lr=.01 was refused with "lr must be a number; got '.01'" (JSON does not spell it),
+    # though the trainer's --lr .01 reads it; it is the preset's own lr: the same run id
+    plain = build_runs("quick", smoke=True)
+    dotted = build_runs("quick", smoke=True, overrides={"lr": ".01"})
+    assert [r.run_id for r in plain] == [r.run_id for r in dotted]
+    assert {r.config["lr"] for r in dotted} == {0.01}
