@@ -490,7 +490,10 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     validate_runs(runs)
     if device == "cuda" and _runs_here(launcher, launcher_options) and not _cuda_available():
         raise ValueError("--device cuda but no CUDA device is available")
-    _check_same_setting(out, smoke, overrides or {}, write=not dry_run)
+    # the values as the runs read them (--set lr=.01 and lr=0.01 are one setting, one run id)
+    setting = {k: next((r.config[k] for r in runs if k in r.config), v)
+               for k, v in (overrides or {}).items()}
+    _check_same_setting(out, smoke, setting, write=not dry_run)
     report = SweepReport(planned=len(runs))
     recorded = finished_ids(os.path.join(out, RESULTS))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}

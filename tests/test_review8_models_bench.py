@@ -78,3 +78,16 @@ def test_set_float_spelled_without_leading_zero_is_a_number():
     dotted = build_runs("quick", smoke=True, overrides={"lr": ".01"})
     assert [r.run_id for r in plain] == [r.run_id for r in dotted]
     assert {r.config["lr"] for r in dotted} == {0.01}
+
+
+def test_sweep_setting_compares_values_as_the_runs_read_them(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep_setting.json").write_text(json.dumps({"smoke": True,
+                                                        "overrides": {"lr": 0.01}}))
+    report = sweep("quick", str(out), smoke=True, dry_run=True, overrides={"lr": ".01"},
+                   echo=lambda *a: None)
+    assert report.planned == len(build_runs("quick", smoke=True))
+    with pytest.raises(ValueError, match="one setting"):
+        sweep("quick", str(out), smoke=True, dry_run=True, overrides={"lr": ".02"},
+              echo=lambda *a: None)
