@@ -542,7 +542,8 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
         sizes[field] = int(value)
     train_size, test_size, image_size, channels, classes = sizes.values()
-    opts = {"seed": int(seed), "train_size": train_size, "test_size": test_size,
+    seed = _check_seed(seed)
+    opts = {"seed": seed, "train_size": train_size, "test_size": test_size,
             "channels": channels, "classes": classes}
     if name != "synthetic" and (channels is not None or classes is not None):
         raise ValueError("channels and classes apply to the synthetic dataset only")
@@ -556,6 +557,15 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
 
 
 _MASK64 = (1 << 64) - 1
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as an int in torch's seed range ``[0, 2**64)``; ValueError naming it otherwise
+    (torch said "Overflow when unpacking long long", numpy "expected non-negative integer", and
+    a negative seed gave the synthetic images of ``seed + 2**64``)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def _hash_seed(*keys: int) -> int:
@@ -670,6 +680,7 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
         >>> bool((next(iter(a))[1] == next(iter(b))[1]).all())
         True
     """
+    seed = _check_seed(seed)
     if batch_size < 1 or batch_size % world_size:
         raise ValueError(f"batch_size must be a positive multiple of the {world_size} "
                          f"process(es), got {batch_size}")

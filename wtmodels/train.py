@@ -478,7 +478,8 @@ class _Trainer:
         except OSError as err:  # e.g. a path under /proc, a read-only file system
             raise BadInput(f"--out {self.out} cannot be created: {err.strerror or err}") from None
         # a kill during an atomic write leaves its temporary file (a checkpoint's size): drop them
-        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_INFO_FILE, DONE_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_INFO_FILE, DONE_FILE,
+                     STOPPED_FILE):
             for leftover in self.out.glob(f"{name}.*.tmp"):
                 leftover.unlink(missing_ok=True)
         cfg = self.cfg

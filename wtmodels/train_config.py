@@ -301,8 +301,10 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     practice without a DEQ core, ``jac_reg_freq`` without ``jac_reg_weight``, ``momentum`` /
     ``nesterov`` without SGD (``nesterov`` without momentum), ``min_lr`` without the cosine
     schedule, ``amp_dtype`` without ``amp``, the synthetic dataset's shape on another
-    dataset, ``data_dir`` / ``download`` for a dataset that reads no files (``digits`` ships
-    with scikit-learn, ``synthetic`` is generated), ``download`` for ``imagefolder``. The
+    dataset, ``data_seed`` without a subset (``train_size`` / ``test_size``) of a dataset
+    other than ``synthetic``, ``data_dir`` / ``download`` for a dataset that reads no files
+    (``digits`` ships with scikit-learn, ``synthetic`` is generated), ``download`` for
+    ``imagefolder``. The
     trainer refuses such a run: a setting that silently does nothing is a wrong experiment,
     not a harmless one.
 
@@ -338,6 +340,9 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     if cfg.dataset != "synthetic":
         found.update((name, "read by dataset 'synthetic' only") for name in SYNTHETIC_FIELDS
                      if getattr(cfg, name) is not None)
+    if (cfg.dataset != "synthetic" and cfg.train_size is None and cfg.test_size is None
+            and cfg.data_seed != defaults.data_seed):
+        found["data_seed"] = "read only with train_size / test_size or dataset 'synthetic'"
     if cfg.dataset in FILELESS_DATASETS:
         found.update((name, f"dataset {cfg.dataset!r} reads no files")
                      for name in ("data_dir", "download")
