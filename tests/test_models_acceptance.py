@@ -102,6 +102,12 @@ def test_settings_a_model_never_reads_are_refused_not_ignored():
         model="wt_s", model_overrides={"norm": "layer", "norm_groups": 4}))
     assert list(found) == ["norm_groups"]
     assert "norm_groups" not in fields_without_effect(ModelConfig(norm="group"))
+    # phantom_steps only shapes the phantom gradient: with IFT it was silently ignored
+    found = settings_without_effect(TrainConfig(model="deq_s",
+                                                model_overrides={"phantom_steps": 3}))
+    assert found == {"phantom_steps": "read only with grad 'phantom'"}
+    assert settings_without_effect(TrainConfig(
+        model="deq_s", model_overrides={"grad": "phantom", "phantom_steps": 3})) == {}
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (2, 3, 8, 8), (8, 8)])

@@ -217,8 +217,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
     Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks,
     ``norm_groups`` without GroupNorm, ``ode_rtol`` / ``ode_atol`` with a fixed-grid
     ``ode_method`` (rk4, euler, ...; not ``implicit_adams`` / ``fixed_adams``, whose corrector
-    iterates to the tolerances). (Within a DEQ the backward-solver fields stay in the
-    config whatever ``grad`` is.)
+    iterates to the tolerances), ``phantom_steps`` with a DEQ ``grad`` other than ``phantom``.
+    (Within a DEQ the backward-solver fields stay in the config whatever ``grad`` is.)
 
     Example:
         >>> sorted(fields_without_effect(ModelConfig(core="unrolled")))[:2]
@@ -227,6 +227,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
         'read only with mask_k > 0'
         >>> fields_without_effect(ModelConfig(core="ode", ode_method="rk4"))["ode_rtol"][-16:]
         "fixed-grid 'rk4'"
+        >>> fields_without_effect(ModelConfig(core="deq", grad="ift"))["phantom_steps"]
+        "read only with grad 'phantom'"
         >>> adams = ModelConfig(core="ode", ode_method="implicit_adams")
         >>> "ode_rtol" in fields_without_effect(adams)  # its corrector iterates to the tolerances
         False
@@ -239,6 +241,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
         unused.update((n, "read only with mask_k > 0") for n in MASK_FIELDS)
     if config.norm != "group":
         unused["norm_groups"] = "read only with norm 'group'"
+    if config.core == "deq" and config.grad != "phantom":
+        unused["phantom_steps"] = "read only with grad 'phantom'"
     if config.core == "ode":
         from wtmodels.ode import reads_tolerances
 
