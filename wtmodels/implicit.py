@@ -245,8 +245,11 @@ class DEQ(nn.Module):
         """``f(z_sol)`` whose backward solves the adjoint fixed point."""
         z_in = z_sol.detach().requires_grad_()
         z_out = self._f_at(f, z_in)
-        if not z_out.requires_grad:  # f has nothing to differentiate
-            return z_out, z_in, z_out
+        if not _reaches_beyond(z_out, z_in):
+            # nothing f closes over requires grad (a frozen f, or one of constants): z_star
+            # carries no graph, as in the other modes, and a backward runs no adjoint solve;
+            # a copy, not f's own output (f may return a tensor it closes over)
+            return z_out.detach().clone(), z_in, z_out
         return _AdjointSolve.apply(z_out, z_in, self), z_in, z_out
 
     def _f_of(self, f, z: torch.Tensor) -> torch.Tensor:
@@ -457,6 +460,30 @@ def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:
     if not bool(bad.any()):
         return None
     return bad.view(-1, *([1] * (z0.dim() - 1)))
+
+
+def _reaches_beyond(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``out``'s graph requires grad through anything other than ``leaf``.
+
+    Walks ``out``'s autograd graph (stopping at the first other input found): a graph whose
+    every path ends at ``leaf``'s gradient accumulator depends on nothing else that requires
+    grad. An end of any other kind counts as something else.
+    """
+    if not out.requires_grad:
+        return False
+    if out.grad_fn is None:  # a leaf: leaf itself (f returned its argument) or another
+        return out is not leaf
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        if not nxt and getattr(node, "variable", None) is not leaf:
+            return True
+        stack.extend(nxt)
+    return False
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
