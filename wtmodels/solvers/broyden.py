@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .common import (
@@ -112,14 +113,16 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                 gs = W.as_strided((B, 2, D), (W.stride(0), (1 + slot) * D, 1))  # [g, s]
                 both = sm.of(torch.bmm(gs, S_T[n]))  # (B, 2, n): one pass over S
                 Sg, Ss = both[:, 0], both[:, 1]  # s_i . g, s_i . s
-                Ys = sm.of(torch.bmm(s, P_T[n]).squeeze(1)) - Ss  # y_i . s
-                SY[:, :n, slot] = Sg - Sg_old[:, :n]  # s_i^T y = s_i^T g - s_i^T g_old
-                SY[:, slot, :n] = Ys
-                SS[:, slot, :n] = Ss
-                SS[:, :n, slot] = Ss
-                Sg_old[:, :n] = Sg
-                mask = newer[slot if k > m else m, :n, :n]
-                M = SY[:, :n, :n] + SS[:, :n, :n] * mask
+                Ys = sm.of(torch.bmm(s, P_T[n]).squeeze(1))  # p_i . s
+                with np.errstate(all="ignore"):  # products that overflowed: a singular M below
+                    Ys -= Ss  # y_i . s
+                    SY[:, :n, slot] = Sg - Sg_old[:, :n]  # s_i^T y = s_i^T g - s_i^T g_old
+                    SY[:, slot, :n] = Ys
+                    SS[:, slot, :n] = Ss
+                    SS[:, :n, slot] = Ss
+                    Sg_old[:, :n] = Sg
+                    mask = newer[slot if k > m else m, :n, :n]
+                    M = SY[:, :n, :n] + SS[:, :n, :n] * mask
                 if not tracker.all_active:  # a stopped sample's pairs are 0 (s = 0): M singular
                     M[~tracker.active] = sm.xp.eye(n, dtype=M.dtype)  # and its step unused
                 c, ok = sm.solve(M, Sg)  # (B, n)

@@ -3,10 +3,12 @@
 Every solver works on a flattened batch ``x`` of shape ``(B, D)`` in a compute dtype (float64
 for float64 inputs, float32 otherwise) and leaves all per-sample decisions to :class:`Tracker`:
 
-- residuals ``abs = ||f(x) - x||`` and ``rel = abs / (||f(x)|| + EPS)`` per sample;
+- residuals ``abs = ||f(x) - x||`` and ``rel = abs / (||f(x)|| + EPS)`` per sample (a norm
+  whose squares over- or underflow the dtype, values beyond ~1e19 or below ~1e-19 in float32,
+  is measured again scaled: such values are no divergence, and a residual is never read as 0);
 - the lowest-residual iterate of each sample is kept and returned;
 - a sample stops (its iterate is frozen) once its residual is ``<= tol`` (converged) or once it
-  is flagged diverged: ``f`` returned a non-finite value (or its norm overflowed), or its
+  is flagged diverged: ``f`` returned a non-finite value (or ``f(x) - x`` overflowed), or its
   absolute residual stayed above ``div_factor`` times the lowest absolute residual it had
   for ``patience`` consecutive evaluations and ended that run no lower than it began
   (whatever the stop mode: a relative residual can stay bounded while the iterates run off to
@@ -308,6 +310,14 @@ class Small:
         return x
 
 
+def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-row 2-norm of ``t`` (k, D) in float64, free of over- and underflow: ``s * ||t / s||``
+    with ``s = max |t|`` (0 for a zero row, non-finite for a non-finite one)."""
+    t = t.to(torch.float64)
+    s = t.abs().amax(1, keepdim=True) if t.shape[1] else t.new_zeros(t.shape[0], 1)
+    return s[:, 0] * torch.linalg.vector_norm(t / torch.where(s > 0, s, 1.0), dim=1)
+
+
 class Tracker:
     """Per-sample residuals, best iterates, stopping and divergence flags of one solve.
 
@@ -342,6 +352,9 @@ class Tracker:
         # exact 0) are no divergence (a tol below the precision would flag samples at its floor)
         self.noise_rel = 64 * torch.finfo(x0.dtype).eps
         self.streak_any = False  # some sample's streak is > 0
+        # a norm below this may have lost its squares to underflow (see _rescaled_norms)
+        finfo = torch.finfo(x0.dtype)
+        self.norm_lo = math.sqrt(finfo.tiny) / finfo.eps
 
     @property
     def active_mask(self) -> torch.Tensor:
@@ -375,9 +388,14 @@ class Tracker:
         else:  # one copy to the host
             f_norm, abs_r = sm.of(torch.stack([f_norm, torch.linalg.vector_norm(g, dim=1)]))
         bad = None
+        # a plain norm squares the entries: beyond ~1e19 (float32) it overflows to inf, below
+        # ~1e-19 the squares underflow (a residual read as 0 would report a convergence never
+        # reached); those rows (rare: one check for the whole batch) are measured again scaled
+        if not sm.all_finite(abs_r, f_norm) or bool(abs_r.min() < self.norm_lo):
+            abs_r, f_norm = self._rescaled_norms(fx, g, abs_r, f_norm)
         if sm.all_finite(abs_r, f_norm):  # one check for the whole batch
             rel_r = abs_r / (f_norm + EPS)
-        else:  # some f(x) non-finite, or a norm overflowed: that sample's residuals are inf
+        else:  # some f(x) or f(x) - x non-finite: that sample's residuals are inf
             with np.errstate(invalid="ignore", over="ignore"):
                 bad = ~xp.isfinite(abs_r + f_norm)
                 abs_r = xp.where(bad, math.inf, abs_r)
@@ -427,6 +445,19 @@ class Tracker:
         n_active = int(self.active.sum())
         self.all_active = n_active == len(self.active)
         return n_active == 0
+
+    def _rescaled_norms(self, fx: torch.Tensor, g: torch.Tensor, abs_r, f_norm):
+        """``(abs_r, f_norm)`` with the rows whose plain norm may have over- or underflowed
+        (non-finite, or ``abs_r`` below :attr:`norm_lo`) measured as ``s * ||t / s||``,
+        ``s = max |t|``, in float64."""
+        sm, xp = self.small, self.small.xp
+        with np.errstate(invalid="ignore"):
+            redo = ~xp.isfinite(abs_r + f_norm) | (abs_r < self.norm_lo)
+        idx = sm.torch(np.flatnonzero(redo))
+        abs_r, f_norm = abs_r.copy(), f_norm.copy()  # may be views of g_sq or of torch memory
+        abs_r[redo] = sm.of(_scaled_norm(g.detach().index_select(0, idx)).to(sm.dtype))
+        f_norm[redo] = sm.of(_scaled_norm(fx.detach().index_select(0, idx)).to(sm.dtype))
+        return abs_r, f_norm
 
     def _grow_traces(self) -> None:
         B, n = self.abs_trace.shape

@@ -1,0 +1,62 @@
+"""Review 9 of the fixed-point solvers: cases a new user hit (see each test's comment)."""
+
+import pytest
+import torch
+
+import wtmodels as wt
+
+F64 = torch.float64
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+
+
+def true_residuals(f, z):
+    """(abs, rel) per sample in float64, with a scaled norm (no over/underflow)."""
+    with torch.no_grad():
+        fz = f(z.clone()).flatten(1).double()
+    zz = z.flatten(1).double()
+
+    def norm(t):
+        s = t.abs().amax(1, keepdim=True).clamp_min(1e-300)
+        return s[:, 0] * (t / s).norm(dim=1)
+
+    a = norm(fz - zz)
+    return a, a / (norm(fz) + 1e-8)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_a_fixed_point_of_large_float32_values_is_found_not_flagged_diverged(method, scale):
+    # z = 0.5 z + 1e30 has the fixed point 2e30, representable in float32 (max 3.4e38); the norm
+    # squared the entries and overflowed to inf, so every sample was flagged diverged after one
+    # evaluation and handed back z0 = 0 with abs_lowest = inf
+    def f(z):
+        return 0.5 * z + scale
+
+    z, stats = wt.solve(f, torch.zeros(3, 4), method=method, tol=1e-5, max_iter=100)
+    assert stats.converged.all() and not stats.diverged.any(), stats
+    torch.testing.assert_close(z / (2 * scale), torch.ones(3, 4), rtol=1e-4, atol=0)
+    a, r = true_residuals(f, z)
+    torch.testing.assert_close(stats.rel_lowest.double(), r, rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(stats.abs_lowest.double() / scale, a / scale, rtol=1e-3,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-20), (torch.float32, 1e-30),
+                                         (F64, 1e-170)])
+def test_tiny_residuals_do_not_underflow_into_a_false_convergence(method, dtype, scale):
+    # abs stop mode with a tolerance below the problem's scale: the residual's squares
+    # underflowed to 0 (float32 below ~1e-19), so a sample still 2e-30 away from its fixed point
+    # was reported converged at tol 1e-35 after one evaluation
+    def f(z):
+        return 0.5 * z + scale
+
+    tol = scale * 1e-5
+    z, stats = wt.solve(f, torch.zeros(2, 4, dtype=dtype), method=method, tol=tol,
+                        stop_mode="abs", max_iter=100)
+    a, _ = true_residuals(f, z)
+    assert (a <= tol).all() and stats.converged.all(), (a, stats)
+    torch.testing.assert_close(stats.abs_lowest.double() / scale, a / scale, rtol=1e-2,
+                               atol=1e-7)
+    torch.testing.assert_close(z.double() / (2 * scale), torch.ones(2, 4, dtype=F64),
+                               rtol=1e-4, atol=0)
