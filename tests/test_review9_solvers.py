@@ -60,3 +60,21 @@ def test_tiny_residuals_do_not_underflow_into_a_false_convergence(method, dtype,
                                atol=1e-7)
     torch.testing.assert_close(z.double() / (2 * scale), torch.ones(2, 4, dtype=F64),
                                rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-100])
+def test_anderson_takes_as_many_steps_at_any_scale_of_the_residuals(scale):
+    # the guard 1e-30 added as is to the Gram matrix outweighed float64 residuals below ~1e-15:
+    # the same problem scaled by 1e-12 took 53 steps instead of 17, by 1e-100 80 (plain
+    # iteration: 70), as the mixing weights fell back to an average of the history
+    g = torch.Generator().manual_seed(0)
+    A = 0.3 * torch.randn(6, 6, generator=g, dtype=F64)
+    b = torch.randn(4, 6, generator=g, dtype=F64)
+    steps = {}
+    for s in (1.0, scale):
+        _, stats = wt.solve(lambda z, s=s: torch.tanh(z @ A.T) + s * b,
+                            torch.zeros(4, 6, dtype=F64), method="anderson", stop_mode="abs",
+                            tol=1e-8 * s, max_iter=200)
+        assert stats.converged.all()
+        steps[s] = int(stats.nstep.max())
+    assert steps[scale] <= steps[1.0] + 3, steps

@@ -121,6 +121,8 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
     ``H`` (B, n, n) is regularised by ``lam * min(diag)``: relative to the smallest (usually
     the newest) residual, so that old, large residuals in a long history do not swamp the recent
     ones (scaled by the largest, m = 20 / 50 needed 30 / 60 steps where m = 5 needs 14; now 13).
+    ``H`` is first scaled to a largest diagonal entry of 1 (the weights do not depend on its
+    scale; the guard ``_TINY`` against an exactly singular system then does not either).
     Samples whose system stays singular get ``fallback`` (n,), the one-hot weight of the newest
     iterate. Arrays of ``sm``. Silent on the non-finite values it replaces (numpy would warn:
     ``inf * 0`` with ``lam=0``, a ``y`` that overflows, ``inf - inf`` in the check).
@@ -128,6 +130,9 @@ def _mixing_weights(sm, H, lam: float, ones, fallback):
     with np.errstate(all="ignore"):
         A = H.copy()
         diag = np.einsum("bii->bi", A)  # (B, n), writable view
+        # alpha does not depend on H's scale; scaled to a largest entry of 1, nor does the guard
+        # _TINY (added to H as is, it outweighed float64 residuals below ~1e-15)
+        A /= diag.max(1)[:, None, None]
         diag += (diag.min(1) * lam + _TINY)[:, None]
         y, ok = sm.solve(A, ones)
         s = y.sum(1)
