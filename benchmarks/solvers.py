@@ -347,14 +347,14 @@ def solver_settings() -> str:
     missing = torchdeq_missing()
     if missing is not None:
         return (f"Each solver with its defaults: ours Anderson m={a['m']}, lam={a['lam']:g} x "
-                f"the smallest squared residual in its history, Broyden m={b['m']} secant "
-                f"pairs. **No torchdeq comparison**: {missing}.")
+                f"each residual's norm x the smallest in its history, Broyden m={b['m']} "
+                f"secant pairs. **No torchdeq comparison**: {missing}.")
     from torchdeq.solver.anderson import anderson_solver
 
     t = defaults(anderson_solver)
     return (
-        f"Each solver with its defaults: ours Anderson m={a['m']}, lam={a['lam']:g} x the "
-        f"smallest squared residual in its history, Broyden m={b['m']} secant pairs; "
+        f"Each solver with its defaults: ours Anderson m={a['m']}, lam={a['lam']:g} x each "
+        f"residual's norm x the smallest in its history, Broyden m={b['m']} secant pairs; "
         f"torchdeq Anderson m={t['m']}, lam={t['lam']:g} absolute (added to the Gram matrix "
         "of the residuals, whose entries near tol are far smaller), Broyden full memory "
         "(max_iter secant pairs, allocated and zeroed in every solve). Both use the relative "

@@ -78,3 +78,17 @@ def test_anderson_takes_as_many_steps_at_any_scale_of_the_residuals(scale):
         assert stats.converged.all()
         steps[s] = int(stats.nstep.max())
     assert steps[scale] <= steps[1.0] + 3, steps
+
+
+@pytest.mark.parametrize("D", [1, 5, 50])
+def test_a_long_anderson_history_is_no_slower_than_plain_iteration(D):
+    # lam was scaled by the smallest squared residual in the history: on z = cos(z) the mixing
+    # put large, cancelling weights on old iterates, so m = 100 did not converge in 100
+    # evaluations (plain iteration needs 36, scipy.optimize.anderson with M=100 about 7-23)
+    z0 = torch.randn(2, D, dtype=F64, generator=torch.Generator().manual_seed(D))
+    _, plain = wt.solve(torch.cos, z0, method="fixed_point", tol=1e-6, max_iter=100)
+    for m in (5, 30, 100):
+        z, stats = wt.solve(torch.cos, z0, method="anderson", m=m, tol=1e-6, max_iter=100)
+        assert stats.converged.all(), (m, stats.nstep)
+        assert int(stats.nstep.max()) <= int(plain.nstep.max()) // 2, (m, stats.nstep)
+        torch.testing.assert_close(z, torch.full_like(z, 0.7390851332151607), rtol=0, atol=1e-5)
