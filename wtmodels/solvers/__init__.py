@@ -116,7 +116,12 @@ def solver_options(name: str) -> list[str] | None:
 
 def _options_of(solver: Callable) -> tuple[str, ...] | None:
     try:
-        return _cached_options_of(solver)
+        return _OPTIONS_CACHE[solver]
+    except KeyError:
+        options = _OPTIONS_CACHE[solver] = _read_options(solver)
+        if len(_OPTIONS_CACHE) > 64:  # bounded, like a small LRU cache
+            _OPTIONS_CACHE.pop(next(iter(_OPTIONS_CACHE)))
+        return options
     except TypeError:  # an unhashable callable object: read its signature each time
         return _read_options(solver)
 
@@ -129,7 +134,8 @@ def _read_options(solver: Callable) -> tuple[str, ...] | None:
                         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON))
 
 
-_cached_options_of = functools.lru_cache(maxsize=64)(_read_options)
+# A plain dict, not functools.lru_cache: torch.compile warns when it traces through lru_cache.
+_OPTIONS_CACHE: dict[Callable, tuple[str, ...] | None] = {}
 
 
 def check_options(name: str, opts: dict) -> None:
