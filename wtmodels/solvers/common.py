@@ -140,7 +140,10 @@ class Problem:
     the iterates could never leave the values ``f`` writes (rectified ones never reach a
     fixed point with negative entries). The first such call is detected by the argument's
     version counter (free, no tensor operation): ``f`` is evaluated once more on a copy of
-    the (written) iterate, and from then on gets a copy of every iterate.
+    the (written) iterate, and from then on gets a copy of every iterate. Under
+    ``torch.inference_mode`` tensors have no version counter, so such a write cannot be seen:
+    there ``f`` always gets a copy of the iterate (one ``(B, D)`` copy per evaluation, into a
+    buffer kept for the solve).
     """
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor):
@@ -165,6 +168,7 @@ class Problem:
         # inference tensors have no version counter (see check_unmodified)
         self.versioned = not torch.is_inference_mode_enabled()
         self.copies = False  # f writes its argument in place: it gets copies of the iterates
+        self.arg = None  # under inference mode: the copy of the iterate f gets
 
     def solver_mode(self) -> contextlib.ExitStack:
         """Context for the solver body: no autograd graph, autocast off; yields an ExitStack
@@ -181,6 +185,10 @@ class Problem:
         if self.rounds:  # f sees the iterate in z0's precision: so must the residual
             z = z.to(self.dtype)
             x.copy_(z.view(x.shape))
+        elif not self.versioned:  # no version counter: a write to z would go unseen
+            if self.arg is None:
+                self.arg = torch.empty_like(z)
+            z = self.arg.copy_(z)  # f may write this copy, never the iterate x
         version = z._version if self.versioned else 0
         fz = self._call(z.clone() if self.copies else z)
         if self.versioned and z._version != version:

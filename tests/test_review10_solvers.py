@@ -1,0 +1,41 @@
+"""Review 10 of the batched fixed-point solvers: cases found by a new user's checks."""
+
+import pytest
+import torch
+
+import wtmodels as wt
+
+METHODS = ["fixed_point", "anderson", "broyden"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_f_that_writes_its_argument_in_place_under_inference_mode(method):
+    # inference tensors have no version counter, so the in-place write of a cell starting
+    # with nn.ReLU(inplace=True) went unseen: every iterate was rectified, the fixed point
+    # (with negative entries) could never be reached, and an eval pass under
+    # torch.inference_mode() silently got a wrong z (off by ~1.5, 200 steps, not converged)
+    torch.manual_seed(0)
+    W = torch.randn(4, 4, dtype=torch.float64)
+    W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
+    b = torch.tensor([-1.0, -2.0, 0.5, -0.7], dtype=torch.float64)
+    relu = torch.nn.ReLU(inplace=True)
+    with torch.inference_mode():
+        z, stats = wt.solve(lambda z: relu(z) @ W.T + b, torch.zeros(2, 4, dtype=torch.float64),
+                            method=method, tol=1e-12, max_iter=200)
+    # the known answer: plain iteration of the out-of-place map, in float64
+    zs = torch.zeros(4, dtype=torch.float64)
+    for _ in range(200):
+        zs = torch.relu(zs) @ W.T + b
+    assert (zs < 0).any()  # the fixed point has negative entries
+    assert stats.converged.all()
+    torch.testing.assert_close(z, zs.expand(2, 4), atol=1e-10, rtol=0)
+
+    # one that returns its argument written in place read residual 0 at z0 (a convergence
+    # never reached, z = z0); with a copy it is an ordinary f: z = 0.5 z + 1 -> 2
+    with torch.inference_mode():
+        z, stats = wt.solve(lambda z: z.mul_(0.5).add_(1.0),
+                            torch.zeros(3, 2, dtype=torch.float64), method=method, tol=1e-12,
+                            max_iter=200)
+    assert stats.converged.all() and (stats.nstep > 1).all()
+    torch.testing.assert_close(z, torch.full((3, 2), 2.0, dtype=torch.float64), atol=1e-10,
+                               rtol=0)
