@@ -39,3 +39,25 @@ def test_an_f_that_writes_its_argument_in_place_under_inference_mode(method):
     assert stats.converged.all() and (stats.nstep > 1).all()
     torch.testing.assert_close(z, torch.full((3, 2), 2.0, dtype=torch.float64), atol=1e-10,
                                rtol=0)
+
+
+def test_a_registered_solver_whose_options_are_ordinary_parameters_takes_them(monkeypatch):
+    # register_solver accepted solver(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", tau=1.0)
+    # (options as positional-or-keyword parameters, the plain Python way), but solve and DEQ
+    # refused its option: "unknown option(s) ['tau'] ...; valid options: []"
+    from wtmodels.solvers import fixed_point, solver_options
+
+    def damped(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", tau=1.0):
+        return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=tau)
+
+    monkeypatch.setattr(wt.solvers, "_SOLVERS", dict(wt.solvers._SOLVERS))  # kept clean
+    wt.register_solver("review10_damped", damped)
+    assert solver_options("review10_damped") == ["tau"]
+    # z = -z + 2 oscillates undamped; tau = 0.5 lands on the fixed point 1 in one step
+    z, stats = wt.solve(lambda z: -z + 2.0, torch.zeros(2, 3), method="review10_damped",
+                        tau=0.5, tol=1e-6)
+    assert stats.converged.all() and stats.nstep.tolist() == [2, 2]
+    torch.testing.assert_close(z, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"valid options: \['tau'\]"):
+        wt.solve(lambda z: -z + 2.0, torch.zeros(2, 3), method="review10_damped", damping=0.5)
+    wt.DEQ(f_solver="review10_damped", f_opts={"tau": 0.5})  # built without a ValueError

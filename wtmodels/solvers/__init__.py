@@ -127,11 +127,18 @@ def _options_of(solver: Callable) -> tuple[str, ...] | None:
 
 
 def _read_options(solver: Callable) -> tuple[str, ...] | None:
-    params = inspect.signature(solver).parameters.values()
+    params = list(inspect.signature(solver).parameters.values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
+    # every parameter solve can pass by keyword except f and z0 (the first two positional
+    # ones): keyword-only options, and positional-or-keyword ones after z0
+    # (solver(f, z0, max_iter=50, tol=1e-4, stop_mode="rel", damping=0.5) takes damping)
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     return tuple(sorted(p.name for p in params
-                        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON))
+                        if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                        and p not in positional[:2] and p.name not in _COMMON))
 
 
 # A plain dict, not functools.lru_cache: torch.compile warns when it traces through lru_cache.
