@@ -61,3 +61,15 @@ def test_a_registered_solver_whose_options_are_ordinary_parameters_takes_them(mo
     with pytest.raises(ValueError, match=r"valid options: \['tau'\]"):
         wt.solve(lambda z: -z + 2.0, torch.zeros(2, 3), method="review10_damped", damping=0.5)
     wt.DEQ(f_solver="review10_damped", f_opts={"tau": 0.5})  # built without a ValueError
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_a_non_float_z0_is_refused_naming_the_valid_dtypes(dtype):
+    # the message read "must be a floating-point tensor": for a complex z0 (whose values are
+    # floating point) it named no dtype the solvers take
+    with pytest.raises(ValueError, match=r"float32, float64, bfloat16 or float16.*" + str(dtype)):
+        wt.solve(lambda z: z, torch.zeros(2, 3, dtype=dtype))
+    with pytest.raises(ValueError, match=r"z0 must be a tensor of shape \(B, \.\.\.\).*got list"):
+        wt.solve(lambda z: z, [[0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        wt.solve(lambda z: z, torch.tensor(0.0))

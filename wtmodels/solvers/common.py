@@ -150,9 +150,13 @@ class Problem:
         if not callable(f):
             raise ValueError(f"f must be callable, got {type(f).__name__}")
         if not isinstance(z0, torch.Tensor) or z0.dim() < 1 or z0.shape[0] < 1:
-            raise ValueError("z0 must be a tensor of shape (B, ...) with B >= 1")
-        if not z0.is_floating_point():
-            raise ValueError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
+            got = (f"shape {tuple(z0.shape)}" if isinstance(z0, torch.Tensor)
+                   else type(z0).__name__)
+            raise ValueError(f"z0 must be a tensor of shape (B, ...) with B >= 1, "
+                             f"got {got}")
+        if not z0.is_floating_point():  # complex too: the residual norms and mixing are real
+            raise ValueError("z0 must be a real floating-point tensor (float32, float64, "
+                             f"bfloat16 or float16), got dtype {z0.dtype}")
         self.f = f
         self.shape = z0.shape
         self.dtype = z0.dtype
