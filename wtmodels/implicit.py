@@ -389,6 +389,8 @@ class DEQ(nn.Module):
             True
         """
         _needs_autograd("jacobian_loss")
+        # checked here too: an attribute set to 0 after construction gave a NaN loss
+        check_positive_int("jac_reg_samples", self.jac_reg_samples)
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             if z_out is None or not z_star.requires_grad:
