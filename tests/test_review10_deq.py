@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import wtmodels as wt
 
@@ -29,3 +30,20 @@ def test_jacobian_loss_checks_jac_reg_samples_set_after_construction():
     deq.jac_reg_samples = 3  # ||0.5 I||_F^2 / D = 0.25 exactly with Rademacher probes
     torch.testing.assert_close(deq.jacobian_loss(lambda z: 0.5 * z, torch.ones(2, 3)),
                                torch.tensor(0.25))
+
+
+def test_a_frozen_f_clears_the_stats_of_an_older_adjoint_solve():
+    # after a trained step, a step with the backbone frozen runs no adjoint solve, but
+    # last_backward_stats still showed the older solve's stats as if it had run
+    torch.manual_seed(0)
+    cell, head = nn.Linear(4, 4), nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    deq = wt.DEQ(grad="ift")
+    f = lambda z: torch.tanh(0.3 * cell(z) + x)  # noqa: E731
+    z, _ = deq(f, torch.zeros(3, 4))
+    head(z).sum().backward()
+    assert deq.last_backward_stats is not None and deq.last_backward_stats.converged.all()
+    cell.requires_grad_(False)
+    z, _ = deq(f, torch.zeros(3, 4))
+    head(z).sum().backward()
+    assert deq.last_backward_stats is None

@@ -248,7 +248,9 @@ class DEQ(nn.Module):
         if not _reaches_beyond(z_out, z_in):
             # nothing f closes over requires grad (a frozen f, or one of constants): z_star
             # carries no graph, as in the other modes, and a backward runs no adjoint solve;
-            # a copy, not f's own output (f may return a tensor it closes over)
+            # a copy, not f's own output (f may return a tensor it closes over); no adjoint
+            # solve will follow, so not the stats of an older one either
+            self.last_backward_stats = None
             return z_out.detach().clone(), z_in, z_out
         return _AdjointSolve.apply(z_out, z_in, self), z_in, z_out
 
