@@ -1,5 +1,7 @@
 """Review 10 of the DEQ layer: settings checks, repr, backward stats, closed-form gradients."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -47,3 +49,19 @@ def test_a_frozen_f_clears_the_stats_of_an_older_adjoint_solve():
     z, _ = deq(f, torch.zeros(3, 4))
     head(z).sum().backward()
     assert deq.last_backward_stats is None
+
+
+@pytest.mark.parametrize("kwargs, hint", [
+    ({"foo": 1}, r"\['foo'\]"),
+    ({"max_iter": 30}, "f_max_iter"),          # wt.solve's name
+    ({"tol": 1e-4, "solver": "anderson"}, "f_tol"),
+    ({"m": 5}, "f_opts / b_opts"),              # a solver option
+])
+def test_unknown_keywords_raise_value_error_naming_the_valid_ones(kwargs, hint):
+    # wt.DEQ(max_iter=30) raised Python's TypeError without the valid settings
+    with pytest.raises(ValueError, match="unknown keyword") as info:
+        wt.DEQ(**kwargs)
+    assert "f_max_iter" in str(info.value) and "jac_reg_samples" in str(info.value)
+    assert re.search(hint, str(info.value))
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['jac'\]; valid: \['jac_reg'\]"):
+        wt.DEQ()(lambda z: 0.5 * z, torch.ones(2, 3), jac=True)

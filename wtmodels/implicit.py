@@ -20,13 +20,14 @@ ways to get gradients:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from .solvers import check_options, check_result, get_solver, list_solvers
+from .solvers import check_options, check_result, get_solver, list_solvers, solver_options
 from .solvers.common import (
     DIVERGENCE_DEFAULTS,
     STOP_MODES,
@@ -84,8 +85,10 @@ class DEQ(nn.Module):
                  grad: str = "ift", stop_mode: str = "rel", phantom_steps: int = 5,
                  tau: float = 1.0, eval_f_max_iter: int | None = None,
                  f_opts: dict | None = None, b_opts: dict | None = None,
-                 jac_reg: bool = False, jac_reg_samples: int = 1):
+                 jac_reg: bool = False, jac_reg_samples: int = 1, **unknown):
         super().__init__()
+        if unknown:  # a ValueError naming the valid options, as for every other bad setting
+            raise ValueError(_unknown_keywords("DEQ", unknown, list(_DEFAULTS)))
         self.f_solver, self.b_solver = f_solver, b_solver
         self.f_max_iter, self.b_max_iter = f_max_iter, b_max_iter
         self.f_tol, self.b_tol = f_tol, b_tol
@@ -149,7 +152,7 @@ class DEQ(nn.Module):
             return self.eval_f_max_iter
         return self.f_max_iter
 
-    def forward(self, f, z0: torch.Tensor, *, jac_reg: bool | None = None
+    def forward(self, f, z0: torch.Tensor, *, jac_reg: bool | None = None, **unknown
                 ) -> tuple[torch.Tensor, SolverStats]:
         """Fixed point of ``f`` from ``z0``, differentiable w.r.t. what ``f`` closes over.
 
@@ -168,6 +171,8 @@ class DEQ(nn.Module):
             whose ``z0`` is non-finite comes back as it came (flagged diverged), outside the
             graph: a loss that leaves it out keeps finite gradients.
         """
+        if unknown:
+            raise ValueError(_unknown_keywords("DEQ.forward", unknown, ["jac_reg"]))
         self.check_settings()
         if not isinstance(z0, torch.Tensor):
             raise ValueError(f"z0 must be a tensor of shape (B, ...), got {type(z0).__name__}")
@@ -453,6 +458,23 @@ class DEQ(nn.Module):
         tail = torch.stack(growth[n_iter // 2:])  # (k, B)
         radius = tail.clamp_min(1e-30).log().mean(0).exp()
         return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
+
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(DEQ.__init__).parameters.items()
+             if p.default is not inspect.Parameter.empty}  # DEQ's settings and defaults
+
+
+def _unknown_keywords(where: str, unknown: dict, valid: list[str]) -> str:
+    """The message for keywords ``where`` does not take, naming the valid ones (and, for a
+    solver option or a name of :func:`wtmodels.solve`, where it belongs)."""
+    names = sorted(unknown)
+    hint = ""
+    solver_opts = sorted({o for s in list_solvers() for o in (solver_options(s) or [])})
+    if where == "DEQ" and set(names) & {"max_iter", "tol", "solver", "method"}:
+        hint = "; DEQ takes f_/b_-prefixed settings (f_max_iter, f_tol, f_solver, ...)"
+    elif where == "DEQ" and set(names) & set(solver_opts):
+        hint = f"; solver options ({solver_opts}) go in f_opts / b_opts"
+    return f"{where} got unknown keyword(s) {names}; valid: {valid}{hint}"
 
 
 def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:
