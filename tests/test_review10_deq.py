@@ -65,3 +65,20 @@ def test_unknown_keywords_raise_value_error_naming_the_valid_ones(kwargs, hint):
     assert re.search(hint, str(info.value))
     with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['jac'\]; valid: \['jac_reg'\]"):
         wt.DEQ()(lambda z: 0.5 * z, torch.ones(2, 3), jac=True)
+
+
+def test_repr_shows_every_setting_that_differs_from_its_default_and_round_trips():
+    # the repr left out stop_mode, phantom_steps, tau, eval_f_max_iter, the solver options and
+    # jac_reg: two printed models with different DEQs looked the same
+    assert repr(wt.DEQ()) == ("DEQ(f_solver='anderson', f_max_iter=30, f_tol=0.0001, "
+                              "b_solver='anderson', b_max_iter=30, b_tol=1e-06, grad='ift')")
+    settings = dict(f_solver="broyden", f_max_iter=7, f_tol=1e-5, b_solver="fixed_point",
+                    b_max_iter=9, b_tol=1e-7, grad="phantom", stop_mode="abs", phantom_steps=3,
+                    tau=0.5, eval_f_max_iter=11, f_opts={"patience": 3},
+                    b_opts={"tau": 0.7}, jac_reg=True, jac_reg_samples=2)
+    deq = wt.DEQ(**settings)
+    text = repr(deq)
+    for key in settings:
+        assert f"{key}=" in text
+    again = eval("wt.DEQ(" + text[len("DEQ("):], {"wt": wt})  # noqa: S307
+    assert {k: getattr(again, k) for k in settings} == settings

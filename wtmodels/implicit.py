@@ -141,9 +141,13 @@ class DEQ(nn.Module):
             raise ValueError(f"jac_reg must be a bool, got {self.jac_reg!r}")
 
     def extra_repr(self) -> str:
-        return (f"f_solver={self.f_solver!r}, f_max_iter={self.f_max_iter}, "
-                f"f_tol={self.f_tol}, b_solver={self.b_solver!r}, b_max_iter={self.b_max_iter}, "
-                f"b_tol={self.b_tol}, grad={self.grad!r}")
+        # the main settings always, the others where they differ from their defaults: a
+        # printed model shows every setting its DEQ's results depend on
+        always = ("f_solver", "f_max_iter", "f_tol", "b_solver", "b_max_iter", "b_tol", "grad")
+        shown = [f"{k}={getattr(self, k)!r}" for k in always]
+        shown += [f"{k}={getattr(self, k)!r}" for k, v in _DEFAULTS.items()
+                  if k not in always and getattr(self, k, v) not in (v, {} if v is None else v)]
+        return ", ".join(shown)
 
     @property
     def budget(self) -> int:
