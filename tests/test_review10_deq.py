@@ -82,3 +82,38 @@ def test_repr_shows_every_setting_that_differs_from_its_default_and_round_trips(
         assert f"{key}=" in text
     again = eval("wt.DEQ(" + text[len("DEQ("):], {"wt": wt})  # noqa: S307
     assert {k: getattr(again, k) for k in settings} == settings
+
+
+@pytest.mark.parametrize("tau, steps", [(1.0, 5), (0.5, 3), (0.3, 7), (1.0, 1)])
+def test_phantom_gradient_equals_its_closed_form_for_a_linear_map(tau, steps):
+    # K steps z <- (1 - tau) z + tau (A z + B x) from z*: dz/dx = tau sum_{k<K} M^k B with
+    # M = (1 - tau) I + tau A (z* itself is a constant to the phantom gradient)
+    A, B, x = linear_problem()
+    x.requires_grad_()
+    deq = wt.DEQ(grad="phantom", tau=tau, phantom_steps=steps, f_tol=1e-13, f_max_iter=200)
+    z, stats = deq(lambda z: z @ A.T + x @ B.T, torch.zeros(3, 4, dtype=F64))
+    assert stats.converged.all()
+    eye = torch.eye(4, dtype=F64)
+    torch.testing.assert_close(z, x.detach() @ B.T @ torch.linalg.inv(eye - A).T)
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (z * g).sum().backward()
+    M = (1 - tau) * eye + tau * A
+    S = tau * sum(torch.linalg.matrix_power(M, k) for k in range(steps))
+    torch.testing.assert_close(x.grad, g @ S @ B)
+
+
+@pytest.mark.parametrize("grad", ["ift", "unroll"])
+def test_gradients_reach_an_encoder_through_a_non_leaf_input(grad):
+    # f closes over x = encoder(input), a non-leaf: gradcheck in float64 for the encoder's
+    # weight, the cell's weight and the raw input
+    torch.manual_seed(0)
+    W = (0.3 * torch.randn(5, 5, dtype=F64)).requires_grad_()
+    E = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    inp = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    deq = wt.DEQ(grad=grad, f_tol=1e-13, b_tol=1e-13, f_max_iter=300, b_max_iter=300)
+
+    def fn(W, E, inp):
+        x = inp @ E.T
+        return deq(lambda z: torch.tanh(z @ W.T + x), torch.zeros(2, 5, dtype=F64))[0]
+
+    assert torch.autograd.gradcheck(fn, (W, E, inp), atol=1e-6, rtol=1e-5)
