@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ def test_repr_shows_every_setting_that_differs_from_its_default_and_round_trips(
         assert f"{key}=" in text
     again = eval("wt.DEQ(" + text[len("DEQ("):], {"wt": wt})  # noqa: S307
     assert {k: getattr(again, k) for k in settings} == settings
+    # numpy numbers (accepted as settings) print as numbers
+    text = repr(wt.DEQ(f_max_iter=np.int64(12), f_tol=np.float64(1e-3), tau=np.float32(0.5)))
+    assert "f_max_iter=12, f_tol=0.001," in text and text.endswith("tau=0.5)")
 
 
 @pytest.mark.parametrize("tau, steps", [(1.0, 5), (0.5, 3), (0.3, 7), (1.0, 1)])

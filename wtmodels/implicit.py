@@ -21,6 +21,7 @@ ways to get gradients:
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 
 import numpy as np
@@ -144,10 +145,10 @@ class DEQ(nn.Module):
         # the main settings always, the others where they differ from their defaults: a
         # printed model shows every setting its DEQ's results depend on
         always = ("f_solver", "f_max_iter", "f_tol", "b_solver", "b_max_iter", "b_tol", "grad")
-        shown = [f"{k}={getattr(self, k)!r}" for k in always]
-        shown += [f"{k}={getattr(self, k)!r}" for k, v in _DEFAULTS.items()
-                  if k not in always and getattr(self, k, v) not in (v, {} if v is None else v)]
-        return ", ".join(shown)
+        keys = list(always) + [k for k, v in _DEFAULTS.items() if k not in always
+                               and getattr(self, k, v) not in (v, {} if v is None else v)]
+        # a number as itself (a numpy integer's repr is np.int64(30)), anything else by repr
+        return ", ".join(f"{k}={_plain(getattr(self, k))}" for k in keys)
 
     @property
     def budget(self) -> int:
@@ -466,6 +467,10 @@ class DEQ(nn.Module):
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(DEQ.__init__).parameters.items()
              if p.default is not inspect.Parameter.empty}  # DEQ's settings and defaults
+
+
+def _plain(value) -> str:
+    return str(value) if isinstance(value, numbers.Number) else repr(value)
 
 
 def _unknown_keywords(where: str, unknown: dict, valid: list[str]) -> str:
