@@ -528,8 +528,10 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 def _needs_autograd(what: str) -> None:
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"DEQ.{what} needs autograd (vector-Jacobian products); call it "
-                           "outside torch.inference_mode() (torch.no_grad() is fine)")
+        hint = (" (the jac_reg=True term: pass jac_reg=False to the call to skip it)"
+                if what == "jacobian_loss" else "")
+        raise RuntimeError(f"DEQ.{what}{hint} needs autograd (vector-Jacobian products); call "
+                           "it outside torch.inference_mode() (torch.no_grad() is fine)")
 
 
 def _leaf(z: torch.Tensor) -> torch.Tensor:
