@@ -27,7 +27,8 @@ Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--dev
 [--out DIR]``.
 Writes ``DIR/solvers.csv``, ``DIR/solvers_memory.csv`` and ``DIR/solvers.md`` (``--quick``:
 ``solvers_quick*``; ``--tag T``: ``solvers_T*``), each with provenance (git sha, torch version,
-device, threads, date, load, malloc setting).
+device, threads, date, 1-min load average and CPU count, malloc setting); ``solvers.csv`` rows
+also carry the run's ``tol``, ``max_iter``, ``gain`` and ``repeats``.
 """
 
 from __future__ import annotations
@@ -536,12 +537,17 @@ def main(argv=None) -> int:
             "load_average_1min": machine["load_average_1min"],
             "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"],
             "malloc": malloc}
+    # provenance in every csv row (load too: the md's warning, otherwise lost), and in the
+    # solver rows the settings their numbers depend on (two runs' csv files were the same
+    # columns whatever --tol, --max-iter, --gain or --repeats they ran with)
     extra = {k: prov[k] for k in ("git_sha", "torch_version", "device", "threads", "date",
-                                  "malloc")}
+                                  "load_average_1min", "cpu_count", "malloc")}
+    settings = {"tol": args.tol, "max_iter": args.max_iter, "gain": args.gain,
+                "repeats": args.repeats}
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
     stem = f"solvers_{tag}" if tag else "solvers"
     md = markdown(rows, mem, prov, args)
-    atomic_write_text(out / f"{stem}.csv", to_csv(rows, extra))
+    atomic_write_text(out / f"{stem}.csv", to_csv(rows, {**settings, **extra}))
     atomic_write_text(out / f"{stem}_memory.csv", to_csv(mem, extra))
     atomic_write_text(out / f"{stem}.md", md)
     print(md[md.index("## Targets"):])

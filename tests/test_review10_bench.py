@@ -1,0 +1,92 @@
+"""benchmarks.solvers as a user reads its files: csv rows say how and under what load they ran;
+the memory check measures real growth."""
+
+from __future__ import annotations
+
+import csv
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+solvers_bench = pytest.importorskip("benchmarks.solvers")
+
+
+def test_csv_rows_carry_the_settings_and_the_load(monkeypatch, tmp_path):
+    """Two runs with different --tol/--max-iter/--gain/--repeats wrote csv files with the
+    same columns, and the load average the md warns about was in no csv."""
+    monkeypatch.setattr(solvers_bench, "QUICK_CELLS", [(2, 4, 4)])
+    mem = [{"grad": g, "f_max_iter": n, "B": 2, "C": 4, "H": 4, "peak_mb": 1.0,
+            "saved_for_backward_mb": 0.5} for g in ("ift", "unroll") for n in (10, 40)]
+    monkeypatch.setattr(solvers_bench, "memory_check", lambda budgets, device="cpu": mem)
+    threads = torch.get_num_threads()
+    try:
+        rc = solvers_bench.main(["--quick", "--repeats", "2", "--threads", "1", "--malloc",
+                                 "default", "--tol", "1e-3", "--max-iter", "30", "--gain",
+                                 "0.5", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "solvers_quick.csv").open()))
+    assert rows
+    for r in rows:
+        assert (float(r["tol"]), int(r["max_iter"]), float(r["gain"]), int(r["repeats"])) == (
+            1e-3, 30, 0.5, 2)
+        assert int(r["f_evals"]) <= 30
+    md = (tmp_path / "solvers_quick.md").read_text()
+    load = re.search(r"load average (\S+) on (\d+) CPUs", md)
+    memory = list(csv.DictReader((tmp_path / "solvers_quick_memory.csv").open()))
+    for r in rows + memory:
+        assert r["load_average_1min"] == load.group(1) and r["cpu_count"] == load.group(2)
+
+
+def test_peak_memory_is_the_largest_live_total():
+    """Three 1 MiB tensors alive at once at most (a, b, c; then c, d; then d, e): 3 MiB."""
+    def fn():
+        a, b = torch.ones(2**18), torch.ones(2**18)
+        c = a + b
+        del a, b
+        d = c * 2
+        del c
+        e = d.exp()
+        del d, e
+
+    assert solvers_bench.peak_memory_bytes(fn) == 3 * 2**20
+
+
+def test_memory_target_fails_when_the_ift_peak_grows():
+    """The check is not tautological: a peak that grows with f_max_iter reads NOT met, and a
+    forward that keeps every iterate does grow in the measured peak."""
+    args = SimpleNamespace(gain=1.25, tol=1e-4, max_iter=60, repeats=1, device="cpu",
+                           allow_tf32=False)
+    prov = {"git_sha": "x", "torch_version": "t", "device": "cpu", "threads": 1, "date": "d",
+            "load_average_1min": 0.0, "cpu_count": 2, "cpu_model": "m", "malloc": "default"}
+    mem = [{"grad": "ift", "f_max_iter": n, "peak_mb": p, "saved_for_backward_mb": 1.0}
+           for n, p in ((10, 5.0), (40, 6.0))]
+    md = solvers_bench.markdown([], mem, prov, args)
+    assert "from f_max_iter 10 to 40: +20.0% (target within 10%: NOT met)" in md
+
+    import wtmodels as wt
+
+    torch.manual_seed(0)
+    cell, x = solvers_bench.ConvCell(4), torch.randn(2, 4, 8, 8)
+    z0 = torch.zeros(2, 4, 8, 8)
+    peaks = []
+    for budget in (10, 40):
+        deq = wt.DEQ(grad="ift", f_max_iter=budget, f_tol=1e-30, b_max_iter=5, b_tol=1e-30)
+
+        def step(deq=deq):
+            kept = []
+
+            def f(z):
+                kept.append(cell(z, x))  # a leak: every iterate stays alive
+                return kept[-1]
+
+            z, _ = deq(f, z0)
+            z.square().mean().backward()
+
+        step()
+        peaks.append(solvers_bench.peak_memory_bytes(step))
+    # 30 more iterates of 2 * 4 * 8 * 8 float32 (2 KiB each) kept alive
+    assert peaks[1] - peaks[0] >= 30 * 2 * 4 * 8 * 8 * 4
