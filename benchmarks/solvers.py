@@ -37,6 +37,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -493,6 +494,17 @@ def parse_args(argv):
     return args
 
 
+def say(line: str) -> None:
+    """Print a progress line; a reader gone away (``| head``) must not cost the results: stdout
+    goes to ``os.devnull`` from then on and the run still writes its files."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -521,15 +533,15 @@ def main(argv=None) -> int:
                                args.device)
         rows += cell_rows
         for r in cell_rows:
-            print(f"B={B:3d} C={C:3d} H={H:3d} {r['solver']:18s} f-evals {r['f_evals']:3d}  "
-                  f"wall {r['wall_ms']:9.2f} ms  f {r['f_ms']:7.3f} ms  overhead "
-                  f"{r['overhead']:5.2f} best {r['overhead_best']:5.2f} cpu "
-                  f"{r['overhead_cpu']:5.2f} ~ f inside {r['f_slowdown']:5.2f} + ops "
-                  f"{r['solver_ops']:5.2f}  converged {r['converged']:.2f}", flush=True)
+            say(f"B={B:3d} C={C:3d} H={H:3d} {r['solver']:18s} f-evals {r['f_evals']:3d}  "
+                f"wall {r['wall_ms']:9.2f} ms  f {r['f_ms']:7.3f} ms  overhead "
+                f"{r['overhead']:5.2f} best {r['overhead_best']:5.2f} cpu "
+                f"{r['overhead_cpu']:5.2f} ~ f inside {r['f_slowdown']:5.2f} + ops "
+                f"{r['solver_ops']:5.2f}  converged {r['converged']:.2f}")
     mem = memory_check([10, 40] if args.quick else [10, 20, 40], device=args.device)
     for r in mem:
-        print(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
-              f"{r['peak_mb']:8.2f} MiB  saved for backward {r['saved_for_backward_mb']:8.2f} MiB")
+        say(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
+            f"{r['peak_mb']:8.2f} MiB  saved for backward {r['saved_for_backward_mb']:8.2f} MiB")
     machine = describe_machine()
     prov = {"git_sha": machine["git_sha"], "torch_version": torch.__version__,
             "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
@@ -550,7 +562,7 @@ def main(argv=None) -> int:
     atomic_write_text(out / f"{stem}.csv", to_csv(rows, {**settings, **extra}))
     atomic_write_text(out / f"{stem}_memory.csv", to_csv(mem, extra))
     atomic_write_text(out / f"{stem}.md", md)
-    print(md[md.index("## Targets"):])
+    say(md[md.index("## Targets"):])
     return 0
 
 

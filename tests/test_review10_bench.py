@@ -90,3 +90,33 @@ def test_memory_target_fails_when_the_ift_peak_grows():
         peaks.append(solvers_bench.peak_memory_bytes(step))
     # 30 more iterates of 2 * 4 * 8 * 8 float32 (2 KiB each) kept alive
     assert peaks[1] - peaks[0] >= 30 * 2 * 4 * 8 * 8 * 4
+
+
+def test_a_reader_gone_away_does_not_cost_the_results(tmp_path):
+    """``python -m benchmarks.solvers | head -2`` ended the run at the first progress line
+    after head exited (BrokenPipeError, status 1) and wrote no files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = (
+        "import sys\n"
+        "import benchmarks.solvers as s\n"
+        "from wtmodels.cli import exit_with\n"
+        "s.QUICK_CELLS = [(2, 4, 4), (2, 4, 4)]\n"
+        "s.memory_check = lambda budgets, device='cpu': [{'grad': g, 'f_max_iter': n,\n"
+        "    'peak_mb': 1.0, 'saved_for_backward_mb': 0.5} for g in ('ift', 'unroll')\n"
+        "    for n in budgets]\n"
+        "exit_with(lambda: s.main(sys.argv[1:]))\n"
+    )
+    root = Path(solvers_bench.__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver, "--quick", "--repeats", "1", "--threads", "1",
+         "--malloc", "default", "--out", str(tmp_path)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.close()  # the reader is gone before the first line
+    assert proc.wait(timeout=120) == 0
+    for name in ("solvers_quick.csv", "solvers_quick_memory.csv", "solvers_quick.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "solvers_quick.csv").open()))
+    assert len(rows) >= 6  # both cells measured, not just the first
