@@ -52,7 +52,7 @@ def test_peak_memory_is_the_largest_live_total():
         e = d.exp()
         del d, e
 
-    assert solvers_bench.peak_memory_bytes(fn) == 3 * 2**20
+    assert 3 * 2**20 <= solvers_bench.peak_memory_bytes(fn) <= 3 * 2**20 + 4096  # + scalars
 
 
 def test_memory_target_fails_when_the_ift_peak_grows():
