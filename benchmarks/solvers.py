@@ -345,7 +345,9 @@ def solver_settings() -> str:
     def defaults(fn):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
 
-    a, b = defaults(wt.solvers.anderson), defaults(wt.solvers.broyden)
+    from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
+
+    a, b = defaults(anderson), defaults(broyden)
     missing = torchdeq_missing()
     if missing is not None:
         return (f"Each solver with its defaults: ours Anderson m={a['m']}, lam={a['lam']:g} x "

@@ -120,3 +120,20 @@ def test_a_reader_gone_away_does_not_cost_the_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     rows = list(csv.DictReader((tmp_path / "solvers_quick.csv").open()))
     assert len(rows) >= 6  # both cells measured, not just the first
+
+
+def test_markdown_renders_in_a_fresh_interpreter():
+    """markdown() (solver_settings) read ``wt.solvers.anderson``: an AttributeError until
+    something had imported wtmodels.solvers (the run's solves hid it; a standalone call, or
+    the test above run alone, failed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import benchmarks.solvers as s\n"
+            "t = s.solver_settings()\n"
+            "assert 'Anderson m=' in t and 'Broyden m=' in t, t\n")
+    root = Path(solvers_bench.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
