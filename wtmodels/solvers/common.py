@@ -157,6 +157,11 @@ class Problem:
         if not z0.is_floating_point():  # complex too: the residual norms and mixing are real
             raise ValueError("z0 must be a real floating-point tensor (float32, float64, "
                              f"bfloat16 or float16), got dtype {z0.dtype}")
+        if z0.layout != torch.strided:  # else a bare "reshape is not implemented" error
+            raise ValueError(f"z0 must be a dense (strided) tensor, got layout {z0.layout}")
+        if z0.device.type == "meta":  # no values to decide on (else a bare autocast error)
+            raise ValueError("z0 must hold values: a tensor on the 'meta' device cannot be "
+                             "solved")
         self.f = f
         self.shape = z0.shape
         self.dtype = z0.dtype
@@ -228,6 +233,9 @@ class Problem:
                              f"(the shape of z0), got {got}")
         if not fz.is_floating_point():
             raise ValueError(f"f must return a real floating-point tensor, got {fz.dtype}")
+        if fz.layout != torch.strided:  # else a bare "reshape is not implemented" error
+            raise ValueError(f"f must return a dense (strided) tensor, got layout {fz.layout} "
+                             "(call .to_dense())")
         if fz.device != self.device:  # else a bare cross-device error deep in the solver
             raise ValueError(f"f must return a tensor on the device of z0 ({self.device}), "
                              f"got one on {fz.device}")
