@@ -11,22 +11,14 @@ import pytest
 import torch
 
 solvers_bench = pytest.importorskip("benchmarks.solvers")
+from test_review8_bench_solvers import tiny_run  # noqa: E402 (after the skip)
 
 
 def test_csv_rows_carry_the_settings_and_the_load(monkeypatch, tmp_path):
     """Two runs with different --tol/--max-iter/--gain/--repeats wrote csv files with the
     same columns, and the load average the md warns about was in no csv."""
-    monkeypatch.setattr(solvers_bench, "QUICK_CELLS", [(2, 4, 4)])
-    mem = [{"grad": g, "f_max_iter": n, "B": 2, "C": 4, "H": 4, "peak_mb": 1.0,
-            "saved_for_backward_mb": 0.5} for g in ("ift", "unroll") for n in (10, 40)]
-    monkeypatch.setattr(solvers_bench, "memory_check", lambda budgets, device="cpu": mem)
-    threads = torch.get_num_threads()
-    try:
-        rc = solvers_bench.main(["--quick", "--repeats", "2", "--threads", "1", "--malloc",
-                                 "default", "--tol", "1e-3", "--max-iter", "30", "--gain",
-                                 "0.5", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    rc = tiny_run(monkeypatch, tmp_path, "--repeats", "2", "--tol", "1e-3", "--max-iter", "30",
+                  "--gain", "0.5")
     assert rc == 0
     rows = list(csv.DictReader((tmp_path / "solvers_quick.csv").open()))
     assert rows
