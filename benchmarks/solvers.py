@@ -51,6 +51,7 @@ import wtmodels as wt
 from benchmarks.provenance import describe_machine
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
+from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
 
 TARGETS = {"anderson": 1.3, "broyden": 1.6}
 # the range (batch 32-64, 16-64 channels, 8-16 px): both corners and cells between
@@ -344,8 +345,6 @@ def solver_settings() -> str:
 
     def defaults(fn):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
-
-    from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
 
     a, b = defaults(anderson), defaults(broyden)
     missing = torchdeq_missing()
