@@ -411,9 +411,11 @@ class Tracker:
         # a plain norm squares the entries: beyond ~1e19 (float32) it overflows to inf, below
         # ~1e-19 the squares underflow (a residual read as 0 would report a convergence never
         # reached); those rows (rare: one check for the whole batch) are measured again scaled
-        if not sm.all_finite(abs_r, f_norm) or bool(abs_r.min() < self.norm_lo):
+        finite = sm.all_finite(abs_r, f_norm)  # one check for the whole batch
+        if not finite or bool(abs_r.min() < self.norm_lo):
             abs_r, f_norm = self._rescaled_norms(fx, g, abs_r, f_norm)
-        if sm.all_finite(abs_r, f_norm):  # one check for the whole batch
+            finite = sm.all_finite(abs_r, f_norm)
+        if finite:
             rel_r = abs_r / (f_norm + EPS)
         else:  # some f(x) or f(x) - x non-finite: that sample's residuals are inf
             with np.errstate(invalid="ignore", over="ignore"):
