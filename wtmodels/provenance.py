@@ -12,12 +12,15 @@ import os
 import subprocess
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = "benchmarks/results"  # outputs: edits there do not make the code dirty
 
 
 def git_sha(root: str = _ROOT) -> str:
-    """12-character sha of ``HEAD`` with ``-dirty`` when tracked files differ; outside a git
-    checkout (an installed wheel, a ``git archive`` snapshot) the ``WTMODELS_GIT_SHA``
-    environment variable, else ``"unknown"``.
+    """12-character sha of ``HEAD`` with ``-dirty`` when tracked files other than the results
+    under ``benchmarks/results/`` differ (a benchmark rewriting its own results does not make
+    the code the next run measures "dirty"); outside a git checkout (an installed wheel, a
+    ``git archive`` snapshot) the ``WTMODELS_GIT_SHA`` environment variable, else
+    ``"unknown"``.
 
     Example:
         >>> isinstance(git_sha(), str)
@@ -32,7 +35,8 @@ def git_sha(root: str = _ROOT) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
                              capture_output=True, text=True, timeout=10, env=env).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", f":(exclude){RESULTS_DIR}"],
                                cwd=root, check=True, capture_output=True, text=True,
                                timeout=10, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
