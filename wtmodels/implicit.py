@@ -502,7 +502,11 @@ def _reaches_beyond(out: torch.Tensor, leaf: torch.Tensor) -> bool:
 
     Walks ``out``'s autograd graph (stopping at the first other input found): a graph whose
     every path ends at ``leaf``'s gradient accumulator depends on nothing else that requires
-    grad. An end of any other kind counts as something else.
+    grad. An end of any other kind counts as something else, and so does a custom
+    ``autograd.Function``: its backward may reach tensors that are not its inputs (a
+    reentrant ``torch.utils.checkpoint`` runs the parameters' backward inside its own node),
+    so an ``f`` built on one is never taken for a frozen one (at worst an adjoint solve runs
+    for nothing).
     """
     if not out.requires_grad:
         return False
@@ -514,6 +518,8 @@ def _reaches_beyond(out: torch.Tensor, leaf: torch.Tensor) -> bool:
         if node in seen:
             continue
         seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
         nxt = [n for n, _ in node.next_functions if n is not None]
         if not nxt and getattr(node, "variable", None) is not leaf:
             return True
@@ -554,5 +560,14 @@ class _AdjointSolve(torch.autograd.Function):
                 "DEQ(grad='ift') gives first-order gradients only (its backward solve builds "
                 "no graph); use grad='unroll' for higher-order derivatives (create_graph=True)")
         z_out, z_in, deq = ctx.graph
-        u = deq._backward_solve(z_out, z_in, grad)
+        try:
+            u = deq._backward_solve(z_out, z_in, grad)
+        except RuntimeError as e:  # is_grads_batched=True, jacobian(vectorize=True): vmap
+            if "atching rule" not in str(e) and "vmap" not in str(e):
+                raise
+            raise RuntimeError(
+                "DEQ(grad='ift') cannot differentiate batched gradients (autograd.grad with "
+                "is_grads_batched=True, torch.autograd.functional.jacobian(vectorize=True)): "
+                "its adjoint solve stops per sample on the values; use vectorize=False (one "
+                "backward per row), or grad='unroll'") from e
         return u, None, None
