@@ -338,6 +338,9 @@ def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
     return s[:, 0] * torch.linalg.vector_norm(t / torch.where(s > 0, s, 1.0), dim=1)
 
 
+_TRACE_VALUES = 1 << 20  # entries of each trace's first allocation, for B above 16384
+
+
 class Tracker:
     """Per-sample residuals, best iterates, stopping and divergence flags of one solve.
 
@@ -352,9 +355,12 @@ class Tracker:
         self.small = sm = Small(x0)
         self.tol, self.rel = tol, stop_mode == "rel"
         self.div_factor, self.patience = div_factor, patience
-        # traces grow on demand: the memory follows the evaluations made, not max_iter
-        self.abs_trace = sm.full((B, min(max_iter, 64)), math.nan)
-        self.rel_trace = sm.full((B, min(max_iter, 64)), math.nan)
+        # traces grow on demand: the memory follows the evaluations made, not max_iter; the
+        # first allocation holds 64 evaluations, fewer for a huge batch (a fixed 64 columns
+        # cost 2 x 64 x B values up front: 512 MB at B = 1e6 for a solve of a few steps)
+        width = min(max_iter, 64, max(8, _TRACE_VALUES // B))
+        self.abs_trace = sm.full((B, width), math.nan)
+        self.rel_trace = sm.full((B, width), math.nan)
         self.best_abs = sm.full((B,), math.inf)
         self.best_rel = sm.full((B,), math.inf)
         self.min_abs = sm.full((B,), math.inf)
