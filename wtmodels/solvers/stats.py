@@ -28,9 +28,10 @@ class SolverStats:
             or the residual kept growing (see ``wtmodels.solvers.common``). Never both
             converged and diverged.
         abs_trace: ``(B, n_iter)`` absolute residual at each iteration; once a sample stopped,
-            its columns hold its lowest residual. ``n_iter`` is the number of f-evaluations the
-            batch ran.
-        rel_trace: ``(B, n_iter)`` the same for the relative residual.
+            its columns hold the residual of its returned iterate (``abs_lowest``: its lowest,
+            or its start's for a sample that gets its start back, see ``abs_lowest``).
+            ``n_iter`` is the number of f-evaluations the batch ran.
+        rel_trace: ``(B, n_iter)`` the same for the relative residual (``rel_lowest``).
         jac_loss: 0-dim tensor, the Hutchinson estimate of ``||df/dz||_F^2 / numel`` averaged
             over the batch, when a :class:`wtmodels.DEQ` was asked for it; else ``None``.
 
