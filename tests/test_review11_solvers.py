@@ -256,3 +256,29 @@ def test_a_huge_batch_of_scalars(method, monkeypatch):
     # 2 x 64 x B values whatever the solve needed (512 MB at B = 1e6 in float32)
     n = stats.abs_trace.shape[1]
     assert widths and max(widths) <= max(8, 2 * n)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("layout", ["transposed", "batch_innermost"])
+def test_a_dense_z0_with_the_batch_innermost_gives_contiguous_iterates_and_result(method,
+                                                                                  layout):
+    # z.t() and (C, H, B).permute(2, 0, 1) reshape to (B, D) views with strides (1, B): a
+    # plain copy kept them, so f saw a strided first iterate and a solve that returned its
+    # start (max_iter=1, or every sample diverged) returned a non-contiguous z
+    if layout == "transposed":
+        z0 = torch.arange(24.0).reshape(6, 4).t()  # (4, 6)
+    else:
+        z0 = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)  # (4, 2, 3)
+    seen = []
+
+    def f(z):
+        seen.append(z.is_contiguous())
+        return 0.5 * z + 1.0
+
+    for kwargs in ({"max_iter": 1}, {"tol": 1e-6}):
+        z, stats = wt.solve(f, z0, method=method, **kwargs)
+        assert z.is_contiguous() and all(seen)
+        want = z0 if kwargs.get("max_iter") == 1 else torch.full_like(z0, 2.0)
+        torch.testing.assert_close(z, want, atol=1e-5, rtol=0)
+    z, stats = wt.solve(lambda z: z * math.nan, z0, method=method)
+    assert z.is_contiguous() and torch.equal(z, z0) and stats.diverged.all()

@@ -171,8 +171,11 @@ class Problem:
         self.autocast = torch.is_autocast_enabled(self.device_type)
         self.autocast_dtype = (torch.get_autocast_dtype(self.device_type)
                                if self.autocast else None)
-        # (B, D), memory of its own: f sees the iterates, and the caller's z0 stays untouched
-        self.x0 = z0.detach().reshape(z0.shape[0], -1).to(self.compute_dtype, copy=True)
+        # (B, D), memory of its own: f sees the iterates, and the caller's z0 stays untouched;
+        # contiguous (a dense z0 with the batch innermost, z.t(), reshapes to a strided view
+        # that a plain copy keeps: f saw it and a solve returning its start returned it)
+        self.x0 = z0.detach().reshape(z0.shape[0], -1).to(
+            self.compute_dtype, copy=True, memory_format=torch.contiguous_format)
         self.rounds = z0.dtype != self.compute_dtype
         # inference tensors have no version counter (see check_unmodified)
         self.versioned = not torch.is_inference_mode_enabled()
