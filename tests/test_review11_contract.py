@@ -197,3 +197,15 @@ def test_create_model_bad_names_name_the_choices():
         wt.create_model("wt_s", mask_k=2, mask_kind="gaussian")
     with pytest.raises(ValueError, match="mask_density"):
         wt.create_model("wt_s", mask_k=2, mask_density=0.0)
+
+
+def test_params_is_an_integer_count_in_the_summary_and_its_json():
+    # it was a float: results.csv read "1378.0" and int(row["params"]) raised
+    import json
+
+    from wtmodels.accounting import count_params, model_summary
+
+    model = wt.create_model("test_wt", in_chans=1)
+    info = model_summary(model, (1, 8, 8))
+    assert type(info["params"]) is int and info["params"] == count_params(model)
+    assert json.dumps(info["params"]) == str(count_params(model))  # no ".0"

@@ -52,7 +52,7 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
 
 def model_summary(
     model: nn.Module, input_shape: tuple[int, int, int] | None = None
-) -> dict[str, float]:
+) -> dict[str, int | float]:
     """Size and cost of a model on one image of ``input_shape`` ``(C, H, W)`` (default: the
     model's ``config.in_chans`` channels, else 3, at 32 x 32).
 
@@ -61,10 +61,10 @@ def model_summary(
     generator (the global random state is untouched); the model's train/eval mode is restored.
 
     Returns:
-        ``params`` (trainable), ``nonzero_params_per_iter`` (:func:`nonzero_params_per_iter`),
-        ``cell_evals`` (cell applications in that forward; for DEQ and adaptive ODE cores it
-        depends on the input), ``flops_per_image`` (FLOPs counted by torch: dense convolutions
-        and matmuls, masked weights count as dense).
+        ``params`` (trainable, an int), ``nonzero_params_per_iter``
+        (:func:`nonzero_params_per_iter`), ``cell_evals`` (cell applications in that forward;
+        for DEQ and adaptive ODE cores it depends on the input), ``flops_per_image`` (FLOPs
+        counted by torch: dense convolutions and matmuls, masked weights count as dense).
 
     Example:
         >>> import wtmodels as wt
@@ -94,7 +94,7 @@ def model_summary(
             core.set_jac_reg(True)
     stats = model.core_stats()
     return {
-        "params": float(count_params(model)),
+        "params": int(count_params(model)),  # a count: "1378" in results.csv, not "1378.0"
         "nonzero_params_per_iter": nonzero_params_per_iter(model),
         "cell_evals": float(stats.get("cell_evals", 0.0)),
         "flops_per_image": float(counter.get_total_flops()),
