@@ -96,6 +96,7 @@ def test_deq_keyword_hints():
         wt.DEQ()(torch.cos, torch.zeros(2, 3), foo=1)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*deprecated:FutureWarning")  # torch.func
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
 def test_autodiff_transforms_raise_or_match_reverse_mode(grad):
     # never wrong numbers: torch.func and forward-mode AD either fail or agree with the
