@@ -423,8 +423,33 @@ def _load_rgb(path: str):
         raise OSError(f"{path}: {err}") from err
 
 
+def _hidden(name: str) -> bool:
+    """A dot name (``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._x.png`` resource forks)."""
+    return name.startswith(".")
+
+
 def _imagefolder(data_dir, download, augment, image_size, opts):
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    class VisibleImageFolder(ImageFolder):
+        """ImageFolder without hidden entries, as the shell's ``ROOT/train/<class>/*`` reads it:
+        torchvision made a class of ``.ipynb_checkpoints`` (refused as "no valid file", or
+        trained on as an extra class) and read ``._x.png`` resource forks as images."""
+
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory)
+                             if e.is_dir() and not _hidden(e.name))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    def visible_image(split_root: str):
+        def ok(path: str) -> bool:
+            parts = Path(os.path.relpath(path, split_root)).parts
+            return (not any(_hidden(part) for part in parts)
+                    and has_file_allowed_extension(path, IMG_EXTENSIONS))
+        return ok
 
     if data_dir is None:
         raise ValueError("dataset imagefolder needs --data-dir ROOT holding ROOT/train/<class>/* "
@@ -447,10 +472,13 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
     found = {}
     for split, tf in (("train", train_tf), ("val", test_tf)):
         try:
-            found[split] = ImageFolder(str(root / split), transform=tf, loader=_load_rgb)
+            found[split] = VisibleImageFolder(str(root / split), transform=tf, loader=_load_rgb,
+                                              is_valid_file=visible_image(str(root / split)))
         except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
-            raise ValueError(f"dataset imagefolder: {root / split}: {err}".replace("\n", " ")
-                             ) from None
+            msg = " ".join(str(err).split())
+            if "Found no valid file" in msg:
+                msg += f" Supported extensions are: {', '.join(IMG_EXTENSIONS)}"
+            raise ValueError(f"dataset imagefolder: {root / split}: {msg}") from None
     train, test = found["train"], found["val"]
     if train.classes != test.classes:
         raise ValueError(f"dataset imagefolder: train classes {train.classes} differ from val "

@@ -1,0 +1,58 @@
+"""Review 12: datasets and the single-run command, tried as a new user would.
+
+Every dataset here is written by the test in its real on-disk format and read back through the
+real loading code; expected values come from the files written, not from the code under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from wtmodels.data import NORMALISATION, get_datasets
+
+
+def _raw_imagefolder(x: torch.Tensor) -> torch.Tensor:
+    """Undo the imagefolder normalisation: pixels in 0..255."""
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in NORMALISATION["imagefolder"])
+    return (x * std + mean) * 255
+
+
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path):
+    """A Jupyter ``.ipynb_checkpoints`` folder is not a class, and a macOS ``._x.png`` resource
+    fork or a file in a hidden sub-folder is not an image (the shell's ``<class>/*`` skips
+    them). Before: ``.ipynb_checkpoints`` was refused as a class without images, or, holding
+    an image, trained on as a third class; ``._x.png`` failed to decode mid-training."""
+    colours = {"cat": (250, 10, 20), "dog": (5, 100, 200)}
+    for split in ("train", "val"):
+        for cls, colour in colours.items():
+            (tmp_path / split / cls / ".cache").mkdir(parents=True)
+            Image.new("RGB", (9, 7), colour).save(tmp_path / split / cls / "0.png")
+            Image.new("RGB", (9, 7), (0, 0, 0)).save(tmp_path / split / cls / ".cache" / "1.png")
+            (tmp_path / split / cls / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+    train, test, info = get_datasets("imagefolder", data_dir=tmp_path, image_size=4,
+                                     augment=False)
+    assert info["num_classes"] == 2 and train.classes == ["cat", "dog"]
+    assert (len(train), len(test)) == (2, 2)
+    for ds in (train, test):
+        for i, colour in enumerate(colours.values()):
+            x, y = ds[i]
+            assert y == i
+            assert torch.allclose(_raw_imagefolder(x).mean(dim=(1, 2)),
+                                  torch.tensor(colour, dtype=torch.float32), atol=0.01)
+    # a hidden folder holding an image was a class of its own
+    Image.new("RGB", (9, 7)).save(tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
+    Image.new("RGB", (9, 7)).save(tmp_path / "val" / ".ipynb_checkpoints" / "x.png")
+    train, _, info = get_datasets("imagefolder", data_dir=tmp_path, image_size=4)
+    assert info["num_classes"] == 2 and len(train) == 2
+    # an empty visible class is still refused, naming the supported extensions
+    (tmp_path / "val" / "bird").mkdir()
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"train: Found no valid file for the classes bird\. "
+                                         r"Supported extensions are: \.jpg"):
+        get_datasets("imagefolder", data_dir=tmp_path)
