@@ -313,6 +313,12 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
                                  f"(truncated or corrupt?): {first}") from None
             for ds in pair:
                 _check_28x28(ds.data, name, tv_raw)
+                if len(ds.data) != len(ds.targets):  # torchvision does not check: an image
+                    # without a label failed with an IndexError mid-training
+                    split = "train" if ds.train else "t10k"
+                    raise ValueError(f"dataset {name}: {tv_raw} holds {len(ds.data)} {split} "
+                                     f"images but {len(ds.targets)} labels: the images and "
+                                     "labels files do not form a pair")
             return (*pair, info)
         candidates += [tv_raw, root]
     else:  # the system copies only when no folder was named
