@@ -120,11 +120,31 @@ def resolve_dataset(name: str) -> str:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     if name != "auto":
         return name
-    from wtmodels.data import FASHION_MNIST_SYSTEM_DIRS
+    return "fashion_mnist" if _fashion_mnist_dir() is not None else "digits"
 
-    present = any(os.path.exists(os.path.join(d, "train-images-idx3-ubyte.gz"))
-                  for d in FASHION_MNIST_SYSTEM_DIRS)
-    return "fashion_mnist" if present else "digits"
+
+def _fashion_mnist_dir() -> str | None:
+    """The system folder the data loader reads Fashion-MNIST from (train and test idx files,
+    plain or gzipped), or None."""
+    from pathlib import Path
+
+    from wtmodels import data
+
+    return next((d for d in data.FASHION_MNIST_SYSTEM_DIRS
+                 if data._idx_files(Path(d), True) and data._idx_files(Path(d), False)), None)
+
+
+def check_installed(dataset: str) -> None:
+    """``ValueError`` when ``dataset`` resolves to Fashion-MNIST and its files are missing: the
+    experiment reads them from the system folder only (it has no ``--data-dir``)."""
+    if resolve_dataset(dataset) == "fashion_mnist" and _fashion_mnist_dir() is None:
+        from wtmodels import data
+
+        raise ValueError(
+            "dataset fashion_mnist: no train and t10k idx files in "
+            f"{', '.join(data.FASHION_MNIST_SYSTEM_DIRS)} (the Debian package "
+            "dataset-fashion-mnist), the only place this experiment reads them from; valid "
+            f"datasets: {', '.join(DATASETS)} (auto falls back to digits)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -319,6 +339,7 @@ def run(config: dict, out_dir: str) -> dict:
         (means over layers), ``pretrain_test_acc``, timings, provenance.
     """
     check_config(config)
+    check_installed(config["dataset"])
     dataset = resolve_dataset(config["dataset"])
     cache_dir = config.get("cache_dir") or os.path.join(
         os.path.dirname(os.path.abspath(out_dir)), "_pretrained")
@@ -713,7 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             raise ValueError(f"threads must be >= 1, got {args.threads}")
         overrides = {} if args.dataset is None else {"dataset": args.dataset}
-        experiment_configs(args.smoke, seeds, **overrides)  # bad values: before any folder
+        configs = experiment_configs(args.smoke, seeds, **overrides)  # before any folder
+        for dataset in {config["dataset"] for _, config in configs}:
+            check_installed(dataset)
         _make_out_dir(args.out)
         rows = run_capaboost(args.out, smoke=args.smoke, seeds=seeds, threads=args.threads,
                              **overrides)

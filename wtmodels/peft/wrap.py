@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,7 @@ class PEFTLayer(nn.Module):
         super().__init__()
         self.base = base
         self._formed: tuple[torch.Tensor, ...] | None = None
+        self._formed_frame = None  # the frame of the forward pass that formed them
 
     def form(self) -> tuple[torch.Tensor, ...]:
         """The update weights with the copies' masks applied and concatenated."""
@@ -320,17 +322,47 @@ def peft_layers(model: nn.Module, kind: type = PEFTLayer) -> list[PEFTLayer]:
 # Forming the masked copies once per forward pass
 
 
+def _live_frames() -> set[int]:
+    """Ids of the frames on the current call stack."""
+    live, frame = set(), sys._getframe(1)
+    while frame is not None:
+        live.add(id(frame))
+        frame = frame.f_back
+    return live
+
+
+def _drop_stale(model: nn.Module, layers: list[PEFTLayer]) -> None:
+    """Forget weights formed by passes that ended without the releasing forward hook.
+
+    torch runs an ``always_call`` forward hook after an ``Exception`` only: a pass cut short by
+    a ``KeyboardInterrupt`` (Ctrl-C in a notebook) left its formed weights behind, and the
+    next passes would reuse them (old factor values, a graph freed by the first backward). A
+    pass is live while the frame that ran its pre-hook (and runs its forward) is on the stack.
+    """
+    live = _live_frames()
+    stack = model._peft_formed_stack
+    stack[:] = [entry for entry in stack if id(entry[0]) in live]
+    for layer in layers:
+        if layer._formed is not None and id(getattr(layer, "_formed_frame", None)) not in live:
+            layer._formed, layer._formed_frame = None, None
+
+
 def _form_all(model: nn.Module, args: tuple) -> None:
-    fresh = [m for m in peft_layers(model) if m._formed is None and m.active]
+    layers = peft_layers(model)
+    frame = None
+    if not torch.compiler.is_compiling():
+        _drop_stale(model, layers)
+        frame = sys._getframe(1)  # runs the pre-hooks, then the forward (torch's _call_impl)
+    fresh = [m for m in layers if m._formed is None and m.active]
     for layer in fresh:
-        layer._formed = layer.form()
-    model._peft_formed_stack.append(fresh)
+        layer._formed, layer._formed_frame = layer.form(), frame
+    model._peft_formed_stack.append((frame, fresh))
 
 
 def _release_all(model: nn.Module, args: tuple, output: object) -> None:
     stack = model._peft_formed_stack
-    for layer in stack.pop() if stack else ():
-        layer._formed = None
+    for layer in stack.pop()[1] if stack else ():
+        layer._formed, layer._formed_frame = None, None
 
 
 def install_forming_hooks(model: nn.Module) -> None:
@@ -338,7 +370,9 @@ def install_forming_hooks(model: nn.Module) -> None:
 
     A forward pre-hook forms them, a forward hook (run even when the forward raises) drops
     them, so every call of a wrapper inside the pass (D calls in a weight-tied cell) reuses one
-    formed tensor and gradients of all calls meet in it. Installing twice is a no-op.
+    formed tensor and gradients of all calls meet in it. What a pass cut short by a
+    ``KeyboardInterrupt`` formed (torch skips the hook then) is dropped by the next pass.
+    Installing twice is a no-op.
     """
     if _form_all in model._forward_pre_hooks.values():
         return
