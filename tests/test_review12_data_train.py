@@ -83,3 +83,17 @@ def test_mnist_torchvision_layout_with_more_images_than_labels_is_refused(tmp_pa
     train, test, _ = get_datasets("mnist", data_dir=tmp_path)
     assert [train[i][1] for i in range(20)] == [i % 10 for i in range(20)]
     assert len(test) == 6
+
+
+def test_a_flag_overrides_a_model_setting_nested_in_the_config_file(tmp_path: Path):
+    """``--config FILE`` with flags: "flags override the file", also for a model setting the
+    file gives under ``model_overrides`` (config.json's form); it was refused as given twice."""
+    from wtmodels.cli import parse_settings
+    from wtmodels.train_config import resolve_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: test_wt\nlr: 0.1\nmodel_overrides:\n  depth: 2\n  width: 8\n")
+    cfg = resolve_config(parse_settings(["--config", str(path), "--depth", "3"]))
+    assert cfg.model_overrides == {"depth": 3, "width": 8} and cfg.lr == 0.1
+    cfg = resolve_config(parse_settings(["--config", str(path)]))
+    assert cfg.model_overrides == {"depth": 2, "width": 8}

@@ -175,5 +175,9 @@ def parse_settings(argv: list[str]) -> dict:
                 raise UsageError(f"config file {path}: setting {key} given twice (as "
                                  f"{key.replace('_', '-')!r} and {key!r})")
             settings[key] = value
+        nested = settings.get("model_overrides")
+        if isinstance(nested, dict):  # config.json's form: a flag overrides it too (it was
+            # refused as "given twice")
+            settings["model_overrides"] = {k: v for k, v in nested.items() if k not in args}
     settings.update(args)
     return settings
