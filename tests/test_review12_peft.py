@@ -88,3 +88,15 @@ def test_missing_fashion_mnist_exits_2_before_any_folder(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "--data-dir" not in err
     assert "valid datasets: auto, fashion_mnist, digits" in err
     assert not out.exists()
+
+
+def test_the_lora_base_class_built_directly_names_the_classes_to_use():
+    # before: "LoRALayer wraps an Conv2d, got Linear" for a Linear (and a Conv2d was accepted,
+    # then failed at the first forward pass with NotImplementedError)
+    from torch import nn
+
+    from wtmodels.peft import LoRALayer
+
+    for layer in (nn.Linear(3, 3), nn.Conv2d(3, 3, 1)):
+        with pytest.raises(ValueError, match="LoRALinear or LoRAConv2d.*LoRALayer.wrap"):
+            LoRALayer(layer, rank=1)

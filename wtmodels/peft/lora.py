@@ -109,10 +109,14 @@ class LoRALayer(PEFTLayer):
     ):
         check_lora_args(rank, copies, density, kind, alpha, impl, seed)
         rank, copies, density, seed = int(rank), int(copies), float(density), int(seed)
+        if type(self) is LoRALayer:  # its _update is abstract
+            raise ValueError(f"{type(self).__name__} is the base class: build LoRALinear or "
+                             "LoRAConv2d, or LoRALayer.wrap(layer, rank) to pick the one that "
+                             "matches the layer")
         expected = nn.Linear if isinstance(self, LoRALinear) else nn.Conv2d
         if not isinstance(base, expected):
             raise ValueError(f"{type(self).__name__} wraps an {expected.__name__}, got "
-                             f"{type(base).__name__}")
+                             f"{type(base).__name__}; LoRALayer.wrap(layer, rank) picks the class")
         check_materialized(base)
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ValueError(f"LoRA on a grouped Conv2d (groups={base.groups}) is not supported; "
