@@ -100,3 +100,13 @@ def test_the_lora_base_class_built_directly_names_the_classes_to_use():
     for layer in (nn.Linear(3, 3), nn.Conv2d(3, 3, 1)):
         with pytest.raises(ValueError, match="LoRALinear or LoRAConv2d.*LoRALayer.wrap"):
             LoRALayer(layer, rank=1)
+
+
+def test_no_match_lists_only_layers_that_can_still_be_wrapped():
+    # before: after add_lora the candidates were "0.base, 2.base", names that select nothing
+    from torch import nn
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Conv2d(1, 1, 1))
+    add_lora(net, rank=1, targets=nn.Linear)
+    with pytest.raises(ValueError, match=r"candidate layers: 3; already wrapped: 0, 2$"):
+        add_lora(net, rank=1, targets=nn.Linear)

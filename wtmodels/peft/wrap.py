@@ -255,12 +255,14 @@ def find_targets(
     if selected and unused:
         raise ValueError(f"target pattern(s) {unused} match no layer (misspelt?)")
     if not selected:
-        shown = ", ".join(
-            n for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES)
-        )
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, PEFTLayer)]
+        inside = tuple(f"{n}." for n in wrapped)
+        shown = ", ".join(n for n, m in model.named_modules()
+                          if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside))
         raise ValueError(
             f"no module matched targets {targets!r} (layers already wrapped and excluded ones "
             f"are skipped); candidate layers: {shown or 'none'}"
+            + (f"; already wrapped: {', '.join(wrapped)}" if wrapped else "")
         )
     if any(name == "" for name, _ in selected):
         raise ValueError(
