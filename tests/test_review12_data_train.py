@@ -6,6 +6,7 @@ real loading code; expected values come from the files written, not from the cod
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,9 @@ def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path):
             assert y == i
             assert torch.allclose(_raw_imagefolder(x).mean(dim=(1, 2)),
                                   torch.tensor(colour, dtype=torch.float32), atol=0.01)
+    # loader workers started by spawn / forkserver pickle the dataset
+    again = pickle.loads(pickle.dumps(train))
+    assert again.samples == train.samples and torch.equal(again[1][0], train[1][0])
     # a hidden folder holding an image was a class of its own
     Image.new("RGB", (9, 7)).save(tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
     Image.new("RGB", (9, 7)).save(tmp_path / "val" / ".ipynb_checkpoints" / "x.png")

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import numbers
@@ -44,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 # Debian's dataset-fashion-mnist installs the four idx .gz files here.
@@ -434,29 +437,32 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+class _VisibleImageFolder(ImageFolder):
+    """ImageFolder without hidden entries, as the shell's ``ROOT/train/<class>/*`` reads it:
+    torchvision made a class of ``.ipynb_checkpoints`` (refused as "no valid file", or trained
+    on as an extra class) and read ``._x.png`` resource forks as images. Defined at module
+    level: loader workers started by spawn / forkserver pickle the dataset."""
+
+    def __init__(self, root: str, transform, loader):
+        super().__init__(root, transform=transform, loader=loader,
+                         is_valid_file=functools.partial(_visible_image, root))
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and not _hidden(e.name))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def _visible_image(split_root: str, path: str) -> bool:
+    """An image file none of whose path parts below ``split_root`` is hidden."""
+    parts = Path(os.path.relpath(path, split_root)).parts
+    return not any(_hidden(part) for part in parts) and has_file_allowed_extension(
+        path, IMG_EXTENSIONS)
+
+
 def _imagefolder(data_dir, download, augment, image_size, opts):
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-
-    class VisibleImageFolder(ImageFolder):
-        """ImageFolder without hidden entries, as the shell's ``ROOT/train/<class>/*`` reads it:
-        torchvision made a class of ``.ipynb_checkpoints`` (refused as "no valid file", or
-        trained on as an extra class) and read ``._x.png`` resource forks as images."""
-
-        def find_classes(self, directory):
-            classes = sorted(e.name for e in os.scandir(directory)
-                             if e.is_dir() and not _hidden(e.name))
-            if not classes:
-                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-            return classes, {name: i for i, name in enumerate(classes)}
-
-    def visible_image(split_root: str):
-        def ok(path: str) -> bool:
-            parts = Path(os.path.relpath(path, split_root)).parts
-            return (not any(_hidden(part) for part in parts)
-                    and has_file_allowed_extension(path, IMG_EXTENSIONS))
-        return ok
-
     if data_dir is None:
         raise ValueError("dataset imagefolder needs --data-dir ROOT holding ROOT/train/<class>/* "
                          "and ROOT/val/<class>/*")
@@ -478,8 +484,7 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
     found = {}
     for split, tf in (("train", train_tf), ("val", test_tf)):
         try:
-            found[split] = VisibleImageFolder(str(root / split), transform=tf, loader=_load_rgb,
-                                              is_valid_file=visible_image(str(root / split)))
+            found[split] = _VisibleImageFolder(str(root / split), tf, _load_rgb)
         except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
             msg = " ".join(str(err).split())
             if "Found no valid file" in msg:
