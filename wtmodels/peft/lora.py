@@ -263,7 +263,9 @@ class LoRALayer(PEFTLayer):
         """Fold ``delta_weight()`` into the base weight: the layer then costs what the base does.
 
         A plain weight gets the update added; a parametrized one (weight norm) is assigned
-        ``W + delta`` through the parametrization's right inverse.
+        ``W + delta`` through the parametrization's right inverse. A layer cannot see who
+        else uses its base weight: :func:`merge_lora` refuses tied weights, this method does
+        not (a module sharing the weight would change too).
 
         Raises:
             RuntimeError: already merged.
