@@ -19,6 +19,7 @@ forward pass (:func:`wtmodels.masks.formed_masks`).
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -78,9 +79,10 @@ class Core(nn.Module):
 
 
 def _check_depth(depth: int) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    # numbers.Integral: a depth from np.arange (a sweep) is an integer too, as in ModelConfig
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
-    return depth
+    return int(depth)
 
 
 def unroll(cell: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
