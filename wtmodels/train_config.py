@@ -398,7 +398,11 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
             model[key] = value
         else:
             valid = sorted(train_names | model_names)
-            raise ValueError(f"unknown setting {raw_key!r}; valid: {', '.join(valid)}")
+            hint = ""
+            if isinstance(config.get("train"), dict) and "model_config" in config:
+                hint = ("; this is a run directory's config.json: pass its 'train' and "
+                        "'model_overrides' entries flattened into one mapping")
+            raise ValueError(f"unknown setting {raw_key!r}{hint}; valid: {', '.join(valid)}")
     return TrainConfig(**train, model_overrides=check_model_overrides(model))
 
 
