@@ -68,3 +68,32 @@ def test_mask_schedule_by_hand_in_every_core(schedule, depth, k, indices):
     deq.cell.load_state_dict(tied.cell.state_dict())
     with torch.no_grad():
         assert torch.equal(deq(x), _by_hand(tied.cell, list(range(k)), x))
+
+
+def test_deepcopy_and_pickle_after_a_jac_reg_training_step():
+    # DEQCore kept the last forward's Jacobian regulariser (a tensor with an autograd graph):
+    # copy.deepcopy(model) after a training step with jac_reg raised RuntimeError
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = wt.create_model("test_deq", in_chans=1, mask_k=2)
+    model.set_jac_reg(True)
+    x = torch.randn(2, 1, 6, 6)
+    loss = model(x).logsumexp(1).mean() + 0.1 * model.jac_loss()
+    loss.backward()
+    assert model.jac_loss().grad_fn is not None  # the original keeps it for its own loss
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert other.cores[0].jac_loss() is None  # no forward ran on the copy
+        assert float(other.jac_loss()) == 0.0
+        for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+            assert torch.equal(a, b), name
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), twin(x))

@@ -239,6 +239,14 @@ class DEQCore(Core):
     def jac_loss(self) -> torch.Tensor | None:
         return self._jac_loss
 
+    def __getstate__(self) -> dict:
+        # the regulariser of the last forward carries that pass's autograd graph: a copy or a
+        # pickle of the model (copy.deepcopy after a training step: "Only Tensors created
+        # explicitly by the user (graph leaves) support the deepcopy protocol") leaves it out
+        state = super().__getstate__()
+        state["_jac_loss"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._jac_loss = None
         with forward_pass(self.cell, x):
