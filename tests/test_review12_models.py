@@ -97,3 +97,33 @@ def test_deepcopy_and_pickle_after_a_jac_reg_training_step():
     twin.eval()
     with torch.no_grad():
         assert torch.equal(model(x), twin(x))
+
+
+def test_masked_plain_subclass_pickles():
+    # apply_masks takes subclasses of conv / linear; their masked class is made on demand, and
+    # pickle.dumps / torch.save(model) raised "Can't pickle <class 'wtmodels.masks.Masked...'>:
+    # attribute lookup ... failed" (the built-in MaskedConv2d etc. pickled)
+    import io
+    import pickle
+
+    from torch import nn
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    from wtmodels.masks import apply_masks, set_mask_index
+
+    torch.manual_seed(0)
+    layer = apply_masks(NonDynamicallyQuantizableLinear(8, 4), k=3, density=0.25,
+                        types=nn.Linear)
+    set_mask_index(layer, 2)
+    x = torch.randn(5, 8)
+    want = x @ (layer.weight * layer.weight_masks[2]).T + layer.bias  # mask 2 by hand
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        copy = pickle.loads(pickle.dumps(layer, protocol=protocol))
+        assert type(copy) is type(layer)
+        assert isinstance(copy, NonDynamicallyQuantizableLinear)
+        assert copy.mask_index == 2 and torch.equal(copy.weight_masks, layer.weight_masks)
+        torch.testing.assert_close(copy(x), want)
+    buf = io.BytesIO()
+    torch.save(nn.Sequential(layer), buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), want)

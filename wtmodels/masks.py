@@ -369,6 +369,16 @@ class MaskedLayer:
         weight-shaped tensors (see :func:`apply_to_mask_stacks`)."""
         return apply_to_mask_stacks(self, ("weight_masks",), super()._apply, fn, recurse)
 
+    def __reduce_ex__(self, protocol):
+        # the masked subclass of a user's conv / linear subclass is made on demand
+        # (_masked_class), so pickle cannot find it by name: rebuild it from its base class
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if (cls.__bases__[0] is MaskedLayer and cls.__bases__[1] not in _STATIC_BASES
+                and _MASKED_CLASSES.get(cls.__bases__[1]) is cls):
+            return (_new_masked, (cls.__bases__[1],), *reduced[2:])
+        return reduced
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
         weight = self.masked_weight()
         if isinstance(self, nn.Linear):
@@ -398,6 +408,16 @@ _MASKED_CLASSES: dict[type, type] = {
     nn.Conv3d: MaskedConv3d,
     nn.Linear: MaskedLinear,
 }
+
+
+_STATIC_BASES = tuple(_MASKED_CLASSES)  # their masked classes are importable by name
+
+
+def _new_masked(base: type) -> nn.Module:
+    """Unpickling: an empty instance of the masked subclass of ``base`` (see
+    ``MaskedLayer.__reduce_ex__``)."""
+    cls = _masked_class(base)
+    return cls.__new__(cls)
 
 
 _PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
