@@ -415,7 +415,7 @@ class DEQ(nn.Module):
                 v = torch.randint_like(z_out, 2) * 2 - 1  # Rademacher probe
                 vjp = torch.autograd.grad(z_out, z_star, v, retain_graph=True,
                                           create_graph=create, allow_unused=True)[0]
-                if vjp is not None:  # None: f ignores z, J = 0
+                if vjp is not None and vjp.numel():  # None: f ignores z, J = 0; empty: 0
                     total = total + _at_least_float32(vjp).pow(2).sum() / vjp.numel()
         loss = total / self.jac_reg_samples
         return loss if create else loss.detach()
@@ -489,7 +489,8 @@ def _unknown_keywords(where: str, unknown: dict, valid: list[str]) -> str:
 def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:
     """``(B, 1, ...)`` bool mask of the samples of ``z0`` with a non-finite entry, or ``None``
     when there are none (or ``z0`` is not a ``(B, ...)`` float tensor: the solver says why)."""
-    if z0.dim() < 1 or z0.shape[0] < 1 or not z0.is_floating_point() or z0.numel() == 0:
+    if (z0.dim() < 1 or z0.shape[0] < 1 or not z0.is_floating_point() or z0.numel() == 0
+            or z0.layout != torch.strided or z0.device.type == "meta"):  # no values to read
         return None
     bad = ~torch.isfinite(z0.detach()).reshape(z0.shape[0], -1).all(1)
     if not bool(bad.any()):

@@ -1,0 +1,63 @@
+"""Review 12 of the solvers and wt.DEQ: inputs without values (meta, sparse) through every
+DEQ mode, an empty non-batch dimension with the Jacobian regulariser, per-sample step counts
+and residuals checked against hand-computed values. Every expected value is a closed form."""
+
+import pytest
+import torch
+
+import wtmodels as wt
+
+F64 = torch.float64
+GRADS = ["ift", "phantom", "unroll"]
+
+
+@pytest.mark.parametrize("grad", GRADS)
+def test_a_deq_refuses_a_meta_or_sparse_z0_with_the_solvers_value_error(grad):
+    # DEQ read the start's finiteness first: a bare "Tensor.item() cannot be called on meta
+    # tensors" RuntimeError / a sparse NotImplementedError, not the documented ValueError
+    p = torch.nn.Parameter(torch.tensor(0.5))
+    deq = wt.DEQ(grad=grad)
+    with pytest.raises(ValueError, match="z0 must hold values.*'meta'"):
+        deq(lambda z: p * z + 1, torch.zeros(3, 2, device="meta"))
+    with pytest.raises(ValueError, match="dense.*sparse"):
+        deq(lambda z: p * z + 1, torch.zeros(3, 2).to_sparse())
+
+
+@pytest.mark.parametrize("grad", GRADS)
+def test_jac_loss_of_an_empty_non_batch_dimension_is_zero_not_nan(grad):
+    # ||df/dz||_F^2 of an empty Jacobian is 0; it was 0 / numel = 0 / 0 = NaN, poisoning a
+    # loss `task + c * jac_loss`
+    p = torch.nn.Parameter(torch.tensor(0.5))
+    z, stats = wt.DEQ(grad=grad, jac_reg=True)(lambda z: p * z + 1, torch.zeros(3, 0, 4))
+    assert z.shape == (3, 0, 4)
+    assert float(stats.jac_loss.detach()) == 0.0
+    (z.sum() + stats.jac_loss).backward()
+    assert p.grad is None or float(p.grad) == 0.0
+    # and the value stays exact on a non-empty z: ||0.5 I||_F^2 / D = 0.25 for any probe
+    _, stats = wt.DEQ(grad=grad, jac_reg=True)(lambda z: p * z + 1, torch.zeros(3, 5))
+    assert abs(float(stats.jac_loss.detach()) - 0.25) < 1e-6
+
+
+def test_fixed_point_nstep_per_sample_is_the_hand_count_for_a_diagonal_map():
+    # z = a z + 1 from 0: iterate k (k = 0, 1, ...) has residual |a|^k (abs), and
+    # |a|^k / (|f(z_k)| + 1e-8) with f(z_k) = (1 - a^(k+1)) / (1 - a) (rel); a sample stops at
+    # the first evaluation within tol: nstep = k + 1. tol chosen away from the exact powers.
+    a = torch.tensor([0.1, 0.5, -0.9, 0.0], dtype=F64)
+    tol = 3e-6
+    def abs_k(ai, k):
+        return abs(ai) ** k
+    def rel_k(ai, k):
+        return abs(ai) ** k / (abs((1 - ai ** (k + 1)) / (1 - ai)) + 1e-8)
+    for mode, res in (("abs", abs_k), ("rel", rel_k)):
+        z, st = wt.solve(lambda z: a[:, None] * z + 1, torch.zeros(4, 1, dtype=F64),
+                         method="fixed_point", max_iter=500, tol=tol, stop_mode=mode)
+        want = [next(k + 1 for k in range(500) if res(float(ai), k) <= tol) for ai in a]
+        assert st.nstep.tolist() == want
+        assert st.n_iter == max(want) and st.abs_trace.shape == (4, max(want))
+        assert st.converged.all() and not st.diverged.any()
+        # the returned iterate is z_(nstep - 1) = (1 - a^(nstep-1)) / (1 - a)
+        k = st.nstep.to(F64) - 1
+        assert torch.allclose(z[:, 0], (1 - a ** k) / (1 - a), rtol=1e-12, atol=0)
+        for name in ("nstep", "abs_lowest", "rel_lowest", "converged", "diverged"):
+            assert getattr(st, name).shape == (4,)
+        assert st.nstep.dtype == torch.int64 and st.abs_lowest.dtype == F64
