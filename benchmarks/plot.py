@@ -51,6 +51,7 @@ from benchmarks.aggregate import (
     GROUP_COLUMNS,
     UNSTABLE,
     aggregate,
+    config_key,
     flags,
     has,
     mean_std,
@@ -187,8 +188,9 @@ def describe_setting(rows: Sequence[dict], context: Sequence[dict] = (),
     seeds: dict = {}
     for r in rows:
         if r.get("seed") not in (None, ""):
-            key = r.get("config_id") or r.get("label")
-            seeds.setdefault(key, set()).add(r.get("seed"))
+            # per configuration, as the points average them (hand-written rows without a
+            # config_id: by their configuration columns, not by label)
+            seeds.setdefault(config_key(r), set()).add(r.get("seed"))
     counts = sorted({len(v) for v in seeds.values()})
     text = ", ".join(p for p in parts if p)
     if counts:
@@ -1136,8 +1138,13 @@ def save_figure(fig: Figure, path: str, formats: Sequence[str] = ("png", "pdf"))
         for fmt in formats:
             target = f"{stem}.{fmt}"
             tmp = os.path.join(folder, f".{name}.tmp.{fmt}")
-            fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata.get(fmt))
-            os.replace(tmp, target)
+            try:
+                fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata.get(fmt))
+                os.replace(tmp, target)
+            except BaseException:  # no half-written temporary file left behind
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
     return path
 
 
@@ -1192,6 +1199,11 @@ def main(argv: list[str] | None = None) -> int:
         paths, table = make_report(args.sweep_dir, mask_density=args.mask_density)
     except ValueError as err:  # a damaged results file, a density the results do not have
         print(f"python -m benchmarks.plot: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only sweep directory, a file where plots/ goes ...
+        where = err.filename2 or err.filename or args.sweep_dir
+        print(f"python -m benchmarks.plot: error: cannot write {where}: "
+              f"{err.strerror or err}", file=sys.stderr)
         return 2
     print(table)
     for path in paths:
