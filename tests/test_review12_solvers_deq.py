@@ -61,3 +61,18 @@ def test_fixed_point_nstep_per_sample_is_the_hand_count_for_a_diagonal_map():
         for name in ("nstep", "abs_lowest", "rel_lowest", "converged", "diverged"):
             assert getattr(st, name).shape == (4,)
         assert st.nstep.dtype == torch.int64 and st.abs_lowest.dtype == F64
+
+
+def test_register_solver_refuses_a_callable_without_a_readable_signature():
+    # a builtin gave inspect's bare "no signature found for builtin ..." and an object with a
+    # broken __signature__ a TypeError; both now name the signature a solver must have
+    class BrokenSignature:
+        __signature__ = "not a signature"
+
+        def __call__(self, f, z0, *, max_iter, tol, stop_mode):
+            return wt.solvers.fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+
+    for i, fn in enumerate((torch.add, max, BrokenSignature())):
+        with pytest.raises(ValueError, match=r"must be callable as solver\(f, z0, \*, max_iter"):
+            wt.register_solver(f"review12_unreadable_{i}", fn)
+        assert f"review12_unreadable_{i}" not in wt.list_solvers()

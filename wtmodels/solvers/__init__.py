@@ -64,7 +64,11 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
         raise ValueError(f"solver must be callable, got {type(solver).__name__}")
     if name in _SOLVERS and not overwrite:
         raise ValueError(f"solver {name!r} is already registered (pass overwrite=True)")
-    params = inspect.signature(solver).parameters
+    try:  # a builtin (torch.add, max) has none: say what is expected, not only that
+        params = inspect.signature(solver).parameters
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"solver {name!r} must be callable as solver(f, z0, *, max_iter, tol, "
+                         f"stop_mode) with a readable signature: {e}") from None
     missing = [p for p in _COMMON if p not in params
                and not any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())]
     if missing:
