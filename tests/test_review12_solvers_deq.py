@@ -76,3 +76,27 @@ def test_register_solver_refuses_a_callable_without_a_readable_signature():
         with pytest.raises(ValueError, match=r"must be callable as solver\(f, z0, \*, max_iter"):
             wt.register_solver(f"review12_unreadable_{i}", fn)
         assert f"review12_unreadable_{i}" not in wt.list_solvers()
+
+
+@pytest.mark.parametrize("grad", GRADS)
+def test_an_f_writing_its_argument_in_place_under_inference_mode_matches_the_closed_form(grad):
+    # f(z) = 0.5 relu(z) + c, the relu in place: z* = c for c < 0, 2c for c > 0. Under
+    # torch.inference_mode (no version counter) DEQ handed f its own iterates: the damped
+    # phantom steps mixed the rectified iterate (output -0.5, not -1), and the unrolled
+    # residuals were read at the rectified iterate (never converged, the whole budget spent)
+    c = torch.tensor([[-1.0], [2.0]], dtype=F64)
+    want = torch.tensor([[-1.0], [4.0]], dtype=F64)
+    tol = 1e-9
+    for ctx in (torch.inference_mode, torch.no_grad):
+        # a fresh module: one that saw a write outside inference mode hands f copies anyway
+        deq = wt.DEQ(grad=grad, f_solver="anderson", f_tol=tol, f_max_iter=200, tau=0.5,
+                     phantom_steps=3)
+        with ctx():
+            z, st = deq(lambda z: 0.5 * torch.relu_(z) + c, torch.zeros(2, 1, dtype=F64))
+        torch.testing.assert_close(z, want, rtol=0, atol=1e-8)
+        assert st.converged.all() and not st.diverged.any()
+        if grad == "unroll":  # plain iteration from 0: z_k = -1 (k >= 1) and 4 (1 - 0.5^k)
+            rel = [lambda k: 0.0 if k else 1.0 / (1.0 + 1e-8),
+                   lambda k: 2 * 0.5 ** k / (4 * (1 - 0.5 ** (k + 1)) + 1e-8)]
+            assert st.nstep.tolist() == [next(k + 1 for k in range(200) if r(k) <= tol)
+                                         for r in rel]

@@ -271,11 +271,13 @@ class DEQ(nn.Module):
         The first such call is seen by ``z``'s version counter (no tensor operation); ``f`` is
         then evaluated again on a copy, and this module hands ``f`` copies from then on. One
         that returns its argument written in place raises ``ValueError``, as in the solvers.
+        An inference tensor has no version counter: ``f`` always gets a copy of it, as from
+        the solvers under ``torch.inference_mode``.
         """
         if getattr(self, "_copy_z", False):
             return f(z.clone())
-        if z.is_inference():  # no version counter
-            return f(z)
+        if z.is_inference():  # no version counter: a write would go unseen (and the unrolled
+            return f(z.clone())  # residuals, the damped phantom steps read z again): a copy
         version = z._version
         out = f(z)
         if z._version != version:
