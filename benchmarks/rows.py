@@ -28,9 +28,10 @@ file                   row columns
                        ``stopped.json``'s presence and the timings stay empty.
 =====================  ====================================================================
 
-plus the sweep's provenance (``git_sha`` of the harness, with ``-dirty`` when the tree had
-changes; ``torch_version`` / ``device`` / ``threads`` as the run's ``config.json`` recorded them)
-and ``date``.
+plus the sweep's provenance (``git_sha`` with ``-dirty`` when the tree had changes, the
+harness's where the run's ``config.json`` records none; ``git_sha`` / ``torch_version`` /
+``device`` / ``threads`` as the run's ``config.json`` recorded them, its first process's) and
+``date``.
 
 Example:
     >>> import json, os, tempfile
@@ -229,8 +230,10 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     env = run_config.get("env") or {}
     row.update(provenance or {})
     row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
-    if env.get("git_sha"):
-        row["run_git_sha"] = env["git_sha"]  # as the run's own process saw it
+    if env.get("git_sha"):  # the code the run trained at (its first process), not the code
+        # of the sweep recording it: a rerun records a run finished before a kill, maybe
+        # after the code moved on; a resumed run's later processes: resumed_with
+        row["git_sha"] = row["run_git_sha"] = env["git_sha"]
     changed = _resumed_with(env, run_config.get("resumes"))
     if changed:
         row["resumed_with"] = changed

@@ -63,3 +63,41 @@ def test_plot_into_a_sweep_whose_outputs_cannot_be_written_is_one_line(tmp_path,
     line = _one_error_line(capsys, "python -m benchmarks.plot")
     assert "accuracy_vs_depth.png" in line and "cannot write" in line, line
     assert not [n for n in os.listdir(tmp_path / "plots") if "tmp" in n]  # before: left
+
+
+def _finished_run(run_dir, first_sha: str, resumed_sha: str | None = None):
+    """A finished run directory as the trainer and the harness write it, trained at
+    ``first_sha`` (and resumed at ``resumed_sha`` from epoch 2)."""
+    import json
+
+    run_dir.mkdir(parents=True)
+    env = {"device": "cpu", "git_sha": first_sha, "threads": 1, "torch_version": "2.0"}
+    config = {"model": "test_wt", "epochs": 2, "env": env}
+    if resumed_sha:
+        config["resumes"] = [{"from_epoch": 1, "env": {**env, "git_sha": resumed_sha}}]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "spec.json").write_text(json.dumps(
+        {"run_id": run_dir.name, "label": "WT", "config": {"model": "test_wt", "seed": 0}}))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "test_acc": a}) + "\n" for e, a in ((1, 0.25), (2, 0.5))))
+    (run_dir / "done.json").write_text(json.dumps({"test_acc": 0.5}))
+    return str(run_dir)
+
+
+def test_a_row_recorded_after_the_code_moved_on_keeps_the_sha_it_trained_at(tmp_path):
+    # a run that finished at commit aaaa whose row was missing (killed before the append, or
+    # results.csv restored) is recorded by a rerun at commit bbbb: its row said git_sha bbbb,
+    # code that never trained it; and a run resumed at bbbb said git_sha bbbb while
+    # resumed_with said "epoch 2-: git_sha bbbb" (the first process's is what git_sha means)
+    from benchmarks.rows import assemble_row
+
+    old, new = "aaaaaaaaaaaa", "bbbbbbbbbbbb-dirty"
+    row = assemble_row(_finished_run(tmp_path / "r1", old), {"git_sha": new})
+    assert (row["git_sha"], row["run_git_sha"], row["test_acc"]) == (old, old, 0.5)
+    row = assemble_row(_finished_run(tmp_path / "r2", old, new), {"git_sha": new})
+    assert row["git_sha"] == old and row["resumed_with"] == f"epoch 2-: git_sha {new}"
+    # a custom runner's directory records no env: the harness's sha stays
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "spec.json").write_text('{"run_id": "r3", "label": "x", "config": {}}')
+    (tmp_path / "r3" / "done.json").write_text('{"test_acc": 0.5}')
+    assert assemble_row(str(tmp_path / "r3"), {"git_sha": new})["git_sha"] == new
