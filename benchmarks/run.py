@@ -463,6 +463,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         0
     """
     spec = get_preset(preset)
+    if not str(out).strip():  # an unset shell variable: not the current directory
+        raise ValueError("--out: empty path; give the sweep directory")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: unknown {launcher!r}; choose one of: {', '.join(LAUNCHERS)}")
     jobs = spec.jobs if jobs is None else jobs

@@ -101,3 +101,17 @@ def test_a_row_recorded_after_the_code_moved_on_keeps_the_sha_it_trained_at(tmp_
     (tmp_path / "r3" / "spec.json").write_text('{"run_id": "r3", "label": "x", "config": {}}')
     (tmp_path / "r3" / "done.json").write_text('{"test_acc": 0.5}')
     assert assemble_row(str(tmp_path / "r3"), {"git_sha": new})["git_sha"] == new
+
+
+def test_an_empty_sweep_out_is_refused_even_for_a_dry_run(tmp_path, capsys, monkeypatch):
+    # --out "$UNSET": the dry run listed the current directory's results.csv as this sweep's
+    # (exit 0), while the real run said "--out  cannot be created: No such file or directory"
+    from benchmarks.results_io import append_row
+    from benchmarks.run import main as run_main
+
+    monkeypatch.chdir(tmp_path)
+    append_row(tmp_path / "results.csv", {"run_id": "wt_d2_w8_s0_ef0ad1de"})
+    for extra in (["--dry-run"], ["--no-plots"]):
+        assert run_main(["quick", "--smoke", "--out", "", *extra]) == 2
+        assert "empty" in _one_error_line(capsys, "python -m benchmarks.run")
+    assert sorted(os.listdir(tmp_path)) == [".results.csv.lock", "results.csv"]
