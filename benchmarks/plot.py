@@ -57,7 +57,7 @@ from benchmarks.aggregate import (
     mean_std,
     number,
 )
-from benchmarks.results_io import read_rows, write_rows
+from benchmarks.results_io import check_unique, read_rows, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write_text
@@ -272,6 +272,7 @@ def load_results(sweep_dir: str, failed: bool = True) -> list[dict]:
         []
     """
     rows = read_rows(os.path.join(sweep_dir, RESULTS))
+    check_unique(os.path.join(sweep_dir, RESULTS), rows)  # a run twice is not two seeds
     if failed:
         rows += failed_rows(sweep_dir, {r.get("run_id") for r in rows})
     for row in rows:  # a hand-written file without a label column: name lines by the model

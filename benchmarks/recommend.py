@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks.aggregate import aggregate, config_key, flags, number
-from benchmarks.results_io import read_rows
+from benchmarks.results_io import check_unique, read_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import to_markdown
 from wtmodels.cli import exit_with
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = read_rows(path)
+        check_unique(path, rows)  # a run written twice is not two seeds
         rows += failed_rows(args.sweep_dir, {r.get("run_id") for r in rows})
         pick = recommend(rows, params=args.params, time_s=args.time, tolerance=args.tolerance,
                          dataset=args.dataset)

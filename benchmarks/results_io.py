@@ -255,11 +255,36 @@ def finished_ids(path: str | os.PathLike, key: str = RUN_ID) -> set[str]:
     return _keys(path, read_rows(path), key)
 
 
+def check_unique(path, rows: list[dict], key: str = RUN_ID) -> None:
+    """Raise ``ValueError`` when two of ``rows`` (read from ``path``) hold one ``key`` value: a
+    results file holds each run once, and a run written twice (two files merged by hand, a row
+    pasted twice) would count as two seeds in every mean. Rows without a value are let be.
+
+    Example:
+        >>> check_unique("r.csv", [{"run_id": "a"}, {"run_id": "b"}, {"run_id": "a"}])
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: r.csv: line 4 repeats run_id 'a' of line 2: a damaged results file ...
+    """
+    first: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        if row.get(key) is None:
+            continue
+        value = str(row[key])
+        if value in first:
+            raise ValueError(f"{path}: line {line} repeats {key} {value!r} of line "
+                             f"{first[value]}: a damaged results file (delete one of them)")
+        first[value] = line
+
+
 def _keys(path, rows: list[dict], key: str) -> set[str]:
     """The ``key`` values of ``rows``; a row without one (its column deleted or emptied by
-    hand) would make every run look unrecorded and be written again: ``ValueError``."""
+    hand) would make every run look unrecorded and be written again, and one written twice
+    would count twice: ``ValueError``."""
     for line, row in enumerate(rows, start=2):
         if row.get(key) is None:
             raise ValueError(f"{path}: line {line} has no {key}: a damaged results file (restore "
                              f"it, or delete that line and rerun the sweep)")
+    check_unique(path, rows, key)
     return {str(r[key]) for r in rows}

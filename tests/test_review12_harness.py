@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from benchmarks import plot
 from benchmarks.results_io import write_rows
 
@@ -115,3 +117,27 @@ def test_an_empty_sweep_out_is_refused_even_for_a_dry_run(tmp_path, capsys, monk
         assert run_main(["quick", "--smoke", "--out", "", *extra]) == 2
         assert "empty" in _one_error_line(capsys, "python -m benchmarks.run")
     assert sorted(os.listdir(tmp_path)) == [".results.csv.lock", "results.csv"]
+
+
+def test_a_run_id_written_twice_is_damage_not_a_second_seed(tmp_path, capsys):
+    # two results files merged by hand, or a row pasted twice: the summary counted the run as
+    # another seed (WT depth 2: "3 seeds, 90.0 ± 0.0" from the two runs 0.90 and 0.90), and
+    # recommend averaged it in twice
+    from benchmarks.recommend import main as recommend_main
+    from benchmarks.results_io import finished_ids
+
+    rows = [{"run_id": f"r{s}", "label": "WT", "depth": 2, "width": 8, "seed": s,
+             "test_acc": acc, "params": 100} for s, acc in ((0, 0.9), (1, 0.5))]
+    path = tmp_path / "results.csv"
+    write_rows(path, [*rows, rows[1]])
+    for call, prog in ((lambda: plot.main([str(tmp_path)]), "python -m benchmarks.plot"),
+                       (lambda: recommend_main([str(tmp_path), "--params", "1000"]),
+                        "python -m benchmarks.recommend")):
+        assert call() == 2
+        line = _one_error_line(capsys, prog)
+        assert "r1" in line and "line 4" in line and "line 3" in line, line
+    with pytest.raises(ValueError, match="r1"):
+        finished_ids(path)
+    write_rows(path, rows)
+    assert plot.main([str(tmp_path)]) == 0
+    assert "| WT | 2 | 8 | 2 | 70.0 ± 28.3 | 100 |" in capsys.readouterr().out
