@@ -466,9 +466,14 @@ class _Trainer:
         self.global_step = int(state["global_step"])
         self.consecutive_bad = int(state.get("consecutive_bad", 0))
         self.history = list(state["history"])[: self.start_epoch]
-        rngs = state["rng"]
-        rng = rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0]
-        restore_rng_state(rng, self.train_loader.generator)
+        rngs = state["rng"]  # one set per rank of the run that saved it
+        if self.ctx.rank < len(rngs):
+            restore_rng_state(rngs[self.ctx.rank], self.train_loader.generator)
+        else:  # resumed on more processes: a new rank must not replay rank 0's dropout (and
+            # Hutchinson) draws in lockstep with it, as it did with rank 0's generators
+            restore_rng_state(rngs[0], self.train_loader.generator)
+            seed_everything((self.cfg.seed + 7919 * self.ctx.rank
+                             + 1_000_003 * self.start_epoch) % 2**64)
 
     def _write_start_files(self) -> None:
         if self.out is None or not self.ctx.is_main:
