@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine
+from benchmarks.provenance import describe_machine, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
 from wtmodels.atomic import atomic_write_text
@@ -276,14 +276,14 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=15, help="timed steps per model")
     p.add_argument("--out", default="benchmarks/results", help="output directory")
     args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
+    if threads_error(args.threads):
+        p.error(threads_error(args.threads))
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     try:  # before measuring: a bad --out must not cost the whole run
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        make_out_dir(args.out)
     except OSError as err:
-        p.error(f"--out {args.out}: {err}")
+        p.error(str(err) if str(err).startswith("--out") else f"--out {args.out}: {err}")
     return args
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine
+from benchmarks.provenance import describe_machine, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
@@ -196,7 +196,9 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
                          ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    os.makedirs(out_dir, exist_ok=True)  # before measuring: a bad folder fails at once
+    if threads_error(threads):
+        raise ValueError(threads_error(threads))
+    make_out_dir(out_dir)  # before measuring: a bad folder fails at once
     torch.set_num_threads(threads)
     rows = [row for case in cases for row in measure_case(case, rank, batch, repeats)]
     machine = describe_machine()

@@ -15,9 +15,45 @@ import datetime
 import os
 import platform
 import subprocess
+import tempfile
 from importlib import metadata
 
 from wtmodels.provenance import git_sha
+
+# the most torch threads a benchmark accepts: far more crashed the process (libgomp could not
+# create them; --threads 1000000 was a segmentation fault, 1e20 an OverflowError traceback)
+MAX_THREADS = 1024
+
+
+def threads_error(threads: int | None) -> str | None:
+    """None where ``threads`` (None: torch's default) is a valid ``--threads``, else the message.
+
+    Example:
+        >>> threads_error(2) is None and threads_error(None) is None
+        True
+        >>> threads_error(0)
+        '--threads must be >= 1 and <= 1024, got 0'
+    """
+    if threads is None or 1 <= threads <= MAX_THREADS:
+        return None
+    return f"--threads must be >= 1 and <= {MAX_THREADS}, got {threads}"
+
+
+def make_out_dir(out: str | os.PathLike) -> None:
+    """Create ``out`` (and its parents) and check that it takes files, before any measuring: a
+    directory that cannot be written (read-only, ``/proc``) otherwise failed only when the run
+    wrote its results, minutes later. Raises ``OSError`` saying why.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     make_out_dir(os.path.join(d, "a", "b"))
+    """
+    os.makedirs(out, exist_ok=True)
+    try:
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise OSError(f"--out {os.fspath(out)} is not writable: {err.strerror or err}") from None
 
 
 def _version(package: str) -> str:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine
+from benchmarks.provenance import describe_machine, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
@@ -476,8 +476,8 @@ def parse_args(argv):
     p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                    help="tuned: glibc keeps freed memory (see tune_malloc); default: as is")
     args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
+    if threads_error(args.threads):
+        p.error(threads_error(args.threads))
     if args.max_iter < 2:  # torchdeq's Anderson evaluates f twice before it checks
         p.error("--max-iter must be >= 2")
     if args.repeats is not None and args.repeats < 1:

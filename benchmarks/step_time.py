@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine
+from benchmarks.provenance import describe_machine, make_out_dir, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 
@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if not on_cuda and variants == ["compile_graphs"]:
             raise UsageError("variant compile_graphs (CUDA graphs) needs a CUDA device")
-        args.out.mkdir(parents=True, exist_ok=True)
+        if threads_error(args.threads):
+            raise UsageError(threads_error(args.threads))
+        make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine
+from benchmarks.provenance import describe_machine, make_out_dir, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.data import SyntheticImages
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but torch sees no CUDA device")
-        args.out.mkdir(parents=True, exist_ok=True)
+        if threads_error(args.threads):
+            raise UsageError(threads_error(args.threads))
+        make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"train_speed: {err}", file=sys.stderr)
         return 2
