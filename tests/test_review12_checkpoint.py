@@ -176,3 +176,20 @@ def test_git_sha_dirty_follows_the_tracked_code_only(tmp_path):
     assert git_sha(str(tmp_path)) == sha
     code.unlink()  # a code file removed: dirty
     assert git_sha(str(tmp_path)) == sha + "-dirty"
+
+
+def test_a_gpu_run_resumed_on_a_machine_without_one_says_how(tmp_path, monkeypatch, capsys):
+    # a run started with --device cuda (its config.json says so), resumed where there is no GPU:
+    # the refusal named only "device=cuda", which the user never typed for this --resume
+    out = tmp_path / "run"
+    run({**BASE, "epochs": 1, "out": str(out)})
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["device"] = "cuda"
+    (out / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert train_mod.main(["--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err and "--device cpu" in err, err
+    assert train_mod.main(["--resume", "--out", str(out), "--device", "cpu",
+                           "--progress", "none"]) == 0

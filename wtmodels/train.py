@@ -326,7 +326,11 @@ class _Trainer:
         try:
             self.ctx = DistContext.from_env(device)
         except ValueError as err:  # e.g. --device cuda without a GPU
-            raise BadInput(str(err)) from None
+            hint = ""
+            if device != cfg.device:  # the resumed run's own setting: say it may be given anew
+                hint = (f" (--device {device} is the setting the run in {cfg.out} saved; "
+                        "--resume --device cpu continues it on the CPU)")
+            raise BadInput(str(err) + hint) from None
         self._threads = torch.get_num_threads()
         self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         self._donated = _donated_buffer_setting()
