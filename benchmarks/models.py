@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, make_out_dir, threads_error
+from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
 from wtmodels.atomic import atomic_write_text
@@ -289,6 +289,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(args.threads)
     tune_malloc()
     cases = QUICK_SPEED_CASES if args.quick else SPEED_CASES
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     deq = deq_memory(budgets)
     unrolled = unrolled_memory(depths)
     summary = summarise(speed, deq, unrolled)
-    machine = describe_machine()
+    machine = describe_machine(sha)
     prov = {**machine, "device": _device()}
     extra = {"git_sha": machine["git_sha"], "torch_version": machine["torch_version"],
              "device": prov["device"], "threads": args.threads, "date": machine["date"],

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, make_out_dir, threads_error
+from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
@@ -199,9 +199,10 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
     if threads_error(threads):
         raise ValueError(threads_error(threads))
     make_out_dir(out_dir)  # before measuring: a bad folder fails at once
+    sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(threads)
     rows = [row for case in cases for row in measure_case(case, rank, batch, repeats)]
-    machine = describe_machine()
+    machine = describe_machine(sha)
     for row in rows:
         row.update(threads=threads, device="cpu", git_sha=machine["git_sha"],
                    torch_version=machine["torch_version"], date=machine["date"],

@@ -118,8 +118,12 @@ def load_average() -> float | None:
         return None
 
 
-def describe_machine() -> dict:
+def describe_machine(sha: str | None = None) -> dict:
     """What the numbers were measured on: CPU, cores, memory, load, OS, Python, torch, GPU.
+
+    ``sha``: the ``git_sha()`` of the code measured, taken when the run started (default: now;
+    a file edited or a commit made during a long run made the results claim code that was not
+    the one measured).
 
     Example:
         >>> "cpu_model" in describe_machine()
@@ -137,7 +141,7 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "torch_version": _version("torch"),
         "torchvision_version": _version("torchvision"),
-        "git_sha": git_sha(),
+        "git_sha": git_sha() if sha is None else sha,
     }
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, threads_error
+from benchmarks.provenance import describe_machine, git_sha, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
@@ -520,6 +520,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
@@ -543,7 +544,7 @@ def main(argv=None) -> int:
     for r in mem:
         say(f"memory grad={r['grad']:6s} f_max_iter={r['f_max_iter']:3d} peak "
             f"{r['peak_mb']:8.2f} MiB  saved for backward {r['saved_for_backward_mb']:8.2f} MiB")
-    machine = describe_machine()
+    machine = describe_machine(sha)
     prov = {"git_sha": machine["git_sha"], "torch_version": torch.__version__,
             "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
             "threads": torch.get_num_threads(), "date": machine["date"],

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, make_out_dir, threads_error
+from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 
@@ -168,10 +168,12 @@ def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, 
     return time_variants(model_name, [variant], batch_size, image_size, steps, device, seed)[0]
 
 
-def write(rows: list[dict], out: Path, command: str, device: torch.device) -> Path:
-    """Write ``step_time_<device>_<models>.csv`` and ``.md`` into ``out``; returns the ``.md``."""
+def write(rows: list[dict], out: Path, command: str, device: torch.device,
+          sha: str | None = None) -> Path:
+    """Write ``step_time_<device>_<models>.csv`` and ``.md`` into ``out``; returns the ``.md``.
+    ``sha``: the code's git sha when the run started (default: now)."""
     out.mkdir(parents=True, exist_ok=True)
-    machine = describe_machine()
+    machine = describe_machine(sha)
     # provenance on every CSV row too (the .md has it in its header line)
     prov = {"device": device.type, "threads": torch.get_num_threads(),
             "git_sha": machine["git_sha"], "torch_version": torch.__version__,
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)
         return 2
+    sha = git_sha()  # the code measured: the checkout as the run starts
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if on_cuda else "cpu")
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         return 1
     command = "python -m benchmarks.step_time " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(write(rows, args.out, command, device).read_text())
+    print(write(rows, args.out, command, device, sha).read_text())
     return 0
 
 

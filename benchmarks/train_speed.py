@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, make_out_dir, threads_error
+from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.data import SyntheticImages
@@ -117,6 +117,7 @@ def measure(args) -> list[dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     image_size = args.image_size or (32 if device.type == "cuda" else 16)
+    sha = git_sha()  # the code measured: the checkout as the run starts
     if args.threads:
         torch.set_num_threads(args.threads)
     samples = {(v, loop): [] for v in args.variants for loop in ("plain", "harness")}
@@ -131,7 +132,7 @@ def measure(args) -> list[dict]:
                 samples[(variant, loop)].append(rate)
                 print(f"rep {rep + 1}/{args.repeats}  {variant:14s} {loop:8s} {rate:9.1f} img/s",
                       file=sys.stderr, flush=True)
-    machine = describe_machine()
+    machine = describe_machine(sha)
     rows = []
     for variant in args.variants:
         med = {loop: statistics.median(samples[(variant, loop)]) for loop in ("plain",

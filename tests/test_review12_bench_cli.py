@@ -87,3 +87,85 @@ def test_out_as_a_file_is_refused_by_every_script(tmp_path, capsys):
         assert "--out" in err or "File exists" in err, (script, err)
         assert err.count("\n") == 1, (script, err)
     assert (tmp_path / "f").read_text() == "x"
+
+
+def _sha_changes_during_the_run(monkeypatch, module):
+    """The checkout reads ``start`` until the (stubbed) measuring runs, ``later-dirty`` after
+    (a file edited during the run); returns the function that marks the measuring."""
+    import benchmarks.provenance as prov
+
+    measured = []
+
+    def sha():
+        return "later-dirty" if measured else "start"
+
+    monkeypatch.setattr(module, "git_sha", sha, raising=False)
+    monkeypatch.setattr(prov, "git_sha", sha)
+    return lambda: measured.append(1)
+
+
+def _fake_solver_rows(B, C, H, *args, measuring=lambda: None):
+    measuring()
+    return [{"B": B, "C": C, "H": H, "solver": s, "impl": "wtmodels", "f_evals": 10,
+             "wall_ms": 2.0, "f_ms": 0.1, "overhead": 2.0, "overhead_best": 2.0,
+             "overhead_cpu": 2.0, "f_slowdown": 1.0, "solver_ops": 1.0, "converged": 1.0}
+            for s in ("anderson", "broyden", "fixed_point")]
+
+
+def test_solvers_records_the_sha_of_the_code_measured(monkeypatch, tmp_path, capsys):
+    # a file edited during a run made every row of a run of clean code say "-dirty" (and a
+    # commit made during it, the new commit): git_sha was read when the files were written
+    import csv
+
+    measuring = _sha_changes_during_the_run(monkeypatch, sb)
+    monkeypatch.setattr(sb, "bench_cell",
+                        lambda *a: _fake_solver_rows(*a[:3], measuring=measuring))
+    monkeypatch.setattr(sb, "memory_check", lambda budgets, device="cpu": [
+        {"grad": "ift", "f_max_iter": b, "B": 1, "C": 1, "H": 1, "peak_mb": 1.0,
+         "saved_for_backward_mb": 1.0} for b in budgets])
+    assert sb.main(["--quick", "--threads", "1", "--malloc", "default",
+                    "--out", str(tmp_path)]) == 0
+    for name in ("solvers_quick.csv", "solvers_quick_memory.csv"):
+        rows = list(csv.DictReader((tmp_path / name).open()))
+        assert rows and {r["git_sha"] for r in rows} == {"start"}, name
+    assert "git `start`" in (tmp_path / "solvers_quick.md").read_text()
+
+
+def test_step_time_records_the_sha_of_the_code_measured(monkeypatch, tmp_path, capsys):
+    import csv
+
+    measuring = _sha_changes_during_the_run(monkeypatch, st)
+    row = {"model": "test_wt", "variant": "base", "batch": 2, "image_size": 8, "step_ms": 1.0,
+           "img_per_s": 2000.0, "gpu_busy_ms": float("nan"), "gpu_busy_frac": float("nan"),
+           "cell_evals": 2.0}
+    monkeypatch.setattr(st, "time_variants", lambda *a, **k: measuring() or [dict(row)])
+    assert st.main(["--models", "test_wt", "--batch-sizes", "2", "--variants", "base",
+                    "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    (written,) = csv.DictReader((tmp_path / "step_time_cpu_test_wt.csv").open())
+    assert written["git_sha"] == "start"
+
+
+def test_train_speed_records_the_sha_of_the_code_measured(monkeypatch, tmp_path, capsys):
+    import csv
+
+    measuring = _sha_changes_during_the_run(monkeypatch, ts)
+    monkeypatch.setattr(ts, "plain_loop", lambda *a, **k: measuring() or 100.0)
+    monkeypatch.setattr(ts, "harness_loop", lambda *a, **k: 80.0)
+    assert ts.main(["--variants", "base", "--repeats", "1", "--device", "cpu", "--threads", "1",
+                    "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "train_speed_cpu.csv").open()))
+    assert [r["git_sha"] for r in rows] == ["start", "start"]
+
+
+def test_peft_speed_records_the_sha_of_the_code_measured(monkeypatch, tmp_path, capsys):
+    import csv
+
+    measuring = _sha_changes_during_the_run(monkeypatch, ps)
+    monkeypatch.setattr(ps, "measure_case", lambda case, *a: measuring() or [
+        {"case": case, "measure": "train_step", "variant": "lora", "impl": "dense", "batch": 2,
+         "median_ms": 1.0, "ratio": 1.0, "ratio_to": "lora", "target": None,
+         "meets_target": None}])
+    assert ps.main(["--cases", "wt_s", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (row,) = csv.DictReader((tmp_path / "peft_speed.csv").open())
+    assert row["git_sha"] == "start"
+    assert (tmp_path / "peft_speed.md").read_text().count("git start,") == 1
