@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.batch_size > args.train_size:  # the harness's test set is one batch: a huge
+            # --batch-size generated that many test images (hours); an epoch is one batch anyway
+            raise UsageError(f"--batch-size must be <= --train-size ({args.train_size}), got "
+                             f"{args.batch_size}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but torch sees no CUDA device")
         if threads_error(args.threads):

@@ -169,3 +169,13 @@ def test_peft_speed_records_the_sha_of_the_code_measured(monkeypatch, tmp_path, 
     (row,) = csv.DictReader((tmp_path / "peft_speed.csv").open())
     assert row["git_sha"] == "start"
     assert (tmp_path / "peft_speed.md").read_text().count("git start,") == 1
+
+
+def test_train_speed_batch_larger_than_an_epoch_is_refused(tmp_path, capsys):
+    # --batch-size 100000000 --train-size 2 hung: the harness loop's test set (one batch)
+    # generated 1e8 synthetic images; a batch above the epoch size measures a partial batch
+    assert ts.main(["--batch-size", "100000000", "--train-size", "2", "--variants", "base",
+                    "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size must be <= --train-size (2), got 100000000" in err
+    assert err.count("\n") == 1
