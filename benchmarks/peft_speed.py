@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     try:
         args = parser.parse_args(argv)
-        rows = run_speed(args.out, tuple(c for c in args.cases.split(",") if c), args.rank,
-                         args.batch, args.repeats, args.threads)
+        cases = tuple(dict.fromkeys(c for c in args.cases.split(",") if c))  # each once
+        rows = run_speed(args.out, cases, args.rank, args.batch, args.repeats, args.threads)
     except (UsageError, ValueError, OSError) as err:
         print(f"python -m benchmarks.peft_speed: error: {err}", file=sys.stderr)
         return 2

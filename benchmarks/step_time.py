@@ -215,18 +215,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="writes OUT/step_time_<device>_<models>.{csv,md}")
     try:
         args = parser.parse_args(argv)
-        variants = args.variants.split(",")
+        variants = list(dict.fromkeys(args.variants.split(",")))  # each once
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
             raise UsageError(f"unknown variant {bad[0]!r}; valid: {', '.join(VARIANTS)}")
-        models = args.models.split(",")
+        models = list(dict.fromkeys(args.models.split(",")))
         for name in models:
             wt.get_config(name)  # raises ValueError listing the models
         parts = args.batch_sizes.split(",")
         if not all(b.strip().isdigit() and int(b) > 0 for b in parts):
             raise UsageError("--batch-sizes must be positive integers separated by commas; "
                              f"got {args.batch_sizes!r}")
-        batch_sizes = [int(b) for b in parts]
+        batch_sizes = list(dict.fromkeys(int(b) for b in parts))
         for name in ("image_size", "steps", "threads"):
             value = getattr(args, name)
             if value is not None and value < 1:

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=512, help="images per epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="base,channels_last,amp,compile",
-                        type=lambda s: [v for v in s.split(",") if v],
+                        type=lambda s: list(dict.fromkeys(v for v in s.split(",") if v)),
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -179,3 +179,40 @@ def test_train_speed_batch_larger_than_an_epoch_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--batch-size must be <= --train-size (2), got 100000000" in err
     assert err.count("\n") == 1
+
+
+def test_a_value_listed_twice_is_measured_once(monkeypatch, tmp_path, capsys):
+    # train_speed --variants base,base measured base twice per repeat into one row holding
+    # twice --repeats samples (and wrote that row twice); step_time and peft_speed wrote
+    # every row of a repeated model / batch size / variant / case twice
+    import csv
+
+    calls = []
+    monkeypatch.setattr(ts, "plain_loop", lambda *a, **k: calls.append("plain") or 100.0)
+    monkeypatch.setattr(ts, "harness_loop", lambda *a, **k: calls.append("harness") or 80.0)
+    assert ts.main(["--variants", "base,base", "--repeats", "1", "--device", "cpu",
+                    "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert calls == ["plain", "harness"]
+    rows = list(csv.DictReader((tmp_path / "train_speed_cpu.csv").open()))
+    assert [(r["variant"], r["loop"], r["samples"]) for r in rows] == [
+        ("base", "plain", "100.0"), ("base", "harness", "80.0")]
+
+    timed = []
+
+    def fake_time(name, variants, batch, *a, **k):
+        timed.append((name, list(variants), batch))
+        return [{"model": name, "variant": v, "batch": batch, "step_ms": 1.0} for v in variants]
+
+    monkeypatch.setattr(st, "time_variants", fake_time)
+    assert st.main(["--models", "test_wt,test_wt", "--batch-sizes", "4,4,04",
+                    "--variants", "base,base", "--device", "cpu", "--threads", "1",
+                    "--out", str(tmp_path)]) == 0
+    assert timed == [("test_wt", ["base"], 4)]
+
+    cases = []
+    monkeypatch.setattr(ps, "measure_case", lambda case, *a: cases.append(case) or [
+        {"case": case, "measure": "train_step", "variant": "lora", "impl": "dense", "batch": 2,
+         "median_ms": 1.0, "ratio": 1.0, "ratio_to": "lora", "target": None,
+         "meets_target": None}])
+    assert ps.main(["--cases", "wt_s,wt_s", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert cases == ["wt_s"]
