@@ -9,10 +9,10 @@ failed=()
 timeout 120 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
     > "$out/test_cuda.log" 2>&1 || failed+=("CUDA tests")
 tail -3 "$out/test_cuda.log"
-timeout 200 python3 -m benchmarks.step_time --models wt_s --batch-sizes 128,512 \
+timeout 200 python3 -m benchmarks.step_time --device cuda --models wt_s --batch-sizes 128,512 \
     --variants base,channels_last,amp,compile,compile_graphs --out "$out" \
     || failed+=("step time wt_s")
-timeout 120 python3 -m benchmarks.step_time --models deq_s --batch-sizes 128,512 \
+timeout 120 python3 -m benchmarks.step_time --device cuda --models deq_s --batch-sizes 128,512 \
     --variants base,channels_last,amp --steps 10 --out "$out" || failed+=("step time deq_s")
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}" >&2

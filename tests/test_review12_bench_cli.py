@@ -216,3 +216,21 @@ def test_a_value_listed_twice_is_measured_once(monkeypatch, tmp_path, capsys):
          "meets_target": None}])
     assert ps.main(["--cases", "wt_s,wt_s", "--repeats", "1", "--out", str(tmp_path)]) == 0
     assert cases == ["wt_s"]
+
+
+def test_gpu_scripts_run_their_benchmarks_on_cuda_only():
+    # gpu_step_time.sh ran step_time with --device auto: on a machine without a GPU it timed
+    # the CPU and wrote step_time_cpu_* into benchmarks/results/gpu, exit status 0 where the
+    # steps finished; with --device cuda step_time exits 2 there and the script reports it
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    for script in ("gpu_check.sh", "gpu_step_time.sh"):
+        text = (root / script).read_text().replace("\\\n", " ")
+        calls = re.findall(r"python3 -m (benchmarks\.\w+)([^|>\n]*)", text)
+        assert calls, script
+        for module, rest in calls:
+            argv = shlex.split(rest)
+            assert "--device" in argv, (script, module)
+            assert argv[argv.index("--device") + 1] == "cuda", (script, module)
