@@ -6,20 +6,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_review7_harness import _one_error_line
 
 from benchmarks import plot
 from benchmarks.results_io import write_rows
 
 COLUMNS = ["run_id", "label", "model", "core", "depth", "width", "seed", "test_acc", "params",
            "status"]
-
-
-def _one_error_line(capsys, prog: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _hand_rows():
