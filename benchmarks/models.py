@@ -276,14 +276,14 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=15, help="timed steps per model")
     p.add_argument("--out", default="benchmarks/results", help="output directory")
     args = p.parse_args(argv)
-    if threads_error(args.threads):
-        p.error(threads_error(args.threads))
+    if message := threads_error(args.threads):
+        p.error(message)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     try:  # before measuring: a bad --out must not cost the whole run
         make_out_dir(args.out)
     except OSError as err:
-        p.error(str(err) if str(err).startswith("--out") else f"--out {args.out}: {err}")
+        p.error(str(err))
     return args
 
 

@@ -196,8 +196,8 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
                          ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    if threads_error(threads):
-        raise ValueError(threads_error(threads))
+    if message := threads_error(threads):
+        raise ValueError(message)
     make_out_dir(out_dir)  # before measuring: a bad folder fails at once
     sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(threads)

@@ -39,21 +39,38 @@ def threads_error(threads: int | None) -> str | None:
     return f"--threads must be >= 1 and <= {MAX_THREADS}, got {threads}"
 
 
+def check_writable(out: str | os.PathLike) -> None:
+    """Check that the directory ``out`` takes files, before any measuring: one that cannot be
+    written (read-only, ``/proc``) otherwise failed only when the run wrote its results,
+    minutes later. Raises ``OSError`` with a one-line message naming ``--out``.
+
+    Example:
+        >>> check_writable("/proc")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        OSError: --out /proc is not writable: ...
+    """
+    try:
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise OSError(f"--out {os.fspath(out)} is not writable: {err.strerror or err}") from None
+
+
 def make_out_dir(out: str | os.PathLike) -> None:
-    """Create ``out`` (and its parents) and check that it takes files, before any measuring: a
-    directory that cannot be written (read-only, ``/proc``) otherwise failed only when the run
-    wrote its results, minutes later. Raises ``OSError`` saying why.
+    """Create ``out`` (and its parents) and :func:`check_writable` it. Raises ``OSError`` with a
+    one-line message naming ``--out``.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as d:
         ...     make_out_dir(os.path.join(d, "a", "b"))
     """
-    os.makedirs(out, exist_ok=True)
     try:
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise OSError(f"--out {os.fspath(out)} is not writable: {err.strerror or err}") from None
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission
+        raise OSError(f"--out {os.fspath(out)} cannot be created: {err.strerror or err}"
+                      ) from None
+    check_writable(out)
 
 
 def _version(package: str) -> str:

@@ -40,7 +40,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, git_sha, threads_error
+from benchmarks.provenance import check_writable, describe_machine, git_sha, threads_error
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
@@ -476,8 +475,8 @@ def parse_args(argv):
     p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                    help="tuned: glibc keeps freed memory (see tune_malloc); default: as is")
     args = p.parse_args(argv)
-    if threads_error(args.threads):
-        p.error(threads_error(args.threads))
+    if message := threads_error(args.threads):
+        p.error(message)
     if args.max_iter < 2:  # torchdeq's Anderson evaluates f twice before it checks
         p.error("--max-iter must be >= 2")
     if args.repeats is not None and args.repeats < 1:
@@ -513,9 +512,9 @@ def main(argv=None) -> int:
         print(f"error: --out {out} is not a directory", file=sys.stderr)
         return 2
     try:  # a directory that takes no files must fail now, not after the whole run
-        tempfile.TemporaryFile(dir=out).close()
+        check_writable(out)
     except OSError as err:
-        print(f"error: --out {out} is not writable: {err.strerror or err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if not on_cuda and variants == ["compile_graphs"]:
             raise UsageError("variant compile_graphs (CUDA graphs) needs a CUDA device")
-        if threads_error(args.threads):
-            raise UsageError(threads_error(args.threads))
+        if message := threads_error(args.threads):
+            raise UsageError(message)
         make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)

@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.batch_size}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but torch sees no CUDA device")
-        if threads_error(args.threads):
-            raise UsageError(threads_error(args.threads))
+        if message := threads_error(args.threads):
+            raise UsageError(message)
         make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"train_speed: {err}", file=sys.stderr)
