@@ -73,7 +73,13 @@ def make_out_dir(out: str | os.PathLike) -> None:
     check_writable(out)
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of ``package`` (pip's metadata), ``"absent"`` where it is not.
+
+    Example:
+        >>> package_version("no-such-package-here")
+        'absent'
+    """
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -87,7 +93,7 @@ def provenance() -> dict:
         >>> provenance()["torch_version"] != ""
         True
     """
-    return {"git_sha": git_sha(), "torch_version": _version("torch")}
+    return {"git_sha": git_sha(), "torch_version": package_version("torch")}
 
 
 def now_utc() -> str:
@@ -156,8 +162,8 @@ def describe_machine(sha: str | None = None) -> dict:
         "load_average_1min": load_average(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "torch_version": _version("torch"),
-        "torchvision_version": _version("torchvision"),
+        "torch_version": package_version("torch"),
+        "torchvision_version": package_version("torchvision"),
         "git_sha": git_sha() if sha is None else sha,
     }
     try:

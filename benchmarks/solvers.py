@@ -28,7 +28,7 @@ Run: ``python -m benchmarks.solvers [--quick] [--threads 2] [--repeats 7] [--dev
 Writes ``DIR/solvers.csv``, ``DIR/solvers_memory.csv`` and ``DIR/solvers.md`` (``--quick``:
 ``solvers_quick*``; ``--tag T``: ``solvers_T*``), each with provenance (git sha, torch version,
 device, threads, date, 1-min load average and CPU count, malloc setting); ``solvers.csv`` rows
-also carry the run's ``tol``, ``max_iter``, ``gain`` and ``repeats``.
+also carry the run's ``tol``, ``max_iter``, ``gain``, ``repeats`` and torchdeq's version.
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ import torch
 from torch import nn
 
 import wtmodels as wt
-from benchmarks.provenance import check_writable, describe_machine, git_sha, threads_error
+from benchmarks.provenance import (
+    check_writable,
+    describe_machine,
+    git_sha,
+    package_version,
+    threads_error,
+)
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
@@ -355,8 +361,9 @@ def solver_settings() -> str:
 
     t = defaults(anderson_solver)
     return (
-        f"Each solver with its defaults: ours Anderson m={a['m']}, lam={a['lam']:g} x each "
-        f"residual's norm x the smallest in its history, Broyden m={b['m']} secant pairs; "
+        f"Against torchdeq {package_version('torchdeq')}. Each solver with its defaults: "
+        f"ours Anderson m={a['m']}, lam={a['lam']:g} x each residual's norm x the smallest "
+        f"in its history, Broyden m={b['m']} secant pairs; "
         f"torchdeq Anderson m={t['m']}, lam={t['lam']:g} absolute (added to the Gram matrix "
         "of the residuals, whose entries near tol are far smaller), Broyden full memory "
         "(max_iter secant pairs, allocated and zeroed in every solve). Both use the relative "
@@ -389,7 +396,10 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
         "median of per-repeat ratios (wall), from the fastest repeat (best), and from the main "
         "thread's CPU time (cpu). The overhead splits into `f inside` (the calls of f during "
         "the solve over f-evals x time of one f: above 1 when the solver's history evicts f's "
-        "data from the caches) and `solver ops` (the time between those calls, same unit).",
+        "data from the caches) and `solver ops` (the time between those calls, same unit). "
+        "wall ms and f ms are each a median over the repeats on its own, so wall ms / "
+        "(f-evals x f ms) can differ from the overhead where f's speed drifted between "
+        "repeats.",
         "",
         "| B | C | H | solver | f-evals | wall ms | f ms | overhead | overhead best | "
         "overhead cpu | ≈ f inside + solver ops | converged |",
@@ -556,7 +566,8 @@ def main(argv=None) -> int:
     extra = {k: prov[k] for k in ("git_sha", "torch_version", "device", "threads", "date",
                                   "load_average_1min", "cpu_count", "malloc")}
     settings = {"tol": args.tol, "max_iter": args.max_iter, "gain": args.gain,
-                "repeats": args.repeats}
+                "repeats": args.repeats,
+                "torchdeq_version": package_version("torchdeq") if missing is None else "absent"}
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
     stem = f"solvers_{tag}" if tag else "solvers"
     md = markdown(rows, mem, prov, args)
