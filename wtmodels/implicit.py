@@ -337,7 +337,9 @@ class DEQ(nn.Module):
         """Plain iteration ``z <- f(z)`` with autograd from ``z0`` (detached).
 
         Samples stop once at the tolerance or diverged (the solvers' rule; ``div_factor`` and
-        ``patience`` from ``f_opts`` when given) and then sit at their best iterate, detached.
+        ``patience`` from ``f_opts`` when given) and then sit at their best iterate, which
+        keeps its graph: the Jacobian term taken at the last iterate then differentiates
+        through the iterations for every sample, whenever the others stop.
         The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
         ``f(z*)``), so it always carries a graph, also when ``z0`` itself is best (a warm
         start). A step whose output is non-finite for some samples is evaluated again with
@@ -349,8 +351,9 @@ class DEQ(nn.Module):
                           **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
-        # iterates; best_in never carries a graph; f gets a copy of z0, as from the solvers
-        z = best_in = z0.detach().clone()
+        # iterates; best_in never carries a graph, best_at is the same iterate with its graph
+        # (where a stopped sample sits); f gets a copy of z0, as from the solvers
+        z = best_in = best_at = z0.detach().clone()
         best_out = first_out = z_in = z_out = None
         for _ in range(self.budget):
             z_in, z_out = z, self._f_of(f, z)
@@ -372,10 +375,11 @@ class DEQ(nn.Module):
                 sel = tracker.small.torch(improved).view(per_sample)
                 best_out = torch.where(sel, z_out, best_out)
                 best_in = torch.where(sel, z.detach(), best_in)
+                best_at = torch.where(sel, z, best_at)
             if done:
                 break
             keep = tracker.active_mask.view(per_sample)
-            z = torch.where(keep, z_out.to(z.dtype), best_in)
+            z = torch.where(keep, z_out.to(z.dtype), best_at)
         back = tracker.prefer_start()  # diverged samples whose start was better: f(z0)
         if back is not None:
             best_out = torch.where(tracker.small.torch(back).view(per_sample), first_out,

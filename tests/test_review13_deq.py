@@ -1,0 +1,52 @@
+"""Review 13 of wt.DEQ (a new user's acceptance pass). Every expected value is a closed form,
+never the layer's own output."""
+
+import pytest
+import torch
+
+import wtmodels as wt
+
+F64 = torch.float64
+
+
+def diagonal_problem():
+    """``z = tanh(a * z + x)`` elementwise: ``J = diag(a (1 - z*^2))``, so Rademacher probes
+    give ``||J||_F^2`` exactly, and the rows (different ``x``) converge at different steps."""
+    g = torch.Generator().manual_seed(0)
+    a = (0.5 * torch.rand(6, generator=g, dtype=F64) + 0.2).requires_grad_()
+    x = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
+    return a, x
+
+
+def jac_loss_gradients(a, x, z, total):
+    """d/d(a, x) of mean((a (1 - tanh(a z + x)^2))^2) at the fixed point ``z``, with ``z``
+    held constant, or (``total``) with ``z = z*(a, x)`` (implicit function theorem)."""
+    a, x, z = a.detach(), x.detach(), z.detach()
+    s = 1 - z ** 2  # tanh(a z* + x) = z*
+    dz_da = dz_dx = torch.zeros_like(z)
+    if total:
+        denom = 1 - a * s
+        dz_da, dz_dx = s * z / denom, s / denom
+    # J = a s, s = 1 - tanh(a z + x)^2: ds/da = -2 z* s (z + a dz/da), ds/dx = -2 z* s (1 + a dz/dx)
+    dJ_da = s + a * (-2 * z * s * (z + a * dz_da))
+    dJ_dx = a * (-2 * z * s * (1 + a * dz_dx))
+    n = z.numel()
+    return (2 * a * s * dJ_da).sum(0) / n, 2 * a * s * dJ_dx / n
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_jac_loss_gradient_closed_form_per_sample_whatever_the_batch(grad):
+    # "unroll": the gradient of jac_loss flows through the unrolled iterations (README), so it
+    # is the total derivative; but a sample that reached the tolerance before the others sat
+    # at a detached copy of its iterate, and its term lost that path: the gradient of a batch
+    # was not the sum of its samples' gradients. "ift"/"phantom" treat z* as a constant.
+    a, x = diagonal_problem()
+    deq = wt.DEQ(grad=grad, f_tol=1e-13, f_max_iter=300)
+    z, stats = deq(lambda z: torch.tanh(a * z + x), torch.zeros(3, 6, dtype=F64), jac_reg=True)
+    assert len(set(stats.nstep.tolist())) > 1  # the rows stop at different steps
+    s = 1 - z.detach() ** 2
+    torch.testing.assert_close(stats.jac_loss, (a.detach() * s).square().mean())
+    ga, gx = torch.autograd.grad(stats.jac_loss, (a, x))
+    ea, ex = jac_loss_gradients(a, x, z, total=grad == "unroll")
+    torch.testing.assert_close(ga, ea, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-11)
