@@ -50,3 +50,23 @@ def test_jac_loss_gradient_closed_form_per_sample_whatever_the_batch(grad):
     ea, ex = jac_loss_gradients(a, x, z, total=grad == "unroll")
     torch.testing.assert_close(ga, ea, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("rows", [[1], [0, 1]])
+def test_unroll_jac_loss_of_a_diverging_sample_is_taken_where_it_comes_back(rows):
+    # z <- a z + c z^3 + x from 0: row 0 (c = 0) converges to 2; row 1 (c = 1, x = 2) runs
+    # away (0, 2, 12, 1742, ...) and comes back from its start (lower absolute residual),
+    # z_star = f(0) = 2. The Jacobian term was taken at the iterate that ran away when the
+    # sample stopped in the last step (alone, or last to stop): inf, and every gradient NaN.
+    # Taken where the sample sits, its start: J = a, as for a sample that stopped earlier.
+    c = torch.tensor([[0.0], [1.0]], dtype=F64)[rows]
+    x = torch.tensor([[1.0], [2.0]], dtype=F64)[rows]
+    a = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    deq = wt.DEQ(grad="unroll", f_tol=1e-10, f_max_iter=50)
+    z, stats = deq(lambda z: a * z + c * z ** 3 + x, torch.zeros(len(rows), 1, dtype=F64),
+                   jac_reg=True)
+    assert stats.diverged.tolist() == [False, True][-len(rows):]
+    torch.testing.assert_close(z.detach(), torch.full((len(rows), 1), 2.0, dtype=F64))
+    torch.testing.assert_close(stats.jac_loss.detach(), torch.tensor(0.25, dtype=F64))
+    (ga,) = torch.autograd.grad(stats.jac_loss, (a,))
+    torch.testing.assert_close(ga, torch.tensor(1.0, dtype=F64))  # d(a^2)/da

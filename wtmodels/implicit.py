@@ -214,6 +214,8 @@ class DEQ(nn.Module):
                 # (on a copy when jac_reg reads z_sol again: f may write its argument)
                 z_star = f(z_sol.clone() if jac else z_sol).to(z0.dtype, copy=True)
         if jac:
+            if z_in is not None and z_out is None and z_in.requires_grad:  # (see _unroll)
+                z_out = self._f_of(f, z_in)
             stats.jac_loss = self.jacobian_loss(f, z_sol if z_in is None else z_in, z_out)
         if start_bad is not None:
             z_star = torch.where(start_bad, z0.detach().to(z_star.dtype), z_star)
@@ -339,7 +341,8 @@ class DEQ(nn.Module):
         Samples stop once at the tolerance or diverged (the solvers' rule; ``div_factor`` and
         ``patience`` from ``f_opts`` when given) and then sit at their best iterate, which
         keeps its graph: the Jacobian term taken at the last iterate then differentiates
-        through the iterations for every sample, whenever the others stop.
+        through the iterations for every sample, whenever the others stop (a diverged sample's
+        term: where its output comes from, returned with ``z_out=None``).
         The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
         ``f(z*)``), so it always carries a graph, also when ``z0`` itself is best (a warm
         start). A step whose output is non-finite for some samples is evaluated again with
@@ -353,7 +356,7 @@ class DEQ(nn.Module):
         per_sample = (B,) + (1,) * (z0.dim() - 1)
         # iterates; best_in never carries a graph, best_at is the same iterate with its graph
         # (where a stopped sample sits); f gets a copy of z0, as from the solvers
-        z = best_in = best_at = z0.detach().clone()
+        z = best_in = best_at = start = z0.detach().clone()
         best_out = first_out = z_in = z_out = None
         for _ in range(self.budget):
             z_in, z_out = z, self._f_of(f, z)
@@ -384,6 +387,14 @@ class DEQ(nn.Module):
         if back is not None:
             best_out = torch.where(tracker.small.torch(back).view(per_sample), first_out,
                                    best_out)
+        if bool(tracker.diverged.any()):
+            # the Jacobian term of a diverged sample is taken where its output comes from
+            # (its best iterate, or its start), not at an iterate that ran away in the last
+            # step (an inf jac_loss, every gradient NaN): the same point in any batch
+            at = best_at if back is None else torch.where(
+                tracker.small.torch(back).view(per_sample), start, best_at)
+            z_in = torch.where(tracker.small.torch(tracker.diverged).view(per_sample), at, z_in)
+            z_out = None  # f there: evaluated by forward if the Jacobian term is asked for
         return best_out.to(z0.dtype), tracker.stats(), z_in, z_out
 
     def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None
