@@ -70,3 +70,19 @@ def test_unroll_jac_loss_of_a_diverging_sample_is_taken_where_it_comes_back(rows
     torch.testing.assert_close(stats.jac_loss.detach(), torch.tensor(0.25, dtype=F64))
     (ga,) = torch.autograd.grad(stats.jac_loss, (a,))
     torch.testing.assert_close(ga, torch.tensor(1.0, dtype=F64))  # d(a^2)/da
+
+
+@pytest.mark.parametrize("budget", [3, 5])
+def test_unroll_jac_loss_is_taken_where_the_output_comes_from_when_the_budget_runs_out(budget):
+    # z <- a z + z^3 + 2 from 0 runs away (0, 2, 12, 1742, 5.3e9) but is not yet flagged
+    # diverged within 3 or 5 steps; its output is f at the lowest-residual iterate, 2
+    # (z_star = 11). The Jacobian term was taken at the last iterate: 1.3e5 at budget 3, 3e38
+    # (float32) at budget 5 with a NaN gradient. At the output's iterate: J = a + 3 * 2^2.
+    a = torch.tensor(0.5, requires_grad=True)
+    deq = wt.DEQ(grad="unroll", f_max_iter=budget)
+    z, stats = deq(lambda z: a * z + z ** 3 + 2, torch.zeros(1, 1), jac_reg=True)
+    assert not stats.diverged.any() and not stats.converged.any()
+    torch.testing.assert_close(z.detach(), torch.full((1, 1), 11.0))
+    torch.testing.assert_close(stats.jac_loss.detach(), torch.tensor(12.5 ** 2))
+    (ga,) = torch.autograd.grad(stats.jac_loss, (a,))
+    torch.testing.assert_close(ga, torch.tensor(2 * 12.5))  # the iterate 2 = f(0) has no a

@@ -340,9 +340,10 @@ class DEQ(nn.Module):
 
         Samples stop once at the tolerance or diverged (the solvers' rule; ``div_factor`` and
         ``patience`` from ``f_opts`` when given) and then sit at their best iterate, which
-        keeps its graph: the Jacobian term taken at the last iterate then differentiates
-        through the iterations for every sample, whenever the others stop (a diverged sample's
-        term: where its output comes from, returned with ``z_out=None``).
+        keeps its graph. The returned ``z_in`` (with ``z_out = f(z_in)``, or ``None`` when
+        ``f`` is still to be evaluated there) is where each sample's output comes from: the
+        Jacobian term taken there differentiates through the iterations for every sample,
+        whenever the others stop, and never at an iterate that ran away.
         The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
         ``f(z*)``), so it always carries a graph, also when ``z0`` itself is best (a warm
         start). A step whose output is non-finite for some samples is evaluated again with
@@ -387,13 +388,14 @@ class DEQ(nn.Module):
         if back is not None:
             best_out = torch.where(tracker.small.torch(back).view(per_sample), first_out,
                                    best_out)
-        if bool(tracker.diverged.any()):
-            # the Jacobian term of a diverged sample is taken where its output comes from
-            # (its best iterate, or its start), not at an iterate that ran away in the last
-            # step (an inf jac_loss, every gradient NaN): the same point in any batch
-            at = best_at if back is None else torch.where(
-                tracker.small.torch(back).view(per_sample), start, best_at)
-            z_in = torch.where(tracker.small.torch(tracker.diverged).view(per_sample), at, z_in)
+        # the Jacobian term is taken where each sample's output comes from (its best iterate,
+        # or its start), not at a last iterate that ran away (an inf jac_loss, every gradient
+        # NaN): the last iterate itself for a sample that converges or keeps improving
+        at = best_at if back is None else torch.where(
+            tracker.small.torch(back).view(per_sample), start, best_at)
+        moved = (at != z_in).reshape(B, -1).any(1) | tracker.small.torch(tracker.diverged)
+        if bool(moved.any()):
+            z_in = torch.where(moved.view(per_sample), at, z_in)
             z_out = None  # f there: evaluated by forward if the Jacobian term is asked for
         return best_out.to(z0.dtype), tracker.stats(), z_in, z_out
 
