@@ -86,3 +86,17 @@ def test_unroll_jac_loss_is_taken_where_the_output_comes_from_when_the_budget_ru
     torch.testing.assert_close(stats.jac_loss.detach(), torch.tensor(12.5 ** 2))
     (ga,) = torch.autograd.grad(stats.jac_loss, (a,))
     torch.testing.assert_close(ga, torch.tensor(2 * 12.5))  # the iterate 2 = f(0) has no a
+
+
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_z_star_may_be_modified_in_place_when_it_is_f_of_z0(grad):
+    # with a budget of 1 (or a warm start that has converged) "unroll" returned f's own
+    # output: writing it in place (z_star.mul_(2), a relu_) broke the backward of an f whose
+    # last op saves its output (sigmoid, tanh, exp), which "ift" already allowed
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    deq = wt.DEQ(grad=grad, f_max_iter=1, phantom_steps=1, b_max_iter=1)  # (ift: u = dL/dz)
+    z, _ = deq(lambda z: torch.sigmoid(0.5 * z + x), torch.zeros(2, 3, dtype=F64))
+    z.mul_(2)
+    z.sum().backward()
+    s = torch.sigmoid(x.detach())
+    torch.testing.assert_close(x.grad, 2 * s * (1 - s))  # z_star = sigmoid(x): z0 = 0

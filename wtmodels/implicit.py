@@ -397,7 +397,10 @@ class DEQ(nn.Module):
         if bool(moved.any()):
             z_in = torch.where(moved.view(per_sample), at, z_in)
             z_out = None  # f there: evaluated by forward if the Jacobian term is asked for
-        return best_out.to(z0.dtype), tracker.stats(), z_in, z_out
+        out = best_out.to(z0.dtype)
+        if out is first_out and out.requires_grad:  # f's own output (f(z0) is the best): a
+            out = out.clone()  # tensor of its own, which the caller may modify in place
+        return out, tracker.stats(), z_in, z_out
 
     def jacobian_loss(self, f, z_star: torch.Tensor, z_out: torch.Tensor | None = None
                       ) -> torch.Tensor:
