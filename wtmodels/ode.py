@@ -28,10 +28,12 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.adjoint import find_parameters
 from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
@@ -151,11 +153,17 @@ class ODECore(Core):
     ):
         super().__init__()
         depth = _check_depth(depth)
-        if not (T > 0 and math.isfinite(T)) or T / depth < 1e-30:
+        for name, value in (("ode_T", T), ("ode_rtol", rtol), ("ode_atol", atol)):
+            # a string or inf was taken (rtol=inf accepts every adaptive step) or failed with
+            # a TypeError; the messages are ModelConfig's
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if T / depth < 1e-30:
             raise ValueError(f"ode_T must be a finite number > 0 (and T / depth > 1e-30), "
                              f"got {T}")
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"ode_rtol and ode_atol must be > 0, got {rtol}, {atol}")
+        if not isinstance(adjoint, bool):  # bool("no") is True
+            raise ValueError(f"ode_adjoint must be true or false, got {adjoint!r}")
         self.cell = cell
         self.depth = _check_depth(depth)
         self.train_depth = self.depth
@@ -202,7 +210,9 @@ class ODECore(Core):
                            if is_fixed_grid(self.method) else {"norm": per_sample_rms_norm})
                 kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
                 if self.adjoint:
-                    params = (*self.cell.parameters(), x)
+                    # find_parameters, not cell.parameters(): a DataParallel replica holds
+                    # its parameters as plain attributes, and its cell would get no gradient
+                    params = (*find_parameters(self.cell), x)
                     z = odeint_adjoint(func, z, times, adjoint_params=params, **kwargs)[-1]
                 else:
                     z = odeint(func, z, times, **kwargs)[-1]
