@@ -82,7 +82,8 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         x = prob.x0  # (B, D)
         B, D = x.shape
         pool = Pool(ctx, "anderson.x", x)
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
+                          noise_eps=prob.noise_eps)
         sm = tracker.small
         F = ctx.enter_context(scratch("anderson.F", (B, m, D), x))  # f(x_i) history
         G = ctx.enter_context(scratch("anderson.G", (B, m, D), x))  # residuals f(x_i) - x_i

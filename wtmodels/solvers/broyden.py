@@ -76,7 +76,8 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         x = prob.x0  # (B, D)
         B, D = x.shape
         pool = Pool(ctx, "broyden.x", x)
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
+                          noise_eps=prob.noise_eps)
         sm = tracker.small
         W = ctx.enter_context(scratch("broyden.W", (B, m + 1, D), x))  # rows: g, then s_i
         S = W[:, 1:]  # (B, m, D) s_i

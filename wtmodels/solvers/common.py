@@ -13,7 +13,8 @@ for float64 inputs, float32 otherwise) and leaves all per-sample decisions to :c
   for ``patience`` consecutive evaluations and ended that run no lower than it began
   (whatever the stop mode: a relative residual can stay bounded while the iterates run off to
   infinity; a transient bump that is already falling again is not divergence; nor is a bump
-  while the relative residual is at rounding level, <= 64 x the compute dtype's eps).
+  while the relative residual is at rounding level, <= 64 x the compute dtype's eps, or
+  4 x the eps of a bf16/fp16 ``z0`` or of the dtype of an autocast region ``f`` runs in).
   A diverged sample keeps its best finite iterate and is never reported converged; a sample
   whose ``z0`` is non-finite has no finite iterate and is returned as it came, flagged diverged.
 - for a ``z0`` in a lower precision (bf16, fp16) the iterates are rounded to it before ``f``
@@ -177,6 +178,11 @@ class Problem:
         self.x0 = z0.detach().reshape(z0.shape[0], -1).to(
             self.compute_dtype, copy=True, memory_format=torch.contiguous_format)
         self.rounds = z0.dtype != self.compute_dtype
+        # the coarsest precision in play: iterates rounded to a bf16/fp16 z0, or f's values
+        # under a bf16/fp16 autocast (see Tracker's noise_eps); None when the compute dtype's
+        low = [t for t in ((z0.dtype if self.rounds else None), self.autocast_dtype)
+               if t is not None and torch.finfo(t).eps > torch.finfo(self.compute_dtype).eps]
+        self.noise_eps = max((torch.finfo(t).eps for t in low), default=None)
         # inference tensors have no version counter (see check_unmodified)
         self.versioned = not torch.is_inference_mode_enabled()
         self.copies = False  # f writes its argument in place: it gets copies of the iterates
@@ -341,6 +347,11 @@ def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
     return s[:, 0] * torch.linalg.vector_norm(t / torch.where(s > 0, s, 1.0), dim=1)
 
 
+# rounding level of a bf16/fp16 computation, in its eps (bf16: 4 x 2^-7 = 0.031; fp16: 0.0039):
+# under bf16 autocast relative residuals at their floor (~1e-3) bump to ~5e-3, rarely ~0.06 for
+# one step; a runaway z <- rho z + b tends to (rho - 1) / rho, so rho > 1.03 is still caught
+LOW_PRECISION_NOISE = 4
+
 _TRACE_VALUES = 1 << 20  # entries of each trace's first allocation, for B above 16384
 
 
@@ -352,7 +363,8 @@ class Tracker:
     """
 
     def __init__(self, x0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
-                 div_factor: float, patience: int, pool: Pool | None = None):
+                 div_factor: float, patience: int, pool: Pool | None = None,
+                 noise_eps: float | None = None):
         B = x0.shape[0]
         self.pool = pool
         self.small = sm = Small(x0)
@@ -378,8 +390,13 @@ class Tracker:
         self.all_active = True
         self.check_growth = math.isfinite(div_factor)
         # a relative residual this small is rounding noise: its bumps above a lucky low (an
-        # exact 0) are no divergence (a tol below the precision would flag samples at its floor)
+        # exact 0) are no divergence (a tol below the precision would flag samples at its floor).
+        # noise_eps: the eps of a coarser precision in play (Problem.noise_eps: iterates
+        # rounded to a bf16/fp16 z0, or f under bf16/fp16 autocast), whose floor is far higher
+        # (64 x bf16's eps would be 0.5, above most runaways' relative residual)
         self.noise_rel = 64 * torch.finfo(x0.dtype).eps
+        if noise_eps is not None:
+            self.noise_rel = max(self.noise_rel, LOW_PRECISION_NOISE * noise_eps)
         self.streak_any = False  # some sample's streak is > 0
         # a norm below this may have lost its squares to underflow (see _rescaled_norms)
         finfo = torch.finfo(x0.dtype)

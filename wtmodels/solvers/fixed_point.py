@@ -55,7 +55,8 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         pool = Pool(ctx, "fixed_point.x", x)
-        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool)
+        tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
+                          noise_eps=prob.noise_eps)
         g = ctx.enter_context(scratch("fixed_point.g", x.shape, x))
         for _ in range(max_iter):
             fx = prob(x)
