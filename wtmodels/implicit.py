@@ -36,6 +36,7 @@ from .solvers.common import (
     Tracker,
     check_float,
     check_positive_int,
+    coarse_precision,
 )
 from .solvers.stats import SolverStats
 
@@ -264,7 +265,7 @@ class DEQ(nn.Module):
             # solve will follow, so not the stats of an older one either
             self.last_backward_stats = None
             return z_out.detach().clone(), z_in, z_out
-        return _AdjointSolve.apply(z_out, z_in, self), z_in, z_out
+        return _AdjointSolve.apply(z_out, z_in, self, _coarsest_dtype(z_in, z_out)), z_in, z_out
 
     def _f_of(self, f, z: torch.Tensor) -> torch.Tensor:
         """``f(z)``, for an ``f`` that writes its argument in place (see
@@ -307,8 +308,14 @@ class DEQ(nn.Module):
         return f(z_in.clone())
 
     def _backward_solve(self, z_out: torch.Tensor, z_in: torch.Tensor,
-                        grad: torch.Tensor) -> torch.Tensor:
-        """Solve ``u = J^T u + grad`` (``J = dz_out/dz_in``) with the backward solver."""
+                        grad: torch.Tensor, coarse: torch.dtype | None = None
+                        ) -> torch.Tensor:
+        """Solve ``u = J^T u + grad`` (``J = dz_out/dz_in``) with the backward solver.
+
+        ``coarse``: the bf16/fp16 dtype the forward ran in (autocast, a low-precision ``z0``),
+        whose rounding the vector-Jacobian products carry: residual bumps at its floor are
+        then not read as divergence (see :func:`~wtmodels.solvers.common.coarse_precision`).
+        """
         # solved in float32 at least: a bf16 gradient (autocast) would round every iterate
         g = _at_least_float32(grad)
 
@@ -318,9 +325,10 @@ class DEQ(nn.Module):
             return g if vjp is None else vjp.to(g.dtype) + g  # None: f ignores z, J = 0
 
         solver = get_solver(self.b_solver)
-        u, stats = check_result(self.b_solver, solver(
-            adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.stop_mode,
-            **self.b_opts), g)
+        with coarse_precision(coarse):
+            u, stats = check_result(self.b_solver, solver(
+                adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.stop_mode,
+                **self.b_opts), g)
         self.last_backward_stats = stats
         if not self._warned_backward and bool(stats.diverged.any()):
             # once per module: a training loop would repeat it every step (and code that
@@ -352,6 +360,7 @@ class DEQ(nn.Module):
         """
         prob = Problem(f, z0)
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
+                          noise_eps=prob.noise_eps,
                           **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
@@ -563,6 +572,16 @@ def _needs_autograd(what: str) -> None:
                            "it outside torch.inference_mode() (torch.no_grad() is fine)")
 
 
+def _coarsest_dtype(z_in: torch.Tensor, z_out: torch.Tensor) -> torch.dtype | None:
+    """The coarsest of the autocast dtype in force (on ``z_in``'s device) and the dtypes of
+    ``z_in`` and ``z_out``: the precision ``f``'s vector-Jacobian products carry."""
+    device = z_in.device.type
+    dtypes = [z_in.dtype, z_out.dtype]
+    if torch.is_autocast_enabled(device):
+        dtypes.append(torch.get_autocast_dtype(device))
+    return max((t for t in dtypes if t.is_floating_point), key=lambda t: torch.finfo(t).eps)
+
+
 def _leaf(z: torch.Tensor) -> torch.Tensor:
     """``z`` as a fresh leaf requiring grad (an inference tensor is copied first)."""
     return (z.clone() if z.is_inference() else z).detach().requires_grad_()
@@ -572,8 +591,9 @@ class _AdjointSolve(torch.autograd.Function):
     """Identity forward; backward replaces ``grad`` by the adjoint fixed point solution."""
 
     @staticmethod
-    def forward(ctx, z_out, z_in, deq):
+    def forward(ctx, z_out, z_in, deq, coarse):
         ctx.graph = (z_out, z_in, deq)  # kept as attributes: a graph, not saved tensors
+        ctx.coarse = coarse
         return z_out.clone()  # a tensor of its own: the caller may modify it in place
 
     @staticmethod
@@ -584,7 +604,7 @@ class _AdjointSolve(torch.autograd.Function):
                 "no graph); use grad='unroll' for higher-order derivatives (create_graph=True)")
         z_out, z_in, deq = ctx.graph
         try:
-            u = deq._backward_solve(z_out, z_in, grad)
+            u = deq._backward_solve(z_out, z_in, grad, ctx.coarse)
         except RuntimeError as e:  # is_grads_batched=True, jacobian(vectorize=True): vmap
             if "atching rule" not in str(e) and "vmap" not in str(e):
                 raise
@@ -593,4 +613,4 @@ class _AdjointSolve(torch.autograd.Function):
                 "is_grads_batched=True, torch.autograd.functional.jacobian(vectorize=True)): "
                 "its adjoint solve stops per sample on the values; use vectorize=False (one "
                 "backward per row), or grad='unroll'") from e
-        return u, None, None
+        return u, None, None, None

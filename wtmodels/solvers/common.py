@@ -88,6 +88,29 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
+def coarse_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Solves started inside treat ``dtype``'s rounding as in play, as under autocast to it.
+
+    For a map whose values carry a bf16/fp16 computation's error without running under
+    autocast itself, such as the DEQ's adjoint ``u -> J^T u + g`` after a bf16 forward: its
+    residuals bump at that precision's floor, which is then not read as divergence (see
+    :class:`Tracker`). ``None`` or a dtype no coarser than the compute dtype changes nothing.
+
+    Example:
+        >>> import torch
+        >>> with coarse_precision(torch.bfloat16):
+        ...     Problem(lambda z: z, torch.zeros(2, 3)).noise_eps == torch.finfo(torch.bfloat16).eps
+        True
+    """
+    previous = getattr(_local, "coarse_dtype", None)
+    _local.coarse_dtype = dtype
+    try:
+        yield
+    finally:
+        _local.coarse_dtype = previous
+
+
+@contextlib.contextmanager
 def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> Iterator[torch.Tensor]:
     """An uninitialised ``shape`` buffer (dtype/device of ``like``) for a solver's history.
 
@@ -178,9 +201,11 @@ class Problem:
         self.x0 = z0.detach().reshape(z0.shape[0], -1).to(
             self.compute_dtype, copy=True, memory_format=torch.contiguous_format)
         self.rounds = z0.dtype != self.compute_dtype
-        # the coarsest precision in play: iterates rounded to a bf16/fp16 z0, or f's values
-        # under a bf16/fp16 autocast (see Tracker's noise_eps); None when the compute dtype's
-        low = [t for t in ((z0.dtype if self.rounds else None), self.autocast_dtype)
+        # the coarsest precision in play: iterates rounded to a bf16/fp16 z0, f's values
+        # under a bf16/fp16 autocast or inside coarse_precision (see Tracker's noise_eps);
+        # None when the compute dtype's
+        low = [t for t in ((z0.dtype if self.rounds else None), self.autocast_dtype,
+                           getattr(_local, "coarse_dtype", None))
                if t is not None and torch.finfo(t).eps > torch.finfo(self.compute_dtype).eps]
         self.noise_eps = max((torch.finfo(t).eps for t in low), default=None)
         # inference tensors have no version counter (see check_unmodified)
