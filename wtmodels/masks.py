@@ -57,6 +57,7 @@ def make_masks(
     *,
     n: int | None = None,
     m: int | None = None,
+    **unknown,
 ) -> torch.Tensor:
     """Draw ``k`` distinct static sparse masks for a weight of the given shape.
 
@@ -91,8 +92,8 @@ def make_masks(
         Bool tensor of shape ``(k, *shape)`` on the CPU.
 
     Raises:
-        ValueError: density outside (0, 1], k < 1, unknown kind, an empty shape, an N:M pattern
-            the shape cannot hold, or fewer than k distinct masks possible.
+        ValueError: density outside (0, 1], k < 1, unknown kind or keyword, an empty shape, an
+            N:M pattern the shape cannot hold, or fewer than k distinct masks possible.
 
     Example:
         >>> import wtmodels as wt
@@ -100,6 +101,7 @@ def make_masks(
         >>> masks.sum(dim=(1, 2)).tolist()
         [36, 36, 36]
     """
+    _refuse_unknown("make_masks", unknown, ("shape", "k", "density", "kind", "seed", "n", "m"))
     shape, k, density, n, m = _resolve(shape, k, density, kind, seed, n, m)
     if density == 1.0:
         return torch.ones((k, *shape), dtype=torch.bool)
@@ -455,6 +457,7 @@ def apply_masks(
     *,
     n: int | None = None,
     m: int | None = None,
+    **unknown,
 ) -> nn.Module:
     """Attach ``k`` distinct static masks to every layer of the given types inside ``module``.
 
@@ -495,6 +498,8 @@ def apply_masks(
         >>> mask_count(cell), cell[0].weight_masks.shape
         (4, torch.Size([4, 8, 3, 3, 3]))
     """
+    _refuse_unknown("apply_masks", unknown, ("module", "k", "density", "kind", "seed",
+                                             "schedule", "types", "n", "m"))
     if schedule not in MASK_SCHEDULES:
         raise ValueError(
             f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
@@ -677,3 +682,10 @@ def _weight_trains(layer: nn.Module) -> bool:
     if parametrize.is_parametrized(layer, "weight"):
         return any(p.requires_grad for p in layer.parametrizations.weight.parameters())
     return layer.weight.requires_grad
+
+
+def _refuse_unknown(where: str, unknown: dict, valid: tuple[str, ...]) -> None:
+    """``ValueError`` naming the valid keywords (Python's own ``TypeError`` names none)."""
+    if unknown:
+        raise ValueError(f"{where} got unknown keyword(s) {sorted(unknown)}; "
+                         f"valid: {sorted(valid)}")

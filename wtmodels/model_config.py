@@ -217,7 +217,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
     Solver fields on a non-DEQ core, ODE fields on a non-ODE core, mask fields without masks,
     ``norm_groups`` without GroupNorm, ``ode_rtol`` / ``ode_atol`` with a fixed-grid
     ``ode_method`` (rk4, euler, ...; not ``implicit_adams`` / ``fixed_adams``, whose corrector
-    iterates to the tolerances), ``phantom_steps`` with a DEQ ``grad`` other than ``phantom``.
+    iterates to the tolerances), ``phantom_steps`` with a DEQ ``grad`` other than ``phantom``,
+    ``f_solver`` with ``grad="unroll"``.
     (Within a DEQ the backward-solver fields stay in the config whatever ``grad`` is.)
 
     Example:
@@ -243,6 +244,8 @@ def fields_without_effect(config: ModelConfig) -> dict[str, str]:
         unused["norm_groups"] = "read only with norm 'group'"
     if config.core == "deq" and config.grad != "phantom":
         unused["phantom_steps"] = "read only with grad 'phantom'"
+    if config.core == "deq" and config.grad == "unroll":  # plain iteration, no solver call
+        unused["f_solver"] = "read only with grad 'ift' or 'phantom'; unroll iterates plainly"
     if config.core == "ode":
         from wtmodels.ode import reads_tolerances
 
