@@ -715,6 +715,11 @@ class _Trainer:
         for key, value in train.items():
             if key not in ("loss", "acc", "count"):
                 row["train_" + key] = value
+        for key in test:  # an epoch whose training pass ran no solve (all --pretrain-steps,
+            # or every step skipped) has no solver statistics: null, as jac_loss, so that every
+            # row of a run has the same keys (a csv.DictWriter on the first row's keys failed)
+            if key not in ("loss", "acc", "count"):
+                row.setdefault("train_" + key, None)
         if "jac_loss" in extra:
             row["jac_loss"] = extra["jac_loss"]
         return {k: _json_safe(v) for k, v in row.items()}
