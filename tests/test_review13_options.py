@@ -51,6 +51,25 @@ def test_no_augment_on_synthetic_is_refused_by_the_run():
     assert settings_without_effect(TrainConfig(model="wt_s", augment=False)) == {}  # digits
 
 
+def test_deq_depth_is_read_only_in_pretrain():
+    # README Models table: a DEQ core's depth is its unroll depth in pretrain mode; the solve
+    # runs f_max_iter iterations whatever the depth. `--model deq_s --depth 12` was accepted
+    # and trained the same model as depth 6
+    x = torch.randn(2, 1, 8, 8)
+    outs = []
+    for depth in (2, 5):
+        torch.manual_seed(0)
+        model = wt.create_model("test_deq", in_chans=1, depth=depth).eval()
+        with torch.no_grad():
+            outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+    found = settings_without_effect(TrainConfig(model="deq_s", model_overrides={"depth": 12}))
+    assert set(found) == {"depth"}
+    assert settings_without_effect(TrainConfig(model="deq_s", model_overrides={"depth": 12},
+                                               pretrain_steps=10)) == {}
+    assert settings_without_effect(TrainConfig(model="deq_s", model_overrides={"depth": 6})) == {}
+
+
 def test_deq_mask_schedule_is_read_only_in_pretrain():
     # the DEQ core solves the K-periodic composite (README Masks: "schedule not used"); only
     # its pretrain unroll follows the schedule

@@ -304,8 +304,9 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
     dataset, ``data_seed`` without a subset (``train_size`` / ``test_size``) of a dataset
     other than ``synthetic``, ``data_dir`` / ``download`` for a dataset that reads no files
     (``digits`` ships with scikit-learn, ``synthetic`` is generated), ``download`` for
-    ``imagefolder``, ``augment`` for ``synthetic`` (it has none), a DEQ core's
-    ``mask_schedule`` without ``pretrain_steps`` (its solver applies the K masks in order). The
+    ``imagefolder``, ``augment`` for ``synthetic`` (it has none), a DEQ core's ``depth`` and
+    ``mask_schedule`` without ``pretrain_steps`` (only its warm-up unrolls: the solver's budget
+    is ``f_max_iter`` and a solver step applies the K masks in order). The
     trainer refuses such a run: a setting that silently does nothing is a wrong experiment,
     not a harmless one.
 
@@ -329,10 +330,12 @@ def settings_without_effect(cfg: TrainConfig) -> dict[str, str]:
                      if getattr(cfg, name) != getattr(defaults, name))
     elif cfg.jac_reg_weight == 0 and cfg.jac_reg_freq != defaults.jac_reg_freq:
         found["jac_reg_freq"] = "read only with jac_reg_weight > 0"
-    if (resolved.core == "deq" and cfg.pretrain_steps == 0 and "mask_schedule" not in unused
-            and cfg.model_overrides.get("mask_schedule", variant.mask_schedule)
-            != variant.mask_schedule):  # a solver step applies the K masks in order
-        found["mask_schedule"] = "read by a DEQ core only while pretrain_steps unroll it"
+    if resolved.core == "deq" and cfg.pretrain_steps == 0:  # the solver's budget is f_max_iter,
+        # and a solver step applies the K masks in order: only the warm-up unrolls by these
+        found.update((name, "read by a DEQ core only while pretrain_steps unroll it")
+                     for name, value in cfg.model_overrides.items()
+                     if name in ("depth", "mask_schedule") and name not in unused
+                     and value != getattr(variant, name))
     off = {  # setting -> (why unread, if unread)
         "momentum": ("read only with optimizer 'sgd'", cfg.optimizer != "sgd"),
         "nesterov": ("read only with optimizer 'sgd' and momentum > 0",
