@@ -643,7 +643,14 @@ def _plot_arms(ax, width, table, density=None) -> None:
     ax.set_xticks(range(len(depths)))
     ax.set_xticklabels([str(d) for d in depths])
     ax.set_xlim(-0.5, len(depths) - 0.5)
-    title = f"Distinct vs shared vs no mask, width {width}"
+    # the title names the arms drawn: a sweep without a shared mask (quick) does not say shared
+    compared = [name for arm, name in (("distinct masks", "Distinct"), ("1 shared mask", "shared"),
+                                       ("no mask", "no mask")) if arm in arms]
+    if compared == ["Distinct", "shared"]:
+        compared[1] = "shared mask"
+    elif len(compared) == 1:
+        compared.append("untied")  # two arms at least: distinct masks and the untied model
+    title = f"{' vs '.join(compared)}, width {width}"
     _finish(ax, "depth (cell applications)", "test accuracy (%)",
             ", ".join(filter(None, (title, _density_name(density)))))
 
