@@ -298,7 +298,9 @@ def _read(loader):
                 name, _, rest = last.partition(": ")
                 first = rest if rest and name.split(".")[-1] == type(err).__name__ else last
             first = first[:300]
-            raise BadInput(f"reading the data failed: {type(err).__name__}: {first}") from err
+            bad = BadInput(f"reading the data failed: {type(err).__name__}: {first}")
+            bad.rank_local = True  # this rank's shard alone: the other ranks cannot report it
+            raise bad from err
         yield batch
 
 
@@ -580,10 +582,20 @@ class _Trainer:
         pretrain_on = None
         iterator, bar = self._progress(_read(self.train_loader), len(self.train_loader),
                                        epoch + 1)
+        # train size not divisible by the ranks: the sampler repeats a few images to give every
+        # rank the same number of steps; they must not count twice (in the gradient as in the
+        # metrics), so that N processes train on exactly one process's batches
+        world, n_images = self.ctx.world_size, len(self.train_loader.sampler.dataset)
+        per_rank = self.train_loader.batch_size
         reset_peak_memory(self.ctx.device)
         start = time.perf_counter()
-        for x, y in iterator:
+        for index, (x, y) in enumerate(iterator):
             x, y = self._batch(x, y)
+            real = None  # (B,) bool: not a repeat; None when the global batch holds no repeat
+            n_global = min(per_rank * world, n_images - index * per_rank * world)
+            if n_global != len(y) * world:  # the last global batch, padded
+                position = self.ctx.rank + world * (index * per_rank + torch.arange(len(y)))
+                real = (position < n_images).to(y.device)
             step = self.global_step
             if cfg.pretrain_steps and pretrain_on != (step < cfg.pretrain_steps):
                 pretrain_on = step < cfg.pretrain_steps
@@ -597,11 +609,17 @@ class _Trainer:
             with self._autocast():
                 logits = self.train_model(x)  # (B, num_classes)
             logits = logits.float()
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if real is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            else:  # DDP averages the ranks' losses: sum / n_global over the real images
+                loss = F.cross_entropy(logits, y, reduction="none",
+                                       label_smoothing=cfg.label_smoothing)[real].sum() \
+                    * (world / n_global)
             jac = model.jac_loss() if use_jac else None
             if jac is not None:
                 loss = loss + cfg.jac_reg_weight * jac.float()
-            seen += len(y)
+            count = len(y) if real is None else int(real.sum())
+            seen += count
             # one read of a device flag per step (a synchronisation on GPUs): the loss and the
             # gradient norm are checked together after the backward pass
             self.optimizer.zero_grad(set_to_none=True)
@@ -646,15 +664,19 @@ class _Trainer:
                 continue
             self.consecutive_bad = 0
             with torch.no_grad():
-                plain = (F.cross_entropy(logits, y, reduction="sum") if cfg.label_smoothing
-                         else loss.detach() * len(y) if jac is None
-                         else F.cross_entropy(logits, y, reduction="sum"))
-                correct = (logits.argmax(1) == y).sum()
-            meter.update(plain, correct, len(y), model.core_stats())  # summed on the device
+                if real is not None:
+                    plain = F.cross_entropy(logits, y, reduction="none")[real].sum()
+                    correct = ((logits.argmax(1) == y) & real).sum()
+                else:
+                    plain = (F.cross_entropy(logits, y, reduction="sum") if cfg.label_smoothing
+                             else loss.detach() * len(y) if jac is None
+                             else F.cross_entropy(logits, y, reduction="sum"))
+                    correct = (logits.argmax(1) == y).sum()
+            meter.update(plain, correct, count, model.core_stats())  # summed on the device
             if jac is not None:
                 jac_meter.update(jac.detach() * len(y), 0, len(y))
             if bar is not None and self.global_step % 10 == 0:
-                bar.set_postfix(loss=f"{float(plain) / len(y):.4f}")
+                bar.set_postfix(loss=f"{float(plain) / max(count, 1):.4f}")
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         elapsed = time.perf_counter() - start
@@ -837,8 +859,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--out DIR is required")
         run(settings)
     except (UsageError, BadInput) as err:
-        if is_main:
-            print(f"wtmodels.train: error: {err}".replace("\n", " "), file=sys.stderr)
+        # settings errors arise on every rank alike: rank 0 reports them; a data error arises on
+        # the rank whose shard holds the bad file, which must say so (it was lost under torchrun)
+        if is_main or getattr(err, "rank_local", False):
+            where = "" if is_main else f"rank {os.environ.get('RANK')}: "
+            print(f"wtmodels.train: error: {where}{err}".replace("\n", " "), file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingDiverged as err:
         if is_main:
