@@ -258,6 +258,16 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).view(*dims)
 
 
+def _check_idx_header(path: Path, ndim: int) -> None:
+    """``ValueError`` naming ``path`` unless its header is that of an idx file of unsigned bytes
+    with ``ndim`` dimensions (reads the header only)."""
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim or head[:3] != b"\0\0\x08" or head[3] != ndim:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes with {ndim} "
+                         f"dimension{'s' if ndim > 1 else ''}")
+
+
 def _idx_files(folder: Path, train: bool) -> tuple[Path, Path] | None:
     """The (images, labels) idx files of a split in ``folder``, plain or gzipped, if present."""
     prefix = "train" if train else "t10k"
@@ -308,9 +318,15 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
                for f in (_idx_files(tv_raw, True), _idx_files(tv_raw, False))):
             # torchvision's own layout, uncompressed: its class reads it as is
             try:
+                for train in (True, False):
+                    images, labels = _idx_files(tv_raw, train)
+                    _check_idx_header(images, 3)
+                    _check_idx_header(labels, 1)
                 pair = (tv_cls(root, train=True, transform=train_tf),
                         tv_cls(root, train=False, transform=test_tf))
-            except (RuntimeError, OSError) as err:  # a truncated file fails its reshape
+            except (RuntimeError, OSError, ValueError) as err:  # a truncated file fails its
+                # reshape; a non-idx, float or mis-shaped one: torchvision raised AssertionError,
+                # TypeError or a ValueError naming no file, so the headers are checked first
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise ValueError(f"dataset {name}: the idx files in {tv_raw} cannot be read "
                                  f"(truncated or corrupt?): {first}") from None
