@@ -22,6 +22,7 @@ gradients, and both form the masked copies once per forward pass of the model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -135,7 +136,7 @@ class LoRALayer(PEFTLayer):
         self.scale = (rank if alpha is None else float(alpha)) / rank
         self.merged = False
         # the base weight's tensors before merge() (weight norm: g and v) and the tensors /
-        # versions merge() left, so that unmerge() can give the very same bits back
+        # content fingerprints merge() left, so that unmerge() can give the very same bits back
         self._pre_merge: tuple[dict, dict] | None = None
         weight = base.weight
         self.weight_shape = tuple(weight.shape)
@@ -277,7 +278,7 @@ class LoRALayer(PEFTLayer):
         originals = self._weight_originals()
         before = {k: p.detach().clone() for k, p in originals.items()}
         self._shift_weight(self.delta_weight().detach())
-        self._pre_merge = (before, {k: (p, p._version) for k, p in originals.items()})
+        self._pre_merge = (before, {k: (p, _fingerprint(p)) for k, p in originals.items()})
         self.merged = True
 
     def _weight_originals(self) -> dict[str, torch.Tensor]:
@@ -295,10 +296,13 @@ class LoRALayer(PEFTLayer):
             return False
         before, after = self._pre_merge
         now = self._weight_originals()
+        # the contents are compared, not version counters: edits through ``.data`` (an EMA
+        # update, torch.nn.utils.vector_to_parameters) leave the counter as it was
         if now.keys() != after.keys() or any(
-            now[k] is not p or p._version != version or p.dtype != before[k].dtype
+            now[k] is not p or p.dtype != before[k].dtype
             or p.device != before[k].device or p.shape != before[k].shape
-            for k, (p, version) in after.items()
+            or _fingerprint(p) != digest
+            for k, (p, digest) in after.items()
         ):
             return False
         with torch.no_grad():
@@ -309,9 +313,10 @@ class LoRALayer(PEFTLayer):
     def unmerge(self) -> None:
         """Undo :meth:`merge`.
 
-        If nothing changed the base weight since :meth:`merge` (an in-place change, a load, a
-        move to another dtype or device), its pre-merge tensors are put back bit for bit
-        (weight norm's g and v included); otherwise the update, recomputed from the factors,
+        If nothing changed the base weight since :meth:`merge` (an in-place change, also
+        through ``.data``, a load, a move to another dtype or device: the contents are
+        compared), its pre-merge tensors are put back bit for bit (weight norm's g and v
+        included); otherwise the update, recomputed from the factors,
         is subtracted (equal to the original weight up to rounding, and to the update merge
         added while the factors are unchanged: a merged layer's forward gives them no
         gradient). While merged the layer keeps the pre-merge weight: one weight-sized copy.
@@ -361,6 +366,13 @@ class LoRAConv2d(LoRALayer):
 
     def _apply_weight(self, x, weight):
         return self.base._conv_forward(x, weight, self.base.bias)
+
+
+def _fingerprint(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: tells whether its contents changed, however they were
+    changed (in place, through ``.data``)."""
+    raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    return hashlib.sha256(raw).hexdigest()
 
 
 def dense_capable(base: nn.Module) -> bool:
