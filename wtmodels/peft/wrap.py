@@ -367,6 +367,29 @@ def _release_all(model: nn.Module, args: tuple, output: object) -> None:
         layer._formed, layer._formed_frame = None, None
 
 
+def _fused_path_off(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook: torch skips a transformer layer's fused path when it has one."""
+
+
+def keep_fused_transformer_paths_off(model: nn.Module) -> None:
+    """Make ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding PEFT wrappers take
+    their module-by-module path in eval mode.
+
+    Their fused eval path reads ``linear1`` / ``linear2``'s weights directly (an
+    ``AttributeError`` on a wrapper; it would skip the update anyway). torch takes the plain
+    path for a layer with forward hooks, and for a stack whose ``use_nested_tensor`` is False.
+    """
+    for module in model.modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(m, PEFTLayer) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        elif _fused_path_off not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_fused_path_off)
+
+
 def install_forming_hooks(model: nn.Module) -> None:
     """Make ``model``'s forward pass form every wrapper's masked copies once, on entry.
 
@@ -374,8 +397,10 @@ def install_forming_hooks(model: nn.Module) -> None:
     them, so every call of a wrapper inside the pass (D calls in a weight-tied cell) reuses one
     formed tensor and gradients of all calls meet in it. What a pass cut short by a
     ``KeyboardInterrupt`` formed (torch skips the hook then) is dropped by the next pass.
-    Installing twice is a no-op.
+    Installing twice is a no-op. Transformer encoder layers holding wrappers are kept off
+    torch's fused eval path (:func:`keep_fused_transformer_paths_off`).
     """
+    keep_fused_transformer_paths_off(model)
     if _form_all in model._forward_pre_hooks.values():
         return
     model._peft_formed_stack = []
