@@ -83,6 +83,7 @@ def test_transformer_encoder_layer_inside_a_model_runs_its_update_in_eval(add):
         torch.testing.assert_close(net(x), oracle(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # oracle
 def test_transformer_encoder_stack_with_a_padding_mask_runs_in_eval():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)

@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -544,7 +544,41 @@ def apply_masks(
         layer.mask_schedule = schedule
         layer._mask_stack = None
         layer.__class__ = _masked_class(type(layer))
+    # a transformer layer's fused eval path would read the unmasked weights
+    keep_transformer_fused_path_off(module, lambda sub: isinstance(sub, MaskedLayer))
     return module
+
+
+def _fused_path_off(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook: torch skips a transformer layer's fused eval path when it has
+    one."""
+
+
+def keep_transformer_fused_path_off(model: nn.Module, holds: Callable[[nn.Module], bool]
+                                    ) -> None:
+    """Make every ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` in ``model`` that
+    holds a module for which ``holds`` is true take its module-by-module path in eval mode.
+
+    Their fused eval path reads ``linear1`` / ``linear2``'s weights directly, so a masked or
+    wrapped layer there would be skipped silently (or fail). torch takes the plain path for a
+    layer with forward hooks, and for a stack whose ``use_nested_tensor`` is False.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        >>> keep_transformer_fused_path_off(layer, lambda m: isinstance(m, torch.nn.Linear))
+        >>> len(layer._forward_pre_hooks)
+        1
+    """
+    for sub in model.modules():
+        if not isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(holds(m) for m in sub.modules()):
+            continue
+        if isinstance(sub, nn.TransformerEncoder):
+            sub.use_nested_tensor = False
+        elif _fused_path_off not in sub._forward_pre_hooks.values():
+            sub.register_forward_pre_hook(_fused_path_off)
 
 
 def remove_masks(module: nn.Module) -> nn.Module:

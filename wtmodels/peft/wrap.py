@@ -19,7 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from wtmodels.masks import MASK_KINDS, apply_to_mask_stacks, make_masks
+from wtmodels.masks import (
+    MASK_KINDS,
+    apply_to_mask_stacks,
+    keep_transformer_fused_path_off,
+    make_masks,
+)
 
 SUPPORTED_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -367,29 +372,6 @@ def _release_all(model: nn.Module, args: tuple, output: object) -> None:
         layer._formed, layer._formed_frame = None, None
 
 
-def _fused_path_off(module: nn.Module, args: tuple) -> None:
-    """A no-op forward pre-hook: torch skips a transformer layer's fused path when it has one."""
-
-
-def keep_fused_transformer_paths_off(model: nn.Module) -> None:
-    """Make ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding PEFT wrappers take
-    their module-by-module path in eval mode.
-
-    Their fused eval path reads ``linear1`` / ``linear2``'s weights directly (an
-    ``AttributeError`` on a wrapper; it would skip the update anyway). torch takes the plain
-    path for a layer with forward hooks, and for a stack whose ``use_nested_tensor`` is False.
-    """
-    for module in model.modules():
-        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
-            continue
-        if not any(isinstance(m, PEFTLayer) for m in module.modules()):
-            continue
-        if isinstance(module, nn.TransformerEncoder):
-            module.use_nested_tensor = False
-        elif _fused_path_off not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(_fused_path_off)
-
-
 def install_forming_hooks(model: nn.Module) -> None:
     """Make ``model``'s forward pass form every wrapper's masked copies once, on entry.
 
@@ -398,9 +380,9 @@ def install_forming_hooks(model: nn.Module) -> None:
     formed tensor and gradients of all calls meet in it. What a pass cut short by a
     ``KeyboardInterrupt`` formed (torch skips the hook then) is dropped by the next pass.
     Installing twice is a no-op. Transformer encoder layers holding wrappers are kept off
-    torch's fused eval path (:func:`keep_fused_transformer_paths_off`).
+    torch's fused eval path (:func:`~wtmodels.masks.keep_transformer_fused_path_off`).
     """
-    keep_fused_transformer_paths_off(model)
+    keep_transformer_fused_path_off(model, lambda m: isinstance(m, PEFTLayer))
     if _form_all in model._forward_pre_hooks.values():
         return
     model._peft_formed_stack = []
