@@ -31,10 +31,12 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
     """Trainable weights that one iteration of every core uses, masked-out weights excluded.
 
     Counts every parameter outside the cores (stem, transitions, head) plus, per stage, the
-    parameters of one cell minus the weights its masks zero (averaged over the K masks; exact
-    for ``"random"`` and ``"nm"`` masks). For a tied core that is the whole cell; for an untied
-    core one of its D cells. Masks of frozen weights (e.g. a masked cell under LoRA) subtract
-    nothing: those weights are not counted in the first place.
+    parameters of one cell; weights zeroed by masks, in the cell or outside the cores, are
+    subtracted (averaged over the K masks; exact for ``"random"`` and ``"nm"`` masks). For a
+    tied core that is the whole cell; for an untied core one of its D cells. A module without
+    ``cores`` (any ``nn.Module``) counts its trainable parameters minus the weights its masks
+    zero. Masks of frozen weights (e.g. a masked cell under LoRA) subtract nothing: those
+    weights are not counted in the first place.
 
     Example:
         >>> import wtmodels as wt
@@ -43,8 +45,10 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
         >>> nonzero_params_per_iter(tied) == nonzero_params_per_iter(untied)
         True
     """
-    total = count_params(model) - sum(count_params(core) for core in model.cores)
-    for core in model.cores:
+    cores = list(getattr(model, "cores", ()))  # any module: no cores, every layer runs once
+    total = count_params(model) - masked_out_per_iter(model, trainable_only=True)
+    for core in cores:
+        total -= count_params(core) - masked_out_per_iter(core, trainable_only=True)
         cell = core.cells[0] if hasattr(core, "cells") else core.cell
         total += count_params(cell) - masked_out_per_iter(cell, trainable_only=True)
     return float(total)
@@ -63,8 +67,10 @@ def model_summary(
     Returns:
         ``params`` (trainable, an int), ``nonzero_params_per_iter``
         (:func:`nonzero_params_per_iter`), ``cell_evals`` (cell applications in that forward;
-        for DEQ and adaptive ODE cores it depends on the input), ``flops_per_image`` (FLOPs
-        counted by torch: dense convolutions and matmuls, masked weights count as dense).
+        for DEQ and adaptive ODE cores it depends on the input; 0 for a module without
+        ``core_stats``), ``flops_per_image`` (FLOPs
+        counted by torch: dense convolutions and matmuls, masked weights count as dense; a
+        DEQ's include its solver's matmuls, e.g. Anderson's ``bmm``).
 
     Example:
         >>> import wtmodels as wt
@@ -92,7 +98,7 @@ def model_summary(
         model.train(was_training)
         for core in jac_cores:
             core.set_jac_reg(True)
-    stats = model.core_stats()
+    stats = model.core_stats() if hasattr(model, "core_stats") else {}
     return {
         "params": int(count_params(model)),  # a count: "1378" in results.csv, not "1378.0"
         "nonzero_params_per_iter": nonzero_params_per_iter(model),
