@@ -20,7 +20,8 @@ so the ratios come from one run on one machine:
 Run: ``python -m benchmarks.train_speed [--image-size 16] [--batch-size 64] [--train-size 512]
 [--repeats 3] [--variants base,channels_last,amp,compile] [--threads N] [--out DIR]``.
 Writes ``DIR/train_speed_<device>.csv`` and ``.md`` with provenance (git sha, torch version,
-device, threads, date, load).
+device, CPU vector ISA (``AVX2``, ``AVX512``, `` bf16`` where the CPU has native bf16), threads,
+date, load).
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def measure(args) -> list[dict]:
                 print(f"rep {rep + 1}/{args.repeats}  {variant:14s} {loop:8s} {rate:9.1f} img/s",
                       file=sys.stderr, flush=True)
     machine = describe_machine(sha)
+    # the CPU's vector ISA: on a CPU without native bf16 (AVX2 only) ``amp`` runs ~20x slower
+    # than fp32, with native bf16 (AVX512-BF16 / AMX) faster; "AMD EPYC" alone does not say which
+    cpu_isa = torch.backends.cpu.get_cpu_capability()
+    if any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                           "_is_amx_tile_supported")):
+        cpu_isa += " bf16"
     rows = []
     for variant in args.variants:
         med = {loop: statistics.median(samples[(variant, loop)]) for loop in ("plain",
@@ -151,6 +158,7 @@ def measure(args) -> list[dict]:
                 "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                        if device.type == "cuda"
                                                        else machine["cpu_model"]),
+                "cpu_isa": cpu_isa,
                 "threads": torch.get_num_threads(), "git_sha": machine["git_sha"],
                 "torch_version": torch.__version__, "date": machine["date"],
                 "load_average_1min": machine["load_average_1min"],
@@ -171,7 +179,8 @@ def write(rows: list[dict], out: Path, command: str) -> tuple[Path, Path]:
     r0 = rows[0]
     lines = [f"# Training throughput: {r0['model']} ({r0['device_name']})", "",
              f"`{command}`", "",
-             f"git {r0['git_sha']}, torch {r0['torch_version']}, device {r0['device']}, "
+             f"git {r0['git_sha']}, torch {r0['torch_version']}, device {r0['device']} "
+             f"(CPU ISA {r0['cpu_isa']}), "
              f"{r0['threads']} threads, {r0['date']}, load average {r0['load_average_1min']}; "
              f"batch {r0['batch_size']}, images 3x{r0['image_size']}x{r0['image_size']}, "
              f"{r0['train_size']} images per epoch, median of {r0['repeats']} interleaved "
