@@ -196,7 +196,7 @@ class DEQ(nn.Module):
             f_user, zero = f, torch.zeros((), dtype=z0.dtype, device=z0.device)
             f = lambda z: f_user(torch.where(start_bad, zero, z))  # noqa: E731
         if self.grad == "unroll":
-            z_star, stats, z_in, z_out = self._unroll(f, z0)
+            z_star, stats, z_in, z_out = self._unroll(f, z0, jac)
         else:
             solver = get_solver(self.f_solver)
             z_sol, stats = check_result(self.f_solver, solver(
@@ -343,13 +343,14 @@ class DEQ(nn.Module):
                 "each backward's stats: deq.last_backward_stats", RuntimeWarning, stacklevel=2)
         return u.to(grad.dtype)
 
-    def _unroll(self, f, z0: torch.Tensor):
+    def _unroll(self, f, z0: torch.Tensor, jac: bool = False):
         """Plain iteration ``z <- f(z)`` with autograd from ``z0`` (detached).
 
         Samples stop once at the tolerance or diverged (the solvers' rule; ``div_factor`` and
         ``patience`` from ``f_opts`` when given) and then sit at their best iterate, which
-        keeps its graph. The returned ``z_in`` (with ``z_out = f(z_in)``, or ``None`` when
-        ``f`` is still to be evaluated there) is where each sample's output comes from: the
+        keeps its graph. With ``jac`` the returned ``z_in`` (with ``z_out = f(z_in)``, or
+        ``None`` when ``f`` is still to be evaluated there) is where each sample's output
+        comes from (without, the last iterate: unused): the
         Jacobian term taken there differentiates through the iterations for every sample,
         whenever the others stop, and never at an iterate that ran away.
         The output of a sample is ``f`` at its lowest-residual iterate (as ``"ift"`` returns
@@ -364,9 +365,9 @@ class DEQ(nn.Module):
                           **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
-        # iterates; best_in never carries a graph, best_at is the same iterate with its graph
-        # (where a stopped sample sits); f gets a copy of z0, as from the solvers
-        z = best_in = best_at = start = z0.detach().clone()
+        # iterates; best_at is each sample's best iterate, with its graph (where a stopped
+        # sample sits); f gets a copy of z0, as from the solvers
+        z = best_at = start = z0.detach().clone()
         best_out = first_out = z_in = z_out = None
         for _ in range(self.budget):
             z_in, z_out = z, self._f_of(f, z)
@@ -379,15 +380,14 @@ class DEQ(nn.Module):
                 # the tracker records a non-finite output (or overflowing norm) as inf
                 finite = np.isfinite(tracker.abs_trace[:, tracker.n_iter - 1])  # (B,)
             if not finite.all():  # redo the step with those samples at their best
-                z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_in)
+                z_in = torch.where(tracker.small.torch(finite).view(per_sample), z, best_at)
                 z_out = self._f_of(f, z_in)
-            if best_out is None:  # the first step (best_in is z0): f(z0), kept for prefer_start
+            if best_out is None:  # the first step (best_at is z0): f(z0), kept for prefer_start
                 # a copy unless autograd made it: f may return one buffer on every call
                 first_out = best_out = z_out if z_out.requires_grad else z_out.clone()
             else:
                 sel = tracker.small.torch(improved).view(per_sample)
                 best_out = torch.where(sel, z_out, best_out)
-                best_in = torch.where(sel, z.detach(), best_in)
                 best_at = torch.where(sel, z, best_at)
             if done:
                 break
@@ -397,15 +397,17 @@ class DEQ(nn.Module):
         if back is not None:
             best_out = torch.where(tracker.small.torch(back).view(per_sample), first_out,
                                    best_out)
-        # the Jacobian term is taken where each sample's output comes from (its best iterate,
-        # or its start), not at a last iterate that ran away (an inf jac_loss, every gradient
-        # NaN): the last iterate itself for a sample that converges or keeps improving
-        at = best_at if back is None else torch.where(
-            tracker.small.torch(back).view(per_sample), start, best_at)
-        moved = (at != z_in).reshape(B, -1).any(1) | tracker.small.torch(tracker.diverged)
-        if bool(moved.any()):
-            z_in = torch.where(moved.view(per_sample), at, z_in)
-            z_out = None  # f there: evaluated by forward if the Jacobian term is asked for
+        if jac:
+            # the Jacobian term is taken where each sample's output comes from (its best
+            # iterate, or its start), not at a last iterate that ran away (an inf jac_loss,
+            # every gradient NaN): the last iterate itself for a sample that converges or
+            # keeps improving
+            at = best_at if back is None else torch.where(
+                tracker.small.torch(back).view(per_sample), start, best_at)
+            moved = (at != z_in).reshape(B, -1).any(1) | tracker.small.torch(tracker.diverged)
+            if bool(moved.any()):
+                z_in = torch.where(moved.view(per_sample), at, z_in)
+                z_out = None  # f there: evaluated by forward for the Jacobian term
         out = best_out.to(z0.dtype)
         if out is first_out and out.requires_grad:  # f's own output (f(z0) is the best): a
             out = out.clone()  # tensor of its own, which the caller may modify in place

@@ -14,7 +14,8 @@ for float64 inputs, float32 otherwise) and leaves all per-sample decisions to :c
   (whatever the stop mode: a relative residual can stay bounded while the iterates run off to
   infinity; a transient bump that is already falling again is not divergence; nor is a bump
   while the relative residual is at rounding level, <= 64 x the compute dtype's eps, or
-  4 x the eps of a bf16/fp16 ``z0`` or of the dtype of an autocast region ``f`` runs in).
+  4 x the eps of a bf16/fp16 ``z0``, of the dtype of an autocast region ``f`` runs in, or of
+  :func:`coarse_precision`'s dtype).
   A diverged sample keeps its best finite iterate and is never reported converged; a sample
   whose ``z0`` is non-finite has no finite iterate and is returned as it came, flagged diverged.
 - for a ``z0`` in a lower precision (bf16, fp16) the iterates are rounded to it before ``f``
@@ -203,7 +204,7 @@ class Problem:
         self.rounds = z0.dtype != self.compute_dtype
         # the coarsest precision in play: iterates rounded to a bf16/fp16 z0, f's values
         # under a bf16/fp16 autocast or inside coarse_precision (see Tracker's noise_eps);
-        # None when the compute dtype's
+        # None when none is coarser than the compute dtype
         low = [t for t in ((z0.dtype if self.rounds else None), self.autocast_dtype,
                            getattr(_local, "coarse_dtype", None))
                if t is not None and torch.finfo(t).eps > torch.finfo(self.compute_dtype).eps]
