@@ -32,8 +32,10 @@ FAILED = "failed"
 
 #: what defines a configuration when rows carry no ``config_id``
 GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages", "mask_k",
-                 "mask_density", "mask_kind", "f_solver", "b_solver", "grad", "ode_method",
-                 "epochs", "batch_size", "lr", "train_size")
+                 "mask_density", "mask_kind", "mask_schedule", "f_solver", "f_max_iter", "f_tol",
+                 "b_solver", "b_max_iter", "b_tol", "grad", "ode_method", "epochs", "batch_size",
+                 "optimizer", "lr", "weight_decay", "schedule", "train_size", "test_size",
+                 "image_size")
 
 #: metrics averaged by default
 METRICS = ("test_acc", "best_test_acc", "train_acc", "epoch_time_s", "train_time_s",
