@@ -141,7 +141,8 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         kept = [m for m in members if clean(m)]
         entry["n_skipped"] = sum(skipped_steps(m) for m in kept)
         entry["n_noacc"] = sum(not _finite(m.get("test_acc")) for m in kept)
-        entry["seeds"] = sorted(m.get("seed") for m in members if m.get("seed") is not None)
+        entry["seeds"] = sorted((m.get("seed") for m in members if m.get("seed") is not None),
+                                key=_seed_order)
         for metric in metrics:
             mean, std, count = mean_std(number(m.get(metric)) for m in kept)
             entry[f"{metric}_mean"] = mean
@@ -149,6 +150,12 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
             entry[f"{metric}_count"] = count
         out.append(entry)
     return out
+
+
+def _seed_order(seed) -> tuple:
+    """Numbers first, in order, then any text (a hand-written ``s1``): no ``int < str`` error."""
+    value = number(seed)
+    return (0, value, "") if value is not None else (1, 0.0, str(seed))
 
 
 def _finite(value) -> bool:
