@@ -87,7 +87,9 @@ def _format_cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
+        # repr of the plain float: numpy 2's repr(np.float64(0.5)) is "np.float64(0.5)", which
+        # read back as text
+        return "" if math.isnan(value) else repr(float(value))
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, sort_keys=True)
     return str(value)
