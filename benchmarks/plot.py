@@ -509,13 +509,22 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
         _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=label_color(label),
                   marker=label_marker(label), markerfacecolor="white" if i % 2 else None,
                   linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
-    for g in groups:  # implicit / continuous cores have no depth or are not swept: a band
-        if g.get("label") not in swept_labels and g.get("core") in ("deq", "ode"):
-            name = f"{g.get('label')} (no {x} axis)"
-            i = line_values.index(g.get(line)) if g.get(line) in line_values else 1
-            if len(line_values) > 1 and g.get(line) is not None:
-                name = f"{g.get('label')}, {line_name} {g.get(line)} (no {x} axis)"
-            _reference_line(ax, g, name, linestyle=_LINESTYLES[i % len(_LINESTYLES)])
+    bands = [g for g in groups  # implicit / continuous cores have no depth or are not swept
+             if g.get("label") not in swept_labels and g.get("core") in ("deq", "ode")]
+    for g in bands:
+        name = f"{g.get('label')} (no {x} axis)"
+        i = line_values.index(g.get(line)) if g.get(line) in line_values else 1
+        if len(line_values) > 1 and g.get(line) is not None:
+            name = f"{g.get('label')}, {line_name} {g.get(line)} (no {x} axis)"
+        kin = [b for b in bands if b.get("label") == g.get("label")
+               and b.get(line) == g.get(line)]
+        if len(kin) > 1:  # one label, several settings (e.g. grad ift / phantom): name each
+            setting = _setting(g, x)
+            if len({_setting(b, x) for b in kin}) < len(kin):
+                setting = (*setting, _tags(g, _distinguishing(kin)))
+            name = name.replace(" (no", f" ({_setting_name(setting)}; no", 1)
+            i = kin.index(g)
+        _reference_line(ax, g, name, linestyle=_LINESTYLES[i % len(_LINESTYLES)])
     _log2_axis(ax, [g[x] for pts in lines.values() for g in pts])
     if len(line_values) == 1:  # the legend names no width (depth): say it in the title
         value = line_values[0]
