@@ -72,6 +72,19 @@ def read_run_config(run_dir: str) -> dict:
     return config
 
 
+def run_trained_depth(run_dir: str) -> int:
+    """:func:`trained_depth` of a run directory's ``config.json``; ``ValueError`` naming the file
+    when its ``model_config`` is missing or records no depth (a run written by older code, or a
+    hand-edited file), not a ``KeyError`` traceback."""
+    config = read_run_config(run_dir)
+    try:
+        return trained_depth(config["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        path = os.path.join(run_dir, "config.json")
+        raise ValueError(f"{path}: no trained depth in its 'model_config' section ({err!r})"
+                         ) from None
+
+
 def load_trained_model(run_dir: str):
     """Rebuild a run's model from ``config.json`` (its saved ``model_config``) and load
     ``checkpoint.pt`` (eval mode, CPU).
@@ -198,7 +211,7 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
         if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
             no_checkpoint.append(str(row["run_id"]))
             continue
-        depth = trained_depth(read_run_config(run_dir)["model_config"])
+        depth = run_trained_depth(run_dir)
         wanted = [d for d in depth_grid(depth, factors) if f"{row['run_id']}@{d}" not in done]
         if not wanted:
             continue

@@ -1,0 +1,101 @@
+"""Review 14: the numbers behind the guideline curves, from hand-made results files with known
+answers (grouping, seeds, recommend's listings, CSV cells, extrapolate's bad run configs)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.aggregate import aggregate
+from benchmarks.extrapolate import main as extrapolate_main
+from benchmarks.recommend import recommend
+from benchmarks.results_io import read_rows, write_rows
+
+
+@pytest.mark.parametrize("column, values", [
+    ("mask_schedule", ("cycle", "random")),
+    ("f_max_iter", (10, 30)),
+    ("weight_decay", (0.0, 0.05)),
+    ("image_size", (14, 28)),
+])
+def test_rows_without_config_id_that_differ_in_a_setting_are_two_configurations(
+        tmp_path, column, values):
+    # hand-written rows (no config_id) are grouped by their configuration columns: two settings
+    # of mask_schedule / f_max_iter / ... are two configurations, not one mean over both
+    rows = [{"run_id": f"{v}{s}", "label": "WT", "depth": 4, column: v, "seed": s,
+             "test_acc": acc}
+            for v, accs in zip(values, ((0.80, 0.84), (0.60, 0.70))) for s, acc in enumerate(accs)]
+    write_rows(tmp_path / "results.csv", rows)
+    groups = aggregate(read_rows(tmp_path / "results.csv"), ["test_acc"])
+    got = {g[column]: (g["n"], g["test_acc_mean"], g["test_acc_std"]) for g in groups}
+    assert got == {values[0]: (2, pytest.approx(0.82), pytest.approx(statistics.stdev((.8, .84)))),
+                   values[1]: (2, pytest.approx(0.65), pytest.approx(statistics.stdev((.6, .7))))}
+
+
+def test_seed_column_mixing_numbers_and_text_does_not_crash_the_grouping():
+    rows = [{"config_id": "a", "seed": 1, "test_acc": 0.5},
+            {"config_id": "a", "seed": "s0", "test_acc": 0.7},
+            {"config_id": "a", "seed": 0, "test_acc": 0.6}]
+    (group,) = aggregate(rows, ["test_acc"])
+    assert group["n"] == 3 and group["test_acc_mean"] == pytest.approx(0.6)
+    assert group["seeds"] == [0, 1, "s0"]
+
+
+def test_numpy_floats_are_written_as_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    write_rows(tmp_path / "r.csv", [{"run_id": "a", "test_acc": np.float64(0.5),
+                                     "params": np.int64(7), "x": np.float32(0.25)}])
+    assert read_rows(tmp_path / "r.csv") == [{"run_id": "a", "test_acc": 0.5, "params": 7,
+                                              "x": 0.25}]
+
+
+def _diverged_early_rows():
+    ok = {"label": "WT", "width": 8, "status": "ok"}
+    return [
+        {**ok, "run_id": "a0", "config_id": "a", "depth": 2, "params": 1000, "seed": 0,
+         "test_acc": 0.9, "train_time_s": 3.0},
+        # every seed stopped on non-finite losses in its first epoch: params from the model,
+        # but no accuracy and no training time recorded
+        {**ok, "run_id": "b0", "config_id": "b", "depth": 4, "params": 2000, "seed": 0,
+         "status": "diverged"},
+        {**ok, "run_id": "b1", "config_id": "b", "depth": 4, "params": 2000, "seed": 1,
+         "status": "diverged"},
+    ]
+
+
+def test_a_configuration_that_diverged_before_recording_time_is_listed_under_a_time_budget():
+    by_params = recommend(_diverged_early_rows(), params=3000)
+    assert [g["config_id"] for g in by_params["unstable"]] == ["b"]
+    by_time = recommend(_diverged_early_rows(), time_s=10)
+    assert by_time["choice"]["config_id"] == "a"
+    listed = by_time["unstable"] + by_time["unmeasured"]
+    assert [g["config_id"] for g in listed] == ["b"]
+
+
+def test_recommend_cli_names_the_diverged_configuration_under_a_time_budget(tmp_path):
+    write_rows(tmp_path / "results.csv", _diverged_early_rows())
+    out = subprocess.run([sys.executable, "-m", "benchmarks.recommend", str(tmp_path),
+                          "--time", "10"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "not considered" in out.stdout and "depth 4" in out.stdout
+    assert "[2/2 diverged]" in out.stdout
+
+
+@pytest.mark.parametrize("model_config", [None, {"core": "unrolled"}])
+def test_extrapolate_a_run_config_without_a_depth_is_one_line_exit_2(
+        tmp_path, capsys, model_config):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (tmp_path / "results.csv").write_text("run_id,core,status,depth\nr1,unrolled,ok,4\n")
+    config = {"train": {"model": "test_wt"}, "data_info": {"num_classes": 10, "in_chans": 1}}
+    if model_config is not None:
+        config["model_config"] = model_config
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert extrapolate_main([str(tmp_path), "--factors", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err, err
