@@ -318,6 +318,28 @@ def check_config(config: dict) -> None:
         check_copy_args(config.get("copies"), config.get("density"), "random")
 
 
+def fit_sizes(config: dict, dataset: str) -> dict:
+    """``config`` with the sizes digits cannot hold set to None (all images).
+
+    The experiment's sizes are meant for Fashion-MNIST (60000 / 10000 images); digits has 1437
+    training and 360 test images in all, so with ``--dataset digits`` (or ``auto`` falling back
+    to it) a ``pretrain_size`` / ``test_size`` at or above those means the whole split, as in
+    the smoke size. Other datasets and smaller sizes are left as they are.
+
+    Example:
+        >>> fit_sizes({"pretrain_size": 12000, "test_size": 200}, "digits")
+        {'pretrain_size': None, 'test_size': 200}
+    """
+    if dataset != "digits":
+        return config
+    from wtmodels.data import get_datasets
+
+    train, test, _ = get_datasets("digits", augment=False)
+    limits = {"pretrain_size": len(train), "test_size": len(test)}
+    return {**config, **{k: None for k, n in limits.items()
+                         if config.get(k) is not None and config[k] >= n}}
+
+
 #: keys of a run's config besides SETTINGS (the method's own and the harness's)
 _RUN_KEYS = {"method", "rank", "copies", "density", "seed", "cache_dir", "label"}
 
@@ -341,6 +363,7 @@ def run(config: dict, out_dir: str) -> dict:
     check_config(config)
     check_installed(config["dataset"])
     dataset = resolve_dataset(config["dataset"])
+    config = fit_sizes(config, dataset)
     cache_dir = config.get("cache_dir") or os.path.join(
         os.path.dirname(os.path.abspath(out_dir)), "_pretrained")
     os.makedirs(out_dir, exist_ok=True)
@@ -442,7 +465,7 @@ def experiment_configs(smoke: bool = False, seeds=(0, 1, 2), **overrides
         for entry in sweep(smoke):
             label = entry.pop("label")
             config = {**entry, **overrides, "seed": seed}
-            if smoke and config["dataset"] != "digits":
+            if smoke and resolve_dataset(config["dataset"]) != "digits":
                 config.update({k: v for k, v in SMOKE_CAPS.items() if config[k] is None})
             check_config(config)
             configs.append((label, config))
