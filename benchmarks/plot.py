@@ -273,6 +273,7 @@ def load_results(sweep_dir: str, failed: bool = True) -> list[dict]:
     """
     rows = read_rows(os.path.join(sweep_dir, RESULTS))
     check_unique(os.path.join(sweep_dir, RESULTS), rows)  # a run twice is not two seeds
+    check_numeric(os.path.join(sweep_dir, RESULTS), rows)
     if failed:
         rows += failed_rows(sweep_dir, {r.get("run_id") for r in rows})
     for row in rows:  # a hand-written file without a label column: name lines by the model
@@ -288,7 +289,35 @@ def load_extrapolation(sweep_dir: str) -> list[dict]:
         >>> load_extrapolation("/nonexistent")
         []
     """
-    return read_rows(os.path.join(sweep_dir, EXTRAPOLATION))
+    path = os.path.join(sweep_dir, EXTRAPOLATION)
+    return check_numeric(path, read_rows(path))
+
+
+#: configuration columns the panels place points by: a number (or empty) in every row
+NUMERIC_COLUMNS = ("depth", "width", "mask_k", "mask_density", "epochs", "train_size",
+                   "image_size", "train_depth", "test_depth", "factor")
+
+
+def check_numeric(path: str, rows: Sequence[dict]) -> list[dict]:
+    """``rows`` when every cell of :data:`NUMERIC_COLUMNS` is a number or empty; a
+    ``ValueError`` naming the file, line and column otherwise (a hand-edited ``depth`` of
+    ``"x"`` cannot be placed on an axis, and would stop the plotting with a traceback).
+
+    Example:
+        >>> check_numeric("r.csv", [{"depth": 2}, {"depth": None}])
+        [{'depth': 2}, {'depth': None}]
+        >>> check_numeric("r.csv", [{"depth": "deep"}])
+        Traceback (most recent call last):
+        ...
+        ValueError: r.csv: line 2: depth is 'deep', not a number: a damaged results file
+    """
+    for line, row in enumerate(rows, start=2):
+        for column in NUMERIC_COLUMNS:
+            value = row.get(column)
+            if value is not None and number(value) is None:
+                raise ValueError(f"{path}: line {line}: {column} is {value!r}, not a number: "
+                                 "a damaged results file")
+    return list(rows)
 
 
 def _labels(groups: Sequence[dict]) -> list[str]:
@@ -372,8 +401,8 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> No
 
 
 def _log2_axis(ax, values: Sequence[float]) -> None:
-    values = sorted({v for v in values if v and v > 0})
-    if len(values) >= 3 and values[-1] / values[0] >= 4:
+    values = sorted({v for v in values if v is not None and math.isfinite(v)})
+    if len(values) >= 3 and values[0] > 0 and values[-1] / values[0] >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(values)
     ax.set_xticklabels([f"{v:g}" for v in values])
@@ -803,7 +832,8 @@ def _frontier(ax, groups: Sequence[dict], x: str, xlabel: str, title: str) -> No
         front = pareto_front(mine, x)
         _errorbar(ax, [g[f"{x}_mean"] for g in front], front, "test_acc", color=color,
                   marker=marker, linestyle="-" if len(front) > 1 else "none", label=label)
-    _compact_log_x(ax)
+    if min((g[f"{x}_mean"] for g in groups if has([g], x)), default=1) > 0:
+        _compact_log_x(ax)  # a log axis only for positive values: a 0 would vanish from it
     _finish(ax, xlabel, "test accuracy (%)", title + "\n(line: best configuration per budget, "
             "faint: all)")
 
@@ -892,8 +922,9 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
 
 def _log_if_wide(ax, values: Sequence[float]) -> None:
     """A log x axis where the values span a decade or more (DEQ vs WT times can)."""
-    values = [v for v in values if v and v > 0 and math.isfinite(v)]
-    if values and max(values) / min(values) >= 10:
+    values = [v for v in values if math.isfinite(v)]
+    # a log axis only for positive values: a point at 0 (or below) would vanish from it
+    if values and min(values) > 0 and max(values) / min(values) >= 10:
         _compact_log_x(ax)
 
 
@@ -1037,7 +1068,13 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
         >>> plot_extrapolation(rows).axes[0].get_title()
         'WT'
     """
-    rows = [r for r in extra_rows if number(r.get("test_acc")) is not None]
+    rows = []
+    for r in extra_rows:  # a row without a factor: its test depth / training depth
+        factor = number(r.get("factor"))
+        if factor is None and number(r.get("test_depth")) and number(r.get("train_depth")):
+            factor = number(r["test_depth"]) / number(r["train_depth"])
+        if number(r.get("test_acc")) is not None and factor is not None:
+            rows.append({**r, "factor": factor})
     labels = [lab for lab in _labels(rows)
               if len({r.get("factor") for r in rows if r.get("label") == lab}) >= 2]
     if not labels:
@@ -1076,7 +1113,7 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
                         linestyle=_LINESTYLES[j % len(_LINESTYLES)], label=name)
         ax.axvline(1.0, color="gray", linewidth=0.8, linestyle=":")
         # a ratio axis: halving and doubling the depth lie equally far from the training depth
-        factors = sorted({float(r["factor"]) for r in mine if number(r.get("factor"))})
+        factors = sorted({r["factor"] for r in mine if math.isfinite(r["factor"])})
         if factors and factors[0] > 0:
             ax.set_xscale("log", base=2)
             ax.set_xticks(factors)

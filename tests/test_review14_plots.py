@@ -81,3 +81,49 @@ def test_depth_plot_bands_of_one_label_with_two_gradients_are_told_apart(tmp_pat
     assert ift.get_ydata()[0] == pytest.approx(72.0)
     assert phantom.get_ydata()[0] == pytest.approx(63.0)
     assert ift.get_linestyle() != phantom.get_linestyle()
+
+
+def test_text_in_a_numeric_column_is_one_line_and_exit_2(tmp_path):
+    """A hand-edited depth of 'x' stopped the plot with a TypeError traceback (exit 1)."""
+    rows = [_row(f"a{d}{s}", "WT", s, 0.5, depth=d, width=8) for d in ("x", 2) for s in (0, 1)]
+    result = _cli(_write(tmp_path, rows))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "line 2: depth is 'x', not a number" in result.stderr
+
+
+def test_extrapolation_points_are_hand_computed_means_and_a_missing_factor_is_derived(tmp_path):
+    """A row without a factor stopped the plot with a TypeError; the points are means over the
+    seeds at each factor, the bars sample stds (n - 1)."""
+    folder = _write(tmp_path, [_row("a", "WT", 0, 0.5, depth=2, width=8)])
+    extra = [{"key": f"k{s}{t}", "run_id": f"r{s}", "label": "WT", "config_id": "c",
+              "seed": s, "train_depth": 2, "test_depth": t,
+              "factor": "" if t == 4 else t / 2, "test_acc": acc}
+             for s, accs in enumerate(((0.40, 0.50, 0.30), (0.44, 0.60, 0.20)))
+             for t, acc in zip((1, 2, 4), accs)]
+    _write(tmp_path, extra, "extrapolation.csv")
+    fig = plot.plot_extrapolation(plot.load_extrapolation(folder))
+    (container,) = fig.axes[0].containers
+    got = _bars(container)
+    want = [(0.5, 42.0, 2 * 2 ** 0.5), (1.0, 55.0, 5 * 2 ** 0.5), (2.0, 25.0, 5 * 2 ** 0.5)]
+    for (x, y, low, high), (wx, wy, ws) in zip(got, want, strict=True):
+        assert (x, y, low, high) == pytest.approx((wx, wy, wy - ws, wy + ws))
+    assert fig.axes[0].get_xscale() == "log"  # a ratio axis: 0.5 and 2 equally far from 1
+    result = _cli(folder)
+    assert result.returncode == 0, result.stderr
+    assert os.path.isfile(os.path.join(folder, "plots", "extrapolation.png"))
+
+
+def test_time_axis_is_log_only_when_every_value_is_positive(tmp_path):
+    """A run with a training time of 0 s beside 10 s and 1000 s gave a log axis, on which its
+    point vanished."""
+    rows = [_row(f"{lab}{t}", lab, 0, 0.5 + 0.1 * i, config_id=f"{lab}{t}", train_time_s=t)
+            for lab, times in (("WT", (0, 10)), ("untied", (1000,)))
+            for i, t in enumerate(times)]
+    ax = plot.plot_time_memory(plot.load_results(_write(tmp_path, rows))).axes[0]
+    assert ax.get_xscale() == "linear"
+    xs = sorted(x for c in ax.containers for x, *_ in _bars(c))
+    assert xs == [0, 10, 1000]
+    rows = [dict(r, train_time_s=r["train_time_s"] + 1) for r in rows]  # 1, 11, 1001 s: log
+    ax = plot.plot_time_memory(plot.load_results(_write(tmp_path / "b", rows))).axes[0]
+    assert ax.get_xscale() == "log"
