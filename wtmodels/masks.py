@@ -426,10 +426,40 @@ _PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.L
 
 
 def _masked_class(cls: type) -> type:
-    """The masked subclass of ``cls`` (made once per class, e.g. for parametrized layers)."""
+    """The masked subclass of ``cls`` (made once per class)."""
     if cls not in _MASKED_CLASSES:
         _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (MaskedLayer, cls), {})
     return _MASKED_CLASSES[cls]
+
+
+def _rebased(cls: type, base: type) -> type:
+    """A copy of torch's per-layer parametrized class ``cls`` (its parametrized-tensor
+    properties, ``__getstate__``, ``__deepcopy__``) over another ``base``."""
+    body = {key: value for key, value in vars(cls).items()
+            if key not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, (base,), body)
+
+
+def _class_with_masks(layer: nn.Module) -> type:
+    """The class a layer takes when masked. A parametrized layer (weight norm, ...) keeps
+    torch's parametrized class on top, over the masked subclass of its class before the
+    parametrizations, so ``parametrize.remove_parametrizations`` (which deletes the property
+    from the layer's class and steps to its first base) leaves a masked plain layer."""
+    if parametrize.is_parametrized(layer):
+        return _rebased(type(layer), _masked_class(parametrize.type_before_parametrizations(layer)))
+    return _masked_class(type(layer))
+
+
+def _class_without_masks(layer: nn.Module) -> type | None:
+    """The class a masked layer takes when its masks are removed (None: not one of ours)."""
+    masked = set(_MASKED_CLASSES.values())
+    if type(layer) in masked:
+        return type(layer).__bases__[1]  # (MaskedLayer, base)
+    if parametrize.is_parametrized(layer):
+        before = parametrize.type_before_parametrizations(layer)
+        if before in masked:  # masks before or after the parametrizations
+            return _rebased(type(layer), before.__bases__[1])
+    return None
 
 
 def derive_seed(seed: int, *path: object) -> int:
@@ -543,7 +573,7 @@ def apply_masks(
         layer.mask_index = 0
         layer.mask_schedule = schedule
         layer._mask_stack = None
-        layer.__class__ = _masked_class(type(layer))
+        layer.__class__ = _class_with_masks(layer)
     # a transformer layer's fused eval path would read the unmasked weights
     keep_transformer_fused_path_off(module, lambda sub: isinstance(sub, MaskedLayer))
     return module
@@ -584,22 +614,26 @@ def keep_transformer_fused_path_off(model: nn.Module, holds: Callable[[nn.Module
 def remove_masks(module: nn.Module) -> nn.Module:
     """Detach the masks from every masked layer in ``module`` (weights stay dense).
 
+    Parametrizations (weight norm, spectral norm) may have been registered before or after the
+    masks; they stay. (``parametrize.remove_parametrizations`` on a masked layer likewise keeps
+    the masks.)
+
     Example:
         >>> import torch
         >>> conv = remove_masks(apply_masks(torch.nn.Conv2d(2, 2, 1), k=2))
         >>> mask_count(conv), hasattr(conv, "weight_masks")
         (0, False)
     """
-    for layer in _masked_layers(module):
-        if type(layer) not in _MASKED_CLASSES.values():
-            raise ValueError(
-                f"cannot remove masks from {type(layer).__name__}: a parametrization was "
-                "registered after the masks; remove it first"
-            )
+    layers = [(layer, _class_without_masks(layer)) for layer in _masked_layers(module)]
+    for layer, plain in layers:  # check every layer before changing any
+        if plain is None:
+            raise ValueError(f"cannot remove masks from {type(layer).__name__}: its class was "
+                             "changed after the masks were attached")
+    for layer, plain in layers:
         del layer._buffers["weight_masks"]
         for attr in ("mask_index", "mask_schedule", "_mask_stack"):
             delattr(layer, attr)
-        layer.__class__ = type(layer).__bases__[1]  # (MaskedLayer, base)
+        layer.__class__ = plain
     return module
 
 
