@@ -24,7 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from benchmarks.results_io import append_rows, finished_ids, read_rows
+from benchmarks.results_io import append_rows, check_unique, finished_ids, read_rows
 from wtmodels.cli import exit_with
 
 EXTRAPOLATION = "extrapolation.csv"
@@ -204,8 +204,14 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
     done = finished_ids(path, KEY)
     added = 0
     no_checkpoint = []
-    for row in read_rows(os.path.join(sweep_dir, "results.csv")):
+    results = os.path.join(sweep_dir, "results.csv")
+    rows = read_rows(results)
+    check_unique(results, rows)  # a run on two rows (files merged by hand): name both lines
+    for row in rows:
         if row.get("core") not in CORES_WITH_DEPTH or row.get("status", "ok") != "ok":
+            continue
+        if row.get("run_id") is None:  # a hand-written row: no run directory to find
+            no_checkpoint.append("a row without run_id")
             continue
         run_dir = os.path.join(sweep_dir, "runs", str(row["run_id"]))
         if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):

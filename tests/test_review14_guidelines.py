@@ -99,3 +99,26 @@ def test_extrapolate_a_run_config_without_a_depth_is_one_line_exit_2(
     assert extrapolate_main([str(tmp_path), "--factors", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json" in err, err
+
+
+def test_extrapolate_refuses_a_run_id_on_two_rows_before_evaluating_anything(tmp_path, capsys,
+                                                                             monkeypatch):
+    import benchmarks.extrapolate as ex
+
+    evaluated = []
+    monkeypatch.setattr(ex, "evaluate_depths", lambda *a, **k: evaluated.append(a) or [])
+    (tmp_path / "results.csv").write_text(
+        "run_id,core,status,depth\nr1,unrolled,ok,4\nr2,unrolled,ok,4\nr1,unrolled,ok,4\n")
+    assert extrapolate_main([str(tmp_path), "--factors", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "line 4" in err and "line 2" in err, err
+    assert evaluated == []
+
+
+def test_extrapolate_a_row_without_run_id_is_skipped_as_without_checkpoint(tmp_path):
+    from benchmarks.extrapolate import extrapolate_sweep
+
+    (tmp_path / "results.csv").write_text("core,status,depth\nunrolled,ok,4\n")
+    said = []
+    assert extrapolate_sweep(str(tmp_path), [1.0], echo=said.append) == 0
+    assert len(said) == 1 and "checkpoint" in said[0], said
