@@ -30,6 +30,9 @@ UNSTABLE = ("diverged", "nonfinite")
 #: status of a run that has a directory but no results row (crashed, killed, or still running)
 FAILED = "failed"
 
+#: every status a row may hold (or none: a hand-written row counts as clean)
+STATUSES = ("ok", *UNSTABLE, FAILED)
+
 #: what defines a configuration when rows carry no ``config_id``
 GROUP_COLUMNS = ("label", "model", "dataset", "core", "depth", "width", "stages", "mask_k",
                  "mask_density", "mask_kind", "mask_schedule", "f_solver", "f_max_iter", "f_tol",
@@ -112,6 +115,9 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
     for each metric ``<m>_mean``, ``<m>_std`` and ``<m>_count``
     (over the clean runs' finite values; nan when there are none).
 
+    Raises:
+        ValueError: a row whose ``status`` is not one of :data:`STATUSES` (or empty).
+
     Args:
         rows: results rows.
         metrics: the columns to average.
@@ -127,6 +133,10 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
+        if row.get("status") not in (None, *STATUSES):  # e.g. a hand-typed "crashed": neither
+            # averaged in as clean nor dropped unseen
+            raise ValueError(f"status: {row['status']!r} (run {row.get('run_id')!r}) is not one "
+                             f"of {', '.join(STATUSES)} (or empty)")
         groups.setdefault(config_key(row), []).append(row)
     out = []
     for members in groups.values():

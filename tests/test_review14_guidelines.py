@@ -122,3 +122,23 @@ def test_extrapolate_a_row_without_run_id_is_skipped_as_without_checkpoint(tmp_p
     said = []
     assert extrapolate_sweep(str(tmp_path), [1.0], echo=said.append) == 0
     assert len(said) == 1 and "checkpoint" in said[0], said
+
+
+def test_an_unknown_status_is_refused_not_averaged_in_as_clean(tmp_path, capsys):
+    rows = [{"run_id": "a0", "config_id": "a", "depth": 2, "params": 100, "seed": 0,
+             "status": "ok", "test_acc": 0.9},
+            {"run_id": "a1", "config_id": "a", "depth": 2, "params": 100, "seed": 1,
+             "status": "crashed", "test_acc": 0.1}]
+    with pytest.raises(ValueError, match="'crashed'.*ok, diverged, nonfinite, failed"):
+        aggregate(rows, ["test_acc"])
+    write_rows(tmp_path / "results.csv", rows)
+    from benchmarks.recommend import main as recommend_main
+
+    assert recommend_main([str(tmp_path), "--params", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "crashed" in err, err
+    # the documented ones and an empty status are accepted; only the clean seed is averaged
+    rows[1]["status"] = "diverged"
+    (group,) = aggregate(rows + [{"run_id": "a2", "config_id": "a", "seed": 2,
+                                  "test_acc": 0.7}], ["test_acc"])
+    assert (group["n"], group["n_stopped"], group["test_acc_mean"]) == (3, 1, pytest.approx(0.8))
