@@ -208,7 +208,8 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
     rows = read_rows(results)
     check_unique(results, rows)  # a run on two rows (files merged by hand): name both lines
     for row in rows:
-        if row.get("core") not in CORES_WITH_DEPTH or row.get("status", "ok") != "ok":
+        # an empty status (a hand-written row) is a clean run, as in benchmarks.aggregate
+        if row.get("core") not in CORES_WITH_DEPTH or row.get("status") not in (None, "ok"):
             continue
         if row.get("run_id") is None:  # a hand-written row: no run directory to find
             no_checkpoint.append("a row without run_id")

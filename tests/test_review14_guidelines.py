@@ -142,3 +142,23 @@ def test_an_unknown_status_is_refused_not_averaged_in_as_clean(tmp_path, capsys)
     (group,) = aggregate(rows + [{"run_id": "a2", "config_id": "a", "seed": 2,
                                   "test_acc": 0.7}], ["test_acc"])
     assert (group["n"], group["n_stopped"], group["test_acc_mean"]) == (3, 1, pytest.approx(0.8))
+
+
+@pytest.mark.parametrize("status, evaluated", [("", True), ("ok", True), ("diverged", False),
+                                               ("nonfinite", False)])
+def test_extrapolate_takes_a_row_with_an_empty_status_as_clean(tmp_path, monkeypatch, status,
+                                                                evaluated):
+    # as aggregate does: an empty status (a hand-written row) is a clean run
+    import benchmarks.extrapolate as ex
+
+    seen = []
+    monkeypatch.setattr(ex, "evaluate_depths", lambda run_dir, factors, device=None: seen.append(
+        factors) or [{"train_depth": 4, "test_depth": 4, "factor": 1.0, "test_acc": 0.5}])
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (tmp_path / "results.csv").write_text(f"run_id,core,status,depth\nr1,unrolled,{status},4\n")
+    (run / "config.json").write_text(json.dumps(
+        {"train": {}, "data_info": {}, "model_config": {"core": "unrolled", "depth": 4}}))
+    (run / "checkpoint.pt").write_bytes(b"")
+    added = ex.extrapolate_sweep(str(tmp_path), [1.0], echo=lambda *a: None)
+    assert (added, bool(seen)) == ((1, True) if evaluated else (0, False))
