@@ -61,3 +61,56 @@ def test_remove_masks_then_weight_norm_either_order():
         parametrize.remove_parametrizations(conv, "weight")
         assert type(conv) is torch.nn.Conv2d
         torch.testing.assert_close(conv(xin), _conv_reference(conv, dense, xin))
+
+
+def test_block_schedule_refuses_an_iteration_past_depth():
+    import pytest
+
+    from wtmodels.masks import mask_index
+
+    assert [mask_index(t, 5, 3, "block") for t in range(5)] == [0, 0, 1, 1, 2]
+    assert mask_index(7, 5, 3, "cyclic") == 1
+    with pytest.raises(ValueError, match="t must be < depth=5"):
+        mask_index(5, 5, 3, "block")  # was mask 2, silently
+
+
+def _manual_cell(cell, z, x, i):
+    """The cell by hand from its parameters: convs with W * mask i, group norms."""
+    import torch.nn.functional as F
+
+    def gn(norm, v):
+        return F.group_norm(v, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+    w1 = cell.conv1.weight * cell.conv1.weight_masks[i]
+    w2 = cell.conv2.weight * cell.conv2.weight_masks[i]
+    y = F.relu(gn(cell.norm1, F.conv2d(z, w1, padding=1)))
+    y = gn(cell.norm2, F.conv2d(y, w2, padding=1))
+    return gn(cell.norm3, F.relu(z + x + y))
+
+
+def test_unrolled_and_untied_cores_are_the_hand_loop_with_the_documented_masks():
+    torch.manual_seed(0)
+    cases = {("cyclic", 5, 3): [0, 1, 2, 0, 1], ("block", 5, 3): [0, 0, 1, 1, 2],
+             ("block", 6, 2): [0, 0, 0, 1, 1, 1], ("cyclic", 3, 5): [0, 1, 2]}
+    for (schedule, depth, k), order in cases.items():
+        tied = wt.create_model("test_wt", in_chans=1, depth=depth, mask_k=k,
+                               mask_schedule=schedule).double()
+        cell = tied.cores[0].cell
+        with torch.no_grad():
+            for norm in (cell.norm1, cell.norm2, cell.norm3):
+                norm.weight.normal_(), norm.bias.normal_()
+        x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+        z = torch.zeros_like(x)
+        for i in order:
+            z = _manual_cell(cell, z, x, i)
+        out = tied.cores[0](x)
+        torch.testing.assert_close(out, z, rtol=1e-12, atol=1e-12)
+        untied = wt.create_model("test_untied", in_chans=1, depth=depth, mask_k=k,
+                                 mask_schedule=schedule, mask_seed=3).double()
+        for c in untied.cores[0].cells:  # copies of the tied cell, its masks included
+            c.load_state_dict(cell.state_dict())
+        torch.testing.assert_close(untied.cores[0](x), z, rtol=1e-12, atol=1e-12)
+        unused = ~torch.stack([cell.conv1.weight_masks[i] for i in order]).any(0)
+        with torch.no_grad():
+            cell.conv1.weight[unused] += 100.0  # weights no used mask keeps
+        torch.testing.assert_close(tied.cores[0](x), z, rtol=1e-12, atol=1e-12)

@@ -318,7 +318,9 @@ def mask_index(t: int, depth: int, k: int, schedule: str = "cyclic") -> int:
     if schedule == "cyclic":
         return t % k
     if schedule == "block":
-        return min(t * k // depth, k - 1)
+        if t >= depth:  # the blocks tile iterations 0 .. depth-1; t >= depth was clamped silently
+            raise ValueError(f"t must be < depth={depth} for the 'block' schedule, got {t}")
+        return t * k // depth
     raise ValueError(
         f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
     )
