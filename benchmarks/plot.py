@@ -661,7 +661,7 @@ def _arms_by_depth(groups: Sequence[dict], density=None) -> tuple[int | None, di
     return width, table
 
 
-def _plot_arms(ax, width, table, density=None) -> None:
+def _plot_arms(ax, width, table, density=None, tags=()) -> None:
     depths = sorted(table)
     arms = [a for a in MASK_ARMS if any(a in table[d] for d in depths)]
     # each arm in the colour and marker of the preset family it is
@@ -690,7 +690,7 @@ def _plot_arms(ax, width, table, density=None) -> None:
         compared.append("untied")  # two arms at least: distinct masks and the untied model
     title = f"{' vs '.join(compared)}, width {width}"
     _finish(ax, "depth (cell applications)", "test accuracy (%)",
-            ", ".join(filter(None, (title, _density_name(density)))))
+            ", ".join(filter(None, (title, _density_name(density)))) + _tag_text(tags))
 
 
 def _check_density(groups: Sequence[dict], density) -> list:
@@ -711,8 +711,10 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
     the untied model), one panel per mask density (or only ``density``; its title names it);
     and where a sweep has them, accuracy vs the number of distinct masks K (a line per density;
     K = 1 is one shared mask) and vs density (a line per K) at the depth and width with the
-    most mask settings, with no mask and untied as reference bands. More than three panels
-    take two rows: the per-depth comparisons above, the curves below.
+    most mask settings, with no mask and untied as reference bands. Presets sharing a
+    directory that differ in :data:`EXPERIMENT_COLUMNS` (e.g. epochs) get panels of their
+    own, titled with the setting: arms and curves never pool two experiments. More than three
+    panels take two rows: the per-depth comparisons above, the curves below.
 
     Args:
         rows: results rows.
@@ -729,21 +731,24 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
     """
     everything = aggregate(rows, ["test_acc"])
     groups = [g for g in everything if has([g], "test_acc")]
-    arm_panels = []
-    for d in _check_density(groups, density):
-        width, arms = _arms_by_depth(groups, d)
-        if arms:
-            arm_panels.append((width, arms, d))
-    setting = _masked_setting(groups)
-    masked = refs = ks = densities = []
-    if setting is not None:
-        here = [g for g in groups if (g.get("depth"), g.get("width")) == setting]
+    arm_panels, curves = [], []
+    densities_drawn = _check_density(groups, density)
+    for tags, mine in _experiments(groups):  # presets sharing a directory: never mixed
+        for d in densities_drawn:
+            width, arms = _arms_by_depth(mine, d)
+            if arms:
+                arm_panels.append((width, arms, d, tags))
+        setting = _masked_setting(mine)
+        if setting is None:
+            continue
+        here = [g for g in mine if (g.get("depth"), g.get("width")) == setting]
         masked = [g for g in here if g.get("mask_k") and g.get("core") in (None, "unrolled")]
         refs = [g for g in here if not g.get("mask_k") and g.get("core") in (
             None, "unrolled", "untied")]
         ks = sorted({g["mask_k"] for g in masked})
         densities = sorted({g.get("mask_density") for g in masked if g.get("mask_density")})
-    curves = [p for p, ok in (("k", len(ks) >= 3), ("density", len(densities) >= 2)) if ok]
+        curves += [(p, masked, refs, ks, densities, setting, tags) for p, ok in (
+            ("k", len(ks) >= 3), ("density", len(densities) >= 2)) if ok]
     if not arm_panels and not curves:
         return None
     two_rows = len(arm_panels) + len(curves) > 3 and arm_panels and curves
@@ -753,10 +758,10 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
                           PANEL_SIZE[1] * (2 if two_rows else 1) + 0.6), layout="constrained")
     first_arms = None
     arm_axes = []
-    for i, (width, arms, d) in enumerate(arm_panels):  # one y scale: densities compare
+    for i, (width, arms, d, tags) in enumerate(arm_panels):  # one y scale: densities compare
         ax = fig.add_subplot(2 if two_rows else 1, ncols, i + 1, sharey=first_arms)
         first_arms = first_arms or ax
-        _plot_arms(ax, width, arms, d)
+        _plot_arms(ax, width, arms, d, tags)
         arm_axes.append(ax)
     if len(arm_axes) > 1 and two_rows and len(curves) < ncols:
         # the arms are the same in every panel: one legend, in the free cell of the grid
@@ -767,15 +772,16 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
     elif len(arm_axes) > 1:  # one legend: under them, or beside the top row (the arms)
         _figure_legend(fig, arm_axes, "right upper" if two_rows else "lower center")
     first = ncols + 1 if two_rows else len(arm_panels) + 1
-    for i, panel in enumerate(curves):
+    for i, curve in enumerate(curves):
         ax = fig.add_subplot(2 if two_rows else 1, ncols, first + i)
-        _plot_curves(ax, panel, masked, refs, ks, densities, setting)
+        _plot_curves(ax, *curve)
     _footnote(fig, everything)
     return fig
 
 
-def _plot_curves(ax, panel, masked, refs, ks, densities, setting) -> None:
-    """Accuracy vs K (``panel == "k"``, a line per density) or vs density (a line per K)."""
+def _plot_curves(ax, panel, masked, refs, ks, densities, setting, tags=()) -> None:
+    """Accuracy vs K (``panel == "k"``, a line per density) or vs density (a line per K);
+    ``tags``: the ``(column, value)`` pairs of the experiment, named in the title."""
     outer, inner = (densities, ks) if panel == "k" else (ks, densities)
     key_out, key_in = ("mask_density", "mask_k") if panel == "k" else ("mask_k", "mask_density")
     for j, value in enumerate(outer):
@@ -793,11 +799,32 @@ def _plot_curves(ax, panel, masked, refs, ks, densities, setting) -> None:
     if panel == "k":
         _log2_axis(ax, inner)
         _finish(ax, "distinct masks K (1 = one shared mask)", "test accuracy (%)",
-                f"Masks at depth {setting[0]}, width {setting[1]}")
+                f"Masks at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}")
     else:
         ax.set_xticks(inner)
         _finish(ax, "mask density (share of weights kept)", "test accuracy (%)",
-                f"Density at depth {setting[0]}, width {setting[1]}")
+                f"Density at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}")
+
+
+#: columns that set an experiment apart from another one in a shared directory (presets that
+#: differ in epochs, data ...): the masks panels compare arms of one experiment only
+EXPERIMENT_COLUMNS = ("dataset", "epochs", "batch_size", "lr", "train_size", "stages")
+
+
+def _experiments(groups: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
+    """``groups`` split by the :data:`EXPERIMENT_COLUMNS` whose values differ among the
+    weight-tied and untied configurations: ``[(tags, groups)]``, ``tags`` the ``(column,
+    value)`` pairs of the experiment (``()`` when there is one experiment only)."""
+    tied = [g for g in groups if g.get("core") in (None, "unrolled", "untied")]
+    varying = [c for c in EXPERIMENT_COLUMNS if len({str(g.get(c)) for g in tied}) > 1]
+    out: dict[tuple, list[dict]] = {}
+    for g in groups:
+        out.setdefault(_tags(g, varying), []).append(g)
+    return list(out.items())
+
+
+def _tag_text(tags: tuple) -> str:
+    return "".join(f", {column} {value}" for column, value in tags)
 
 
 def pareto_front(groups: Sequence[dict], x: str, y: str = "test_acc") -> list[dict]:

@@ -127,3 +127,54 @@ def test_time_axis_is_log_only_when_every_value_is_positive(tmp_path):
     rows = [dict(r, train_time_s=r["train_time_s"] + 1) for r in rows]  # 1, 11, 1001 s: log
     ax = plot.plot_time_memory(plot.load_results(_write(tmp_path / "b", rows))).axes[0]
     assert ax.get_xscale() == "log"
+
+
+def _mask_rows(epochs, base, depths=(2, 4), ks=None):
+    rows = []
+
+    def add(label, core, depth, k, density, accs):
+        for s, a in enumerate(accs):
+            rows.append(_row(f"{label}-{depth}-{k}-{epochs}-{s}", label, s, a, dataset="digits",
+                             config_id=f"{label}-{depth}-{k}-{epochs}", core=core,
+                             depth=depth, width=32, mask_k=k, mask_density=density,
+                             epochs=epochs))
+    if ks is None:
+        for d in depths:
+            add("WT", "unrolled", d, 0, None, (base, base + 0.02))
+            add("WT + distinct masks", "unrolled", d, d, 0.5, (base + 0.01, base + 0.03))
+            add("untied", "untied", d, 0, None, (base + 0.04, base + 0.06))
+    else:
+        for k in ks:
+            add("WT + masks" if k else "WT", "unrolled", 4, k, 0.5 if k else None,
+                (base + 0.01 * k, base + 0.01 * k + 0.02))
+    return rows
+
+
+def test_masks_panels_keep_presets_sharing_a_directory_apart(tmp_path):
+    """Two presets in one directory (15 and 20 epochs, README: 'presets sharing a directory
+    get separate lines'): the per-depth comparison drew the first-seen preset only, and the
+    K curve joined both presets' points into one zigzag line with two 'no mask' bands."""
+    rows = _mask_rows(15, 0.60) + _mask_rows(20, 0.90)
+    fig = plot.plot_masks(plot.load_results(_write(tmp_path, rows)))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 2 and titles[0].endswith("epochs 15") and titles[1].endswith(
+        "epochs 20"), titles
+    for ax, base in zip(fig.axes, (61.0, 91.0)):  # no mask: base + 1 point (mean of 2 seeds)
+        by_label = {c.get_label(): _bars(c) for c in ax.containers}
+        assert [y for _, y, *_ in by_label["no mask"]] == pytest.approx([base, base])
+        assert [y for _, y, *_ in by_label["distinct masks (K = depth)"]] == pytest.approx(
+            [base + 1, base + 1])
+        assert [y for _, y, *_ in by_label["untied"]] == pytest.approx([base + 4, base + 4])
+        low, high = by_label["untied"][0][2:]
+        assert high - low == pytest.approx(2 * 2 ** 0.5)  # std of (0.04, 0.06) in points
+    rows = _mask_rows(15, 0.60, ks=(0, 1, 2, 4)) + _mask_rows(20, 0.90, ks=(0, 1, 2, 4))
+    fig = plot.plot_masks(plot.load_results(_write(tmp_path / "k", rows)))
+    curves = [ax for ax in fig.axes if ax.get_title().startswith("Masks at depth 4")]
+    assert [ax.get_title() for ax in curves] == ["Masks at depth 4, width 32, epochs 15",
+                                                 "Masks at depth 4, width 32, epochs 20"]
+    for ax, base in zip(curves, (60.0, 90.0)):
+        (container,) = ax.containers
+        assert [v for x, y, *_ in _bars(container) for v in (x, y)] == pytest.approx(
+            [1, base + 2, 2, base + 3, 4, base + 5])
+        bands = [line for line in ax.get_lines() if line.get_label() == "no mask"]
+        assert len(bands) == 1 and bands[0].get_ydata()[0] == pytest.approx(base + 1)
