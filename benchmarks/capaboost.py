@@ -272,7 +272,8 @@ def update_ranks(model: nn.Module) -> list[dict]:
     The update ``delta_weight()`` is formed in float64 (a float32 product would show rounding
     noise as extra rank) and flattened to ``(out, in * kh * kw)``;
     the effective rank is ``exp`` of the entropy of its normalised singular values (Roy &
-    Vetterli, 2007); the bound is ``min(copies * rank, out, in * kh * kw)``.
+    Vetterli, 2007); the bound is ``min(copies * rank, out, in * kh * kw)`` (``copies`` counted
+    as 1 at density 1, where the copies are identical).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -293,7 +294,9 @@ def update_ranks(model: nn.Module) -> list[dict]:
         out.append({
             "layer": name, "rank": int(torch.linalg.matrix_rank(delta)),
             "erank": math.exp(entropy) if s.sum() > 0 else 0.0,
-            "bound": min(layer.copies * layer.rank, *delta.shape),
+            # at density 1 the copies are identical (no masks): d B A has rank <= r
+            "bound": min((layer.copies if layer.mask_A is not None else 1) * layer.rank,
+                         *delta.shape),
         })
     return out
 

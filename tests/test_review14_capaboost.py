@@ -50,5 +50,20 @@ def test_smoke_auto_falling_back_to_digits_uses_all_images(monkeypatch, tmp_path
     assert metrics["finetune_images"] + metrics["test_images"] == _digits_task_b_images()
 
 
+def test_rank_bound_of_identical_copies_is_the_rank():
+    # density 1: the d copies are one update times d, of rank <= r; the bound said d * r
+    from torch import nn
+
+    from wtmodels.peft import add_lora
+
+    torch.manual_seed(0)
+    for copies, density, bound in ((4, 1.0, 2), (4, 0.5, 8), (1, 1.0, 2)):
+        net = nn.Sequential(nn.Linear(8, 8))
+        (layer,) = add_lora(net, rank=2, copies=copies, density=density, targets=nn.Linear)
+        nn.init.normal_(layer.lora_B)
+        (row,) = cb.update_ranks(net)
+        assert row["bound"] == bound and row["rank"] <= row["bound"]
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__]))
