@@ -114,3 +114,30 @@ def test_unrolled_and_untied_cores_are_the_hand_loop_with_the_documented_masks()
         with torch.no_grad():
             cell.conv1.weight[unused] += 100.0  # weights no used mask keeps
         torch.testing.assert_close(tied.cores[0](x), z, rtol=1e-12, atol=1e-12)
+
+
+def test_cell_and_core_constructors_refuse_bad_types_with_value_errors():
+    import pytest
+
+    from wtmodels.cells import ConvCell, VariationalDropout2d, make_norm
+    from wtmodels.cores import UntiedCore
+
+    bad = [
+        (lambda: ConvCell(8.0), "width must be an integer >= 1"),
+        (lambda: ConvCell(True), "width must be an integer >= 1"),  # was a 1-channel cell
+        (lambda: ConvCell(8, kernel_size=3.0), "kernel_size must be an odd integer"),
+        (lambda: ConvCell(8, norm_groups=2.0), "norm_groups"),
+        (lambda: make_norm("group", 8, groups=2.5), "norm_groups"),
+        (lambda: ConvCell(8, weight_norm="no"), "weight_norm must be true or false"),
+        (lambda: ConvCell(8, spectral_norm=1), "spectral_norm must be true or false"),
+        (lambda: ConvCell(8, dropout="0.1"), r"dropout must be a number in \[0, 1\)"),
+        (lambda: VariationalDropout2d(True), r"dropout must be a number in \[0, 1\)"),
+        (lambda: UntiedCore(ConvCell(8)), "a list of cells"),
+        (lambda: UntiedCore([ConvCell(8), "cell"]), "a list of cells"),
+    ]
+    for build, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build()
+    assert ConvCell(8, norm_groups=2).norm1.num_groups == 2  # the valid forms still build
+    assert UntiedCore((ConvCell(8), ConvCell(8))).depth == 2
+    assert UntiedCore(torch.nn.ModuleList([ConvCell(8)])).depth == 1

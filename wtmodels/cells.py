@@ -15,12 +15,20 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
 NORMS = ("group", "layer", "none")
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's included), not a bool or a float such as 8.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
@@ -40,7 +48,7 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
         GroupNorm(8, 32, eps=1e-05, affine=True, bias=True)
     """
     if kind == "group":
-        if groups < 1 or channels % groups:
+        if not _is_int(groups) or groups < 1 or channels % groups:
             raise ValueError(f"norm_groups={groups} must be >= 1 and divide width {channels}")
         return nn.GroupNorm(groups, channels)
     if kind == "layer":
@@ -69,9 +77,10 @@ class VariationalDropout2d(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p}")
-        self.p = p
+        if (isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p)
+                or not 0.0 <= p < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
         self.mask: torch.Tensor | None = None
 
     def reset(self, like: torch.Tensor) -> None:
@@ -140,10 +149,14 @@ class ConvCell(nn.Module):
         kernel_size: int = 3,
     ):
         super().__init__()
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        if not _is_int(width) or width < 1:
+            raise ValueError(f"width must be an integer >= 1, got {width!r}")
+        if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        for name, value in (("weight_norm", weight_norm), ("spectral_norm", spectral_norm)):
+            if not isinstance(value, bool):  # bool("no") is True
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        width, kernel_size = int(width), int(kernel_size)
         pad = kernel_size // 2
         self.conv1 = nn.Conv2d(width, width, kernel_size, padding=pad, bias=False)
         self.norm1 = make_norm(norm, width, norm_groups)

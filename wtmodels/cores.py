@@ -158,6 +158,15 @@ class UntiedCore(Core):
 
     def __init__(self, cells: list[nn.Module]):
         super().__init__()
+        # one cell is no list of cells (a cell that holds a ModuleList iterates)
+        if isinstance(cells, nn.ModuleList) or not isinstance(cells, nn.Module):
+            try:
+                cells = list(cells)
+            except TypeError:
+                pass
+        if not isinstance(cells, list) or not all(isinstance(c, nn.Module) for c in cells):
+            raise ValueError("an untied core takes a list of cells (nn.Module), one per "
+                             f"iteration; got {type(cells).__name__}")
         if len(cells) < 1:
             raise ValueError("an untied core needs at least one cell (depth >= 1)")
         self.cells = nn.ModuleList(cells)
