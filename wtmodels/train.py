@@ -258,6 +258,7 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
                                     "model_overrides": saved.get("model_overrides", {})})
     except ValueError as err:
         raise BadInput(f"--resume: {out / CONFIG_FILE} holds bad settings: {err}") from None
+    differing = []  # every setting that differs, not just the first: one retry fixes all
     for key in sorted(explicit):
         if key in RUNTIME_FIELDS or key == "model_overrides":
             continue
@@ -267,8 +268,16 @@ def _resolve_run_dir(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
             new = cfg.model_overrides.get(key)
             old = saved_cfg.model_overrides.get(key, saved.get("model_config", {}).get(key))
         if _jsonable({"v": new}) != _jsonable({"v": old}):
-            raise BadInput(f"--resume: {key}={new!r} differs from the run in {out} ({old!r}); "
-                           "use another --out to change it")
+            differing.append((key, new, old))
+    if len(differing) == 1:
+        ((key, new, old),) = differing
+        raise BadInput(f"--resume: {key}={new!r} differs from the run in {out} ({old!r}); "
+                       "use another --out to change it")
+    if differing:
+        given = ", ".join(f"{key}={new!r}" for key, new, _ in differing)
+        saved_values = ", ".join(f"{key}={old!r}" for key, _, old in differing)
+        raise BadInput(f"--resume: {given} differ from the run in {out} ({saved_values}); "
+                       "use another --out to change them")
     _check_same_model_definition(saved_cfg, saved.get("model_config"), out)
     # runtime settings: the ones given now, else the saved ones (threads change the numerics)
     runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k in explicit}
