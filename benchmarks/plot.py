@@ -115,13 +115,15 @@ def _styled(fn=None, *, bars: bool = True):
         return functools.partial(_styled, bars=bars)
 
     @functools.wraps(fn)
-    def wrapper(rows, *args, **kwargs):
+    def wrapper(rows, *args, context: Sequence[dict] = (), **kwargs):
+        # context: rows the title reads the columns ``rows`` lack from (the results rows, for
+        # the extrapolation rows, which hold no image size)
         import matplotlib
 
         with matplotlib.rc_context(STYLE):
             fig = fn(rows, *args, **kwargs)
             if fig is not None:
-                _suptitle(fig, describe_setting(rows, bars=bars))
+                _suptitle(fig, describe_setting(rows, context, bars=bars))
         return fig
 
     return wrapper
@@ -1087,7 +1089,8 @@ def _split_configurations(rows: Sequence[dict], fields: Sequence[str]) -> list[t
 @_styled
 def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
     """Test-time depth extrapolation: accuracy vs (test depth / training depth), a panel per
-    label and a line per training depth.
+    label and a line per training depth. ``context=results_rows`` (a keyword) lets the title
+    name what the extrapolation rows lack (image size; dataset and epochs in older files).
 
     Example:
         >>> rows = [{"label": "WT", "config_id": "a", "seed": 0, "train_depth": 4,
@@ -1184,12 +1187,12 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
     rows = load_results(sweep_dir)
     panels = {**PANELS, "masks": lambda r: plot_masks(r, density=mask_density)}
     figures = {name: fn(rows) for name, fn in panels.items()} if rows else {}
-    figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir))
+    # the extrapolation rows hold no image size (older files: no dataset or epochs): the
+    # results rows do
+    figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir), context=rows)
     figures = {k: v for k, v in figures.items() if v is not None}
     if not figures:
         return []
-    if "extrapolation" in figures:  # its rows hold no dataset or epochs: the results do
-        _suptitle(figures["extrapolation"], describe_setting(load_extrapolation(sweep_dir), rows))
     out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
     os.makedirs(out_dir, exist_ok=True)
     return [save_figure(fig, os.path.join(out_dir, f"{name}.png"))

@@ -178,3 +178,108 @@ def test_masks_panels_keep_presets_sharing_a_directory_apart(tmp_path):
             [1, base + 2, 2, base + 3, 4, base + 5])
         bands = [line for line in ax.get_lines() if line.get_label() == "no mask"]
         assert len(bands) == 1 and bands[0].get_ydata()[0] == pytest.approx(base + 1)
+
+
+def test_time_memory_bars_are_sample_stds_in_both_directions(tmp_path):
+    rows = [_row(f"{lab}{s}", lab, s, acc, config_id=lab, train_time_s=t, peak_mem_mb=m)
+            for lab, data in (("WT", ((0.80, 10.0, 100.0), (0.84, 14.0, 110.0))),
+                              ("DEQ", ((0.70, 30.0, 200.0), (0.70, 36.0, 230.0))))
+            for s, (acc, t, m) in enumerate(data)]
+    fig = plot.plot_time_memory(plot.load_results(_write(tmp_path, rows)))
+    time_ax, mem_ax = fig.axes
+    for ax, want in ((time_ax, {"WT": (12.0, 2 * 2 ** 0.5, 82.0, 2 * 2 ** 0.5),
+                                "DEQ": (33.0, 3 * 2 ** 0.5, 70.0, 0.0)}),
+                     (mem_ax, {"WT": (105.0, 5 * 2 ** 0.5, 82.0, 2 * 2 ** 0.5),
+                               "DEQ": (215.0, 15 * 2 ** 0.5, 70.0, 0.0)})):
+        for container in ax.containers:
+            x0, xs, y0, ys = want[container.get_label()]
+            data, _, (xbars, ybars) = container.lines
+            assert data.get_xydata().ravel().tolist() == pytest.approx([x0, y0])
+            (xseg,) = xbars.get_segments()
+            (yseg,) = ybars.get_segments()
+            assert [xseg[0][0], xseg[1][0]] == pytest.approx([x0 - xs, x0 + xs])
+            assert [yseg[0][1], yseg[1][1]] == pytest.approx([y0 - ys, y0 + ys])
+
+
+def test_stability_bars_are_the_hand_computed_shares(tmp_path):
+    rows = [_row(f"deq{s}", "DEQ", s, 0.7, config_id="deq", core="deq", converged=c,
+                 diverged=dv, skipped_steps=sk, status=st, rel_residual=1e-3)
+            for s, (c, dv, sk, st) in enumerate(((0.9, 0.0, 0, "ok"), (0.8, 0.1, 3, "ok"),
+                                                  (0.7, 0.2, 0, "diverged")))]
+    rows += [_row(f"wt{s}", "WT", s, 0.8 + 0.02 * s, config_id="wt", core="unrolled",
+                  skipped_steps=0, status="ok") for s in range(2)]
+    fig = plot.plot_stability(plot.load_results(_write(tmp_path, rows)))
+    residual_ax, failure_ax, spread_ax = fig.axes
+    names = [t.get_text() for t in failure_ax.get_xticklabels()]
+    assert names == ["WT", "DEQ"]
+    heights = [bar.get_height() for c in failure_ax.containers for bar in c]
+    # not converged, diverged solves, runs with skipped steps, runs stopped: WT then DEQ
+    assert heights == pytest.approx([0, 20.0, 0, 10.0, 0, 100 / 3, 0, 100 / 3])
+    # seed spread: WT's sample std 1.414 points; DEQ has one clean seed's worth of accuracy
+    # twice (0.7, 0.7): std 0
+    from matplotlib.collections import PathCollection
+
+    points = [y for o in spread_ax.collections if isinstance(o, PathCollection)
+              for _, y in o.get_offsets()]
+    assert sorted(points) == pytest.approx([0.0, 2 ** 0.5])
+
+
+def test_extrapolation_title_reads_the_image_size_from_the_results_rows(tmp_path):
+    """The notebook drew the extrapolation panel without the results rows, so its title lacked
+    what only they hold (image size): '14×14 px' was in make_plots' figure, not the notebook's."""
+    rows = [_row("a", "WT", 0, 0.5, depth=2, width=8, dataset="fashion_mnist", image_size=14)]
+    extra = [{"key": f"k{t}", "run_id": "a", "label": "WT", "config_id": "c", "seed": 0,
+              "dataset": "fashion_mnist", "train_depth": 2, "test_depth": t, "factor": t / 2,
+              "test_acc": 0.5} for t in (1, 2, 4)]
+    fig = plot.plot_extrapolation(extra, context=rows)
+    assert fig._suptitle.get_text().startswith("Fashion-MNIST, 14×14 px")
+    source = "".join(c["source"] for c in _notebook()["cells"] if c["cell_type"] == "code")
+    assert "plot.plot_extrapolation(extrapolation, context=rows)" in source
+
+
+def _notebook():
+    import nbformat
+
+    return nbformat.read(os.path.join(ROOT, "notebooks", "guidelines.ipynb"), as_version=4)
+
+
+def test_notebook_runs_on_the_committed_results_and_prints_the_csv_numbers(monkeypatch):
+    """Top to bottom on the committed quick sweep: its run counts, summary accuracies and
+    recommendation are the numbers worked out here from results.csv with the csv module."""
+    import statistics
+    from collections import Counter
+
+    import nbclient
+
+    folder = os.path.join(ROOT, "benchmarks", "results", "quick")
+    with open(os.path.join(folder, "results.csv"), newline="") as f:
+        results = list(csv.DictReader(f))
+    with open(os.path.join(folder, "extrapolation.csv"), newline="") as f:
+        n_extra = sum(1 for _ in csv.DictReader(f))
+    by_config: dict[str, list[dict]] = {}
+    for r in results:
+        by_config.setdefault(r["config_id"], []).append(r)
+    want = Counter()
+    for runs in by_config.values():
+        accs = [100 * float(r["test_acc"]) for r in runs]
+        want[(runs[0]["label"], f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}")] += 1
+    monkeypatch.setenv("WTMODELS_RESULTS", folder)
+    nb = _notebook()
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={
+        "metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"{len(results)} runs, {n_extra} extrapolation rows" in text
+    (table,) = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    acc = lines[0].index("test acc %")
+    assert Counter((cells[0], cells[acc]) for cells in lines[2:]) == want
+    budget = statistics.median(float(r["params"]) for r in results)
+    assert f"budget: {budget:.0f} parameters" in text
+    # within 0.5 points of the best (99.7, distinct masks at depth 8) at the budget's 112298
+    # parameters, the fewest cell evaluations (4) and no masks: WT at depth 2
+    wt2 = [100 * float(r["test_acc"]) for r in results if r["label"] == "WT" and r["depth"] == "2"]
+    assert (f"recommended: WT, depth 2, width 32: {statistics.mean(wt2):.1f} ± "
+            f"{statistics.stdev(wt2):.1f} % over 2 seed(s), {budget:.0f} params") in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 6  # no width sweep
