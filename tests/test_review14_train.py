@@ -36,3 +36,35 @@ def test_resume_names_every_differing_setting(finished, capsys):
     assert "epochs=2" in err and "lr=0.5" in err and "depth" not in err, err
     assert "epochs=1" in err and "lr=0.01" in err, err  # the run's values
     assert _snapshot(finished) == before
+
+
+@pytest.mark.parametrize("damage", ["no_history", "short_history", "epoch_str", "rng_empty",
+                                    "rng_bad"])
+def test_a_damaged_checkpoint_of_ours_is_one_line_and_exit_2(finished, tmp_path, capsys,
+                                                             damage):
+    # a file with our format marker but a key missing or malformed raised a KeyError /
+    # TypeError traceback (exit 1); README: a truncated or foreign checkpoint is exit 2
+    import shutil
+
+    from wtmodels.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    state = load_checkpoint(out / "checkpoint.pt")
+    state.pop("format")
+    if damage == "no_history":
+        del state["history"]
+    elif damage == "short_history":
+        state["history"] = []
+    elif damage == "epoch_str":
+        state["epoch"] = "1"
+    elif damage == "rng_empty":
+        state["rng"] = []
+    else:
+        state["rng"] = [{"torch": state["rng"][0]["torch"]}]  # numpy and python states lost
+    save_checkpoint(out / "checkpoint.pt", state)
+    before = _snapshot(out)
+    code = train_mod.main(["--out", str(out), "--resume", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "damaged" in err, err
+    assert _snapshot(out) == before

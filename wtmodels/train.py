@@ -465,6 +465,17 @@ class _Trainer:
                           if ours.get(part, {}).get(k) != theirs.get(part, {}).get(k))
             raise BadInput(f"checkpoint {path} belongs to a different run (differs in: "
                            f"{', '.join(diff) or 'format'})")
+        shapes = {"epoch": int, "global_step": int, "model": dict, "optimizer": dict,
+                  "scheduler": dict, "rng": list, "history": list}
+        damaged = sorted(k for k, kind in shapes.items()
+                         if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool))
+        if not damaged and not (state["rng"] and all(isinstance(r, dict) for r in state["rng"])):
+            damaged = ["rng"]
+        if not damaged and len(state["history"]) < state["epoch"]:  # a metrics row per epoch
+            damaged = ["history"]
+        if damaged:  # a KeyError / TypeError traceback further down
+            raise BadInput(f"checkpoint {path} is damaged: missing or malformed "
+                           f"{', '.join(damaged)}")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -482,13 +493,17 @@ class _Trainer:
         self.consecutive_bad = int(state.get("consecutive_bad", 0))
         self.history = list(state["history"])[: self.start_epoch]
         rngs = state["rng"]  # one set per rank of the run that saved it
-        if self.ctx.rank < len(rngs):
-            restore_rng_state(rngs[self.ctx.rank], self.train_loader.generator)
-        else:  # resumed on more processes: a new rank must not replay rank 0's dropout (and
-            # Hutchinson) draws in lockstep with it, as it did with rank 0's generators
-            restore_rng_state(rngs[0], self.train_loader.generator)
-            seed_everything((self.cfg.seed + 7919 * self.ctx.rank
-                             + 1_000_003 * self.start_epoch) % 2**64)
+        try:
+            if self.ctx.rank < len(rngs):
+                restore_rng_state(rngs[self.ctx.rank], self.train_loader.generator)
+            else:  # resumed on more processes: a new rank must not replay rank 0's dropout (and
+                # Hutchinson) draws in lockstep with it, as it did with rank 0's generators
+                restore_rng_state(rngs[0], self.train_loader.generator)
+                seed_everything((self.cfg.seed + 7919 * self.ctx.rank
+                                 + 1_000_003 * self.start_epoch) % 2**64)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise BadInput(f"checkpoint {path} is damaged: its random-number-generator states "
+                           f"do not load ({type(err).__name__}: {str(err)[:200]})") from None
 
     def _write_start_files(self) -> None:
         if self.out is None or not self.ctx.is_main:
