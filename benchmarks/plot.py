@@ -60,7 +60,7 @@ from benchmarks.aggregate import (
 from benchmarks.results_io import check_unique, read_rows, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
-from wtmodels.atomic import atomic_write_text
+from wtmodels.atomic import atomic_write, atomic_write_text
 from wtmodels.cli import exit_with
 
 RESULTS = "results.csv"
@@ -1216,19 +1216,13 @@ def save_figure(fig: Figure, path: str, formats: Sequence[str] = ("png", "pdf"))
     import matplotlib
 
     stem, _ = os.path.splitext(path)
-    folder, name = os.path.split(stem)
     metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
     with matplotlib.rc_context(STYLE):
         for fmt in formats:
-            target = f"{stem}.{fmt}"
-            tmp = os.path.join(folder, f".{name}.tmp.{fmt}")
-            try:
-                fig.savefig(tmp, format=fmt, dpi=PNG_DPI, metadata=metadata.get(fmt))
-                os.replace(tmp, target)
-            except BaseException:  # no half-written temporary file left behind
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            # a temporary file of its own (two plot runs at once never write into one), moved
+            # into place whole; removed when the write fails or is killed
+            atomic_write(f"{stem}.{fmt}", lambda f, fmt=fmt: fig.savefig(
+                f, format=fmt, dpi=PNG_DPI, metadata=metadata.get(fmt)))
     return path
 
 

@@ -283,3 +283,80 @@ def test_notebook_runs_on_the_committed_results_and_prints_the_csv_numbers(monke
     assert (f"recommended: WT, depth 2, width 32: {statistics.mean(wt2):.1f} ± "
             f"{statistics.stdev(wt2):.1f} % over 2 seed(s), {budget:.0f} params") in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 6  # no width sweep
+
+
+def test_save_figure_never_puts_a_half_written_file_under_the_final_name(tmp_path):
+    """A kill mid-write leaves the old figure (and no temporary file); and two plot runs at
+    once (two sweeps into one directory) no longer share one temporary name, where one run's
+    os.replace moved the other's half-written PNG under the final name."""
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.add_subplot().plot([1, 2])
+    path = str(tmp_path / "a.png")
+    plot.save_figure(fig, path)
+    before = open(path, "rb").read()
+    assert before.startswith(b"\x89PNG")
+
+    def killed(target, **kwargs):  # a kill after half the bytes
+        (target.write if hasattr(target, "write") else open(target, "wb").write)(before[:50])
+        raise KeyboardInterrupt
+
+    original = fig.savefig
+    fig.savefig = killed
+    with pytest.raises(KeyboardInterrupt):
+        plot.save_figure(fig, path)
+    assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["a.pdf",
+                                                                                 "a.png"]
+
+    # two runs at once: A writes all its bytes; B then starts writing its own (half) before A
+    # moves its file into place; B is killed later
+    import threading
+
+    a_written, b_started, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def run_a(target, **kwargs):
+        original(target, **kwargs)
+        a_written.set()
+        assert b_started.wait(10)
+
+    def run_b(target, **kwargs):
+        assert a_written.wait(10)
+        (target.write if hasattr(target, "write") else open(target, "wb").write)(b"\x89PNG half")
+        if hasattr(target, "flush"):
+            target.flush()
+        b_started.set()
+        assert a_done.wait(10)
+        raise KeyboardInterrupt
+
+    other = Figure()
+    other.add_subplot()
+    other.savefig = run_b
+    errors = []
+
+    def b():
+        try:
+            plot.save_figure(other, path, formats=("png",))
+        except KeyboardInterrupt:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    fig.savefig = run_a
+    try:
+        plot.save_figure(fig, path, formats=("png",))
+    finally:
+        a_done.set()
+        thread.join(10)
+    assert not errors
+    assert open(path, "rb").read() == before  # A's whole figure, not B's half
+    assert sorted(os.listdir(tmp_path)) == ["a.pdf", "a.png"]
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
