@@ -301,7 +301,7 @@ NUMERIC_COLUMNS = ("depth", "width", "mask_k", "mask_density", "epochs", "train_
 
 
 def check_numeric(path: str, rows: Sequence[dict]) -> list[dict]:
-    """``rows`` when every cell of :data:`NUMERIC_COLUMNS` is a number or empty; a
+    """``rows`` when every cell of :data:`NUMERIC_COLUMNS` is a finite number or empty; a
     ``ValueError`` naming the file, line and column otherwise (a hand-edited ``depth`` of
     ``"x"`` cannot be placed on an axis, and would stop the plotting with a traceback).
 
@@ -311,14 +311,14 @@ def check_numeric(path: str, rows: Sequence[dict]) -> list[dict]:
         >>> check_numeric("r.csv", [{"depth": "deep"}])
         Traceback (most recent call last):
         ...
-        ValueError: r.csv: line 2: depth is 'deep', not a number: a damaged results file
+        ValueError: r.csv: line 2: depth is 'deep', not a finite number: a damaged results file
     """
     for line, row in enumerate(rows, start=2):
         for column in NUMERIC_COLUMNS:
             value = row.get(column)
-            if value is not None and number(value) is None:
-                raise ValueError(f"{path}: line {line}: {column} is {value!r}, not a number: "
-                                 "a damaged results file")
+            if value is not None and not math.isfinite(number(value) or math.nan):
+                raise ValueError(f"{path}: line {line}: {column} is {value!r}, not a finite "
+                                 "number: a damaged results file")
     return list(rows)
 
 

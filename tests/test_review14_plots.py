@@ -89,7 +89,13 @@ def test_text_in_a_numeric_column_is_one_line_and_exit_2(tmp_path):
     result = _cli(_write(tmp_path, rows))
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "line 2: depth is 'x', not a number" in result.stderr
+    assert "line 2: depth is 'x', not a finite number" in result.stderr
+    # epochs of nan: 'cannot convert float NaN to integer', naming neither file nor column
+    rows = [_row(f"a{d}{s}", "WT", s, 0.5, depth=d, width=8, epochs="nan" if d == 4 else 3)
+            for d in (2, 4) for s in (0, 1)]
+    result = _cli(_write(tmp_path / "nan", rows))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "line 4: epochs is nan, not a finite number" in result.stderr
 
 
 def test_extrapolation_points_are_hand_computed_means_and_a_missing_factor_is_derived(tmp_path):
