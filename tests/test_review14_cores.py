@@ -141,3 +141,35 @@ def test_cell_and_core_constructors_refuse_bad_types_with_value_errors():
     assert ConvCell(8, norm_groups=2).norm1.num_groups == 2  # the valid forms still build
     assert UntiedCore((ConvCell(8), ConvCell(8))).depth == 2
     assert UntiedCore(torch.nn.ModuleList([ConvCell(8)])).depth == 1
+
+
+def test_weight_set_by_a_forward_pre_hook_is_current_in_every_core():
+    # torch.nn.utils.prune (and the legacy torch.nn.utils.weight_norm / spectral_norm) set
+    # `weight` in a forward pre-hook; the cores formed the masked weights before the hook ran,
+    # so every forward used the weight of the previous one (stale after an optimizer step)
+    import torch.nn.functional as F
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    for name in ("test_wt", "test_deq", "test_ode"):
+        model = wt.create_model(name, in_chans=1, depth=3, mask_k=2, norm="none",
+                                f_max_iter=3, ode_method="euler", ode_T=3.0).double()
+        core = model.cores[0]
+        cell = core.cell
+        if name == "test_deq":
+            core.set_pretrain(True)  # the unrolled warm-up: a closed form to compare with
+        for conv in (cell.conv1, cell.conv2):
+            prune.l1_unstructured(conv, "weight", amount=0.5)
+        x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+        core(x)
+        with torch.no_grad():  # an optimizer step, as it were
+            for conv in (cell.conv1, cell.conv2):
+                conv.weight_orig.add_(torch.randn_like(conv.weight_orig))
+        w1 = cell.conv1.weight_orig * cell.conv1.weight_mask
+        w2 = cell.conv2.weight_orig * cell.conv2.weight_mask
+        z = torch.zeros_like(x)
+        for i in (0, 1, 0):  # cyclic, depth 3, K = 2; norm "none"
+            y = F.conv2d(F.relu(F.conv2d(z, w1 * cell.conv1.weight_masks[i], padding=1)),
+                         w2 * cell.conv2.weight_masks[i], padding=1)
+            z = F.relu(z + x + y)
+        torch.testing.assert_close(core(x), z, rtol=1e-12, atol=1e-12)

@@ -700,8 +700,9 @@ def formed_masks(module: nn.Module) -> Iterator[None]:
     Inside the block each masked layer reads its weight as a slice of ``W * masks`` (one
     ``(K, *W.shape)`` multiply per layer, done on entry), so iterating a cell D times costs one
     masking instead of D. Gradients of all slices reach the shared weight. Outside the block
-    layers mask on the fly, which gives the same values. Nesting is allowed (inner blocks reuse
-    the outer stack).
+    layers mask on the fly, which gives the same values, as do layers with a forward pre-hook
+    (``torch.nn.utils.prune``, the legacy ``weight_norm``: their weight is set when called).
+    Nesting is allowed (inner blocks reuse the outer stack).
 
     Example:
         >>> import torch
@@ -712,7 +713,11 @@ def formed_masks(module: nn.Module) -> Iterator[None]:
         >>> torch.allclose(y, conv(x))
         True
     """
-    fresh = [layer for layer in _masked_layers(module) if layer._mask_stack is None]
+    # a layer whose weight a forward pre-hook sets (torch.nn.utils.prune, the legacy
+    # torch.nn.utils.weight_norm / spectral_norm) has its current weight only once called:
+    # it masks on the fly (a stack formed here held the previous forward's weight)
+    fresh = [layer for layer in _masked_layers(module)
+             if layer._mask_stack is None and not layer._forward_pre_hooks]
     try:
         for layer in fresh:
             w = layer.weight  # evaluates weight norm / spectral norm once
