@@ -21,6 +21,7 @@ def test_weight_norm_removable_from_masked_model():
     x = torch.randn(2, 1, 6, 6)
     before = model(x)
     convs = (model.cores[0].cell.conv1, model.cores[0].cell.conv2)
+    assert type(convs[0]).__name__ == "ParametrizedMaskedConv2d"  # a printed model shows masks
     folded = []
     for conv in convs:
         g = conv.parametrizations.weight.original0.detach()

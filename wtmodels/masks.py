@@ -436,10 +436,11 @@ def _masked_class(cls: type) -> type:
 
 def _rebased(cls: type, base: type) -> type:
     """A copy of torch's per-layer parametrized class ``cls`` (its parametrized-tensor
-    properties, ``__getstate__``, ``__deepcopy__``) over another ``base``."""
+    properties, ``__getstate__``, ``__deepcopy__``) over another ``base``, named as torch
+    names it (``Parametrized`` + the base's name)."""
     body = {key: value for key, value in vars(cls).items()
-            if key not in ("__dict__", "__weakref__")}
-    return type(cls.__name__, (base,), body)
+            if key not in ("__dict__", "__weakref__", "__qualname__")}
+    return type(f"Parametrized{base.__name__}", (base,), body)
 
 
 def _class_with_masks(layer: nn.Module) -> type:
