@@ -306,8 +306,8 @@ def check_numeric(path: str, rows: Sequence[dict]) -> list[dict]:
     ``"x"`` cannot be placed on an axis, and would stop the plotting with a traceback).
 
     Example:
-        >>> check_numeric("r.csv", [{"depth": 2}, {"depth": None}])
-        [{'depth': 2}, {'depth': None}]
+        >>> check_numeric("r.csv", [{"depth": 2}, {"mask_k": 0}, {"depth": None}])
+        [{'depth': 2}, {'mask_k': 0}, {'depth': None}]
         >>> check_numeric("r.csv", [{"depth": "deep"}])
         Traceback (most recent call last):
         ...
@@ -316,7 +316,8 @@ def check_numeric(path: str, rows: Sequence[dict]) -> list[dict]:
     for line, row in enumerate(rows, start=2):
         for column in NUMERIC_COLUMNS:
             value = row.get(column)
-            if value is not None and not math.isfinite(number(value) or math.nan):
+            parsed = number(value)
+            if value is not None and (parsed is None or not math.isfinite(parsed)):
                 raise ValueError(f"{path}: line {line}: {column} is {value!r}, not a finite "
                                  "number: a damaged results file")
     return list(rows)
