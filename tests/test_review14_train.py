@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,51 @@ def test_a_damaged_checkpoint_of_ours_is_one_line_and_exit_2(finished, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "damaged" in err, err
     assert _snapshot(out) == before
+
+
+def test_schedule_after_a_kill_and_resume_follows_the_hand_formula(tmp_path, monkeypatch):
+    # 40 images / batch 16 = 3 steps per epoch, 3 epochs: T = 9 steps, warm-up 1 epoch = 3
+    # steps; the row's lr is its last step's: step s (0-based) has lr * (s + 1) / 3 in the
+    # warm-up, then min + (lr - min) * (1 + cos(pi * (s - 3) / 6)) / 2
+    out = tmp_path / "run"
+    settings = {**TINY, "epochs": 3, "warmup_epochs": 1.0, "min_lr": 1e-3, "out": str(out)}
+    real_save = train_mod._Trainer._save
+
+    def save_then_die(self, epoch):
+        real_save(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(settings)
+    monkeypatch.undo()
+    run({"out": str(out), "resume": True, "progress": "none"})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["steps"] for r in rows] == [3, 6, 9]
+    want = [0.01 * 3 / 3,
+            1e-3 + (0.01 - 1e-3) * (1 + math.cos(math.pi * 2 / 6)) / 2,  # step 5
+            1e-3 + (0.01 - 1e-3) * (1 + math.cos(math.pi * 5 / 6)) / 2]  # step 8
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-12)
+
+
+def test_test_metrics_are_per_image_means_with_a_short_last_batch(tmp_path):
+    # 20 test images in batches of 16 + 4: the mean over images, not over the two batches
+    import torch
+    import torch.nn.functional as F
+
+    from wtmodels import data, models
+    from wtmodels.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    final = run({**TINY, "test_batch_size": 16, "out": str(out)})
+    _, test_ds, _ = data.get_datasets("digits", train_size=40, test_size=20)
+    model = models.create_model("test_wt", num_classes=10, in_chans=1).eval()
+    model.load_state_dict(load_checkpoint(out / "checkpoint.pt")["model"])
+    x = torch.stack([test_ds[i][0] for i in range(20)])
+    y = torch.tensor([int(test_ds[i][1]) for i in range(20)])
+    with torch.no_grad():
+        logits = model(x)
+    assert final["test_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert final["test_acc"] == (logits.argmax(1) == y).sum().item() / 20
+    assert final["images_per_s"] == pytest.approx(40 / final["epoch_time_s"], rel=1e-12)
