@@ -481,10 +481,20 @@ def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, lis
     return out
 
 
-def _legend_outside(ax) -> None:
-    """More than four entries: the legend beside the axes, off the data."""
-    if len(ax.get_legend_handles_labels()[0]) > 4:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+def _family_legend(ax) -> None:
+    """The axes' legend with its entries in the families' order of every figure (lines and
+    bands alike: matplotlib lists bands, plain lines, before error-bar lines), beside the axes
+    (off the data) when it has more than four entries."""
+    handles, texts = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    order = list(LABEL_COLORS)
+    rank = sorted(range(len(texts)), key=lambda i: (
+        order.index(label_family(texts[i])) if label_family(texts[i]) is not None
+        else len(order), i))
+    where = ({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(handles) > 4
+             else {"loc": "best"})
+    ax.legend([handles[i] for i in rank], [texts[i] for i in rank], **where)
 
 
 def _shared_entries(axes: Sequence) -> dict:
@@ -529,7 +539,10 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
         settings.setdefault((label, value), set()).add(setting)
     fig = Figure(figsize=(PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.15), layout="constrained")
     ax = fig.add_subplot()
-    for (label, value, setting), pts in lines.items():
+    order = _labels([{"label": k[0]} for k in lines])
+    for (label, value, setting), pts in sorted(lines.items(), key=lambda item: (
+            order.index(item[0][0]), line_values.index(item[0][1])
+            if item[0][1] in line_values else -1, str(item[0][2]))):
         pts = sorted(pts, key=lambda g: g[x])
         i = line_values.index(value) if value in line_values else 0
         name = label
@@ -562,8 +575,8 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
         value = line_values[0]
         value = f"{value:g}" if isinstance(value, (int, float)) else value
         title = title.replace(" (", f", {line_name} {value} (", 1)
-    _finish(ax, xlabel, "test accuracy (%)", title)
-    _legend_outside(ax)
+    _finish(ax, xlabel, "test accuracy (%)", title, legend=False)
+    _family_legend(ax)
     _footnote(fig, [g for g in everything if g.get(x) is not None])
     return fig
 

@@ -366,3 +366,30 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_depth_legend_lists_the_families_in_the_order_of_every_figure(tmp_path):
+    """The committed Fashion figure listed 'DEQ (no depth axis)' first and 'WT + distinct
+    masks' before 'WT' (the order of the CSV and of matplotlib's artist types), unlike the
+    other figures' legends (WT, WT + distinct masks, WT + shared mask, untied, DEQ)."""
+    rows = []
+    for label, core, k in (("DEQ", "deq", 0), ("WT + distinct masks", "unrolled", "D"),
+                           ("untied", "untied", 0), ("WT", "unrolled", 0),
+                           ("WT + shared mask", "unrolled", 1)):
+        for d in ((6,) if core == "deq" else (4, 2)):
+            for width in ((8,) if core == "deq" else (16, 8)):
+                rows.append(_row(f"{label}{d}{width}", label, 0, 0.5,
+                                 config_id=f"{label}{d}{width}", core=core, depth=d,
+                                 width=width, mask_k=d if k == "D" else k))
+    ax = plot.plot_accuracy_vs_depth(plot.load_results(_write(tmp_path, rows))).axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["WT, width 8", "WT, width 16", "WT + distinct masks, width 8",
+                     "WT + distinct masks, width 16", "WT + shared mask, width 8",
+                     "WT + shared mask, width 16", "untied, width 8", "untied, width 16",
+                     "DEQ, width 8 (no depth axis)"]
+    # each entry's handle has its family's colour
+    from matplotlib.colors import to_hex
+
+    for handle, text in zip(ax.get_legend().legend_handles, texts):
+        color = handle.get_color() if hasattr(handle, "get_color") else handle.get_facecolor()
+        assert to_hex(color) == plot.LABEL_COLORS[plot.label_family(text)].lower(), text
