@@ -173,6 +173,8 @@ def describe_setting(rows: Sequence[dict], context: Sequence[dict] = (),
         >>> describe_setting([{"dataset": "fashion_mnist", "epochs": 6, "config_id": "a",
         ...                    "seed": s} for s in (0, 1, 2)])
         'Fashion-MNIST, 6 epochs; mean ± 1 sample std (n − 1) over 3 seeds'
+        >>> describe_setting([{"dataset": "digits", "config_id": "a", "seed": 0}])
+        'digits (sklearn, 8×8); 1 seed per configuration (no error bars)'
     """
     def values(column):
         return _values(rows, column) or _values(context, column)
@@ -199,6 +201,8 @@ def describe_setting(rows: Sequence[dict], context: Sequence[dict] = (),
         n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
         what = (f"mean ± 1 sample std (n − 1) over {n} seeds" if bars
                 else f"{n} seeds per configuration")
+        if counts == [1]:  # one seed: no mean, no std, no error bar ('over 1 seeds' said one)
+            what = "1 seed per configuration" + (" (no error bars)" if bars else "")
         text = f"{text}; {what}" if text else what
     return text
 

@@ -393,3 +393,36 @@ def test_depth_legend_lists_the_families_in_the_order_of_every_figure(tmp_path):
     for handle, text in zip(ax.get_legend().legend_handles, texts):
         color = handle.get_color() if hasattr(handle, "get_color") else handle.get_facecolor()
         assert to_hex(color) == plot.LABEL_COLORS[plot.label_family(text)].lower(), text
+
+
+def test_capacity_frontier_is_each_labels_pareto_front_of_the_seed_means(tmp_path):
+    configs = {("WT", 2): (100, (0.80, 0.82)), ("WT", 4): (100, (0.85, 0.87)),
+               ("untied", 2): (200, (0.84, 0.84)), ("untied", 4): (400, (0.90, 0.92)),
+               ("untied", 8): (800, (0.88, 0.88))}
+    rows = [_row(f"{lab}{d}{s}", lab, s, a, config_id=f"{lab}{d}", depth=d, params=p)
+            for (lab, d), (p, accs) in configs.items() for s, a in enumerate(accs)]
+    ax = plot.plot_capacity(plot.load_results(_write(tmp_path, rows))).axes[0]
+    fronts = {c.get_label(): _bars(c) for c in ax.containers}
+    # WT: both at 100 parameters, the better one (86 %) is the front; untied: 800 is beaten
+    r2 = 2 ** 0.5  # the sample std of two seeds 2 points apart
+    assert [v for p in fronts["WT"] for v in p] == pytest.approx([100, 86, 86 - r2, 86 + r2])
+    assert [v for p in fronts["untied"] for v in p] == pytest.approx(
+        [200, 84, 84, 84, 400, 91, 91 - r2, 91 + r2])
+    from matplotlib.collections import PathCollection
+
+    faint = sorted(tuple(xy) for c in ax.collections if isinstance(c, PathCollection)
+                   for xy in c.get_offsets().tolist())
+    assert [v for xy in faint for v in xy] == pytest.approx(
+        [100, 81, 100, 86, 200, 84, 400, 91, 800, 88])
+    assert ax.get_xscale() == "log"
+
+
+def test_one_seed_per_configuration_is_said_so_in_the_title(tmp_path):
+    """A sweep of one seed was titled 'mean ± 1 sample std (n − 1) over 1 seeds' over points
+    that have no error bars."""
+    rows = [_row(f"{lab}{d}", lab, 0, 0.5 + 0.01 * d, config_id=f"{lab}{d}", depth=d, width=8,
+                 train_time_s=d) for lab in ("WT", "untied") for d in (1, 2)]
+    fig = plot.plot_accuracy_vs_depth(plot.load_results(_write(tmp_path, rows)))
+    assert fig.get_suptitle() == "1 seed per configuration (no error bars)"
+    for container in fig.axes[0].containers:
+        assert all(low == high for _, _, low, high in _bars(container))
