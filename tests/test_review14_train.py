@@ -118,3 +118,24 @@ def test_test_metrics_are_per_image_means_with_a_short_last_batch(tmp_path):
     assert final["test_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     assert final["test_acc"] == (logits.argmax(1) == y).sum().item() / 20
     assert final["images_per_s"] == pytest.approx(40 / final["epoch_time_s"], rel=1e-12)
+
+
+def test_an_existing_out_that_takes_no_files_is_one_line_and_exit_2(tmp_path, capsys,
+                                                                     monkeypatch):
+    # an existing directory where files cannot be created (read-only, /proc; root ignores
+    # chmod, so the write is made to fail): it was a PermissionError traceback, exit 1
+    import tempfile
+
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out / "config.json.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code = train_mod.main(["--model", "test_wt", "--train-size", "32", "--test-size", "16",
+                           "--epochs", "1", "--progress", "none", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "cannot take the run's files: Permission denied" in err, err
+    assert list(out.iterdir()) == []

@@ -512,6 +512,15 @@ class _Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # e.g. a path under /proc, a read-only file system
             raise BadInput(f"--out {self.out} cannot be created: {err.strerror or err}") from None
+        try:
+            self._write_run_files()
+        except OSError as err:  # an existing directory that takes no files (read-only, /proc):
+            # a PermissionError / FileNotFoundError traceback with exit 1 before
+            where = f" ({err.filename})" if err.filename else ""
+            raise BadInput(f"--out {self.out} cannot take the run's files: "
+                           f"{err.strerror or err}{where}") from None
+
+    def _write_run_files(self) -> None:
         # a kill during an atomic write leaves its temporary file (a checkpoint's size): drop them
         for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_INFO_FILE, DONE_FILE,
                      STOPPED_FILE):
