@@ -139,3 +139,19 @@ def test_an_existing_out_that_takes_no_files_is_one_line_and_exit_2(tmp_path, ca
     assert code == 2 and err.count("\n") == 1, err
     assert "cannot take the run's files: Permission denied" in err, err
     assert list(out.iterdir()) == []
+
+
+def test_a_nan_in_a_max_statistic_is_not_dropped():
+    # max(-inf, nan) is -inf in Python: a batch whose statistic was NaN vanished from the
+    # epoch's maximum (a finite *_max beside a NaN mean); it counts as +inf (logged as null)
+    from wtmodels.metrics import EpochMeter
+
+    meter = EpochMeter()
+    meter.update(1.0, 1, 2, {"rel_residual": float("nan"), "rel_residual_max": float("nan")})
+    meter.update(1.0, 1, 2, {"rel_residual": 0.1, "rel_residual_max": 0.2})
+    out = meter.reduce()
+    assert math.isnan(out["rel_residual"]) and out["rel_residual_max"] == math.inf
+    meter = EpochMeter()
+    meter.update(1.0, 1, 2, {"rel_residual_max": 0.2})
+    meter.update(1.0, 1, 2, {"rel_residual_max": 0.5})
+    assert meter.reduce()["rel_residual_max"] == 0.5

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 
@@ -66,8 +67,10 @@ class EpochMeter:
             self.correct += int(correct)
         self.count += int(count)
         for key, value in (stats or {}).items():
-            if key.endswith("_max"):
-                self.stat_max[key] = max(self.stat_max.get(key, float("-inf")), float(value))
+            if key.endswith("_max"):  # NaN is the worst value, as +inf: max() dropped it
+                # (max(-inf, nan) is -inf), a finite maximum beside a NaN mean
+                value = float("inf") if math.isnan(float(value)) else float(value)
+                self.stat_max[key] = max(self.stat_max.get(key, float("-inf")), value)
             else:
                 self.stat_sums[key] = self.stat_sums.get(key, 0.0) + float(value) * count
                 self.stat_counts[key] = self.stat_counts.get(key, 0) + count
