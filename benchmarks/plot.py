@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -1187,7 +1188,8 @@ PANELS: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
 def make_plots(sweep_dir: str, out_dir: str | None = None,
                mask_density: float | None = None) -> list[str]:
     """Draw every supported panel of a sweep as PNG, with a vector PDF beside each; returns
-    the PNG paths written.
+    the PNG paths written. A panel's files from an earlier run are removed when the results no
+    longer support it.
 
     Args:
         sweep_dir: a directory with ``results.csv``.
@@ -1204,14 +1206,20 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
     """
     rows = load_results(sweep_dir)
     panels = {**PANELS, "masks": lambda r: plot_masks(r, density=mask_density)}
-    figures = {name: fn(rows) for name, fn in panels.items()} if rows else {}
+    figures = {name: fn(rows) if rows else None for name, fn in panels.items()}
     # the extrapolation rows hold no image size (older files: no dataset or epochs): the
     # results rows do
     figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir), context=rows)
+    out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
+    for name in [k for k, v in figures.items() if v is None]:
+        # a panel the results no longer support (rows edited out, extrapolation.csv removed):
+        # its figure from an earlier run would show numbers the CSV no longer holds
+        for fmt in ("png", "pdf"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out_dir, f"{name}.{fmt}"))
     figures = {k: v for k, v in figures.items() if v is not None}
     if not figures:
         return []
-    out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
     os.makedirs(out_dir, exist_ok=True)
     return [save_figure(fig, os.path.join(out_dir, f"{name}.png"))
             for name, fig in figures.items()]

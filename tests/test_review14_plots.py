@@ -426,3 +426,19 @@ def test_one_seed_per_configuration_is_said_so_in_the_title(tmp_path):
     assert fig.get_suptitle() == "1 seed per configuration (no error bars)"
     for container in fig.axes[0].containers:
         assert all(low == high for _, _, low, high in _bars(container))
+
+
+def test_a_panel_the_results_no_longer_support_leaves_no_stale_figure(tmp_path):
+    """Rows edited out of results.csv (one depth left): the depth figure of the earlier run
+    stayed in plots/, showing points the CSV no longer holds."""
+    rows = [_row(f"wt{d}{s}", "WT", s, 0.5 + 0.01 * d, config_id=f"wt{d}", depth=d, width=8)
+            for d in (1, 2) for s in (0, 1)]
+    folder = _write(tmp_path, rows)
+    other = os.path.join(folder, "plots", "mine.png")
+    drawn = [os.path.basename(p) for p in plot.make_plots(folder)]
+    assert drawn == ["accuracy_vs_depth.png", "stability.png"]  # stability: the seed spread
+    open(other, "w").close()  # a file of the user's: kept
+    _write(tmp_path, [r for r in rows if r["depth"] == 1])
+    assert [os.path.basename(p) for p in plot.make_plots(folder)] == ["stability.png"]
+    assert sorted(os.listdir(os.path.join(folder, "plots"))) == ["mine.png", "stability.pdf",
+                                                                 "stability.png"]
