@@ -155,3 +155,17 @@ def test_a_nan_in_a_max_statistic_is_not_dropped():
     meter.update(1.0, 1, 2, {"rel_residual_max": 0.2})
     meter.update(1.0, 1, 2, {"rel_residual_max": 0.5})
     assert meter.reduce()["rel_residual_max"] == 0.5
+
+
+def test_an_out_under_home_in_a_config_file_is_expanded(tmp_path, monkeypatch):
+    # no shell expands `out: ~/...` in a config file: it made a directory named "~" in the cwd
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    config = cwd / "c.json"
+    config.write_text(json.dumps({**TINY, "out": "~/runs/a"}))
+    assert train_mod.main(["--config", str(config)]) == 0
+    assert (home / "runs" / "a" / "done.json").is_file()
+    assert not (cwd / "~").exists()

@@ -868,6 +868,9 @@ def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict
         cfg = resolve_config(config)
     except ValueError as err:
         raise BadInput(str(err)) from None
+    if cfg.out is not None and str(cfg.out).startswith("~"):  # as data_dir: `out: ~/runs/a`
+        # in a config file (no shell to expand it) made a directory named "~" in the cwd
+        cfg = dataclasses.replace(cfg, out=os.path.expanduser(cfg.out))
     if explicit is None:
         if isinstance(config, TrainConfig):
             explicit = set(train_field_names()) | set(cfg.model_overrides)
