@@ -553,10 +553,15 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
         name = label
         if len(line_values) > 1 and not (line == "depth" and pts[0].get("core") in ("deq", "ode")):
             name += f", {line_name} {value}"
+        color = label_color(label)
         if len(settings[(label, value)]) > 1:
             name += f" ({_setting_name(setting)})"
+            # the label's other settings (mask density, epochs of another preset ...): shades
+            # of its colour, or their lines could not be told apart but by the legend text
+            j = sorted(settings[(label, value)], key=str).index(setting)
+            color = _shade(color, _SHADES[(j - 1) % len(_SHADES)]) if j else color
         # colour and marker: the family; line style (and open markers): the width (depth)
-        _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=label_color(label),
+        _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=color,
                   marker=label_marker(label), markerfacecolor="white" if i % 2 else None,
                   linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
     bands = [g for g in groups  # implicit / continuous cores have no depth or are not swept

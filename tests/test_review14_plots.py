@@ -442,3 +442,20 @@ def test_a_panel_the_results_no_longer_support_leaves_no_stale_figure(tmp_path):
     assert [os.path.basename(p) for p in plot.make_plots(folder)] == ["stability.png"]
     assert sorted(os.listdir(os.path.join(folder, "plots"))) == ["mine.png", "stability.pdf",
                                                                  "stability.png"]
+
+
+def test_lines_of_one_label_from_two_presets_differ_in_colour_and_hold_their_own_points(tmp_path):
+    """quick (15 epochs) and depth (20 epochs) share a directory: 'WT (epochs 15)' and 'WT
+    (epochs 20)' were two lines of one colour, marker and style: only the legend text differed,
+    and it could not say which line was which."""
+    rows = [_row(f"wt{e}-{d}-{s}", "WT", s, base + 0.01 * d + 0.02 * s, config_id=f"wt{e}-{d}",
+                 core="unrolled", depth=d, width=32, mask_k=0, epochs=e, dataset="digits")
+            for e, base in ((15, 0.6), (20, 0.9)) for d in (2, 4) for s in (0, 1)]
+    ax = plot.plot_accuracy_vs_depth(plot.load_results(_write(tmp_path, rows))).axes[0]
+    lines = {c.get_label(): c for c in ax.containers}
+    assert sorted(lines) == ["WT (epochs 15)", "WT (epochs 20)"]
+    for name, base in (("WT (epochs 15)", 61.0), ("WT (epochs 20)", 91.0)):
+        got = [v for x, y, *_ in _bars(lines[name]) for v in (x, y)]
+        assert got == pytest.approx([2, base + 2, 4, base + 4])
+    colors = {lines[n].lines[0].get_color() for n in lines}
+    assert len(colors) == 2 and plot.LABEL_COLORS["WT"] in colors
