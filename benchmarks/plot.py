@@ -83,6 +83,8 @@ LABEL_MARKERS = {"WT": "o", "WT + distinct masks": "^", "WT + shared mask": "s",
 _SPARE_COLORS = ("#332288", "#882255", "#44AA99", "#999933", "#AA4499", "#117733", "#661100",
                  "#888888")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: markers of a family's variants and of labels outside every family, after the family's own
+_VARIANT_MARKERS = ("X", "*", "<", ">", "p", "h", "d", "8")
 _LINESTYLES = ("-", "--", ":", "-.")
 #: how a family's variants (e.g. ``DEQ anderson / ift``) shade its colour: mixed with black
 #: (> 0) or white (< 0) by this share
@@ -265,7 +267,11 @@ def label_marker(label: str) -> str:
     label_color(label)  # register it: its position among its kin picks the marker
     family = label_family(label)
     kin = [k for k in _ASSIGNED if label_family(k) == family]
-    others = [m for m in _MARKERS if m != LABEL_MARKERS.get(family)]
+    # markers no other family wears (a DEQ variant with WT's circle could be told from WT by
+    # its colour only, not in grey print), the family's own first
+    others = [m for m in (LABEL_MARKERS.get(family), *_VARIANT_MARKERS)
+              if m is not None and m not in LABEL_MARKERS.values() or m == LABEL_MARKERS.get(
+                  family)]
     return others[kin.index(label) % len(others)]
 
 

@@ -459,3 +459,15 @@ def test_lines_of_one_label_from_two_presets_differ_in_colour_and_hold_their_own
         assert got == pytest.approx([2, base + 2, 4, base + 4])
     colors = {lines[n].lines[0].get_color() for n in lines}
     assert len(colors) == 2 and plot.LABEL_COLORS["WT"] in colors
+
+
+def test_family_variants_wear_no_other_familys_marker():
+    """'DEQ anderson / ift' wore WT's circle, 'DEQ broyden / phantom' untied's diamond: in
+    grey print (or for a colour-blind reader) the DEQ variant and WT were one symbol."""
+    variants = [f"DEQ {s} / {g}" for s in ("anderson", "broyden") for g in ("ift", "phantom")]
+    markers = [plot.label_marker(v) for v in variants]
+    assert len(set(markers)) == 4
+    taken = {m for family, m in plot.LABEL_MARKERS.items() if family != "DEQ"}
+    assert not set(markers) & taken, markers
+    assert not {plot.label_marker(x) for x in ("MLP", "ResNet")} & set(
+        plot.LABEL_MARKERS.values())
