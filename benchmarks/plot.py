@@ -436,11 +436,13 @@ def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
         ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
 
 
-def _setting(g: dict, x: str) -> tuple:
+def _setting(g: dict, x: str, follows: bool = True) -> tuple:
     """What else distinguishes configurations of one label on an ``x`` axis: the mask count
-    (``"D"`` when it follows the depth, as in ``mask_k = depth``), density, solver, gradient."""
+    (``"D"`` when it follows the depth, as in ``mask_k = depth``, and ``follows``: the label has
+    K = depth at two depths or more; a fixed K = 4 is K 4 at depth 4 too), density, solver,
+    gradient."""
     k = g.get("mask_k")
-    if k and k == g.get("depth"):
+    if follows and k and k == g.get("depth"):
         k = "D"
     return (k, g.get("mask_density") if g.get("mask_k") else None, g.get("f_solver"),
             g.get("grad"))
@@ -536,9 +538,15 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     everything = aggregate(rows, ["test_acc"])
     groups = [g for g in everything if has([g], "test_acc")]
     lines: dict[tuple, list[dict]] = {}
+    depth_k: dict = {}  # label -> the depths where its mask count equals the depth
+    for g in groups:
+        if g.get("mask_k") and g.get("mask_k") == g.get("depth"):
+            depth_k.setdefault(g.get("label"), set()).add(g.get("depth"))
     for g in groups:
         if g.get(x) is not None:
-            lines.setdefault((g.get("label"), g.get(line), _setting(g, x)), []).append(g)
+            follows = len(depth_k.get(g.get("label"), ())) >= 2
+            lines.setdefault((g.get("label"), g.get(line), _setting(g, x, follows)),
+                             []).append(g)
     lines = _split_duplicates(lines, x)
     lines = {k: v for k, v in lines.items() if len({g[x] for g in v}) >= 2}
     if not lines:

@@ -471,3 +471,21 @@ def test_family_variants_wear_no_other_familys_marker():
     assert not set(markers) & taken, markers
     assert not {plot.label_marker(x) for x in ("MLP", "ResNet")} & set(
         plot.LABEL_MARKERS.values())
+
+
+def test_a_fixed_mask_count_keeps_its_point_where_it_equals_the_depth(tmp_path):
+    """K = 4 at depths 2, 4, 8: at depth 4 (K == depth) the point was filed under 'K = depth'
+    and vanished from the K = 4 line."""
+    rows = [_row(f"m{d}{s}", "WT + distinct masks", s, 0.8 + 0.01 * d + 0.02 * s,
+                 config_id=f"m{d}", core="unrolled", depth=d, width=8, mask_k=4,
+                 mask_density=0.5) for d in (2, 4, 8) for s in (0, 1)]
+    rows += [_row(f"d{d}{s}", "WT + masks", s, 0.7 + 0.01 * d, config_id=f"d{d}",
+                  core="unrolled", depth=d, width=8, mask_k=d, mask_density=0.5)
+             for d in (2, 4, 8) for s in (0, 1)]
+    ax = plot.plot_accuracy_vs_depth(plot.load_results(_write(tmp_path, rows))).axes[0]
+    lines = {c.get_label(): c for c in ax.containers}
+    assert sorted(lines) == ["WT + distinct masks", "WT + masks"]
+    got = [v for x, y, *_ in _bars(lines["WT + distinct masks"]) for v in (x, y)]
+    assert got == pytest.approx([2, 83, 4, 85, 8, 89])
+    got = [v for x, y, *_ in _bars(lines["WT + masks"]) for v in (x, y)]  # K = depth: one line
+    assert got == pytest.approx([2, 72, 4, 74, 8, 78])
