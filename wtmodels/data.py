@@ -137,6 +137,9 @@ class SyntheticImages(Dataset):
         self.split = int(split)
         self.noise = float(noise)
         c, h, w = self.shape
+        if c * h * w < 2:  # one value: its prototypes, centred, are all zero (and were NaN)
+            raise ValueError(f"synthetic images need at least 2 values (channels * image_size**2),"
+                             f" got shape {self.shape}: raise image_size or channels")
         gen = torch.Generator().manual_seed(self.seed)
         coarse = torch.randn(self.num_classes, c, max(2, h // 4), max(2, w // 4), generator=gen)
         protos = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear",
