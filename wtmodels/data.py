@@ -416,10 +416,33 @@ def _cifar(name: str, tv_name: str, num_classes: int, data_dir, download, augmen
         if (root / tv_cls.train_list[0][0]).is_file():  # pointed at the batches folder itself
             raise ValueError(f"dataset {name}: {root} holds the batches themselves; pass the "
                              f"folder above it: --data-dir {root.parent}") from None
-        # torchvision: files missing or failing their MD5 check
-        raise ValueError(f"dataset {name}: no intact {tv_cls.base_folder} under {root} "
-                         f"(files missing or MD5 mismatch: {err}); add --download") from None
+        # torchvision: files missing or failing their MD5 check ("Dataset not found or
+        # corrupted. You can use download=True"): say which file
+        problem = _cifar_problem(tv_cls, root) or " ".join(str(err).split())
+        archive = root / tv_cls.filename
+        fix = (f"{archive} is there: --download extracts it (no network needed when its MD5 "
+               "matches)" if archive.is_file() else
+               f"add --download to fetch {tv_cls.base_folder} into {root}")
+        raise ValueError(f"dataset {name}: {problem}; {fix}") from None
     return train, test, {"num_classes": num_classes, "in_chans": 3, "image_size": size}
+
+
+def _cifar_problem(tv_cls, root: Path) -> str | None:
+    """The first missing or damaged file of a CIFAR folder, as a phrase naming it (None if every
+    file passes torchvision's MD5 check)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / tv_cls.base_folder
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    meta = (tv_cls.meta["filename"], tv_cls.meta["md5"])
+    for fname, md5 in [*tv_cls.train_list, *tv_cls.test_list, meta]:
+        path = folder / fname
+        if not path.is_file():
+            return f"{path} is missing"
+        if not check_integrity(str(path), md5):
+            return f"{path} fails its MD5 check (truncated or corrupt)"
+    return None
 
 
 def _cifar10(data_dir, download, augment, image_size, opts):
