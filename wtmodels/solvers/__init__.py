@@ -238,7 +238,41 @@ def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, Sol
             got += f" with z of shape {tuple(result[0].shape)}"
         raise ValueError(f"solver {name!r} must return (z, SolverStats) with z of z0's shape "
                          f"{tuple(z0.shape)}, got {got}")
+    _check_stats(name, result[1], z0.shape[0])
     return result
+
+
+# SolverStats field -> (dimensions, dtype kind): "int" (not bool), "bool" or "float"
+_STATS_FIELDS = {"nstep": (1, "int"), "abs_lowest": (1, "float"), "rel_lowest": (1, "float"),
+                 "converged": (1, "bool"), "diverged": (1, "bool"), "abs_trace": (2, "float"),
+                 "rel_trace": (2, "float")}
+
+
+def _check_stats(name: str, stats: SolverStats, B: int) -> None:
+    """``ValueError`` naming solver ``name`` and the field when ``stats`` is not what
+    :class:`SolverStats` documents for a batch of ``B``: per-sample tensors ``(B,)``, traces
+    ``(B, n_iter)``, ``nstep`` an integer tensor, ``converged`` / ``diverged`` bool and never
+    both for one sample (a registered solver's malformed stats were passed on as they came,
+    read later as another batch's, or as masks that are floats)."""
+    for field, (dims, kind) in _STATS_FIELDS.items():
+        value = getattr(stats, field)
+        want = "(B,)" if dims == 1 else "(B, n_iter)"
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"solver {name!r} returned SolverStats.{field} of type "
+                             f"{type(value).__name__}; it must be a tensor of shape {want}")
+        if value.dim() != dims or value.shape[0] != B:
+            raise ValueError(f"solver {name!r} returned SolverStats.{field} of shape "
+                             f"{tuple(value.shape)}; it must have shape {want} with B = {B}")
+        ok = {"bool": value.dtype == torch.bool, "float": value.is_floating_point(),
+              "int": not value.is_floating_point() and not value.is_complex()
+              and value.dtype != torch.bool}[kind]
+        if not ok:
+            raise ValueError(f"solver {name!r} returned SolverStats.{field} of dtype "
+                             f"{value.dtype}; it must be a {kind} tensor")
+    if bool((stats.converged & stats.diverged.to(stats.converged.device)).any()):
+        raise ValueError(f"solver {name!r} returned SolverStats with samples both converged "
+                         "and diverged (converged means the returned iterate is within tol; "
+                         "a diverged sample never is)")
 
 
 register_solver("fixed_point", fixed_point)
