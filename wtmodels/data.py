@@ -511,8 +511,11 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
     root = Path(data_dir).expanduser()
     for split in ("train", "val"):
         if not (root / split).is_dir():
+            hint = ""
+            if split == "val" and (root / "test").is_dir():
+                hint = f"; {root / 'test'} is there: rename it (or link it) to {root / 'val'}"
             raise ValueError(f"dataset imagefolder: {root / split} is not a directory "
-                             "(expected ROOT/train/<class>/* and ROOT/val/<class>/*)")
+                             f"(expected ROOT/train/<class>/* and ROOT/val/<class>/*){hint}")
     size = image_size or 224
     norm = _normalise("imagefolder")
     if augment:
@@ -533,10 +536,21 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
                 msg += f" Supported extensions are: {', '.join(IMG_EXTENSIONS)}"
             raise ValueError(f"dataset imagefolder: {root / split}: {msg}") from None
     train, test = found["train"], found["val"]
-    if train.classes != test.classes:
-        raise ValueError(f"dataset imagefolder: train classes {train.classes} differ from val "
-                         f"classes {test.classes}")
+    if train.classes != test.classes:  # name the difference only: ImageNet has 1000 classes
+        only = {split: sorted(set(a.classes) - set(b.classes))
+                for split, a, b in (("train", train, test), ("val", test, train))}
+        parts = [f"only {split} has class folder{'s' if len(names) > 1 else ''} "
+                 f"{_some(names)}" for split, names in only.items() if names]
+        raise ValueError(f"dataset imagefolder: the class folders of {root / 'train'} and "
+                         f"{root / 'val'} differ (class indices follow them, so they must be the "
+                         f"same): {'; '.join(parts)}")
     return train, test, {"num_classes": len(train.classes), "in_chans": 3, "image_size": size}
+
+
+def _some(names: list[str], most: int = 10) -> str:
+    """``names`` for a message, the first ``most`` of them and how many more."""
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _synthetic(data_dir, download, augment, image_size, opts):
