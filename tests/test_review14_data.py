@@ -195,3 +195,17 @@ def test_synthetic_images_of_one_value_are_refused_not_nan(shape):
         get_datasets("synthetic", image_size=1, channels=1, train_size=4, test_size=4)
     train, _, _ = get_datasets("synthetic", image_size=1, channels=2, train_size=4, test_size=4)
     assert torch.isfinite(train[0][0]).all()
+
+
+def test_an_image_over_pils_pixel_limit_is_named(tmp_path, monkeypatch):
+    # PIL's DecompressionBombError is no OSError: it passed through the loader without the file
+    _tree(tmp_path)
+    big = tmp_path / "train" / "b" / "big.png"
+    Image.new("RGB", (40, 30)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels > 2 * 500: refused
+    train, _, _ = get_datasets("imagefolder", data_dir=tmp_path, image_size=4)
+    index = [Path(p).name for p, _ in train.samples].index("big.png")
+    assert torch.isfinite(train[0][0]).all()  # a 9x7 image passes
+    with pytest.raises(OSError) as err:
+        train[index]
+    assert str(big) in str(err.value) and "MAX_IMAGE_PIXELS" in str(err.value)

@@ -467,6 +467,9 @@ def _load_rgb(path: str):
                 img = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8),
                                       "L")
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:  # no OSError, and it names no file
+        raise OSError(f"{path}: {err} (if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+                      "or shrink the image)") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated, not an image, bad header
         if str(path) in str(err):
             raise
