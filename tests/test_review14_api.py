@@ -53,3 +53,19 @@ def test_a_registered_solver_returning_well_formed_stats_is_accepted():
     wt.register_solver("review14_good_stats", good, overwrite=True)
     z, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.zeros(B, 4), method="review14_good_stats")
     assert torch.equal(z, torch.full((B, 4), 2.0)) and stats.converged.all()
+
+
+def test_solve_returns_no_graph_whatever_the_registered_solver_builds():
+    # solve builds no autograd graph (its docstring): a custom solver running f with autograd
+    # on handed back an iterate carrying one, whose backward reached the parameters through
+    # a single f step (a wrong gradient, silently)
+    w = torch.tensor(0.5, requires_grad=True)
+
+    def one_step(f, z0, *, max_iter=10, tol=1e-4, stop_mode="rel"):
+        z = f(f(z0))  # z0 = 0, f(z) = w z + 1: z = w + 1 = 1.5
+        return z, _stats(z0.shape[0])
+
+    wt.register_solver("review14_graph", one_step, overwrite=True)
+    z, _ = wt.solve(lambda z: w * z + 1.0, torch.zeros(B, 2), method="review14_graph")
+    assert torch.equal(z, torch.full((B, 2), 1.5))
+    assert not z.requires_grad and z.grad_fn is None

@@ -205,8 +205,11 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
     """
     solver = get_solver(method)
     check_options(method, opts)
-    return check_result(method, solver(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                                       **opts), z0)
+    z, stats = check_result(method, solver(f, z0, max_iter=max_iter, tol=tol,
+                                           stop_mode=stop_mode, **opts), z0)
+    # no graph, as documented, also from a registered solver that ran f with autograd on (a
+    # backward through it would reach f's parameters through its last step only)
+    return (z.detach() if z.requires_grad else z), stats
 
 
 def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
