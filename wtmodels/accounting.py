@@ -27,6 +27,24 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` / ``torch.compile``
+    wrappers (any nesting); ``model`` itself when not wrapped.
+
+    Example:
+        >>> inner = torch.nn.Linear(3, 2)
+        >>> unwrap_model(torch.nn.DataParallel(inner)) is inner
+        True
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
 def nonzero_params_per_iter(model: nn.Module) -> float:
     """Trainable weights that one iteration of every core uses, masked-out weights excluded.
 
@@ -45,6 +63,7 @@ def nonzero_params_per_iter(model: nn.Module) -> float:
         >>> nonzero_params_per_iter(tied) == nonzero_params_per_iter(untied)
         True
     """
+    model = unwrap_model(model)  # a DataParallel wrapper hides the cores
     cores = list(getattr(model, "cores", ()))  # any module: no cores, every layer runs once
     total = count_params(model) - masked_out_per_iter(model, trainable_only=True)
     for core in cores:
@@ -62,7 +81,9 @@ def model_summary(
 
     Runs one forward pass in eval mode under ``torch.no_grad`` and
     ``torch.utils.flop_counter.FlopCounterMode`` on a random image drawn from a private
-    generator (the global random state is untouched); the model's train/eval mode is restored.
+    generator (the global random state is untouched); every submodule's train/eval mode is
+    restored. A model inside ``nn.DataParallel`` / ``DistributedDataParallel`` /
+    ``torch.compile`` is unwrapped first (:func:`unwrap_model`).
 
     Returns:
         ``params`` (trainable, an int), ``nonzero_params_per_iter``
@@ -78,12 +99,14 @@ def model_summary(
         >>> sorted(info)
         ['cell_evals', 'flops_per_image', 'nonzero_params_per_iter', 'params']
     """
+    model = unwrap_model(model)
     if input_shape is None:
         input_shape = (getattr(getattr(model, "config", None), "in_chans", 3), 32, 32)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, *input_shape, generator=generator).to(param.device, param.dtype)
-    was_training = model.training
+    # each submodule's own mode (a frozen part kept in eval mode stays so), not model.train()
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     # the Jacobian regulariser (if switched on) differentiates inside the forward, which the
     # FLOP counter cannot follow; the summary is of the plain forward
@@ -95,7 +118,8 @@ def model_summary(
         with torch.no_grad(), counter:
             model(image)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         for core in jac_cores:
             core.set_jac_reg(True)
     stats = model.core_stats() if hasattr(model, "core_stats") else {}
