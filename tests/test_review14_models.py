@@ -205,3 +205,16 @@ def test_compile_matches_eager_outputs_gradients_and_set_depth(name):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
         assert compiled.core_stats() == {"cell_evals": 3.0}
     assert model_summary(compiled, (1, 8, 8)) == model_summary(model, (1, 8, 8))
+
+
+def test_summary_under_inference_mode_with_weight_norm():
+    # before the fix: AttributeError "'ParametrizedConv2d' object has no attribute 'weight'"
+    # (the FLOP counter's module tracker hooks the parametrization's parameters, which have no
+    # autograd node under inference_mode)
+    model = wt.create_model("test_wt", in_chans=1, weight_norm=True, mask_k=2)
+    plain = model_summary(model, (1, 8, 8))
+    with torch.inference_mode():
+        info = model_summary(model, (1, 8, 8))
+    assert info == plain
+    assert info["params"] == TIED_PARAMS + 2 * 8  # weight norm adds g: 8 per cell conv
+    assert info["cell_evals"] == 2.0

@@ -115,7 +115,10 @@ def model_summary(
         for core in jac_cores:
             core.set_jac_reg(False)
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        # inference_mode(False): called under torch.inference_mode, the counter's module tracker
+        # failed on weight-normed convs (it hooks the parametrization's parameters, which have
+        # no autograd node there: "'ParametrizedConv2d' object has no attribute 'weight'")
+        with torch.inference_mode(False), torch.no_grad(), counter:
             model(image)
     finally:
         for module, training in modes:
