@@ -218,3 +218,29 @@ def test_summary_under_inference_mode_with_weight_norm():
     assert info == plain
     assert info["params"] == TIED_PARAMS + 2 * 8  # weight norm adds g: 8 per cell conv
     assert info["cell_evals"] == 2.0
+
+
+@pytest.mark.parametrize("grad", ["ift", "unroll"])
+def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
+    # before the fix: loss.backward() raised "torch.compile with aot_autograd does not currently
+    # support double backward" (`--compile --jac-reg-weight` crashed a DEQ run at its first step)
+    import torch._functorch.config as functorch_config
+
+    model = wt.create_model("test_deq", in_chans=1, grad=grad, f_max_iter=4, b_max_iter=4)
+    twin = copy.deepcopy(model)
+    x, y = _images(), torch.tensor([1, 2, 3, 4])
+    saved = functorch_config.donated_buffer
+    functorch_config.donated_buffer = False  # as the README asks for a compiled DEQ
+    try:
+        compiled = torch.compile(twin, backend="aot_eager")
+        for m, run in ((model, model), (twin, compiled)):
+            m.set_jac_reg(True)
+            torch.manual_seed(3)  # the Hutchinson probes
+            loss = F.cross_entropy(run(x), y) + 0.5 * m.jac_loss()
+            loss.backward()
+    finally:
+        functorch_config.donated_buffer = saved
+    assert model.jac_loss() > 0
+    torch.testing.assert_close(twin.jac_loss(), model.jac_loss(), rtol=1e-5, atol=1e-7)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)

@@ -149,6 +149,12 @@ def build_core(width: int, cfg: ModelConfig, stage: int = 0) -> Core:
     raise ValueError(f"unknown core {cfg.core!r}; valid cores: {', '.join(CORES)}")
 
 
+@torch.compiler.disable
+def _run_eager(core: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``core(x)``, outside any graph torch.compile captures (eager, a graph break)."""
+    return core(x)
+
+
 class ImplicitClassifier(nn.Module):
     """stem -> stages of cores (stride-2 transitions between) -> adaptive pool -> linear.
 
@@ -186,7 +192,10 @@ class ImplicitClassifier(nn.Module):
         for i, core in enumerate(self.cores):
             if i:
                 x = self.transitions[i - 1](x)  # (B, Ci, H/2^i, W/2^i)
-            x = core(x)
+            # a DEQ core computing its Jacobian regulariser runs eagerly under torch.compile:
+            # the regulariser is a gradient (create_graph) whose backward is a double backward,
+            # which compiled (aot_autograd) graphs refuse
+            x = _run_eager(core, x) if getattr(core, "jac_reg", False) else core(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
