@@ -320,6 +320,8 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
         raise ValueError(f"overrides: preset {name!r} sweeps {', '.join(swept)} (its variants "
                          "set different values); --set would run them all alike under their "
                          "own labels: pick variants with --only instead")
+    if overrides and spec.runner is None:
+        _check_labels_stay_apart(name, runs, overrides)
     owned = sorted(set(overrides or {}) & set(HARNESS_OWNED))
     if owned:
         raise ValueError(f"overrides: {', '.join(owned)} {'is' if len(owned) == 1 else 'are'} "
@@ -333,6 +335,43 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
             raise ValueError(f"preset {name!r}: variants {other.label!r} and {run.label!r} "
                              f"become the same run with these overrides ({overrides or {}})")
     return runs
+
+
+def _check_labels_stay_apart(name: str, runs: list[RunSpec], overrides: dict) -> None:
+    """Refuse overrides under which runs of two labels train the same model the same way, or
+    that set the core that tells the preset's labels apart. A variant may leave a setting to
+    its model's default: ``deq_vs_wt``'s WT has no ``mask_k`` (0) and its "WT + distinct
+    masks" ``mask_k = depth``, so ``--set mask_k=4`` made both one configuration under two
+    labels, which the check of values the variants give explicitly did not see. A run whose
+    config the trainer rejects is left to :func:`benchmarks.run.validate_runs` to name."""
+    import dataclasses as dc
+
+    from wtmodels.models import get_config
+
+    if "core" in overrides and len({r.label for r in runs}) > 1:
+        raise ValueError(f"overrides: preset {name!r} picks each label's core through its "
+                         "model; --set core would run all its labels as one core: pick "
+                         "variants with --only instead")
+    resolved: dict[str, tuple[str, str]] = {}  # resolved setting -> (label, run_id)
+    first_seed = runs[0].config.get("seed")  # the other seeds' runs differ in the seed only
+    for run in (r for r in runs if r.config.get("seed") == first_seed):
+        try:
+            cfg = resolve_config(dict(run.config))
+            model = get_config(cfg.model, **cfg.model_overrides)
+        except ValueError:
+            return
+        train = {k: v for k, v in dc.asdict(cfg).items() if k not in ("model", "model_overrides")}
+        key = json.dumps([train, dc.asdict(model)], sort_keys=True, default=str)
+        other = resolved.setdefault(key, (run.label, run.run_id))
+        if other[0] != run.label:
+            raise ValueError(
+                f"overrides: with {_describe_overrides(overrides)} the labels of preset {name!r} "
+                f"{other[0]!r} and {run.label!r} train the same model ({other[1]} and "
+                f"{run.run_id}); pick variants with --only instead")
+
+
+def _describe_overrides(overrides: dict) -> str:
+    return " ".join(f"--set {k}={json.dumps(v)}" for k, v in sorted(overrides.items()))
 
 
 def _as_field_types(overrides: dict) -> dict:
