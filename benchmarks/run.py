@@ -43,7 +43,13 @@ from dataclasses import dataclass, field
 
 from benchmarks.launch import LAUNCHERS, run_tasks
 from benchmarks.presets import RunSpec, build_runs, get_preset, list_presets
-from benchmarks.provenance import describe_machine, load_average, now_utc, provenance
+from benchmarks.provenance import (
+    describe_machine,
+    load_average,
+    now_utc,
+    provenance,
+    threads_error,
+)
 from benchmarks.results_io import append_row, finished_ids, lock_path
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
@@ -471,8 +477,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     threads = spec.threads if threads is None else threads
     if jobs < 1:
         raise ValueError(f"jobs: must be >= 1, got {jobs}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads: must be >= 1, got {threads}")
+    if message := threads_error(threads):  # OMP_NUM_THREADS=100000 crashed every run
+        raise ValueError(message)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
