@@ -471,6 +471,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     spec = get_preset(preset)
     if not str(out).strip():  # an unset shell variable: not the current directory
         raise ValueError("--out: empty path; give the sweep directory")
+    out = os.path.expanduser(out)  # --out=~/x: no shell expands it (it made a '~' directory)
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher: unknown {launcher!r}; choose one of: {', '.join(LAUNCHERS)}")
     jobs = spec.jobs if jobs is None else jobs
