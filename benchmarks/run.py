@@ -163,7 +163,8 @@ def _flag(key: str, value) -> list[str]:
         return []
     if isinstance(value, bool):
         return [name] if value else ["--no-" + key.replace("_", "-")]
-    return [name, str(value)]
+    # one word: a value starting with '-' (--set data_dir=-d) was read as an option
+    return [f"{name}={value}"]
 
 
 def train_command(config: dict, run_dir: str, *, resume: bool, threads: int | None = None,
@@ -180,10 +181,10 @@ def train_command(config: dict, run_dir: str, *, resume: bool, threads: int | No
     Example:
         >>> cmd = train_command({"model": "wt_s", "mask_k": 2, "augment": False}, "r", resume=True)
         >>> cmd[3:]  # doctest: +NORMALIZE_WHITESPACE
-        ['--out', 'r', '--progress', 'none', '--model', 'wt_s', '--mask-k', '2', '--no-augment',
+        ['--out=r', '--progress', 'none', '--model=wt_s', '--mask-k=2', '--no-augment',
          '--resume']
     """
-    cmd = [sys.executable, "-m", "wtmodels.train", "--out", run_dir, "--progress", "none"]
+    cmd = [sys.executable, "-m", "wtmodels.train", f"--out={run_dir}", "--progress", "none"]
     for key, value in config.items():
         cmd += _flag(key, value)
     cmd += _flag("threads", threads) + _flag("device", device)
