@@ -244,3 +244,18 @@ def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
     torch.testing.assert_close(twin.jac_loss(), model.jac_loss(), rtol=1e-5, atol=1e-7)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_dopri5_ode_trains():
+    # before the fix: backward raised "Output 0 of Slice is a view and its base ... has been
+    # modified inplace" (torchdiffeq's adaptive Runge-Kutta step under torch.compile): ode_m
+    # (dopri5) could not train with --compile
+    model = wt.create_model("test_ode", in_chans=1, ode_method="dopri5", depth=1)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="aot_eager")
+    x, y = _images(b=2), torch.tensor([1, 2])
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(compiled(x), y).backward()
+    assert compiled.core_stats() == model.core_stats()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)

@@ -41,6 +41,14 @@ from torchdiffeq._impl.solvers import FixedGridODESolver
 from wtmodels.cores import Core, _check_depth, forward_pass
 from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
 
+# Under torch.compile the adaptive methods integrate eagerly (a graph break around the whole
+# integration): torchdiffeq's Runge-Kutta step slices its stage buffer and then writes into it
+# in place, and with the slice the output of a compiled graph the backward pass raised "Output 0
+# of Slice is a view and its base ... has been modified inplace" (dopri5, ode_m's method). The
+# fixed-grid methods compile.
+_odeint_eager = torch.compiler.disable(odeint)
+_odeint_adjoint_eager = torch.compiler.disable(odeint_adjoint)
+
 # "scipy_solver" needs a backend option of its own; every other torchdiffeq method is offered.
 ODE_METHODS = tuple(name for name in SOLVERS if name != "scipy_solver")
 
@@ -206,15 +214,17 @@ class ODECore(Core):
                 times = torch.tensor([first * step, end * step], dtype=x.dtype, device=x.device)
                 # fixed grid: exactly end - first steps (a step_size grid can gain a tiny
                 # extra step when (t1 - t0) / step rounds up)
+                fixed = is_fixed_grid(self.method)
                 options = ({"grid_constructor": _grid(end - first)}
-                           if is_fixed_grid(self.method) else {"norm": per_sample_rms_norm})
+                           if fixed else {"norm": per_sample_rms_norm})
                 kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
                 if self.adjoint:
                     # find_parameters, not cell.parameters(): a DataParallel replica holds
                     # its parameters as plain attributes, and its cell would get no gradient
                     params = (*find_parameters(self.cell), x)
-                    z = odeint_adjoint(func, z, times, adjoint_params=params, **kwargs)[-1]
+                    solve = odeint_adjoint if fixed else _odeint_adjoint_eager
+                    z = solve(func, z, times, adjoint_params=params, **kwargs)[-1]
                 else:
-                    z = odeint(func, z, times, **kwargs)[-1]
+                    z = (odeint if fixed else _odeint_eager)(func, z, times, **kwargs)[-1]
         self.last_stats = {"nfe": float(counter[0]), "cell_evals": float(counter[0])}
         return z
