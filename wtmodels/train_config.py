@@ -108,7 +108,10 @@ class TrainConfig:
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
     tf32: bool = _opt(False, "CUDA: let convolutions and matmuls use TF32 (faster on Ampere and "
                              "newer; its ~1e-3 precision stalls DEQ solves near f_tol 1e-4)")
-    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", ge=1)
+    # <= 1024: far more crashed the process (libgomp could not create them; 10**6 was a
+    # segmentation fault), as benchmarks.provenance.MAX_THREADS refuses them for the benchmarks
+    threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", ge=1,
+                               le=1024)
     # DEQ practice
     pretrain_steps: int = _opt(0, "DEQ cores: first N steps iterate unrolled (model.set_pretrain)",
                                ge=0)
