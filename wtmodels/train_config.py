@@ -195,6 +195,9 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
     """
     meta = meta or {}
     inner, optional = unwrap_optional(tp)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a sweep over np.arange: as ModelConfig.validate (np.int64 was
+        # refused as "not an integer" by run() while create_model took it)
     if value is None:
         if optional:
             return None
