@@ -223,6 +223,12 @@ def check_value(name: str, value, tp, meta: typing.Mapping | None = None):
         if meta.get("path") and not value.strip():  # Path("") is the current directory
             raise ValueError(f"{name} must be a path, got an empty one ({value!r}); leave it "
                              "out (or give none) for no path")
+        if meta.get("path") and optional and value.strip().lower() in ("none", "null"):
+            # the command line reads `--out none` as no path; `out: none` in a config file (or
+            # a `--set data_dir=none` of benchmarks.run) made a directory named 'none'
+            raise ValueError(f"{name} must be a path or null (no path), got the string "
+                             f"{value!r}; write null (JSON / YAML) or None (Python), or "
+                             f"'./{value.strip()}' for a directory of that name")
     elif origin in (tuple, list) or inner in (tuple, list):
         if not isinstance(value, (tuple, list)):
             raise ValueError(f"{name} must be a list; got {value!r}")
