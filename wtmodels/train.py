@@ -876,7 +876,9 @@ def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict
             explicit = set(train_field_names()) | set(cfg.model_overrides)
         else:
             explicit = {str(k).replace("-", "_") for k in config if k != "model_overrides"}
-            explicit |= set(config.get("model_overrides") or {})
+            # either spelling (resolve_config takes both): a resume compared the underscored
+            # one only, and continued with the run's depth over a given "model-overrides" one
+            explicit |= set(config.get("model_overrides", config.get("model-overrides")) or {})
     return _Trainer(cfg, explicit).fit()
 
 

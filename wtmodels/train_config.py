@@ -402,6 +402,9 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
         raise ValueError(f"config must be a dict or TrainConfig; got {type(config).__name__}")
     train_names = set(train_field_names())
     model_names = set(model_field_names())
+    if "model_overrides" in config and "model-overrides" in config:  # one was dropped
+        raise ValueError("setting model_overrides given twice (as 'model_overrides' and "
+                         "'model-overrides')")
     nested = config.get("model_overrides", config.get("model-overrides")) or {}
     if not isinstance(nested, dict):
         raise ValueError(f"model_overrides must be a mapping of model settings; got {nested!r}")
