@@ -25,6 +25,7 @@ Writes ``DIR/models.csv`` (one row per measurement) and ``DIR/models.md`` (``--q
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -280,6 +281,9 @@ def parse_args(argv):
         p.error(message)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not args.out.strip():  # an unset shell variable: not the current directory
+        p.error("--out: empty path; give the output directory")
+    args.out = os.path.expanduser(args.out)  # --out=~/x: no shell expands it (made a '~' dir)
     try:  # before measuring: a bad --out must not cost the whole run
         make_out_dir(args.out)
     except OSError as err:

@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         cases = tuple(dict.fromkeys(c for c in args.cases.split(",") if c))  # each once
+        if not args.out.strip():  # an unset shell variable: not the current directory
+            raise UsageError("--out: empty path; give the output folder")
+        args.out = os.path.expanduser(args.out)  # --out=~/x: no shell expands it
         rows = run_speed(args.out, cases, args.rank, args.batch, args.repeats, args.threads)
     except (UsageError, ValueError, OSError) as err:
         print(f"python -m benchmarks.peft_speed: error: {err}", file=sys.stderr)

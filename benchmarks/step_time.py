@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import statistics
 import sys
 import time
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--tf32", action="store_true",
                         help="let CUDA convolutions and matmuls use TF32 (off, as in training)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+    parser.add_argument("--out", default="benchmarks/results",
                         help="writes OUT/step_time_<device>_<models>.{csv,md}")
     try:
         args = parser.parse_args(argv)
@@ -238,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("variant compile_graphs (CUDA graphs) needs a CUDA device")
         if message := threads_error(args.threads):
             raise UsageError(message)
-        make_out_dir(args.out)
+        if not args.out.strip():  # an unset shell variable: Path("") is the current directory
+            raise UsageError("--out: empty path; give the output directory")
+        out = Path(os.path.expanduser(args.out))  # --out=~/x: no shell expands it
+        make_out_dir(out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)
         return 2
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         return 1
     command = "python -m benchmarks.step_time " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(write(rows, args.out, command, device, sha).read_text())
+    print(write(rows, out, command, device, sha).read_text())
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import statistics
 import sys
 import time
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", default="benchmarks/results")
     try:
         args = parser.parse_args(argv)
         unknown = [v for v in args.variants if v not in VARIANTS]
@@ -229,14 +230,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--device cuda but torch sees no CUDA device")
         if message := threads_error(args.threads):
             raise UsageError(message)
-        make_out_dir(args.out)
+        if not args.out.strip():  # an unset shell variable: Path("") is the current directory
+            raise UsageError("--out: empty path; give the output directory")
+        out = Path(os.path.expanduser(args.out))  # --out=~/x: no shell expands it
+        make_out_dir(out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"train_speed: {err}", file=sys.stderr)
         return 2
     rows = measure(args)
     command = "python -m benchmarks.train_speed " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
-    csv_path, md_path = write(rows, args.out, command.strip())
+    csv_path, md_path = write(rows, out, command.strip())
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
