@@ -431,20 +431,30 @@ def resolve_config(config: dict | TrainConfig) -> TrainConfig:
     return TrainConfig(**train, model_overrides=check_model_overrides(model))
 
 
-#: a float in exponent notation that YAML 1.1 (PyYAML) reads as a string: no dot (``1e-3``) or
-#: no sign in the exponent (``1.0e3``)
-_YAML_EXPONENT_FLOAT = re.compile(
-    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+#: YAML 1.2 numbers, read as the command line reads them: a decimal integer (a leading zero is
+#: no octal marker: ``010`` is 10, not YAML 1.1's 8; ``1_000`` as Python's int() reads it) and a
+#: float with a dot or an exponent (``1e-3`` and ``1.0e3`` too, which YAML 1.1 made strings).
+#: YAML 1.1's ``0x10``, ``0o10``, ``0b10`` and base-60 ``1:30`` (90) stay strings, refused where
+#: a number is due, as ``--epochs 1:30`` is.
+_YAML_INT = re.compile(r"^[-+]?[0-9](?:_?[0-9])*$")
+_YAML_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9](?:_?[0-9])*\.(?:[0-9](?:_?[0-9])*)?|\.[0-9](?:_?[0-9])*)"
+    r"(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?[0-9](?:_?[0-9])*[eE][-+]?[0-9]+$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
 
 def _yaml_loader():
-    """A ``yaml.SafeLoader`` that also reads ``1e-3`` and ``1.0e3`` as floats (YAML 1.2 does;
-    PyYAML's YAML 1.1 made them strings, so ``lr: 1e-3`` was refused as not a number).
+    """A ``yaml.SafeLoader`` reading numbers as YAML 1.2 does (and the command line): ``1e-3``
+    and ``1.0e3`` are floats (YAML 1.1 made them strings, so ``lr: 1e-3`` was refused as not a
+    number), ``010`` is 10 (YAML 1.1: octal 8, while ``--seed 010`` is 10), ``1:30`` a string
+    (YAML 1.1: 90); a key repeated in one mapping is refused.
 
     Example:
         >>> import yaml
-        >>> yaml.load("lr: 1e-3\\nepochs: 2\\nname: e5", Loader=_yaml_loader())
-        {'lr': 0.001, 'epochs': 2, 'name': 'e5'}
+        >>> yaml.load("lr: 1e-3\\nepochs: 2\\nname: e5\\nseed: 010\\nt: 1:30",
+        ...           Loader=_yaml_loader())
+        {'lr': 0.001, 'epochs': 2, 'name': 'e5', 'seed': 10, 't': '1:30'}
     """
     import yaml
 
@@ -462,8 +472,16 @@ def _yaml_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_EXPONENT_FLOAT,
-                                 list("-+0123456789."))
+        def construct_yaml_int(self, node):
+            return int(self.construct_scalar(node))  # decimal, as the resolver matched it
+
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    Loader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 number forms
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in numbers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(numbers[0], _YAML_INT, list("-+0123456789"))
+    Loader.add_implicit_resolver(numbers[1], _YAML_FLOAT, list("-+0123456789."))
+    Loader.add_constructor(numbers[0], Loader.construct_yaml_int)
     return Loader
 
 
