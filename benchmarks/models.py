@@ -37,6 +37,7 @@ import wtmodels as wt
 from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
+from benchmarks.train_speed import cpu_isa
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 
@@ -209,7 +210,8 @@ def markdown(speed, deq, unrolled, summary, prov: dict, threads: int, command: s
         "",
         f"Provenance: git `{prov['git_sha']}`, torch {prov['torch_version']}, device "
         f"{prov['device']}, threads {threads}, {prov['date']}, load average "
-        f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}).",
+        f"{prov['load_average_1min']} on {prov['cpu_count']} CPUs ({prov['cpu_model']}, CPU ISA "
+        f"{prov.get('cpu_isa', '?')}).",
         f"Command: `{command}`",
         "",
         "## Distinct masks: train-step time, K = D masks vs none (target <= "
@@ -307,9 +309,11 @@ def main(argv=None) -> int:
     unrolled = unrolled_memory(depths)
     summary = summarise(speed, deq, unrolled)
     machine = describe_machine(sha)
-    prov = {**machine, "device": _device()}
-    extra = {"git_sha": machine["git_sha"], "torch_version": machine["torch_version"],
-             "device": prov["device"], "threads": args.threads, "date": machine["date"],
+    prov = {**machine, "device": _device(), "torch_version": torch.__version__,
+            "cpu_isa": cpu_isa()}
+    extra = {"git_sha": machine["git_sha"], "torch_version": prov["torch_version"],
+             "device": prov["device"], "cpu_isa": prov["cpu_isa"], "threads": args.threads,
+             "date": machine["date"],
              "load_average_1min": machine["load_average_1min"]}
     rows = [{**r, **extra} for r in speed + deq + unrolled]
     stem = "models_quick" if args.quick else "models"

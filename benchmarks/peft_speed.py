@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import wtmodels as wt
 from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
 from benchmarks.results_io import rows_to_csv
+from benchmarks.train_speed import cpu_isa
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.peft import add_lora, merge_lora, peft_layers
@@ -111,7 +112,8 @@ def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
         rows.append({
             "case": name, "measure": "train_step", "variant": label, "rank": rank,
             "copies": kw.get("copies", 1), "density": kw.get("density", 1.0),
-            "impl": _impls(models[label]), "batch": batch, "median_ms": 1e3 * train[label],
+            "impl": _impls(models[label]), "batch": batch, "repeats": repeats,
+            "median_ms": 1e3 * train[label],
             "ratio": train[label] / train[ref], "ratio_to": ref,
             "target": TRAIN_TARGET if label.startswith("capaboost") else None,
         })
@@ -129,14 +131,15 @@ def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
         with torch.no_grad():
             model(x)
 
+    infer_repeats = 3 * repeats  # cheap: more repeats against the noise
     inference = _interleaved({"base": lambda: infer(base), "merged": lambda: infer(merged)},
-                             3 * repeats)  # cheap: more repeats against the noise
+                             infer_repeats)
     for label in ("base", "merged"):
         rows.append({
             "case": name, "measure": "inference", "variant": f"capaboost_d4_{label}"
             if label == "merged" else "base", "rank": rank, "copies": 4 if label == "merged"
             else 0, "density": 0.5 if label == "merged" else None, "impl": "merged"
-            if label == "merged" else "", "batch": batch,
+            if label == "merged" else "", "batch": batch, "repeats": infer_repeats,
             "median_ms": 1e3 * inference[label], "ratio": inference[label] / inference["base"],
             "ratio_to": "base", "target": INFERENCE_TARGET if label == "merged" else None,
         })
@@ -151,7 +154,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "# CapaBoost-LoRA speed (`python -m benchmarks.peft_speed`)",
         "",
         f"git {machine['git_sha']}, torch {machine['torch_version']}, device cpu "
-        f"({machine['cpu_model']}), threads {rows[0]['threads']}, {machine['date']}, "
+        f"({machine['cpu_model']}, CPU ISA {rows[0].get('cpu_isa', '?')}), threads "
+        f"{rows[0]['threads']}, {machine['date']}, "
         f"1-min load {machine['load_average_1min']} on {machine['cpu_count']} cores. "
         "Medians over interleaved repeats; ratios within one run.",
         "",
@@ -202,10 +206,11 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
     sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(threads)
     rows = [row for case in cases for row in measure_case(case, rank, batch, repeats)]
-    machine = describe_machine(sha)
+    machine = {**describe_machine(sha), "torch_version": torch.__version__}
+    isa = cpu_isa()
     for row in rows:
-        row.update(threads=threads, device="cpu", git_sha=machine["git_sha"],
-                   torch_version=machine["torch_version"], date=machine["date"],
+        row.update(threads=threads, device="cpu", cpu_isa=isa, git_sha=machine["git_sha"],
+                   torch_version=torch.__version__, date=machine["date"],
                    load_average_1min=machine["load_average_1min"])
     atomic_write_text(os.path.join(out_dir, "peft_speed.csv"), rows_to_csv(rows))
     atomic_write_text(os.path.join(out_dir, "peft_speed.md"), markdown(rows, machine))

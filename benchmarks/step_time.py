@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import wtmodels as wt
 from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
+from benchmarks.train_speed import cpu_isa
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 
@@ -153,7 +154,8 @@ def time_variants(model_name: str, variants: list[str], batch_size: int, image_s
             "gpu_busy_ms": round(busy_ms, 3),
             "gpu_busy_frac": (round(busy_ms / step_ms, 3) if busy_ms == busy_ms
                               else float("nan")),
-            "cell_evals": model.core_stats().get("cell_evals", float("nan"))})
+            "cell_evals": model.core_stats().get("cell_evals", float("nan")),
+            "steps": len(times[variant])})  # timed steps behind the median
     return rows
 
 
@@ -176,7 +178,7 @@ def write(rows: list[dict], out: Path, command: str, device: torch.device,
     out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine(sha)
     # provenance on every CSV row too (the .md has it in its header line)
-    prov = {"device": device.type, "threads": torch.get_num_threads(),
+    prov = {"device": device.type, "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
             "git_sha": machine["git_sha"], "torch_version": torch.__version__,
             "date": machine["date"], "load_average_1min": machine["load_average_1min"]}
     buf = io.StringIO()
@@ -185,7 +187,8 @@ def write(rows: list[dict], out: Path, command: str, device: torch.device,
     writer.writerows({**row, **prov} for row in rows)
     stem = f"step_time_{device.type}_{'-'.join(dict.fromkeys(r['model'] for r in rows))}"
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine["cpu_model"]
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{machine['cpu_model']}, CPU ISA {prov['cpu_isa']}")
     lines = [f"# Training step time ({where})", "", f"`{command}`", "",
              f"git {machine['git_sha']}, torch {torch.__version__}, {machine['date']}, "
              f"{torch.get_num_threads()} threads, load average {machine['load_average_1min']} on "

@@ -56,6 +56,22 @@ VARIANTS = {
 WEIGHT_DECAY, LR, CLIP, WARMUP_EPOCHS = 0.05, 3e-3, 1.0, 0.5
 
 
+def cpu_isa() -> str:
+    """The CPU's vector ISA as torch dispatches to it (``AVX2``, ``AVX512``, ...), with
+    `` bf16`` where the CPU has native bf16 (AVX512-BF16 / AMX): without it ``amp`` runs ~20x
+    slower than fp32, with it faster; "AMD EPYC" alone does not say which.
+
+    Example:
+        >>> cpu_isa().split()[0] == torch.backends.cpu.get_cpu_capability()
+        True
+    """
+    isa = torch.backends.cpu.get_cpu_capability()
+    if any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                           "_is_amx_tile_supported")):
+        isa += " bf16"
+    return isa
+
+
 def plain_loop(model_name: str, image_size: int, batch_size: int, train_size: int,
                device: torch.device, flags: dict, seed: int = 0) -> float:
     """Images/s of the second epoch of a hand-written training loop (the reference)."""
@@ -135,12 +151,7 @@ def measure(args) -> list[dict]:
                 print(f"rep {rep + 1}/{args.repeats}  {variant:14s} {loop:8s} {rate:9.1f} img/s",
                       file=sys.stderr, flush=True)
     machine = describe_machine(sha)
-    # the CPU's vector ISA: on a CPU without native bf16 (AVX2 only) ``amp`` runs ~20x slower
-    # than fp32, with native bf16 (AVX512-BF16 / AMX) faster; "AMD EPYC" alone does not say which
-    cpu_isa = torch.backends.cpu.get_cpu_capability()
-    if any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                           "_is_amx_tile_supported")):
-        cpu_isa += " bf16"
+    isa = cpu_isa()
     rows = []
     for variant in args.variants:
         med = {loop: statistics.median(samples[(variant, loop)]) for loop in ("plain",
@@ -159,7 +170,7 @@ def measure(args) -> list[dict]:
                 "device": str(device), "device_name": (torch.cuda.get_device_name(device)
                                                        if device.type == "cuda"
                                                        else machine["cpu_model"]),
-                "cpu_isa": cpu_isa,
+                "cpu_isa": isa,
                 "threads": torch.get_num_threads(), "git_sha": machine["git_sha"],
                 "torch_version": torch.__version__, "date": machine["date"],
                 "load_average_1min": machine["load_average_1min"],
