@@ -152,3 +152,63 @@ def test_peft_speed_rows_record_the_repeats_behind_each_median(monkeypatch):
     rows = ps.measure_case("capaboost_model", rank=1, batch=2, repeats=2)
     assert calls == [2, 6]
     assert {(r["measure"], r["repeats"]) for r in rows} == {("train_step", 2), ("inference", 6)}
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("name", ["train_speed_cpu", "gpu/train_speed_cuda",
+                                  "gpu/train_speed_cuda_16k", "gpu/train_speed_cuda_workers"])
+def test_committed_train_speed_tables_follow_from_their_samples(name):
+    """Each committed train_speed table: medians of the recorded samples, overhead
+    plain / harness - 1, speed-up over base, and the .md row equal to the .csv."""
+    rows = list(csv.DictReader((RESULTS / f"{name}.csv").open()))
+    md = (RESULTS / f"{name}.md").read_text()
+    med = {}
+    for r in rows:
+        samples = sorted(float(s) for s in r["samples"].split())
+        assert len(samples) == int(r["repeats"])
+        n = len(samples)
+        median = (samples[(n - 1) // 2] + samples[n // 2]) / 2
+        assert float(r["images_per_s"]) == pytest.approx(median, abs=0.06)
+        med[(r["variant"], r["loop"])] = float(r["images_per_s"])
+    for (variant, loop), rate in med.items():
+        if loop != "harness":
+            continue
+        plain = med[(variant, "plain")]
+        overhead = 100 * (plain / rate - 1)
+        speedup = rate / med[("base", "harness")]
+        assert f"| {variant} | {plain:.1f} | {rate:.1f} | {overhead:+.1f}% | " in md
+        row = next(r for r in rows if (r["variant"], r["loop"]) == (variant, loop))
+        assert float(row["speedup_vs_base"]) == pytest.approx(speedup, abs=6e-4)
+
+
+def test_committed_peft_speed_table_follows_from_its_csv():
+    rows = list(csv.DictReader((RESULTS / "peft_speed.csv").open()))
+    md = (RESULTS / "peft_speed.md").read_text()
+    ms = {(r["case"], r["variant"]): float(r["median_ms"]) for r in rows}
+    for r in rows:
+        ratio = ms[(r["case"], r["variant"])] / ms[(r["case"], r["ratio_to"])]
+        assert float(r["ratio"]) == pytest.approx(ratio, rel=1e-9)
+        assert (f"| {r['case']} | {r['measure']} | {r['variant']} | {r['impl']} | {r['batch']} "
+                f"| {float(r['median_ms']):.1f} | {ratio:.3f} | {r['ratio_to']} |") in md
+
+
+def test_committed_models_table_follows_from_its_csv():
+    rows = list(csv.DictReader((RESULTS / "models.csv").open()))
+    md = (RESULTS / "models.md").read_text()
+    for r in (r for r in rows if r["check"] == "mask_speed"):
+        ratio = float(r["masked_ms"]) / float(r["unmasked_ms"])
+        assert float(r["ratio_wall"]) == pytest.approx(ratio, abs=6e-4)  # ms rounded to 0.01
+        assert f"| {r['unmasked_ms']} | {r['masked_ms']} | {r['ratio_wall']} |" in md
+    for key, short in (("peak_mb", "peak"), ("saved_for_backward_mb", "saved")):
+        for masked in (False, True):
+            pts = [(int(r["depth"]), float(r[key])) for r in rows
+                   if r["check"] == "unrolled_memory" and (r["mask_k"] != "0") == masked]
+            n = len(pts)
+            mx, my = sum(d for d, _ in pts) / n, sum(y for _, y in pts) / n
+            b = (sum((d - mx) * (y - my) for d, y in pts) / sum((d - mx) ** 2 for d, _ in pts))
+            label = f"unrolled{'_masked' if masked else ''}_{short}_mb_per_iter"
+            assert f"- `{label}`: {round(b, 4)}" in md
+    peaks = [float(r["peak_mb"]) for r in rows if r["check"] == "deq_memory"]
+    assert f"- `deq_peak_spread`: {round(max(peaks) / min(peaks) - 1, 4)}" in md
