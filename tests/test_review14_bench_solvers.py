@@ -176,3 +176,9 @@ def test_spectral_radius_real_dominant_keeps_converging_with_ritz_guard():
     r = wt.DEQ().spectral_radius(lambda z: z @ A.T, torch.zeros(8, 4, dtype=torch.float64),
                                  n_iter=200)
     assert torch.allclose(r, torch.full((8,), 0.95, dtype=torch.float64), rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), ()])
+def test_spectral_radius_of_an_empty_batch_is_a_value_error(shape):
+    with pytest.raises(ValueError, match="B >= 1"):
+        wt.DEQ().spectral_radius(lambda z: 0.5 * z, torch.ones(shape))

@@ -482,6 +482,9 @@ class DEQ(nn.Module):
         """
         check_positive_int("n_iter", n_iter)
         _needs_autograd("spectral_radius")
+        if z_star.dim() == 0 or z_star.shape[0] == 0:  # (0, D) crashed in a reshape
+            raise ValueError("z_star must be a tensor of shape (B, ...) with B >= 1, got "
+                             f"shape {tuple(z_star.shape)}")
         B = z_star.shape[0]
         with torch.enable_grad():
             z_in = _leaf(z_star)
