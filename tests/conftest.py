@@ -16,3 +16,33 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def train_killed_after_epoch(monkeypatch):
+    """``kill(settings, epoch=1)``: train ``settings`` with ``wtmodels.train.run`` until the
+    checkpoint of ``epoch`` is on disk, then stop it as a kill would (a KeyboardInterrupt right
+    after that save), leaving the run directory for a ``--resume``.
+
+    Example:
+        >>> def test_resume(train_killed_after_epoch, tmp_path):  # doctest: +SKIP
+        ...     train_killed_after_epoch({"model": "test_wt", "epochs": 2, "out": str(tmp_path)})
+    """
+    import wtmodels.train as train_mod
+
+    def kill(settings: dict, epoch: int = 1) -> None:
+        real_save = train_mod._Trainer._save
+
+        def save_then_die(self, done):
+            real_save(self, done)
+            if done == epoch:
+                raise KeyboardInterrupt("simulated kill")
+
+        monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train_mod.run(settings)
+        finally:
+            monkeypatch.setattr(train_mod._Trainer, "_save", real_save)
+
+    return kill

@@ -168,24 +168,12 @@ def test_deq_outputs_stats_and_diagnostics_stay_on_cuda_and_match_cpu(grad):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
-def test_cuda_checkpoint_resumes_on_the_cpu_and_on_cuda(tmp_path, monkeypatch):
-    from wtmodels import train as train_mod
-
+def test_cuda_checkpoint_resumes_on_the_cpu_and_on_cuda(tmp_path, train_killed_after_epoch):
     settings = dict(model="test_deq", dataset="digits", train_size=64, test_size=32,
                     batch_size=32, epochs=2, device="cuda", progress="none")
-    real_save = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real_save(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
     for i, target in enumerate(("cpu", "cuda")):
         out = tmp_path / f"run{i}"
-        monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            run({**settings, "out": str(out)})
-        monkeypatch.undo()
+        train_killed_after_epoch({**settings, "out": str(out)})
         final = run({"out": str(out), "resume": True, "progress": "none", "device": target})
         assert final["train_loss"] > 0 and (out / "done.json").exists()
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

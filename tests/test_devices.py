@@ -20,7 +20,6 @@ import torch.serialization
 
 import wtmodels as wt
 from wtmodels import checkpoint as ckpt_mod
-from wtmodels import train as train_mod
 from wtmodels.distributed import DistContext
 from wtmodels.solvers import common
 from wtmodels.train import run
@@ -134,22 +133,12 @@ def _retag_as_cuda(path, extra_cuda_states=0):
         torch.serialization.location_tag = real
 
 
-def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
+def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, train_killed_after_epoch):
     settings = dict(model="test_wt", dataset="digits", train_size=64, test_size=32,
                     batch_size=32, threads=1, progress="none", seed=1, device="cpu", epochs=2)
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     run({**settings, "out": str(ref)})
-    real_save = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real_save(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run({**settings, "out": str(moved)})
-    monkeypatch.undo()
+    train_killed_after_epoch({**settings, "out": str(moved)})
     _retag_as_cuda(moved / "checkpoint.pt", extra_cuda_states=2)
     if not torch.cuda.is_available():  # what a plain torch.load does with such a file here
         with pytest.raises(RuntimeError, match="CUDA"):

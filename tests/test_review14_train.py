@@ -72,23 +72,14 @@ def test_a_damaged_checkpoint_of_ours_is_one_line_and_exit_2(finished, tmp_path,
     assert _snapshot(out) == before
 
 
-def test_schedule_after_a_kill_and_resume_follows_the_hand_formula(tmp_path, monkeypatch):
+def test_schedule_after_a_kill_and_resume_follows_the_hand_formula(tmp_path,
+                                                                   train_killed_after_epoch):
     # 40 images / batch 16 = 3 steps per epoch, 3 epochs: T = 9 steps, warm-up 1 epoch = 3
     # steps; the row's lr is its last step's: step s (0-based) has lr * (s + 1) / 3 in the
     # warm-up, then min + (lr - min) * (1 + cos(pi * (s - 3) / 6)) / 2
     out = tmp_path / "run"
     settings = {**TINY, "epochs": 3, "warmup_epochs": 1.0, "min_lr": 1e-3, "out": str(out)}
-    real_save = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real_save(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(settings)
-    monkeypatch.undo()
+    train_killed_after_epoch(settings)
     run({"out": str(out), "resume": True, "progress": "none"})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["steps"] for r in rows] == [3, 6, 9]

@@ -162,26 +162,11 @@ def test_git_sha_is_this_checkout_s_even_with_another_repository_s_git_variables
     assert git_sha(str(other)) == theirs + "-dirty"
 
 
-def _killed_after_epoch_1(monkeypatch, settings: dict) -> None:
-    """Run ``settings`` until its first checkpoint is written, then stop it as a kill would."""
-    real = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(settings)
-    monkeypatch.setattr(train_mod._Trainer, "_save", real)
-
-
-def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
+def test_a_run_resumed_with_other_threads_says_so(tmp_path, train_killed_after_epoch):
     # config.json's env described the first process only: a run resumed with 2 threads (which
     # changes the numbers) was recorded as a 1-thread run
     out = tmp_path / "run"
-    _killed_after_epoch_1(monkeypatch, dict(TINY, model="test_wt", epochs=2, out=str(out)))
+    train_killed_after_epoch(dict(TINY, model="test_wt", epochs=2, out=str(out)))
     run({"out": str(out), "resume": True, "threads": 2})
     config = json.loads((out / "config.json").read_text())
     assert config["env"]["threads"] == 1
@@ -196,9 +181,9 @@ def test_a_run_resumed_with_other_threads_says_so(tmp_path, monkeypatch):
     assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
 
 
-def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, monkeypatch):
+def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, train_killed_after_epoch):
     out = tmp_path / "run"
-    _killed_after_epoch_1(monkeypatch, dict(TINY, model="test_wt", epochs=2, out=str(out)))
+    train_killed_after_epoch(dict(TINY, model="test_wt", epochs=2, out=str(out)))
     run({"out": str(out), "resume": True})
     assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
     (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
@@ -219,7 +204,7 @@ def test_a_run_s_own_git_sha_survives_the_next_append(tmp_path):
 
 
 def test_a_sweep_rerun_with_other_threads_keeps_the_first_threads_and_says_what_changed(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, train_killed_after_epoch):
     # the row's threads came from harness.json (the last process) while config.json said what
     # the first process used: a run resumed with other threads looked like a plain 2-thread run
     data = {k: v for k, v in TINY.items() if k not in ("threads", "progress", "device")}
@@ -228,7 +213,7 @@ def test_a_sweep_rerun_with_other_threads_keeps_the_first_threads_and_says_what_
     out = tmp_path / "s"
     (spec,) = build_runs("repro7t")
     run_dir = out / "runs" / spec.run_id
-    _killed_after_epoch_1(monkeypatch, {**spec.config, "out": str(run_dir), "threads": 1,
+    train_killed_after_epoch({**spec.config, "out": str(run_dir), "threads": 1,
                                         "progress": "none", "device": "cpu"})  # first process
     report = sweep("repro7t", str(out), threads=2, device="cpu", plots=False,
                    echo=lambda *_: None)

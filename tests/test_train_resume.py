@@ -75,23 +75,13 @@ def test_crash_between_checkpoint_and_metrics_then_resume(tmp_path, monkeypatch)
     _assert_same_run(ref, crashed)
 
 
-def test_resume_with_other_data_loader_workers_is_exact(tmp_path, monkeypatch):
+def test_resume_with_other_data_loader_workers_is_exact(tmp_path, train_killed_after_epoch):
     # augmentation follows (seed, epoch, index) in whichever process draws it: a run with two
     # workers, killed and resumed without workers, equals one run without workers
     settings = {**BASE, "epochs": 3, "num_workers": 2}
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     run({**settings, "num_workers": 0, "out": str(ref)})
-    real_save = train_mod._Trainer._save
-
-    def save_then_die(self, epoch):
-        real_save(self, epoch)
-        if epoch == 2:  # the second epoch's checkpoint is on disk
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run({**settings, "out": str(crashed)})
-    monkeypatch.undo()
+    train_killed_after_epoch({**settings, "out": str(crashed)}, epoch=2)
     assert load_checkpoint(crashed / "checkpoint.pt")["epoch"] == 2
     run({"out": str(crashed), "resume": True, "progress": "none", "num_workers": 0})
     _assert_same_run(ref, crashed)
