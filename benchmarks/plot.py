@@ -269,9 +269,9 @@ def label_marker(label: str) -> str:
     kin = [k for k in _ASSIGNED if label_family(k) == family]
     # markers no other family wears (a DEQ variant with WT's circle could be told from WT by
     # its colour only, not in grey print), the family's own first
-    others = [m for m in (LABEL_MARKERS.get(family), *_VARIANT_MARKERS)
-              if m is not None and m not in LABEL_MARKERS.values() or m == LABEL_MARKERS.get(
-                  family)]
+    own = LABEL_MARKERS.get(family)  # None for a label outside every family
+    others = [m for m in _VARIANT_MARKERS if m not in LABEL_MARKERS.values()]
+    others = [own, *others] if own is not None else others
     return others[kin.index(label) % len(others)]
 
 

@@ -473,6 +473,20 @@ def test_family_variants_wear_no_other_familys_marker():
         plot.LABEL_MARKERS.values())
 
 
+def test_labels_outside_every_family_all_wear_a_marker():
+    """The first label outside every family (the first one seen in a process) was drawn
+    without a marker: its marker came out None."""
+    saved = dict(plot._ASSIGNED)
+    plot._ASSIGNED.clear()  # a fresh process: no label seen yet
+    try:
+        outside = [plot.label_marker(x) for x in ("MLP", "ResNet", "ViT")]
+    finally:
+        plot._ASSIGNED.clear()
+        plot._ASSIGNED.update(saved)
+    assert all(isinstance(m, str) and m for m in outside), outside
+    assert len(set(outside)) == 3 and not set(outside) & set(plot.LABEL_MARKERS.values())
+
+
 def test_a_fixed_mask_count_keeps_its_point_where_it_equals_the_depth(tmp_path):
     """K = 4 at depths 2, 4, 8: at depth 4 (K == depth) the point was filed under 'K = depth'
     and vanished from the K = 4 line."""
