@@ -33,6 +33,20 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _FormedStack(list):
+    """The passes of a model that formed masked copies (see :func:`install_forming_hooks`).
+
+    What it holds belongs to forward passes of this process (their frames and formed tensors):
+    a copy or a pickle of the model starts empty, also after a pass cut short by Ctrl-C left
+    entries behind."""
+
+    def __deepcopy__(self, memo):
+        return _FormedStack()
+
+    def __reduce__(self):
+        return _FormedStack, ()
+
+
 class PEFTLayer(nn.Module):
     """Base of the wrappers: a frozen ``base`` layer plus a trainable update.
 
@@ -72,6 +86,14 @@ class PEFTLayer(nn.Module):
     def active(self) -> bool:
         """Whether the update takes part in the forward pass (False once merged)."""
         return True
+
+    def __getstate__(self) -> dict:
+        # the weights formed for a forward pass (and its frame) belong to that pass: after a
+        # pass cut short by Ctrl-C they are still set, and a frame cannot be pickled nor a
+        # formed (non-leaf) tensor deep-copied; a copy forms its own on its next pass
+        state = super().__getstate__()
+        state["_formed"], state["_formed_frame"] = None, None
+        return state
 
     def _apply(self, fn, recurse: bool = True):
         # mask stacks follow the update weights into a memory format (e.g. channels_last)
@@ -385,6 +407,6 @@ def install_forming_hooks(model: nn.Module) -> None:
     keep_transformer_fused_path_off(model, lambda m: isinstance(m, PEFTLayer))
     if _form_all in model._forward_pre_hooks.values():
         return
-    model._peft_formed_stack = []
+    model._peft_formed_stack = _FormedStack()
     model.register_forward_pre_hook(_form_all)
     model.register_forward_hook(_release_all, always_call=True)
