@@ -189,3 +189,17 @@ def test_copy_and_save_after_a_pass_cut_short_by_ctrl_c():
         torch.testing.assert_close(m(x), y, rtol=0, atol=0)
     expected = F.conv2d(x, net[0].base.weight + manual_delta(net[0]), net[0].base.bias)
     torch.testing.assert_close(twin[0](x), expected, rtol=0, atol=1e-5)
+
+
+def test_wrapped_layers_answer_the_base_layers_attributes():
+    model = wt.create_model("test_wt", num_classes=3, in_chans=1)
+    head = model.head
+    add_lora(model, rank=2, targets=["head", "cores"])
+    assert model.head.in_features == head.in_features and model.head.out_features == 3
+    assert model.head.weight is head.weight and model.head.bias is head.bias
+    conv = model.cores[0].cell.conv1
+    assert (conv.in_channels, conv.kernel_size, conv.padding) == (8, (3, 3), (1, 1))
+    model(torch.randn(2, 1, 8, 8))
+    assert model.jac_loss().item() == 0.0  # read head.weight.device: AttributeError before
+    with pytest.raises(AttributeError):
+        conv.no_such_attribute  # noqa: B018

@@ -33,6 +33,14 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# plain attributes of the wrapped Conv2d / Linear that a wrapper answers for it, so that code
+# written for the layer keeps working (``model.head.in_features``, ``layer.weight.device``)
+BASE_ATTRIBUTES = frozenset({
+    "weight", "bias", "in_features", "out_features", "in_channels", "out_channels",
+    "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+})
+
+
 class _FormedStack(list):
     """The passes of a model that formed masked copies (see :func:`install_forming_hooks`).
 
@@ -54,6 +62,11 @@ class PEFTLayer(nn.Module):
     trainable parameters) and :meth:`peft_parameters`. While the model the wrapper was added to
     runs its forward pass, :meth:`formed` returns the weights formed once on entry; called on its
     own the wrapper forms them on the fly (same values).
+
+    The wrapper answers the base layer's plain attributes (:data:`BASE_ATTRIBUTES`:
+    ``in_features``, ``out_channels``, ``kernel_size``, ...; ``weight`` and ``bias`` are the
+    base's own, without the update: a LoRA layer's effective weight is
+    ``weight + delta_weight()``), so code written for the layer keeps working.
     """
 
     def __init__(self, base: nn.Module):
@@ -86,6 +99,15 @@ class PEFTLayer(nn.Module):
     def active(self) -> bool:
         """Whether the update takes part in the forward pass (False once merged)."""
         return True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base")
+            if name in BASE_ATTRIBUTES and base is not None and hasattr(base, name):
+                return getattr(base, name)  # the wrapped layer's (``weight``: the frozen W)
+            raise
 
     def __getstate__(self) -> dict:
         # the weights formed for a forward pass (and its frame) belong to that pass: after a
