@@ -203,3 +203,17 @@ def test_wrapped_layers_answer_the_base_layers_attributes():
     assert model.jac_loss().item() == 0.0  # read head.weight.device: AttributeError before
     with pytest.raises(AttributeError):
         conv.no_such_attribute  # noqa: B018
+
+
+def test_a_pattern_naming_only_unsupported_layers_says_so():
+    # a 1-d CNN: targets="*" matched no layer and listed "candidate layers: none", not why
+    net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose2d(3, 3, 2))
+    with pytest.raises(ValueError, match=r"unsupported types: 0 \(Conv1d\), 2 "
+                                         r"\(ConvTranspose2d\) \(LoRA / adapters wrap Conv2d, "
+                                         r"Linear\)"):
+        add_lora(net, rank=2, targets="*")
+    with pytest.raises(ValueError, match=r"unsupported types: 0 \(Conv1d\) "):
+        add_adapters(net, bottleneck=2, targets="0")
+    with pytest.raises(ValueError) as err:  # a type target names no layer: no such note
+        add_lora(net, rank=2, targets=nn.Linear)
+    assert "unsupported" not in str(err.value)

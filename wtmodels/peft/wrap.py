@@ -308,10 +308,19 @@ def find_targets(
         inside = tuple(f"{n}." for n in wrapped)
         shown = ", ".join(n for n, m in model.named_modules()
                           if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside))
+        # layers with a weight of another type (Conv1d, Conv3d, ConvTranspose2d, ...) that a
+        # pattern names: say why they are not candidates
+        other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                 if n and not isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside)
+                 and isinstance(getattr(m, "weight", None), torch.Tensor)
+                 and any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
+        valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
         raise ValueError(
             f"no module matched targets {targets!r} (layers already wrapped and excluded ones "
             f"are skipped); candidate layers: {shown or 'none'}"
             + (f"; already wrapped: {', '.join(wrapped)}" if wrapped else "")
+            + (f"; the pattern(s) name layers of unsupported types: {', '.join(other)} "
+               f"(LoRA / adapters wrap {valid})" if other else "")
         )
     if any(name == "" for name, _ in selected):
         raise ValueError(
