@@ -11,6 +11,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import nn
 
+from wtmodels.cells import ConvCell
 from wtmodels.ode import ODE_METHODS, ODECore, is_fixed_grid
 
 
@@ -154,9 +155,23 @@ def test_fixed_grid_adjoint_differs_from_backprop_by_the_discretisation_error():
     assert gaps[1] < 1e-4 and gaps[0] / gaps[1] > 16 * 0.6, gaps
 
 
+@pytest.mark.parametrize("name, value", [("T", -1.0), ("T", 0.0), ("T", math.nan),
+                                         ("T", math.inf), ("rtol", 0.0), ("atol", -1e-3),
+                                         ("rtol", math.nan), ("adjoint", "no")])
+def test_settings_changed_after_construction_are_checked_on_the_next_call(name, value):
+    core = ODECore(ConvCell(4, norm="none"), 2, method="dopri5")
+    setattr(core, name, value)  # T = -1 integrated backwards in time without a word
+    with pytest.raises(ValueError, match=f"ode_{name}"):
+        core(torch.randn(1, 4, 3, 3))
+
+
 def test_bad_method_and_tolerances_name_the_valid_choices():
     with pytest.raises(ValueError, match="dopri5.*rk4|rk4.*dopri5"):
         ODECore(CELL, 2, method="RK4")
+    core = ODECore(CELL, 2)
+    core.method = "leapfrog"
+    with pytest.raises(ValueError, match="valid methods"):
+        core(X)
     for value in (0, -1.0, math.inf, math.nan, "1e-3", True):
         with pytest.raises(ValueError, match="ode_rtol.*> 0"):
             ODECore(CELL, 2, rtol=value)

@@ -229,6 +229,10 @@ class ODECore(Core):
         return runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the settings are attributes a user may change between calls (as set_depth does
+        # for the depth): a T of -1 integrated backwards in time without a word
+        check_method(self.method)
+        _check_settings(self.train_depth, self.T, self.rtol, self.atol, self.adjoint)
         step = self.T / self.train_depth
         counter = [0]
         z = torch.zeros_like(x)  # (B, C, H, W)
