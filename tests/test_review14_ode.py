@@ -155,6 +155,16 @@ def test_fixed_grid_adjoint_differs_from_backprop_by_the_discretisation_error():
     assert gaps[1] < 1e-4 and gaps[0] / gaps[1] > 16 * 0.6, gaps
 
 
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_empty_batch_with_the_adjoint(method):
+    cell = ConvCell(4, norm="none")
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    z = ODECore(cell, 2, method=method, adjoint=True)(x)
+    assert z.shape == x.shape
+    z.sum().backward()  # raised "setStorage: sizes [] ..." inside torchdiffeq
+    assert x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("name, value", [("T", -1.0), ("T", 0.0), ("T", math.nan),
                                          ("T", math.inf), ("rtol", 0.0), ("atol", -1e-3),
                                          ("rtol", math.nan), ("adjoint", "no")])

@@ -236,6 +236,9 @@ class ODECore(Core):
         step = self.T / self.train_depth
         counter = [0]
         z = torch.zeros_like(x)  # (B, C, H, W)
+        # an empty batch: torchdiffeq's adjoint backward failed ("setStorage: sizes [] ...");
+        # direct backprop through nothing gives the same (zero) gradients
+        adjoint = self.adjoint and x.numel() > 0
         with forward_pass(self.cell, x):
             for first, end, index in self._segments():
                 func = _Dynamics(self.cell, x, index, counter)
@@ -243,7 +246,7 @@ class ODECore(Core):
                 fixed = is_fixed_grid(self.method)
                 options = _solver_options(self.method, end - first)
                 kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=options)
-                if self.adjoint:
+                if adjoint:
                     # find_parameters, not cell.parameters(): a DataParallel replica holds
                     # its parameters as plain attributes, and its cell would get no gradient
                     params = (*find_parameters(self.cell), x)
