@@ -12,7 +12,7 @@ from scipy.integrate import solve_ivp
 from torch import nn
 
 from wtmodels.cells import ConvCell
-from wtmodels.ode import ODE_METHODS, ODECore, is_fixed_grid
+from wtmodels.ode import ODE_METHODS, ODECore, is_fixed_grid, per_sample_rms_norm
 
 
 class SmoothCell(nn.Module):
@@ -185,3 +185,25 @@ def test_bad_method_and_tolerances_name_the_valid_choices():
     for value in (0, -1.0, math.inf, math.nan, "1e-3", True):
         with pytest.raises(ValueError, match="ode_rtol.*> 0"):
             ODECore(CELL, 2, rtol=value)
+
+
+def test_per_sample_norm_of_a_float16_error_does_not_overflow():
+    # 300**2 overflows float16 (max 65504): the norm was inf, every step was rejected and
+    # dopri5 ended in torchdiffeq's "underflow in dt" (fp16 autocast on CUDA, ode_m)
+    big = torch.full((2, 4), 300.0, dtype=torch.float16)
+    big[1] = 100.0
+    assert float(per_sample_rms_norm(big)) == 300.0
+    assert float(per_sample_rms_norm(torch.tensor([3e4, 4e4], dtype=torch.bfloat16))) == \
+        pytest.approx(math.sqrt((3e4 ** 2 + 4e4 ** 2) / 2), rel=1e-2)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_float16_adaptive_integration_is_close_to_float64(method):
+    torch.manual_seed(0)
+    cell = ConvCell(8, norm="none")
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        z64 = ODECore(cell.double(), 2, T=3.0, method=method, rtol=1e-8, atol=1e-8)(x.double())
+        z16 = ODECore(cell.half(), 2, T=3.0, method=method, rtol=1e-2, atol=1e-2)(x.half())
+    assert z16.dtype == torch.float16
+    assert (z16.double() - z64).abs().max() < 0.05 * z64.abs().max()
