@@ -46,17 +46,6 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _kill_after_checkpoint(monkeypatch, epoch: int) -> None:
-    real = train_mod._Trainer._save
-
-    def save_then_die(self, done):
-        real(self, done)
-        if done == epoch:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod._Trainer, "_save", save_then_die)
-
-
 def test_every_generator_is_put_back_including_numpy_s_cached_gaussian():
     gen = torch.Generator().manual_seed(5)
     np.random.seed(0)  # noqa: NPY002 - the global generator is what a checkpoint saves
@@ -105,15 +94,13 @@ def test_a_failed_checkpoint_write_keeps_the_last_epoch_and_resumes_exactly(tmp_
     assert _same_weights(ref, crashed)
 
 
-def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, monkeypatch):
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, monkeypatch,
+                                                                     train_killed_after_epoch):
     # a run on "cuda:0" stores its tensors with that location and a CUDA generator state; a
     # CPU-only machine must map them to the CPU and continue exactly as the CPU run would
     ref, moved = tmp_path / "ref", tmp_path / "moved"
     run({**BASE, "epochs": 2, "out": str(ref)})
-    _kill_after_checkpoint(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        run({**BASE, "epochs": 2, "out": str(moved)})
-    monkeypatch.undo()
+    train_killed_after_epoch({**BASE, "epochs": 2, "out": str(moved)})
     state = load_checkpoint(moved / "checkpoint.pt")
     state["rng"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # one GPU's generator
     with monkeypatch.context() as m:
@@ -126,16 +113,13 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, 
     assert _rows(moved) == _rows(ref) and _same_weights(ref, moved)
 
 
-def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_generators(tmp_path,
-                                                                            monkeypatch):
+def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_generators(
+        tmp_path, train_killed_after_epoch):
     # a 1-process checkpoint resumed under torchrun with 2 ranks: rank 1 took rank 0's
     # generators and drew the same dropout masks as rank 0 for the rest of the run (the final
     # checkpoint held two equal states); a fresh 2-process run seeds each rank apart
     out = tmp_path / "run"
-    _kill_after_checkpoint(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        run({**BASE, "epochs": 2, "out": str(out)})
-    monkeypatch.undo()
+    train_killed_after_epoch({**BASE, "epochs": 2, "out": str(out)})
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wtmodels.train", "--out", str(out), "--resume", "--progress", "none"],
