@@ -467,11 +467,15 @@ class Tracker:
         if not finite or bool(abs_r.min() < self.norm_lo):
             abs_r, f_norm = self._rescaled_norms(fx, g, abs_r, f_norm)
             finite = sm.all_finite(abs_r, f_norm)
+        # over="ignore": finite float32 norms near its largest value overflow in a quotient
+        # (rel of f(x) ~ 0) or a sum; a quotient beyond the dtype is inf, no warning
         if finite:
-            rel_r = abs_r / (f_norm + EPS)
+            with np.errstate(over="ignore"):
+                rel_r = abs_r / (f_norm + EPS)
         else:  # some f(x) or f(x) - x non-finite: that sample's residuals are inf
             with np.errstate(invalid="ignore", over="ignore"):
-                bad = ~xp.isfinite(abs_r + f_norm)
+                # each finite on its own (their sum may overflow: 2e38 + 2e38 in float32)
+                bad = ~(xp.isfinite(abs_r) & xp.isfinite(f_norm))
                 abs_r = xp.where(bad, math.inf, abs_r)
                 rel_r = xp.where(bad, math.inf, abs_r / (f_norm + EPS))
         if k == self.abs_trace.shape[1]:
@@ -499,7 +503,8 @@ class Tracker:
         # (and is no lower than where that streak began: a falling transient is not flagged)
         self.min_abs = xp.minimum(self.min_abs, abs_r)
         if self.check_growth:
-            grow = (abs_r > self.div_factor * self.min_abs) & (rel_r > self.noise_rel)
+            with np.errstate(over="ignore"):  # div_factor x 3e38 is inf in float32: no growth
+                grow = (abs_r > self.div_factor * self.min_abs) & (rel_r > self.noise_rel)
             if self.streak_any or bool(grow.any()):
                 self.streak_start = xp.where(grow & (self.streak == 0), abs_r,
                                              self.streak_start)
@@ -525,8 +530,7 @@ class Tracker:
         (non-finite, or ``abs_r`` below :attr:`norm_lo`) measured as ``s * ||t / s||``,
         ``s = max |t|``, in float64."""
         sm, xp = self.small, self.small.xp
-        with np.errstate(invalid="ignore"):
-            redo = ~xp.isfinite(abs_r + f_norm) | (abs_r < self.norm_lo)
+        redo = ~(xp.isfinite(abs_r) & xp.isfinite(f_norm)) | (abs_r < self.norm_lo)
         idx = sm.torch(np.flatnonzero(redo))
         abs_r, f_norm = abs_r.copy(), f_norm.copy()  # may be views of g_sq or of torch memory
         abs_r[redo] = sm.of(_scaled_norm(g.detach().index_select(0, idx)).to(sm.dtype))
