@@ -25,7 +25,6 @@ Writes ``DIR/models.csv`` (one row per measurement) and ``DIR/models.md`` (``--q
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -34,10 +33,15 @@ from pathlib import Path
 import torch
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
+from benchmarks.provenance import (
+    cpu_isa,
+    describe_machine,
+    git_sha,
+    make_out_dir,
+    threads_error,
+)
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
-from benchmarks.train_speed import cpu_isa
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import exit_with
 
@@ -283,12 +287,9 @@ def parse_args(argv):
         p.error(message)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
-    if not args.out.strip():  # an unset shell variable: not the current directory
-        p.error("--out: empty path; give the output directory")
-    args.out = os.path.expanduser(args.out)  # --out=~/x: no shell expands it (made a '~' dir)
     try:  # before measuring: a bad --out must not cost the whole run
-        make_out_dir(args.out)
-    except OSError as err:
+        args.out = str(make_out_dir(args.out))
+    except (ValueError, OSError) as err:
         p.error(str(err))
     return args
 

@@ -31,9 +31,14 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
+from benchmarks.provenance import (
+    cpu_isa,
+    describe_machine,
+    git_sha,
+    make_out_dir,
+    threads_error,
+)
 from benchmarks.results_io import rows_to_csv
-from benchmarks.train_speed import cpu_isa
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.peft import add_lora, merge_lora, peft_layers
@@ -202,7 +207,7 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
             raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
     if message := threads_error(threads):
         raise ValueError(message)
-    make_out_dir(out_dir)  # before measuring: a bad folder fails at once
+    out_dir = make_out_dir(out_dir)  # before measuring: a bad folder fails at once
     sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(threads)
     rows = [row for case in cases for row in measure_case(case, rank, batch, repeats)]
@@ -231,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         cases = tuple(dict.fromkeys(c for c in args.cases.split(",") if c))  # each once
-        if not args.out.strip():  # an unset shell variable: not the current directory
-            raise UsageError("--out: empty path; give the output folder")
-        args.out = os.path.expanduser(args.out)  # --out=~/x: no shell expands it
+        args.out = make_out_dir(args.out)  # ~ expanded: the .md is read back from there
         rows = run_speed(args.out, cases, args.rank, args.batch, args.repeats, args.threads)
     except (UsageError, ValueError, OSError) as err:
         print(f"python -m benchmarks.peft_speed: error: {err}", file=sys.stderr)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import statistics
 import sys
 import time
@@ -34,8 +33,13 @@ import torch
 import torch.nn.functional as F
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
-from benchmarks.train_speed import cpu_isa
+from benchmarks.provenance import (
+    cpu_isa,
+    describe_machine,
+    git_sha,
+    make_out_dir,
+    threads_error,
+)
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 
@@ -242,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("variant compile_graphs (CUDA graphs) needs a CUDA device")
         if message := threads_error(args.threads):
             raise UsageError(message)
-        if not args.out.strip():  # an unset shell variable: Path("") is the current directory
-            raise UsageError("--out: empty path; give the output directory")
-        out = Path(os.path.expanduser(args.out))  # --out=~/x: no shell expands it
-        make_out_dir(out)
+        out = make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"step_time: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
 import sys
 import time
@@ -40,7 +39,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import wtmodels as wt
-from benchmarks.provenance import describe_machine, git_sha, make_out_dir, threads_error
+from benchmarks.provenance import (
+    cpu_isa,
+    describe_machine,
+    git_sha,
+    make_out_dir,
+    threads_error,
+)
 from wtmodels.atomic import atomic_write_text
 from wtmodels.cli import OneLineParser, UsageError, exit_with
 from wtmodels.data import SyntheticImages
@@ -54,22 +59,6 @@ VARIANTS = {
     "workers": {"num_workers": 4},
 }
 WEIGHT_DECAY, LR, CLIP, WARMUP_EPOCHS = 0.05, 3e-3, 1.0, 0.5
-
-
-def cpu_isa() -> str:
-    """The CPU's vector ISA as torch dispatches to it (``AVX2``, ``AVX512``, ...), with
-    `` bf16`` where the CPU has native bf16 (AVX512-BF16 / AMX): without it ``amp`` runs ~20x
-    slower than fp32, with it faster; "AMD EPYC" alone does not say which.
-
-    Example:
-        >>> cpu_isa().split()[0] == torch.backends.cpu.get_cpu_capability()
-        True
-    """
-    isa = torch.backends.cpu.get_cpu_capability()
-    if any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                           "_is_amx_tile_supported")):
-        isa += " bf16"
-    return isa
 
 
 def plain_loop(model_name: str, image_size: int, batch_size: int, train_size: int,
@@ -241,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--device cuda but torch sees no CUDA device")
         if message := threads_error(args.threads):
             raise UsageError(message)
-        if not args.out.strip():  # an unset shell variable: Path("") is the current directory
-            raise UsageError("--out: empty path; give the output directory")
-        out = Path(os.path.expanduser(args.out))  # --out=~/x: no shell expands it
-        make_out_dir(out)
+        out = make_out_dir(args.out)
     except (ValueError, OSError) as err:  # UsageError is a ValueError
         print(f"train_speed: {err}", file=sys.stderr)
         return 2

@@ -128,6 +128,10 @@ def _check_settings(depth: int, T, rtol, atol, adjoint) -> None:
         raise ValueError(f"ode_adjoint must be true or false, got {adjoint!r}")
 
 
+#: torchdiffeq's max_order for explicit_adams: Adams-Bashforth of order at most 4
+_EXPLICIT_ADAMS_MAX_ORDER = 5
+
+
 def _solver_options(method: str, steps: int) -> dict:
     """torchdiffeq ``options`` for one segment of ``steps`` fixed-grid steps."""
     if not is_fixed_grid(method):
@@ -144,8 +148,6 @@ def _solver_options(method: str, steps: int) -> dict:
         options["max_order"] = _EXPLICIT_ADAMS_MAX_ORDER
     return options
 
-
-_EXPLICIT_ADAMS_MAX_ORDER = 5
 
 
 class _Dynamics(nn.Module):
@@ -199,9 +201,10 @@ class ODECore(Core):
         adjoint: bool = False,
     ):
         super().__init__()
-        _check_settings(_check_depth(depth), T, rtol, atol, adjoint)
+        depth = _check_depth(depth)
+        _check_settings(depth, T, rtol, atol, adjoint)
         self.cell = cell
-        self.depth = _check_depth(depth)
+        self.depth = depth
         self.train_depth = self.depth
         self.T = float(T)
         self.method = check_method(method)
