@@ -48,9 +48,9 @@ from torch import nn
 
 import wtmodels as wt
 from benchmarks.provenance import (
-    check_writable,
     describe_machine,
     git_sha,
+    make_out_dir,
     package_version,
     threads_error,
 )
@@ -491,8 +491,8 @@ def parse_args(argv):
     p.add_argument("--gain", type=float, default=1.25,
                    help="conv weight scale of the cells (default 1.25)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"),
-                   help="existing directory for the csv/md files (default benchmarks/results: "
-                        "a full run there replaces the committed results)")
+                   help="directory for the csv/md files, created if missing (default "
+                        "benchmarks/results: a full run there replaces the committed results)")
     p.add_argument("--tag", default=None,
                    help="output files DIR/solvers_TAG*.{csv,md} (default: none; 'quick' "
                         "with --quick)")
@@ -531,12 +531,8 @@ def say(line: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
-    if not out.is_dir():
-        print(f"error: --out {out} is not a directory", file=sys.stderr)
-        return 2
-    try:  # a directory that takes no files must fail now, not after the whole run
-        check_writable(out)
+    try:  # created like every other script's --out; one that takes no files fails now,
+        out = make_out_dir(args.out)  # not after the whole run
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -47,9 +47,22 @@ def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_out_must_be_a_directory(tmp_path, capsys):
-    assert solvers_bench.main(["--quick", "--out", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+def test_missing_out_is_created_and_a_file_in_the_way_is_refused(tmp_path, capsys,
+                                                                  monkeypatch):
+    """``--out`` is created like every other script's (it had to exist before); a file in the
+    way is one line and exit status 2, before any solve."""
+    ran = []
+    monkeypatch.setattr(solvers_bench, "bench_cell", lambda *a: ran.append(a) or [])
+    monkeypatch.setattr(solvers_bench, "memory_check", lambda *a, **k: [])
+    monkeypatch.setattr(solvers_bench, "markdown", lambda *a: "## Targets\n")
+    monkeypatch.setattr(solvers_bench, "to_csv", lambda *a: "")
+    assert solvers_bench.main(["--quick", "--out", str(tmp_path / "new" / "dir")]) == 0
+    assert ran and (tmp_path / "new" / "dir" / "solvers_quick.md").is_file()
+    (tmp_path / "file").write_text("x")
+    ran.clear()
+    assert solvers_bench.main(["--quick", "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert not ran and "--out" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
