@@ -20,6 +20,7 @@ ways to get gradients:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import numbers
 import warnings
@@ -318,6 +319,19 @@ class DEQ(nn.Module):
         """
         # solved in float32 at least: a bf16 gradient (autocast) would round every iterate
         g = _at_least_float32(grad)
+        scale = None
+        if self.stop_mode == "rel" and g.dim() >= 1 and g.numel():
+            # the problem is linear in g: solved for g / 2^e per sample (2^e <= max|g_b| <
+            # 2^(e+1): exact, the scaling itself rounds nothing), then scaled back. The
+            # solvers' rel residual abs / (||f|| + 1e-8) would otherwise read a per-sample
+            # gradient near or below 1e-8 (a small or down-scaled loss) as converged early:
+            # "rel" must not depend on the loss's scale
+            B = g.shape[0]
+            peak = g.detach().abs().reshape(B, -1).amax(1)  # max|.|: no over/underflow
+            peak = torch.where(torch.isfinite(peak) & (peak > 0), peak, 1.0)
+            peak = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1)
+            scale = peak.view(B, *([1] * (g.dim() - 1)))
+            g = g / scale
 
         def adjoint(u):
             vjp = torch.autograd.grad(z_out, z_in, u.to(z_out.dtype), retain_graph=True,
@@ -329,6 +343,11 @@ class DEQ(nn.Module):
             u, stats = check_result(self.b_solver, solver(
                 adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.stop_mode,
                 **self.b_opts), g)
+        if scale is not None:  # the adjoint of the loss as it came, and its residuals
+            u = u * scale
+            peak = peak.to(stats.abs_lowest.device, stats.abs_lowest.dtype)
+            stats = dataclasses.replace(stats, abs_lowest=stats.abs_lowest * peak,
+                                        abs_trace=stats.abs_trace * peak[:, None])
         self.last_backward_stats = stats
         if not self._warned_backward and bool(stats.diverged.any()):
             # once per module: a training loop would repeat it every step (and code that
