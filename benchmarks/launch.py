@@ -47,7 +47,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1,
         ``[fn(t) for t in tasks]`` (exceptions inside ``fn`` propagate).
 
     Raises:
-        ValueError: unknown launcher, ``jobs < 1``, or submitit without a folder.
+        ValueError: unknown launcher, ``jobs < 1``, or submitit without a folder or not
+            installed.
 
     Example:
         >>> run_tasks(str, [1, 2], launcher="local")
@@ -67,6 +68,11 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1,
             return list(pool.map(fn, tasks))
     if folder is None:
         raise ValueError("folder: submitit needs a folder for its job files and logs")
+    try:  # a dev dependency only (pyproject [dev]): a bare ModuleNotFoundError traceback before
+        import submitit  # noqa: F401
+    except ImportError:
+        raise ValueError("launcher submitit needs the submitit package (pip install submitit); "
+                         "or use --launcher local") from None
     return _run_submitit(fn, tasks, jobs=jobs, folder=folder, cluster=cluster,
                          timeout_min=timeout_min, slurm_partition=slurm_partition,
                          gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task)

@@ -21,6 +21,28 @@ import torch
 import torch.distributed as dist
 
 
+class BadEnvironment(ValueError):
+    """WORLD_SIZE / RANK / LOCAL_RANK unreadable or inconsistent: this process's rank cannot
+    be trusted, so every process reports it (not rank 0 alone)."""
+
+
+def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:  # a bare "invalid literal for int() with base 10: 'abc'" before
+        raise BadEnvironment(f"environment variable {name}={text!r} is not an integer (torchrun "
+                         "sets WORLD_SIZE, RANK and LOCAL_RANK)") from None
+
+
+class MainRankFailed(RuntimeError):
+    """Raised on ranks > 0 by :meth:`DistContext.run_on_main` when rank 0's call failed; its
+    message is rank 0's error (rank 0 reports it)."""
+
+
 @dataclass
 class DistContext:
     """Rank, world size and device of this process.
@@ -65,9 +87,12 @@ class DistContext:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is available")
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size, rank, local_rank = (_env_int(name, default) for name, default in
+                                        (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+        if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+            # else a rank outside the group waited for peers until the 30-minute timeout
+            raise BadEnvironment(f"torchrun environment: RANK={rank} must be in 0..WORLD_SIZE-1 "
+                             f"(WORLD_SIZE={world_size}) and LOCAL_RANK={local_rank} >= 0")
         if use_cuda:
             visible = torch.cuda.device_count()
             if not 0 <= local_rank < visible:  # else a bare "invalid device ordinal"
@@ -137,6 +162,36 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def run_on_main(self, fn):
+        """Call ``fn()`` on rank 0 alone (file writes); every rank then learns whether it raised.
+
+        Rank 0 re-raises its own exception, the other ranks raise :class:`MainRankFailed`, so
+        no rank goes on to a collective that rank 0 will never join (they died on a gloo
+        'Connection closed by peer' traceback, or waited for the process-group timeout).
+
+        Returns:
+            ``fn()``'s result on rank 0, None on the other ranks.
+
+        Example:
+            >>> DistContext().run_on_main(lambda: 3)
+            3
+        """
+        if self.world_size == 1:
+            return fn()
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the broadcast
+                failure = err
+        message = self.broadcast_object(
+            None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise MainRankFailed(f"rank 0 failed: {message}")
+        return result
 
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""

@@ -66,7 +66,7 @@ from wtmodels.checkpoint import (
     save_checkpoint,
 )
 from wtmodels.cli import UsageError, exit_with, parse_settings
-from wtmodels.distributed import DistContext
+from wtmodels.distributed import BadEnvironment, DistContext, MainRankFailed
 from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
 from wtmodels.optim import build_optimizer, build_scheduler
 from wtmodels.provenance import git_sha
@@ -341,7 +341,9 @@ class _Trainer:
             if device != cfg.device:  # the resumed run's own setting: say it may be given anew
                 hint = (f" (--device {device} is the setting the run in {cfg.out} saved; "
                         "--resume --device cpu continues it on the CPU)")
-            raise BadInput(str(err) + hint) from None
+            bad = BadInput(str(err) + hint)
+            bad.rank_local = isinstance(err, BadEnvironment)  # its RANK may not be 0: say it
+            raise bad from None
         self._threads = torch.get_num_threads()
         self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         self._donated = _donated_buffer_setting()
@@ -406,7 +408,10 @@ class _Trainer:
         if ctx.rank and self.start_epoch == 0:  # a fresh start (else the checkpoint's RNG)
             # distinct dropout per rank (modulo torch's 2**64 seed range)
             seed_everything((cfg.seed + 7919 * ctx.rank) % 2**64)
-        self._write_start_files()
+        try:  # rank 0 writes; the others must not go on to DDP's collectives if it failed
+            ctx.run_on_main(self._write_start_files)
+        except MainRankFailed as err:  # rank 0 reports its error (e.g. --out cannot be created)
+            raise BadInput(str(err)) from None
         self._wrap_model()
 
     def _build_data(self) -> None:
@@ -781,8 +786,12 @@ class _Trainer:
 
     def _save(self, epoch_done: int) -> None:
         rngs = self.ctx.gather_objects(capture_rng_state(self.train_loader.generator))
-        if self.out is None or not self.ctx.is_main:
+        if self.out is None:
             return
+        # rank 0 writes; a failure there (a full disk) stops the other ranks too, quietly
+        self.ctx.run_on_main(lambda: self._write_checkpoint(epoch_done, rngs))
+
+    def _write_checkpoint(self, epoch_done: int, rngs: list) -> None:
         save_checkpoint(self.out / CHECKPOINT_FILE, {
             "epoch": epoch_done, "global_step": self.global_step,
             "consecutive_bad": self.consecutive_bad, "model": self.model.state_dict(),
@@ -890,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     argv = sys.argv[1:] if argv is None else argv
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    # not int(): a RANK=abc crashed here with a traceback (DistContext reports it in one line)
+    is_main = os.environ.get("RANK", "0").strip() in ("", "0")
     try:
         settings = parse_settings(argv)
         if "out" not in settings or settings["out"] is None:
@@ -903,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
             where = "" if is_main else f"rank {os.environ.get('RANK')}: "
             print(f"wtmodels.train: error: {where}{err}".replace("\n", " "), file=sys.stderr)
         return EXIT_BAD_INPUT
+    except MainRankFailed:  # a rank > 0 after rank 0's write failed: rank 0 reports it
+        return 1
     except TrainingDiverged as err:
         if is_main:
             print(f"wtmodels.train: {err}", file=sys.stderr)
