@@ -401,6 +401,29 @@ def _execute(task: RunTask) -> RunOutcome:
         os.close(lock_fd)
 
 
+# set by torchrun / a DDP job: a sweep started inside one must not make every run join it
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                      "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """The environment of one training process: this one's, with ``threads`` for OpenMP / MKL
+    and without torchrun's variables (a sweep started inside a torchrun / DDP job would give
+    each run that job's ``WORLD_SIZE`` and ``RANK``, and each would wait to join it).
+
+    Example:
+        >>> env = child_env(1)
+        >>> "RANK" in env, env["OMP_NUM_THREADS"]
+        (False, '1')
+    """
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, float, bool]:
     """Start the run's process (resuming when there is a checkpoint) and wait for it.
 
@@ -417,9 +440,7 @@ def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, flo
                             device=task.device)
     else:
         cmd = custom_command(run_dir)
-    env = dict(os.environ)
-    if task.threads:
-        env.update(OMP_NUM_THREADS=str(task.threads), MKL_NUM_THREADS=str(task.threads))
+    env = child_env(task.threads)
     with open(os.path.join(run_dir, LOG), "a") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
