@@ -471,16 +471,20 @@ METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epo
 SOLVER_KEYS = {"nstep", "rel_residual", "rel_residual_max", "converged"}
 
 
+# 40 test images in batches of 16, 16, 8: a mean of batch means would differ from the mean
+# over samples; f_tol 0.03 lets some test solves converge and not others
+TRAIN_ARGS = ["--model", "test_deq", "--dataset", "digits", "--epochs", "1", "--threads", "1",
+              "--train-size", "64", "--test-size", "40", "--test-batch-size", "16",
+              "--f-tol", "0.03", "--progress", "none", "--width", "8", "--mask-k", "2",
+              "--mask-density", "0.5"]
+
+
 @pytest.fixture(scope="module")
 def deq_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
-    out = base / "runs" / "a"
-    res = _run(["-m", "wtmodels.train", "--model", "test_deq", "--dataset", "digits",
-                "--epochs", "1", "--out", str(out), "--threads", "1", "--train-size", "64",
-                "--test-size", "32", "--progress", "none", "--width", "8", "--mask-k", "2",
-                "--mask-density", "0.5"], cwd=base, timeout=180)
+    res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/a"], cwd=base, timeout=180)
     assert res.returncode == 0, res.stderr
-    return out
+    return base / "runs" / "a"
 
 
 def test_train_cli_run_directory_files_and_metrics(deq_run):
@@ -492,9 +496,9 @@ def test_train_cli_run_directory_files_and_metrics(deq_run):
     assert [r["epoch"] for r in rows] == [1]
     row = rows[0]
     assert METRIC_KEYS | SOLVER_KEYS <= set(row), sorted(METRIC_KEYS | SOLVER_KEYS - set(row))
-    # accuracies are counts over the 64 / 32 images
+    # accuracies are counts over the 64 / 40 images
     assert abs(row["train_acc"] * 64 - round(row["train_acc"] * 64)) < 1e-6
-    assert abs(row["test_acc"] * 32 - round(row["test_acc"] * 32)) < 1e-6
+    assert abs(row["test_acc"] * 40 - round(row["test_acc"] * 40)) < 1e-6
     assert 0.0 <= row["converged"] <= 1.0
     assert 1 <= row["nstep"] <= wt.get_config("test_deq").f_max_iter
     assert 0.0 <= row["rel_residual"] <= row["rel_residual_max"]
@@ -514,13 +518,35 @@ def test_train_cli_run_directory_files_and_metrics(deq_run):
     assert masks and all(torch.equal(ckpt["model"][k], fresh[k]) for k in masks)
 
 
+def test_train_cli_test_metrics_are_per_sample_over_the_test_set(deq_run):
+    """Re-evaluate the checkpoint one image at a time: test_acc is the share correct, the
+    solver metrics the per-sample mean (max) over the 40 test solves."""
+    cfg = json.loads((deq_run / "config.json").read_text())
+    row = json.loads((deq_run / "metrics.jsonl").read_text().splitlines()[-1])
+    model = wt.create_model("test_deq", **cfg["model_config"])
+    model.load_state_dict(torch.load(deq_run / "checkpoint.pt", map_location="cpu",
+                                     weights_only=False)["model"])
+    model.eval()
+    _, test, _ = wt.get_datasets("digits", train_size=64, test_size=40,
+                                 seed=cfg["train"]["data_seed"], augment=False)
+    correct, per = 0, []
+    with torch.no_grad():
+        for i in range(len(test)):
+            image, label = test[i]
+            correct += int(model(image[None]).argmax(1).item() == label)
+            per.append(model.core_stats())
+    assert len(test) == 40
+    assert row["test_acc"] == pytest.approx(correct / 40, abs=1e-9)
+    for key in ("nstep", "rel_residual", "converged"):
+        assert row[key] == pytest.approx(np.mean([s[key] for s in per]), rel=1e-4, abs=1e-6)
+    assert row["rel_residual_max"] == pytest.approx(max(s["rel_residual_max"] for s in per),
+                                                    rel=1e-4)
+
+
 def test_train_cli_resume_of_a_finished_run_trains_nothing(deq_run):
     before = (deq_run / "metrics.jsonl").read_text()
-    res = _run(["-m", "wtmodels.train", "--model", "test_deq", "--dataset", "digits",
-                "--epochs", "1", "--out", str(deq_run), "--threads", "1", "--train-size", "64",
-                "--test-size", "32", "--progress", "none", "--width", "8", "--mask-k", "2",
-                "--mask-density", "0.5", "--seed", "0", "--resume"],
-               cwd=deq_run.parent, timeout=120)
+    res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/a", "--seed", "0",
+                "--resume"], cwd=deq_run.parent.parent, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (deq_run / "metrics.jsonl").read_text() == before
 
