@@ -296,6 +296,13 @@ def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = Non
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if spec.runner is None and overrides:  # a typo: name what --set takes, not the harness's own
+        known = set(train_field_names()) | set(model_field_names())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            valid = sorted(known - set(HARNESS_OWNED) - {"seed", "model_overrides"})
+            raise ValueError(f"overrides: unknown setting {unknown[0]!r}; valid: "
+                             f"{', '.join(valid)}")
     runs = []
     # --set lr=1 and --set lr=1.0 are one run: one id (a custom runner: as its presets type it)
     overrides = (_as_field_types(overrides or {}) if spec.runner is None
