@@ -543,6 +543,19 @@ def test_train_cli_test_metrics_are_per_sample_over_the_test_set(deq_run):
                                                     rel=1e-4)
 
 
+def test_train_cli_seed_is_used(deq_run):
+    res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/seed1", "--seed", "1"],
+               cwd=deq_run.parent.parent, timeout=120)
+    assert res.returncode == 0, res.stderr
+    other = deq_run.parent / "seed1"
+    assert json.loads((other / "config.json").read_text())["train"]["seed"] == 1
+    a = torch.load(deq_run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(other / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert not torch.equal(a["stem.0.weight"], b["stem.0.weight"])
+    masks = [k for k, v in a.items() if v.dtype == torch.bool]  # masks follow mask_seed only
+    assert masks and all(torch.equal(a[k], b[k]) for k in masks)
+
+
 def test_train_cli_resume_of_a_finished_run_trains_nothing(deq_run):
     before = (deq_run / "metrics.jsonl").read_text()
     res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/a", "--seed", "0",
