@@ -379,6 +379,40 @@ def test_masked_unrolled_forward_matches_a_functional_oracle():
         assert torch.allclose(model(x), logits, atol=1e-5)
 
 
+def test_masked_deq_core_solves_the_k_periodic_composite_by_a_functional_oracle():
+    # with K masks the DEQ core's fixed point is that of f_1 o f_0 (one step = K cells)
+    torch.manual_seed(0)
+    model = wt.create_model("test_deq", in_chans=1, mask_k=2, f_max_iter=100, f_tol=1e-6,
+                            f_solver="broyden").eval()
+    sd = model.state_dict()
+    x = torch.randn(2, 1, 8, 8)
+    seen = {}
+    model.cores[0].register_forward_hook(lambda mod, args, out: seen.setdefault("z", out))
+    with torch.no_grad():
+        model(x)
+    assert model.core_stats()["converged"] == 1.0
+
+    def gn(t, name):
+        return F.group_norm(t, 4, sd[name + ".weight"], sd[name + ".bias"])
+
+    h = F.relu(gn(F.conv2d(x, sd["stem.0.weight"], padding=1), "stem.1"))
+    c = "cores.0.cell."
+
+    def cell(z, t):
+        y = F.relu(gn(F.conv2d(z, sd[c + "conv1.weight"] * sd[c + "conv1.weight_masks"][t],
+                               padding=1), c + "norm1"))
+        y = gn(F.conv2d(y, sd[c + "conv2.weight"] * sd[c + "conv2.weight_masks"][t],
+                        padding=1), c + "norm2")
+        return gn(F.relu(z + h + y), c + "norm3")
+
+    z = seen["z"]
+    composite = cell(cell(z, 0), 1)
+    rel = (composite - z).flatten(1).norm(dim=1) / composite.flatten(1).norm(dim=1)
+    assert bool((rel < 1e-5).all())
+    other = cell(cell(z, 1), 0)  # the other order is not at its fixed point
+    assert bool(((other - z).flatten(1).norm(dim=1) > 1e-2).all())
+
+
 def test_parameter_counts_by_hand_tied_masks_free_untied_d_copies():
     # test_wt, in_chans=1, width 8, GroupNorm: stem 1*8*9 + 2*8 = 88; cell 2 * 8*8*9 + 3 * 2*8
     # = 1200; head 8*10 + 10 = 90
