@@ -413,6 +413,20 @@ def test_masked_deq_core_solves_the_k_periodic_composite_by_a_functional_oracle(
     assert bool(((other - z).flatten(1).norm(dim=1) > 1e-2).all())
 
 
+def test_ode_core_with_euler_steps_of_one_is_the_unrolled_masked_network():
+    # dz/dt = f_t(z, x) - z, Euler step T / depth = 1: z <- f_t(z, x), as the unrolled network
+    # (whose forward the functional oracle above checks)
+    torch.manual_seed(0)
+    ode = wt.create_model("test_ode", in_chans=1, mask_k=2, depth=3, ode_method="euler",
+                          ode_T=3.0).eval()
+    tied = wt.create_model("test_wt", in_chans=1, mask_k=2, depth=3).eval()
+    tied.load_state_dict(ode.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(ode(x), tied(x), atol=1e-5)
+    assert ode.core_stats()["nfe"] == 3.0
+
+
 def test_parameter_counts_by_hand_tied_masks_free_untied_d_copies():
     # test_wt, in_chans=1, width 8, GroupNorm: stem 1*8*9 + 2*8 = 88; cell 2 * 8*8*9 + 3 * 2*8
     # = 1200; head 8*10 + 10 = 90
