@@ -427,6 +427,24 @@ def test_ode_core_with_euler_steps_of_one_is_the_unrolled_masked_network():
     assert ode.core_stats()["nfe"] == 3.0
 
 
+def test_untied_core_with_copies_of_the_tied_cell_computes_the_tied_network():
+    torch.manual_seed(0)
+    tied = wt.create_model("test_wt", in_chans=1, mask_k=2, depth=3).eval()
+    untied = wt.create_model("test_untied", in_chans=1, mask_k=2, depth=3).eval()
+    sd = tied.state_dict()
+    mapped = {}
+    for key, value in sd.items():
+        if key.startswith("cores.0.cell."):
+            for i in range(3):
+                mapped[key.replace("cores.0.cell.", f"cores.0.cells.{i}.")] = value
+        else:
+            mapped[key] = value
+    untied.load_state_dict(mapped)  # strict: the same layout, three cells
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(untied(x), tied(x), atol=1e-5)
+
+
 def test_parameter_counts_by_hand_tied_masks_free_untied_d_copies():
     # test_wt, in_chans=1, width 8, GroupNorm: stem 1*8*9 + 2*8 = 88; cell 2 * 8*8*9 + 3 * 2*8
     # = 1200; head 8*10 + 10 = 90
