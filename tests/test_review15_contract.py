@@ -164,6 +164,26 @@ def test_solve_any_shape_and_stops_per_sample(method):
         assert s.abs_trace.shape[1] == int(s.nstep.max())
 
 
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])
+def test_solve_each_sample_as_if_alone(method):
+    # stop per sample: a batch with a diverging sample gives every sample what it gets alone
+    g = torch.Generator().manual_seed(0)
+    w = 0.25 * torch.randn(3, 5, 5, generator=g, dtype=F64)
+    w[2] *= 12
+    x = torch.randn(3, 5, generator=g, dtype=F64)
+
+    def f(z, rows=slice(None)):
+        return torch.einsum("bij,bj->bi", w[rows], z) + x[rows]
+
+    zb, sb = wt.solve(f, torch.zeros(3, 5, dtype=F64), method=method, max_iter=40, tol=1e-10)
+    for i in range(3):
+        zi, si = wt.solve(lambda z, i=i: f(z, slice(i, i + 1)), torch.zeros(1, 5, dtype=F64),
+                          method=method, max_iter=40, tol=1e-10)
+        assert torch.allclose(zb[i], zi[0], rtol=1e-12, atol=1e-12)
+        assert int(sb.nstep[i]) == int(si.nstep[0])
+        assert bool(sb.converged[i]) == bool(si.converged[0])
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"method": "nope"}, ["anderson", "broyden", "fixed_point"]),
     ({"stop_mode": "nope"}, ["abs", "rel"]),
