@@ -73,9 +73,9 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> bool(stats.converged.all()), int(stats.nstep.max()) < 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode)
-    check_values(OPTION_CHECKS, m=m, lam=lam, beta=beta, div_factor=div_factor,
-                 patience=patience)
+    max_iter, tol = check_common(max_iter, tol, stop_mode)
+    m, lam, beta, div_factor, patience = check_values(
+        OPTION_CHECKS, m=m, lam=lam, beta=beta, div_factor=div_factor, patience=patience)
     m = min(m, max_iter)  # a longer history could never fill
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
@@ -84,6 +84,7 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         pool = Pool(ctx, "anderson.x", x)
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
                           noise_eps=prob.noise_eps)
+        prob.on_coarse_output = tracker.note_noise
         sm = tracker.small
         F = ctx.enter_context(scratch("anderson.F", (B, m, D), x))  # f(x_i) history
         G = ctx.enter_context(scratch("anderson.G", (B, m, D), x))  # residuals f(x_i) - x_i

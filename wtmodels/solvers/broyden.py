@@ -68,8 +68,9 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> bool(stats.converged.all()), int(stats.nstep.max()) < 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode)
-    check_values(OPTION_CHECKS, m=m, div_factor=div_factor, patience=patience)
+    max_iter, tol = check_common(max_iter, tol, stop_mode)
+    m, div_factor, patience = check_values(OPTION_CHECKS, m=m, div_factor=div_factor,
+                                           patience=patience)
     m = min(m, max_iter)  # a longer history could never fill
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
@@ -78,6 +79,7 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         pool = Pool(ctx, "broyden.x", x)
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
                           noise_eps=prob.noise_eps)
+        prob.on_coarse_output = tracker.note_noise
         sm = tracker.small
         W = ctx.enter_context(scratch("broyden.W", (B, m + 1, D), x))  # rows: g, then s_i
         S = W[:, 1:]  # (B, m, D) s_i

@@ -61,12 +61,15 @@ def check_float(name: str, value, low: float, high: float = math.inf, *,
     return float(value)
 
 
-def check_common(max_iter, tol, stop_mode) -> None:
-    """Validate the arguments every solver shares (``ValueError`` naming the field)."""
-    check_positive_int("max_iter", max_iter)
-    check_float("tol", tol, 0.0, high_open=True)  # finite: an infinite tol "converges" anything
+def check_common(max_iter, tol, stop_mode) -> tuple[int, float]:
+    """Validate the arguments every solver shares (``ValueError`` naming the field); returns
+    ``(int(max_iter), float(tol))`` (a ``Fraction`` tol passes the check but cannot be
+    compared with a tensor)."""
+    max_iter = check_positive_int("max_iter", max_iter)
+    tol = check_float("tol", tol, 0.0, high_open=True)  # finite: inf "converges" anything
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
+    return max_iter, tol
 
 
 DIVERGENCE_DEFAULTS = {"div_factor": 10.0, "patience": 5}  # the solvers' defaults
@@ -79,10 +82,10 @@ DIVERGENCE_CHECKS: dict[str, Callable] = {
 }
 
 
-def check_values(checks: dict[str, Callable], **opts) -> None:
-    """Run ``checks[name](value)`` for every option given (``ValueError`` naming the field)."""
-    for name, value in opts.items():
-        checks[name](value)
+def check_values(checks: dict[str, Callable], **opts) -> list:
+    """Run ``checks[name](value)`` for every option given (``ValueError`` naming the field);
+    returns the checked values, as ``int`` / ``float``, in the order given."""
+    return [checks[name](value) for name, value in opts.items()]
 
 
 _local = threading.local()
@@ -215,6 +218,10 @@ class Problem:
         # inference tensors have no version counter (see check_unmodified)
         self.versioned = not torch.is_inference_mode_enabled()
         self.copies = False  # f writes its argument in place: it gets copies of the iterates
+        # called with the eps of an output dtype of f coarser than the compute dtype and than
+        # noise_eps (f returning float16 for a float32 z0, or float32 for a float64 one): its
+        # rounding floor is then in play, as under autocast (a solver sets Tracker.note_noise)
+        self.on_coarse_output: Callable[[float], None] | None = None
         self.arg = None  # under inference mode: the copy of the iterate f gets
 
     def solver_mode(self) -> contextlib.ExitStack:
@@ -244,7 +251,14 @@ class Problem:
                 self.copies = True
                 fz = self._call(z.clone())
         fz = self.check_output(fz).reshape(self.flat_ints)
-        return fz if fz.dtype == self.compute_dtype else fz.to(self.compute_dtype)
+        if fz.dtype == self.compute_dtype:
+            return fz
+        eps = torch.finfo(fz.dtype).eps
+        if eps > max(self.noise_eps or 0.0, torch.finfo(self.compute_dtype).eps):
+            self.noise_eps = eps
+            if self.on_coarse_output is not None:
+                self.on_coarse_output(eps)
+        return fz.to(self.compute_dtype)
 
     def _call(self, z: torch.Tensor):
         if self.autocast:
@@ -430,6 +444,11 @@ class Tracker:
         # a norm below this may have lost its squares to underflow (see _rescaled_norms)
         finfo = torch.finfo(x0.dtype)
         self.norm_lo = math.sqrt(finfo.tiny) / finfo.eps
+
+    def note_noise(self, noise_eps: float) -> None:
+        """A coarser precision came into play during the solve (``f`` returned values of a
+        dtype with eps ``noise_eps``): its rounding floor is no divergence either."""
+        self.noise_rel = max(self.noise_rel, LOW_PRECISION_NOISE * noise_eps)
 
     @property
     def active_mask(self) -> torch.Tensor:

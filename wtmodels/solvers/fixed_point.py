@@ -49,14 +49,16 @@ def fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> torch.allclose(z, torch.full((2, 3), 2.0), atol=1e-5), int(stats.nstep[0]) > 10
         (True, True)
     """
-    check_common(max_iter, tol, stop_mode)
-    check_values(OPTION_CHECKS, tau=tau, div_factor=div_factor, patience=patience)
+    max_iter, tol = check_common(max_iter, tol, stop_mode)
+    tau, div_factor, patience = check_values(OPTION_CHECKS, tau=tau, div_factor=div_factor,
+                                             patience=patience)
     prob = Problem(f, z0)
     with prob.solver_mode() as ctx:
         x = prob.x0  # (B, D)
         pool = Pool(ctx, "fixed_point.x", x)
         tracker = Tracker(x, max_iter, tol, stop_mode, div_factor, patience, pool,
                           noise_eps=prob.noise_eps)
+        prob.on_coarse_output = tracker.note_noise
         g = ctx.enter_context(scratch("fixed_point.g", x.shape, x))
         for _ in range(max_iter):
             fx = prob(x)
