@@ -127,9 +127,27 @@ def _styled(fn=None, *, bars: bool = True):
             fig = fn(rows, *args, **kwargs)
             if fig is not None:
                 _suptitle(fig, describe_setting(rows, context, bars=bars))
+                _cap_accuracy(fig)
         return fig
 
     return wrapper
+
+
+#: y label of every accuracy axis (in percent)
+ACC_LABEL = "test accuracy (%)"
+
+
+def _cap_accuracy(fig: Figure) -> None:
+    """Accuracy axes (and those sharing their y axis) end at 100 % and start at 0 % at most:
+    an error bar of mean + std past 100 had the axis labelled 100.25 %, an accuracy no model
+    can reach."""
+    accuracy = [ax for ax in fig.axes if ax.get_ylabel() == ACC_LABEL]
+    for ax in list(accuracy):
+        accuracy += [a for a in ax.get_shared_y_axes().get_siblings(ax) if a not in accuracy]
+    for ax in accuracy:
+        low, high = ax.get_ylim()
+        if high > 100.0 or low < 0.0:
+            ax.set_ylim(max(low, 0.0), min(high, 100.0))
 
 
 def _suptitle(fig: Figure, text: str) -> None:
@@ -497,7 +515,7 @@ def _split_duplicates(lines: dict[tuple, list[dict]], x: str) -> dict[tuple, lis
 def _family_legend(ax) -> None:
     """The axes' legend with its entries in the families' order of every figure (lines and
     bands alike: matplotlib lists bands, plain lines, before error-bar lines), beside the axes
-    (off the data) when it has more than four entries."""
+    (off the data)."""
     handles, texts = ax.get_legend_handles_labels()
     if not handles:
         return
@@ -505,9 +523,9 @@ def _family_legend(ax) -> None:
     rank = sorted(range(len(texts)), key=lambda i: (
         order.index(label_family(texts[i])) if label_family(texts[i]) is not None
         else len(order), i))
-    where = ({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(handles) > 4
-             else {"loc": "best"})
-    ax.legend([handles[i] for i in rank], [texts[i] for i in rank], **where)
+    # beside the axes, never on them: with four entries "best" put it over the DEQ band
+    ax.legend([handles[i] for i in rank], [texts[i] for i in rank], loc="upper left",
+              bbox_to_anchor=(1.02, 1.0))
 
 
 def _shared_entries(axes: Sequence) -> dict:
@@ -598,8 +616,8 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     if len(line_values) == 1:  # the legend names no width (depth): say it in the title
         value = line_values[0]
         value = f"{value:g}" if isinstance(value, (int, float)) else value
-        title = title.replace(" (", f", {line_name} {value} (", 1)
-    _finish(ax, xlabel, "test accuracy (%)", title, legend=False)
+        title = f"{title}, {line_name} {value}"
+    _finish(ax, xlabel, ACC_LABEL, title, legend=False)
     _family_legend(ax)
     _footnote(fig, [g for g in everything if g.get(x) is not None])
     return fig
@@ -614,7 +632,7 @@ def plot_accuracy_vs_depth(rows: Sequence[dict]) -> Figure | None:
         True
     """
     return _sweep_plot(rows, "depth", "width", "depth (cell applications)",
-                       "Accuracy vs depth (mean ± sample std over seeds)", "width")
+                       "Accuracy vs depth", "width")
 
 
 @_styled
@@ -626,7 +644,7 @@ def plot_accuracy_vs_width(rows: Sequence[dict]) -> Figure | None:
         True
     """
     return _sweep_plot(rows, "width", "depth", "width (channels of the first stage)",
-                       "Accuracy vs width (mean ± sample std over seeds)", "depth")
+                       "Accuracy vs width", "depth")
 
 
 def _sequential(i: int, n: int):
@@ -729,7 +747,7 @@ def _plot_arms(ax, width, table, density=None, tags=()) -> None:
     elif len(compared) == 1:
         compared.append("untied")  # two arms at least: distinct masks and the untied model
     title = f"{' vs '.join(compared)}, width {width}"
-    _finish(ax, "depth (cell applications)", "test accuracy (%)",
+    _finish(ax, "depth (cell applications)", ACC_LABEL,
             ", ".join(filter(None, (title, _density_name(density)))) + _tag_text(tags))
 
 
@@ -838,12 +856,17 @@ def _plot_curves(ax, panel, masked, refs, ks, densities, setting, tags=()) -> No
         _reference_line(ax, g, name)
     if panel == "k":
         _log2_axis(ax, inner)
-        _finish(ax, "distinct masks K (1 = one shared mask)", "test accuracy (%)",
-                f"Masks at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}")
+        _finish(ax, "distinct masks K (1 = one shared mask)", ACC_LABEL,
+                f"Masks at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}",
+                legend=False)
     else:
         ax.set_xticks(inner)
-        _finish(ax, "mask density (share of weights kept)", "test accuracy (%)",
-                f"Density at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}")
+        _finish(ax, "mask density (share of weights kept)", ACC_LABEL,
+                f"Density at depth {setting[0]}, width {setting[1]}{_tag_text(tags)}",
+                legend=False)
+    # under the panel: inside ("best") it sat over the error bars and the untied band (beside
+    # it, it narrowed the grid's columns and cut the titles of the panels above)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
 
 
 #: columns that set an experiment apart from another one in a shared directory (presets that
@@ -901,7 +924,7 @@ def _frontier(ax, groups: Sequence[dict], x: str, xlabel: str, title: str) -> No
                   marker=marker, linestyle="-" if len(front) > 1 else "none", label=label)
     if min((g[f"{x}_mean"] for g in groups if has([g], x)), default=1) > 0:
         _compact_log_x(ax)  # a log axis only for positive values: a 0 would vanish from it
-    _finish(ax, xlabel, "test accuracy (%)", title + "\n(line: best configuration per budget, "
+    _finish(ax, xlabel, ACC_LABEL, title + "\n(line: best configuration per budget, "
             "faint: all)")
 
 
@@ -981,7 +1004,7 @@ def plot_time_memory(rows: Sequence[dict]) -> Figure | None:
             _mark_flagged(ax, [g[f"{metric}_mean"] for g in pts],
                           [_pct(g["test_acc_mean"]) for g in pts], pts)
         _log_if_wide(ax, [g[f"{metric}_mean"] for g in groups if has([g], metric)])
-        _finish(ax, xlabel, "test accuracy (%)" if i == 0 else "", title)
+        _finish(ax, xlabel, ACC_LABEL if i == 0 else "", title)
     _figure_legend(fig, axes)
     _footnote(fig, everything)
     return fig
@@ -1012,9 +1035,25 @@ def _compact_log_x(ax) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(_compact))
+    _labelled_ends(ax)
     low, high = ax.get_xlim()
     few = low > 0 and high / low < 300  # under 2.5 decades: label the 2s and 5s too
     ax.xaxis.set_minor_formatter(FuncFormatter(_compact) if few else NullFormatter())
+
+
+def _labelled_ends(ax) -> None:
+    """Under 2.5 decades of data, a log x axis from the labelled tick (1, 2, 3 or 5 times a
+    power of ten) below the data to the one above it: the leftmost points (every weight-tied
+    model at 63k parameters) stood left of the first label, their value unreadable."""
+    low, high = ax.dataLim.intervalx
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        return
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(low)) - 1,
+                                          math.ceil(math.log10(high)) + 2) for m in (1, 2, 3, 5)]
+    below = max(t for t in ticks if t <= low / 1.04)
+    above = min(t for t in ticks if t >= high * 1.04)
+    if above / below < 300:
+        ax.set_xlim(below, above)
 
 
 def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
@@ -1022,11 +1061,13 @@ def _strip(ax, values_by_label: dict[str, list[float]], ylabel: str, title: str,
     for i, (label, values) in enumerate(values_by_label.items()):
         n = len(values)
         xs = [i + (0.3 * (j / max(n - 1, 1) - 0.5) if n > 1 else 0.0) for j in range(n)]
+        # the points over the mean bar (a configuration alone under its label sat hidden
+        # under it) and not clipped at the axes' edge
         ax.scatter(xs, values, color=label_color(label), marker=label_marker(label), s=16,
-                   alpha=0.85, linewidths=0)
+                   alpha=0.85, linewidths=0, zorder=3, clip_on=False)
         mean, _, _ = mean_std(values)
-        if math.isfinite(mean):
-            ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.0)
+        if math.isfinite(mean) and n > 1:  # one point is its own mean: no bar over it
+            ax.hlines(mean, i - 0.25, i + 0.25, color="black", linewidth=1.0, zorder=2)
     ax.set_xticks(range(len(values_by_label)))
     ax.set_xticklabels(list(values_by_label), rotation=25, ha="right")
     ax.set_xlim(-0.6, len(values_by_label) - 0.4)
@@ -1099,7 +1140,8 @@ def plot_stability(rows: Sequence[dict]) -> Figure | None:
                 ax.text(0.5, 0.5, "no failures in any run", transform=ax.transAxes,
                         ha="center", va="center", color="0.35")
             _finish(ax, "", "share (%)", "Solver and training failures", legend=False)
-            _figure_legend(fig, [ax])
+            if any(v for b in bars for v in b):  # a key to bars that are not drawn says nothing
+                _figure_legend(fig, [ax])
         else:
             _strip(ax, spread, "std of test accuracy over seeds (points)",
                    "Seed spread per configuration")
@@ -1189,7 +1231,7 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
             ax.minorticks_off()
         unit = "solver iterations" if mine[0].get("core") == "deq" else "depth"
         _finish(ax, f"test {unit} / training {unit}",
-                "test accuracy (%)" if i % ncols == 0 else "", label)
+                ACC_LABEL if i % ncols == 0 else "", label)
     return fig
 
 

@@ -138,10 +138,10 @@ def test_a_sweep_at_one_width_names_it_in_the_title():
     # quick runs one width: the legend said "WT" and nothing said which width
     rows = _rows({2: [0.8], 4: [0.85]})
     assert plot.plot_accuracy_vs_depth(rows).axes[0].get_title() == (
-        "Accuracy vs depth, width 16 (mean ± sample std over seeds)")
+        "Accuracy vs depth, width 16")
     two = rows + [dict(r, width=32, run_id=r["run_id"] + "w") for r in rows]
     assert plot.plot_accuracy_vs_depth(two).axes[0].get_title() == (
-        "Accuracy vs depth (mean ± sample std over seeds)")  # the legend names them
+        "Accuracy vs depth")  # the legend names them
 
 
 def test_a_spreadsheet_saved_results_file_keeps_its_run_ids(tmp_path):
