@@ -228,3 +228,37 @@ def test_peak_memory_is_the_same_for_10_and_1000_iterations(method):
     clear_workspace()
     assert peaks[10] > 2 * iterate  # the measurement sees the solver's buffers
     assert abs(peaks[1000] - peaks[10]) < iterate / 4, peaks
+
+
+def test_register_solver_refuses_malformed_option_checks_naming_the_problem():
+    # before: registered fine, then a TypeError at the first solve with that option (list
+    # indices / 'int' object is not callable), or a misspelt key whose check never ran
+    from wtmodels.solvers import fixed_point
+
+    def make(checks):
+        def damped(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damp=0.5):
+            return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                               tau=damp)
+        damped.option_checks = checks
+        return damped
+
+    def must_be_half(v):
+        if v != 0.5:
+            raise ValueError(f"damp must be 0.5, got {v}")
+
+    cases = [(["damp"], "must be a dict"), ({"damp": 3}, r"callables.*\['damp'\]"),
+             ({"dampening": must_be_half}, r"\['dampening'\].*valid options: \['damp'\]")]
+    for checks, message in cases:
+        with pytest.raises(ValueError, match=message):
+            wt.register_solver("review15_malformed", make(checks))
+        assert "review15_malformed" not in wt.list_solvers()
+    wt.register_solver("review15_wellformed", make({"damp": must_be_half}))
+    try:
+        with pytest.raises(ValueError, match="damp must be 0.5"):
+            wt.solve(lambda z: 0.5 * z, torch.ones(2, 2), method="review15_wellformed", damp=0.7)
+        _, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.ones(2, 2),
+                            method="review15_wellformed", damp=0.5)
+        assert stats.converged.all()
+    finally:
+        from wtmodels.solvers import _SOLVERS
+        _SOLVERS.pop("review15_wellformed", None)

@@ -78,8 +78,38 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
     except TypeError as e:
         raise ValueError(f"solver {name!r} must be callable as solver(f, z0, *, max_iter, "
                          f"tol, stop_mode) with its other options optional: {e}") from None
+    _check_option_checks(name, solver)
     _SOLVERS[name] = solver
     return solver
+
+
+def _option_checks(solver: Callable) -> dict | None:
+    """``solver.option_checks``, or that of the solver a ``functools.partial`` wraps."""
+    checks = getattr(solver, "option_checks", None)
+    if checks is None and isinstance(solver, functools.partial):
+        checks = getattr(solver.func, "option_checks", None)
+    return checks
+
+
+def _check_option_checks(name: str, solver: Callable) -> None:
+    """``ValueError`` when ``solver``'s ``option_checks`` is not a dict of callables keyed by
+    options it takes (else a ``TypeError`` at the first solve, or a check that never runs: a
+    misspelt key would leave its option unchecked without a word)."""
+    checks = _option_checks(solver)
+    if checks is None:
+        return
+    if not isinstance(checks, dict):
+        raise ValueError(f"solver {name!r}: option_checks must be a dict {{option: "
+                         f"check(value)}}, got {type(checks).__name__}")
+    bad = sorted(str(k) for k, v in checks.items() if not callable(v))
+    if bad:
+        raise ValueError(f"solver {name!r}: option_checks values must be callables "
+                         f"check(value), not for {bad}")
+    valid = _read_options(solver)
+    unknown = [] if valid is None else sorted(str(k) for k in checks if k not in valid)
+    if unknown:
+        raise ValueError(f"solver {name!r}: option_checks name option(s) {unknown} it does "
+                         f"not take; valid options: {list(valid)}")
 
 
 def list_solvers() -> list[str]:
@@ -168,9 +198,7 @@ def check_options(name: str, opts: dict) -> None:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {name!r}; "
                          f"valid options: {list(valid)}")
-    checks = getattr(solver, "option_checks", None)
-    if checks is None and isinstance(solver, functools.partial):  # the wrapped solver's
-        checks = getattr(solver.func, "option_checks", None)
+    checks = _option_checks(solver)
     for key, value in opts.items():
         if key in (checks or {}):
             checks[key](value)
