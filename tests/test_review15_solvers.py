@@ -262,3 +262,16 @@ def test_register_solver_refuses_malformed_option_checks_naming_the_problem():
     finally:
         from wtmodels.solvers import _SOLVERS
         _SOLVERS.pop("review15_wellformed", None)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_anderson_with_a_history_of_one_is_damped_iteration(beta):
+    # with m = 1 there is nothing to mix: x <- x + beta (f(x) - x), fixed_point's tau = beta
+    A = torch.tensor([[0.5, 0.8], [-0.6, 0.3]], dtype=F64)
+    f = lambda z: torch.tanh(z @ A.T) + 1.0  # noqa: E731
+    za, sa = wt.solve(f, torch.zeros(2, 2, dtype=F64), method="anderson", m=1, beta=beta,
+                      tol=1e-10, max_iter=200)
+    zf, sf = wt.solve(f, torch.zeros(2, 2, dtype=F64), method="fixed_point", tau=beta,
+                      tol=1e-10, max_iter=200)
+    assert sa.converged.all() and torch.equal(sa.nstep, sf.nstep)
+    torch.testing.assert_close(za, zf, rtol=0, atol=1e-15)
