@@ -28,3 +28,39 @@ def test_sweep_runs_do_not_inherit_a_torchrun_job(monkeypatch):
 def test_sweep_runs_keep_the_thread_settings_when_none_given(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert harness.child_env(None)["OMP_NUM_THREADS"] == "5"
+
+
+def test_unrolled_deq_allows_for_an_f_returning_float16():
+    """The solvers allow for the rounding floor of an f returning float16 for a float32 z0
+    (4705cb6); DEQ(grad="unroll") runs its own iteration and flagged such samples diverged."""
+    import torch
+
+    import wtmodels as wt
+
+    g = torch.Generator().manual_seed(0)
+    D = 64
+    W = torch.randn(D, D, generator=g)
+    W = 0.6 * W / torch.linalg.matrix_norm(W, ord=2)
+    b = torch.randn(16, D, generator=g)
+    f = lambda z: (torch.tanh(z @ W.T) + b).half()  # noqa: E731
+    deq = wt.DEQ(grad="unroll", f_max_iter=100, f_tol=1e-7)
+    _, stats = deq(f, torch.zeros(16, D))
+    assert not stats.diverged.any(), stats.diverged.nonzero().flatten().tolist()
+    # a float16 runaway is still caught
+    _, stats = wt.DEQ(grad="unroll", f_max_iter=100)(lambda z: (1.5 * z + 1.0).half(),
+                                                      torch.zeros(2, 4))
+    assert bool(stats.diverged.all())
+
+
+def test_register_solver_refuses_a_blank_name():
+    import pytest
+
+    import wtmodels as wt
+
+    def mine(f, z0, *, max_iter, tol, stop_mode):  # pragma: no cover - never called
+        raise AssertionError
+
+    for name in ("", "  ", "\t"):
+        with pytest.raises(ValueError, match="non-empty"):
+            wt.register_solver(name, mine)
+    assert "  " not in wt.list_solvers()

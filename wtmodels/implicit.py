@@ -382,6 +382,7 @@ class DEQ(nn.Module):
         tracker = Tracker(prob.x0, self.budget, self.f_tol, self.stop_mode,
                           noise_eps=prob.noise_eps,
                           **{k: self.f_opts.get(k, v) for k, v in DIVERGENCE_DEFAULTS.items()})
+        prob.on_coarse_output = tracker.note_noise  # f returning float16: its rounding floor
         B, rel = z0.shape[0], self.stop_mode == "rel"
         per_sample = (B,) + (1,) * (z0.dim() - 1)
         # iterates; best_at is each sample's best iterate, with its graph (where a stopped
@@ -392,7 +393,10 @@ class DEQ(nn.Module):
             z_in, z_out = z, self._f_of(f, z)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
-                fx = prob.check_output(z_out).detach().reshape(B, -1).to(prob.compute_dtype)
+                fx = prob.check_output(z_out).detach().reshape(B, -1)
+                if fx.dtype != prob.compute_dtype:
+                    prob.note_output_dtype(fx.dtype)
+                    fx = fx.to(prob.compute_dtype)
                 before = tracker.best_rel if rel else tracker.best_abs
                 done = tracker.update(x, fx, fx - x)
                 improved = (tracker.best_rel if rel else tracker.best_abs) < before  # (B,)

@@ -58,7 +58,7 @@ def register_solver(name: str, solver: Callable, *, overwrite: bool = False) -> 
         >>> "damped_demo" in wt.list_solvers()
         True
     """
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name.strip():  # "  " could never be asked for
         raise ValueError(f"solver name must be a non-empty str, got {name!r}")
     if not callable(solver):
         raise ValueError(f"solver must be callable, got {type(solver).__name__}")

@@ -253,12 +253,18 @@ class Problem:
         fz = self.check_output(fz).reshape(self.flat_ints)
         if fz.dtype == self.compute_dtype:
             return fz
-        eps = torch.finfo(fz.dtype).eps
+        self.note_output_dtype(fz.dtype)
+        return fz.to(self.compute_dtype)
+
+    def note_output_dtype(self, dtype: torch.dtype) -> None:
+        """``f`` returned ``dtype``: if it is coarser than the compute dtype and than
+        :attr:`noise_eps`, its eps becomes the rounding level in play (and
+        :attr:`on_coarse_output` is told)."""
+        eps = torch.finfo(dtype).eps
         if eps > max(self.noise_eps or 0.0, torch.finfo(self.compute_dtype).eps):
             self.noise_eps = eps
             if self.on_coarse_output is not None:
                 self.on_coarse_output(eps)
-        return fz.to(self.compute_dtype)
 
     def _call(self, z: torch.Tensor):
         if self.autocast:
