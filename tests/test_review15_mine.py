@@ -60,7 +60,25 @@ def test_register_solver_refuses_a_blank_name():
     def mine(f, z0, *, max_iter, tol, stop_mode):  # pragma: no cover - never called
         raise AssertionError
 
-    for name in ("", "  ", "\t"):
+    for name in ("", "  ", "\t"):  # refused before anything is registered
         with pytest.raises(ValueError, match="non-empty"):
             wt.register_solver(name, mine)
     assert "  " not in wt.list_solvers()
+
+
+def test_solve_returns_z_contiguous_from_a_registered_solver_too(monkeypatch):
+    import torch
+
+    import wtmodels as wt
+    from wtmodels.solvers import fixed_point
+
+    def transposing(f, z0, *, max_iter, tol, stop_mode):
+        z, stats = fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+        return z.t().contiguous().t(), stats  # same values, column-major
+
+    monkeypatch.setattr(wt.solvers, "_SOLVERS", dict(wt.solvers._SOLVERS))  # kept clean
+    wt.register_solver("review15_transposing", transposing)
+    z, stats = wt.solve(lambda z: 0.5 * z + 1.0, torch.zeros(3, 4),
+                        method="review15_transposing", tol=1e-8, max_iter=100)
+    assert z.is_contiguous() and bool(stats.converged.all())
+    assert torch.allclose(z, torch.full((3, 4), 2.0), atol=1e-6)

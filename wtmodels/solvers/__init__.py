@@ -237,7 +237,8 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                                            stop_mode=stop_mode, **opts), z0)
     # no graph, as documented, also from a registered solver that ran f with autograd on (a
     # backward through it would reach f's parameters through its last step only)
-    return (z.detach() if z.requires_grad else z), stats
+    # contiguous, as documented, also from a registered solver (a no-op for the built-in ones)
+    return (z.detach() if z.requires_grad else z).contiguous(), stats
 
 
 def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
