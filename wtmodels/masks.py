@@ -332,7 +332,8 @@ def apply_to_mask_stacks(module: nn.Module, names: tuple[str, ...], module_apply
     stacks ``(K, *weight.shape)`` of masks, converted as ``K * weight.shape[0]`` weight-shaped
     rows: a memory format then reaches them as it reaches the weight
     (``.to(memory_format=torch.channels_last)`` refuses a 5-d ``(K, out, in, kh, kw)`` tensor
-    itself). The buffers keep their place in the state dict.
+    itself). The buffers keep their place in the state dict and stay bool (``Module.type``
+    converts every tensor).
     """
     held = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
     for n in held:
@@ -343,9 +344,12 @@ def apply_to_mask_stacks(module: nn.Module, names: tuple[str, ...], module_apply
         module._buffers.update(held)
     for n, stack in held.items():
         if stack.dim() >= 3:
-            module._buffers[n] = fn(stack.flatten(0, 1)).view(stack.shape)
+            converted = fn(stack.flatten(0, 1)).view(stack.shape)
         else:
-            module._buffers[n] = fn(stack)
+            converted = fn(stack)
+        if stack.dtype == torch.bool and converted.dtype != torch.bool:
+            converted = converted != 0  # Module.type(dtype) converts every tensor: masks stay
+        module._buffers[n] = converted  # bool (their 0 / 1 values are exact in any dtype)
     return module
 
 
