@@ -168,3 +168,17 @@ def test_threads_option_sets_and_records_one_thread(tmp_path, monkeypatch):
     assert seen == [1]
     env = json.loads((tmp_path / "r" / "config.json").read_text())["env"]
     assert env["threads"] == 1
+
+
+@pytest.mark.parametrize("core,extra", [
+    ("deq", {}),                                  # the solver hands the cell NCHW iterates
+    ("ode_fixed", {"mask_k": 2, "amp": True}),    # the second segment starts from a stack slice
+])
+def test_channels_last_survives_weight_norm(core, extra):
+    # weight norm forms its kernel g v / ||v|| in the default layout, so a convolution whose
+    # input is NCHW too ran NCHW: with --channels-last --weight-norm the DEQ's convolutions
+    # inside the solve (54 of 57) and the ODE's second masked segment ran in NCHW
+    settings = {**CORES[core], **extra, "channels_last": True, "weight_norm": True}
+    seen = _conv_outputs(settings)
+    dtype = torch.bfloat16 if extra.get("amp") else torch.float32
+    assert set(seen) == {(dtype, True)}, seen

@@ -85,6 +85,25 @@ def _check_depth(depth: int) -> int:
     return int(depth)
 
 
+def match_layout(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``z`` in channels-last memory format when ``like`` (the stage input) is channels-last.
+
+    A solver's iterate (reshaped from ``(B, n)``) or an ODE state taken from a stack is laid
+    out NCHW; a convolution runs channels-last only when its input or kernel is, and a
+    weight-normed kernel ``g v / ||v||`` is formed NCHW, so with ``--channels-last`` such a
+    cell ran NCHW.
+
+    Example:
+        >>> x = torch.zeros(1, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+        >>> match_layout(torch.zeros(1, 4, 2, 2), x).is_contiguous()
+        False
+    """
+    if (z.dim() == 4 and like.dim() == 4 and not like.is_contiguous()
+            and like.is_contiguous(memory_format=torch.channels_last)):
+        return z.contiguous(memory_format=torch.channels_last)
+    return z
+
+
 def unroll(cell: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
     """Apply ``cell`` ``depth`` times from ``z0 = 0``, mask ``mask_index(t)`` at iteration t.
 
@@ -267,6 +286,7 @@ class DEQCore(Core):
             evals = [0]
 
             def f(z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+                z = match_layout(z, x)  # the solver's iterates are NCHW
                 for i in range(max(k, 1)):
                     if k:
                         set_mask_index(self.cell, i)

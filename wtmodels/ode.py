@@ -38,7 +38,7 @@ from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from wtmodels.cores import Core, _check_depth, forward_pass
+from wtmodels.cores import Core, _check_depth, forward_pass, match_layout
 from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
 
 # Under torch.compile the adaptive methods integrate eagerly (a graph break around the whole
@@ -164,6 +164,7 @@ class _Dynamics(nn.Module):
         if self.index is not None:  # set on every call: the adjoint pass revisits segments
             set_mask_index(self.cell, self.index)
         self.counter[0] += 1
+        z = match_layout(z, self.x)  # a segment after the first starts from a stack slice
         return self.cell(z, self.x) - z  # (B, C, H, W)
 
 
