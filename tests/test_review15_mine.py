@@ -82,3 +82,31 @@ def test_solve_returns_z_contiguous_from_a_registered_solver_too(monkeypatch):
                         method="review15_transposing", tol=1e-8, max_iter=100)
     assert z.is_contiguous() and bool(stats.converged.all())
     assert torch.allclose(z, torch.full((3, 4), 2.0), atol=1e-6)
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_promise_one(tmp_path, capsys,
+                                                               monkeypatch):
+    """Ctrl-C said "--resume continues from the last checkpoint" when none had been written;
+    --resume then starts over (the start files make a plain rerun be refused)."""
+    from wtmodels import train
+
+    out = tmp_path / "run"
+    calls = []
+
+    def interrupted(settings):
+        out.mkdir()
+        (out / train.CONFIG_FILE).write_text("{}")
+        calls.append(settings)
+        if len(calls) == 2:
+            (out / train.CHECKPOINT_FILE).write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main(["--model", "test_wt", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint was written yet: --resume starts the run over" in err
+    assert "continues from the last checkpoint" not in err and err.count("\n") == 1
+    import shutil
+    shutil.rmtree(out)
+    assert train.main(["--model", "test_wt", "--out", str(out)]) == 130
+    assert "--resume continues from the last checkpoint" in capsys.readouterr().err

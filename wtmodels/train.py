@@ -891,6 +891,18 @@ def run(config: dict | TrainConfig, *, explicit: set[str] | None = None) -> dict
     return _Trainer(cfg, explicit).fit()
 
 
+def _after_interrupt(out) -> str:
+    """What an interrupted run leaves: a checkpoint to ``--resume`` from, or none yet.
+
+    Example:
+        >>> _after_interrupt(None)
+        'no checkpoint was written yet: --resume starts the run over'
+    """
+    if out is not None and (Path(os.path.expanduser(str(out))) / CHECKPOINT_FILE).is_file():
+        return "--resume continues from the last checkpoint"
+    return "no checkpoint was written yet: --resume starts the run over"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status.
 
@@ -901,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # not int(): a RANK=abc crashed here with a traceback (DistContext reports it in one line)
     is_main = os.environ.get("RANK", "0").strip() in ("", "0")
+    settings: dict = {}
     try:
         settings = parse_settings(argv)
         if "out" not in settings or settings["out"] is None:
@@ -921,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         if is_main:
-            print("wtmodels.train: interrupted; --resume continues from the last checkpoint",
+            print(f"wtmodels.train: interrupted; {_after_interrupt(settings.get('out'))}",
                   file=sys.stderr)
         return 130
     return 0
