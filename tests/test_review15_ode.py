@@ -11,6 +11,7 @@ from scipy.integrate import solve_ivp
 from torch import nn
 from torchdiffeq import odeint
 
+from tests.test_review14_ode import Counted
 from wtmodels.cells import ConvCell
 from wtmodels.masks import apply_masks, mask_index
 from wtmodels.ode import ODECore
@@ -226,18 +227,8 @@ def test_adjoint_with_masks_on_a_nonlinear_cell_matches_finite_differences():
         assert abs(x.grad[1, 2] - fd) < 1e-7
 
 
-class _Counted(nn.Module):
-    def __init__(self, cell):
-        super().__init__()
-        self.cell, self.calls = cell, 0
-
-    def forward(self, z, x):
-        self.calls += 1
-        return self.cell(z, x)
-
-
 def test_nfe_counts_the_forward_pass_only_not_the_adjoint_backward():
-    counted = _Counted(_cell(k=2))
+    counted = Counted(_cell(k=2))
     core = ODECore(counted, 2, T=1.0, method="dopri5", rtol=1e-6, atol=1e-6, adjoint=True)
     core(X.clone().requires_grad_(True)).sum().backward()
     forward_calls = core.last_stats["nfe"]
