@@ -154,13 +154,22 @@ def to_markdown(table: Sequence[dict]) -> str:
 def to_csv_rows(table: Sequence[dict]) -> list[dict]:
     """The table's entries as flat CSV rows (means, stds and counts; the seed list joined).
 
+    A sample standard deviation (n - 1) of fewer than two values is undefined: its ``_std``
+    cell is left empty (not 0, which would read as a measured zero spread).
+
     Example:
         >>> to_csv_rows([{"label": "WT", "seeds": [0, 1]}])[0]["seeds"]
         '0 1'
+        >>> to_csv_rows([{"test_acc_mean": 0.5, "test_acc_std": 0.0, "test_acc_count": 1}])[0][
+        ...     "test_acc_std"]
+        nan
     """
     out = []
     for g in table:
         row = dict(g)
         row["seeds"] = " ".join(str(s) for s in g.get("seeds", []))
+        for key in g:
+            if key.endswith("_std") and g.get(key[:-4] + "_count", 2) < 2:
+                row[key] = math.nan  # written as an empty cell
         out.append(row)
     return out
