@@ -154,9 +154,14 @@ class SyntheticImages(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         label = index % self.num_classes
-        # modulo 2**64, torch's seed range (a large seed overflowed; smaller ones keep theirs)
-        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.split) * 1_000_003
-                                             + index) & _MASK64)
+        # modulo 2**64, torch's seed range (a large seed overflowed; smaller ones keep theirs).
+        # From index P = 1000003 on that key was test image index - P's: hashed there instead
+        # (a training set over a million images held every test image's shift and noise)
+        if index < _SYNTHETIC_P:
+            key = ((self.seed * _SYNTHETIC_P + self.split) * _SYNTHETIC_P + index) & _MASK64
+        else:
+            key = _hash_seed(self.seed, self.split, index)
+        gen = torch.Generator().manual_seed(key)
         shift = torch.randint(-2, 3, (2,), generator=gen)
         image = torch.roll(self.prototypes[label], shifts=(int(shift[0]), int(shift[1])),
                            dims=(1, 2))  # (C, H, W)
@@ -655,6 +660,7 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
 
 
 _MASK64 = (1 << 64) - 1
+_SYNTHETIC_P = 1_000_003  # SyntheticImages' seed multiplier
 
 
 def _check_seed(seed) -> int:
