@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
 
+from tests.test_data_correctness import _write_cifar10
 from wtmodels.data import SyntheticImages, get_datasets
 
 torch.set_num_threads(1)
@@ -198,26 +197,9 @@ def test_fashion_idx_files_resized_and_augmented_as_documented(tmp_path):
 
 def test_cifar_image_size_resizes_both_splits_and_pads_the_crop_by_size_over_8(tmp_path,
                                                                                monkeypatch):
-    folder = tmp_path / tvd.CIFAR10.base_folder
-    folder.mkdir()
-    rng = np.random.default_rng(9)
-    md5, batches = {}, {}
-    for name, _ in tvd.CIFAR10.train_list + tvd.CIFAR10.test_list + [["batches.meta", ""]]:
-        if name == "batches.meta":
-            obj = {"label_names": [f"c{i}" for i in range(10)]}
-        else:
-            images = rng.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
-            labels = rng.integers(0, 10, size=2).tolist()
-            batches[name] = (torch.tensor(images).float() / 255, labels)
-            obj = {"batch_label": name, "labels": labels, "data": images.reshape(2, -1),
-                   "filenames": [f"{name}_{i}.png" for i in range(2)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
-        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
-    cls = tvd.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[k, md5[k]] for k, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[k, md5[k]] for k, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["batches.meta"]})
+    # 2 images per batch, in the real pickle format (uint8 -> [0, 1] for the comparisons)
+    batches = {name: (torch.tensor(images).float() / 255, labels) for name, (images, labels)
+               in _write_cifar10(tmp_path, monkeypatch, n=2).items()}
     train, test, info = get_datasets("cifar10", data_dir=tmp_path, image_size=16)
     assert info["image_size"] == 16 and (len(train), len(test)) == (10, 2)
     images, labels = batches["test_batch"]  # the test set is test_batch, resized, not augmented
