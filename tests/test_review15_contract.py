@@ -630,10 +630,10 @@ def test_train_cli_test_metrics_are_per_sample_over_the_test_set(deq_run):
 
 
 def test_train_cli_seed_is_used(deq_run):
-    res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/seed1", "--seed", "1"],
-               cwd=deq_run.parent.parent, timeout=120)
-    assert res.returncode == 0, res.stderr
+    from wtmodels import train
+
     other = deq_run.parent / "seed1"
+    assert train.main([*TRAIN_ARGS, "--out", str(other), "--seed", "1"]) == 0
     assert json.loads((other / "config.json").read_text())["train"]["seed"] == 1
     a = torch.load(deq_run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
     b = torch.load(other / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
@@ -643,10 +643,10 @@ def test_train_cli_seed_is_used(deq_run):
 
 
 def test_train_cli_resume_of_a_finished_run_trains_nothing(deq_run):
+    from wtmodels import train
+
     before = (deq_run / "metrics.jsonl").read_text()
-    res = _run(["-m", "wtmodels.train", *TRAIN_ARGS, "--out", "runs/a", "--seed", "0",
-                "--resume"], cwd=deq_run.parent.parent, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert train.main([*TRAIN_ARGS, "--out", str(deq_run), "--seed", "0", "--resume"]) == 0
     assert (deq_run / "metrics.jsonl").read_text() == before
 
 
@@ -655,12 +655,16 @@ def test_train_cli_resume_of_a_finished_run_trains_nothing(deq_run):
     (["--model", "test_wt", "--dataset", "nope"], ["digits", "mnist"]),
     (["--model", "test_wt", "--dataset", "digits", "--grad", "nope"], ["ift", "phantom"]),
 ])
-def test_train_cli_bad_names_one_stderr_line_exit_2(tmp_path, args, words):
-    res = _run(["-m", "wtmodels.train", *args, "--epochs", "1", "--out", str(tmp_path / "r"),
-                "--threads", "1"], cwd=tmp_path, timeout=60)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr
+def test_train_cli_bad_names_one_stderr_line_exit_2(tmp_path, args, words, capsys):
+    # in-process (main returns the exit status); deq_run and the sweep test run the command
+    # line in a separate process
+    from wtmodels import train
+
+    assert train.main([*args, "--epochs", "1", "--out", str(tmp_path / "r"),
+                       "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
     assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
 

@@ -98,21 +98,42 @@ def test_deq_solver_statistics_over_ranks_count_every_test_image_once(tmp_path):
     assert 0 < b["converged"] < 1  # the check means something: some solves converge
 
 
+def _tiny_argv(out) -> list[str]:
+    argv = ["--out", str(out)]
+    for key, value in TINY.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    return argv
+
+
+def test_a_rank_outside_the_group_is_one_line_and_exit_2_at_once(tmp_path):
+    """RANK outside 0..WORLD_SIZE-1 (a hand-set environment) waited for peers until the
+    30-minute process-group timeout (a separate process under a timeout: a regression hangs)."""
+    proc = subprocess.run([sys.executable, "-m", "wtmodels.train", *_tiny_argv(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60,
+                          env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
+                               "WORLD_SIZE": "2", "RANK": "2"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "RANK=2 must be in 0..WORLD_SIZE-1 (WORLD_SIZE=2)" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("env", "message"), [
-    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 must be in 0..WORLD_SIZE-1 (WORLD_SIZE=2)"),
     ({"WORLD_SIZE": "0", "RANK": "0"}, "RANK=0 must be in 0..WORLD_SIZE-1 (WORLD_SIZE=0)"),
     ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two' is not an integer"),
     ({"WORLD_SIZE": "2", "RANK": "one"}, "rank one: environment variable RANK='one' is not"),
 ])
-def test_a_bad_torchrun_environment_is_one_line_and_exit_2_at_once(tmp_path, env, message):
-    """RANK outside 0..WORLD_SIZE-1 (a hand-set environment) waited for peers until the
-    30-minute process-group timeout; WORLD_SIZE=two said only "invalid literal for int()", and
-    RANK=one crashed main() with a traceback."""
-    argv = [sys.executable, "-m", "wtmodels.train", "--out", str(tmp_path / "run")]
-    for key, value in TINY.items():
-        argv += ["--" + key.replace("_", "-"), str(value)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", **env})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+def test_a_bad_torchrun_environment_is_one_line_and_exit_2(tmp_path, env, message, capsys,
+                                                           monkeypatch):
+    """WORLD_SIZE=two said only "invalid literal for int()", and RANK=one crashed main() with
+    a traceback (checked in-process: these fail before any process group is made)."""
+    from wtmodels import train
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert train.main(_tiny_argv(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
