@@ -393,10 +393,7 @@ class DEQ(nn.Module):
             z_in, z_out = z, self._f_of(f, z)
             with torch.no_grad():
                 x = z.detach().reshape(B, -1).to(prob.compute_dtype)
-                fx = prob.check_output(z_out).detach().reshape(B, -1)
-                if fx.dtype != prob.compute_dtype:
-                    prob.note_output_dtype(fx.dtype)
-                    fx = fx.to(prob.compute_dtype)
+                fx = prob.to_compute(prob.check_output(z_out).detach().reshape(B, -1))
                 before = tracker.best_rel if rel else tracker.best_abs
                 done = tracker.update(x, fx, fx - x)
                 improved = (tracker.best_rel if rel else tracker.best_abs) < before  # (B,)

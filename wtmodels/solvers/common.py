@@ -250,21 +250,20 @@ class Problem:
             if not self.rounds:  # (z is a copy then) f wrote the iterate x: f again at it
                 self.copies = True
                 fz = self._call(z.clone())
-        fz = self.check_output(fz).reshape(self.flat_ints)
-        if fz.dtype == self.compute_dtype:
-            return fz
-        self.note_output_dtype(fz.dtype)
-        return fz.to(self.compute_dtype)
+        return self.to_compute(self.check_output(fz).reshape(self.flat_ints))
 
-    def note_output_dtype(self, dtype: torch.dtype) -> None:
-        """``f`` returned ``dtype``: if it is coarser than the compute dtype and than
-        :attr:`noise_eps`, its eps becomes the rounding level in play (and
+    def to_compute(self, fx: torch.Tensor) -> torch.Tensor:
+        """``f``'s output ``fx`` in the compute dtype. A dtype coarser than the compute dtype
+        and than :attr:`noise_eps` makes its eps the rounding level in play (and
         :attr:`on_coarse_output` is told)."""
-        eps = torch.finfo(dtype).eps
+        if fx.dtype == self.compute_dtype:
+            return fx
+        eps = torch.finfo(fx.dtype).eps
         if eps > max(self.noise_eps or 0.0, torch.finfo(self.compute_dtype).eps):
             self.noise_eps = eps
             if self.on_coarse_output is not None:
                 self.on_coarse_output(eps)
+        return fx.to(self.compute_dtype)
 
     def _call(self, z: torch.Tensor):
         if self.autocast:
