@@ -78,6 +78,22 @@ class Core(nn.Module):
         return None
 
 
+
+def eager_under_compile(fn):
+    """``fn`` run eagerly, a graph break, wherever ``torch.compile`` traces a caller: what
+    ``torch.compiler.disable(fn)`` gives, except that ``torch._dynamo`` (whose import takes
+    seconds of every process's start) is imported at the first call, not at import. Uses torch's
+    own lazy form of it where torch has one.
+
+    Example:
+        >>> import torch
+        >>> double = eager_under_compile(lambda t: 2 * t)
+        >>> double(torch.ones(2)).tolist()
+        [2.0, 2.0]
+    """
+    lazy = getattr(torch, "_disable_dynamo", None)  # torch >= 2.1; private but torch-wide
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
 def _check_depth(depth: int) -> int:
     # numbers.Integral: a depth from np.arange (a sweep) is an integer too, as in ModelConfig
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:

@@ -33,8 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import gzip
+import importlib.util
 import math
 import numbers
 import os
@@ -44,10 +44,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.transforms import v2
+
+# torchvision is imported where a dataset needs it (its import, which pulls in torch._dynamo,
+# takes seconds of every training process's start): digits and synthetic never do.
 
 # Debian's dataset-fashion-mnist installs the four idx .gz files here.
 FASHION_MNIST_SYSTEM_DIRS = ["/usr/share/datasets/fashion-mnist"]
@@ -65,6 +66,8 @@ NORMALISATION = {
     "synthetic": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
+# the digits split (wtmodels/digits_split.py): scikit-learn's stratified train_test_split of the
+# 1797 images with this test fraction and random_state
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -173,18 +176,25 @@ class SyntheticImages(Dataset):
 # transforms
 
 def _to_float_image() -> Callable:
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
 
-def _normalise(name: str) -> v2.Normalize:
+def _normalise(name: str) -> Callable:
+    from torchvision.transforms import v2
+
     mean, std = NORMALISATION[name]
     return v2.Normalize(mean=list(mean), std=list(std))
 
 
 def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad: int,
-                            flip: bool, from_pil: bool, resize: int | None):
-    """(train, test) transforms for fixed-size datasets: optional resize, pad-crop, flip."""
-    base = [_to_float_image()] if from_pil else []
+                            flip: bool, resize: int | None):
+    """(train, test) transforms for fixed-size PIL datasets: to float, optional resize, pad-crop,
+    flip, normalise."""
+    from torchvision.transforms import v2
+
+    base = [_to_float_image()]
     if resize is not None:
         base.append(v2.Resize((resize, resize), antialias=True))
     aug = []
@@ -194,6 +204,54 @@ def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad:
         aug.append(v2.RandomHorizontalFlip())
     norm = [_normalise(name)]
     return v2.Compose(base + aug + norm), v2.Compose(base + norm)
+
+
+class TensorImageTransform:
+    """Resize, pad-and-random-crop and normalise a float ``(C, H, W)`` image tensor: what
+    torchvision's ``v2.Resize((size, size), antialias=True)``, ``v2.RandomCrop(size,
+    padding=crop_pad)`` and ``v2.Normalize(mean, std)`` do, bit for bit, with the crop offsets
+    drawn from torch's global generator as they draw them (top, then left), but without importing
+    torchvision. The digits transform.
+
+    Args:
+        mean, std: per-channel normalisation.
+        size: output side; the image is resized to ``(size, size)`` first unless it has that
+            size already.
+        crop_pad: zero padding on every side before a random ``size x size`` crop; 0: no crop.
+
+    Example:
+        >>> import torch
+        >>> tf = TensorImageTransform(mean=(0.5,), std=(0.25,), size=4, crop_pad=1)
+        >>> _ = torch.manual_seed(0)
+        >>> out = tf(torch.full((1, 8, 8), 0.75))
+        >>> tuple(out.shape), float(out.max())
+        ((1, 4, 4), 1.0)
+    """
+
+    def __init__(self, mean, std, size: int, crop_pad: int = 0):
+        if any(s == 0 for s in std):
+            raise ValueError(f"std must have no zero entry, got {tuple(std)}")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.size, self.crop_pad = int(size), int(crop_pad)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        side = self.size
+        if tuple(image.shape[-2:]) != (side, side):
+            image = F.interpolate(image[None], size=[side, side], mode="bilinear",
+                                  align_corners=False, antialias=True)[0]  # (C, side, side)
+        if self.crop_pad > 0:
+            pad = self.crop_pad
+            padded = F.pad(image, [pad, pad, pad, pad])  # (C, side + 2 pad, side + 2 pad), zeros
+            top = int(torch.randint(0, 2 * pad + 1, size=()))
+            left = int(torch.randint(0, 2 * pad + 1, size=()))
+            image = padded[..., top:top + side, left:left + side]  # (C, side, side)
+        mean = torch.as_tensor(self.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        return image.sub(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(mean={self.mean}, std={self.std}, size={self.size}, "
+                f"crop_pad={self.crop_pad})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,20 +285,40 @@ def _subset(ds: Dataset, size: int | None, seed: int, field: str) -> Dataset:
 # the datasets
 
 
-def _digits(data_dir, download, augment, image_size, opts):
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits as ``(images (1797, 8, 8) float64 in 0..16, targets (1797,)
+    int)``, equal to ``load_digits()``'s ``images`` and ``target``, read from the CSV scikit-learn
+    ships without importing scikit-learn (about a second of every training process's start);
+    through ``load_digits`` where the file is not where scikit-learn keeps it.
+
+    Example:
+        >>> images, targets = load_digits_arrays()
+        >>> images.shape, targets.shape, float(images.max()), int(targets[:10].sum())
+        ((1797, 8, 8), (1797,), 16.0, 45)
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")  # (1797, 65): 64 pixels, then the label
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    targets = torch.tensor(digits.target)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(targets)), test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
-        random_state=DIGITS_SPLIT_SEED)
+    return digits.images, digits.target
+
+
+def _digits(data_dir, download, augment, image_size, opts):
+    from wtmodels.digits_split import TEST_INDICES, TRAIN_INDICES
+
+    raw_images, raw_targets = load_digits_arrays()
+    images = torch.tensor(raw_images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    targets = torch.tensor(raw_targets)  # (N,)
+    idx_train, idx_test = list(TRAIN_INDICES), list(TEST_INDICES)
     size = image_size or 8
-    resize = None if size == 8 else size
-    train_tf, test_tf = _small_image_transforms("digits", size, augment, crop_pad=1, flip=False,
-                                                from_pil=False, resize=resize)
+    mean, std = NORMALISATION["digits"]
+    train_tf = TensorImageTransform(mean, std, size, crop_pad=1 if augment else 0)
+    test_tf = TensorImageTransform(mean, std, size)
     train = TensorImageDataset(images[idx_train], targets[idx_train], train_tf)
     test = TensorImageDataset(images[idx_test], targets[idx_test], test_tf)
     return train, test, {"num_classes": 10, "in_chans": 1, "image_size": size}
@@ -306,7 +384,7 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
     size = image_size or 28
     resize = None if size == 28 else size
     train_tf, test_tf = _small_image_transforms(name, size, augment, crop_pad=2,
-                                                flip=name == "fashion_mnist", from_pil=True,
+                                                flip=name == "fashion_mnist",
                                                 resize=resize)
     info = {"num_classes": 10, "in_chans": 1, "image_size": size}
     root = Path(data_dir).expanduser() if data_dir is not None else None
@@ -411,7 +489,7 @@ def _cifar(name: str, tv_name: str, num_classes: int, data_dir, download, augmen
     size = image_size or 32
     resize = None if size == 32 else size
     train_tf, test_tf = _small_image_transforms(name, size, augment, crop_pad=size // 8,
-                                                flip=True, from_pil=True, resize=resize)
+                                                flip=True, resize=resize)
     try:
         train = tv_cls(root, train=True, transform=train_tf, download=download)
         test = tv_cls(root, train=False, transform=test_tf, download=download)
@@ -458,60 +536,6 @@ def _cifar100(data_dir, download, augment, image_size, opts):
     return _cifar("cifar100", "CIFAR100", 100, data_dir, download, augment, image_size)
 
 
-def _load_rgb(path: str):
-    """ImageFolder's loader: any image as 8-bit RGB. 16-bit grayscale (PIL modes ``I;16*`` and
-    ``I``, e.g. 16-bit PNGs) is scaled from 0..65535 to 0..255; torchvision's own loader clips it
-    to 255, turning every such image white."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode == "I" or img.mode.startswith("I;16"):
-                wide = np.asarray(img).astype(np.float64)  # (H, W) in 0..65535
-                img = Image.fromarray(np.round(np.clip(wide, 0, 65535) / 257).astype(np.uint8),
-                                      "L")
-            return img.convert("RGB")
-    except Image.DecompressionBombError as err:  # no OSError, and it names no file
-        raise OSError(f"{path}: {err} (if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
-                      "or shrink the image)") from err
-    except (OSError, SyntaxError, ValueError) as err:  # truncated, not an image, bad header
-        if str(path) in str(err):
-            raise
-        # PIL's "image file is truncated" names no file: in a tree of a million, say which
-        raise OSError(f"{path}: {err}") from err
-
-
-def _hidden(name: str) -> bool:
-    """A dot name (``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._x.png`` resource forks)."""
-    return name.startswith(".")
-
-
-class _VisibleImageFolder(ImageFolder):
-    """ImageFolder without hidden entries, as the shell's ``ROOT/train/<class>/*`` reads it:
-    torchvision made a class of ``.ipynb_checkpoints`` (refused as "no valid file", or trained
-    on as an extra class) and read ``._x.png`` resource forks as images. Defined at module
-    level: loader workers started by spawn / forkserver pickle the dataset."""
-
-    def __init__(self, root: str, transform, loader):
-        super().__init__(root, transform=transform, loader=loader,
-                         is_valid_file=functools.partial(_visible_image, root))
-
-    def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory)
-                         if e.is_dir() and not _hidden(e.name))
-        if not classes:
-            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-        return classes, {name: i for i, name in enumerate(classes)}
-
-
-def _visible_image(split_root: str, path: str) -> bool:
-    """An image file none of whose path parts below ``split_root`` is hidden."""
-    parts = Path(os.path.relpath(path, split_root)).parts
-    return not any(_hidden(part) for part in parts) and has_file_allowed_extension(
-        path, IMG_EXTENSIONS)
-
-
 def _imagefolder(data_dir, download, augment, image_size, opts):
     if data_dir is None:
         raise ValueError("dataset imagefolder needs --data-dir ROOT holding ROOT/train/<class>/* "
@@ -524,6 +548,10 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
                 hint = f"; {root / 'test'} is there: rename it (or link it) to {root / 'val'}"
             raise ValueError(f"dataset imagefolder: {root / split} is not a directory "
                              f"(expected ROOT/train/<class>/* and ROOT/val/<class>/*){hint}")
+    from torchvision.transforms import v2
+
+    from wtmodels.image_folder import IMG_EXTENSIONS, VisibleImageFolder, load_rgb
+
     size = image_size or 224
     norm = _normalise("imagefolder")
     if augment:
@@ -537,7 +565,7 @@ def _imagefolder(data_dir, download, augment, image_size, opts):
     found = {}
     for split, tf in (("train", train_tf), ("val", test_tf)):
         try:
-            found[split] = _VisibleImageFolder(str(root / split), tf, _load_rgb)
+            found[split] = VisibleImageFolder(str(root / split), tf, load_rgb)
         except (FileNotFoundError, RuntimeError) as err:  # e.g. a class folder without images
             msg = " ".join(str(err).split())
             if "Found no valid file" in msg:

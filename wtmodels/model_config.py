@@ -192,12 +192,17 @@ class ModelConfig:
                     ) from None
         # Names are checked whatever the core: a misspelt solver or method is an error even
         # where the field is unused, never silently ignored.
-        from wtmodels.ode import check_method
         from wtmodels.solvers import list_solvers
 
         _check_choice("f_solver", self.f_solver, tuple(list_solvers()))
         _check_choice("b_solver", self.b_solver, tuple(list_solvers()))
-        check_method(self.ode_method)
+        if self.core == "ode" or self.ode_method != ModelConfig.ode_method:
+            # the default is one of torchdiffeq's methods (tests check it): importing
+            # torchdiffeq, with scipy half a second, for a model that solves no ODE only to
+            # check the default would lengthen every such process's start
+            from wtmodels.ode import check_method
+
+            check_method(self.ode_method)
         return self
 
 

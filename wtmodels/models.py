@@ -36,7 +36,7 @@ from torch import nn
 
 from wtmodels.accounting import model_summary
 from wtmodels.cells import ConvCell, make_norm
-from wtmodels.cores import Core, DEQCore, UnrolledCore, UntiedCore
+from wtmodels.cores import Core, DEQCore, UnrolledCore, UntiedCore, eager_under_compile
 from wtmodels.masks import apply_masks, derive_seed
 from wtmodels.model_config import CORES, ModelConfig
 
@@ -149,7 +149,7 @@ def build_core(width: int, cfg: ModelConfig, stage: int = 0) -> Core:
     raise ValueError(f"unknown core {cfg.core!r}; valid cores: {', '.join(CORES)}")
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _run_eager(core: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``core(x)``, outside any graph torch.compile captures (eager, a graph break)."""
     return core(x)

@@ -38,7 +38,7 @@ from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from wtmodels.cores import Core, _check_depth, forward_pass, match_layout
+from wtmodels.cores import Core, _check_depth, eager_under_compile, forward_pass, match_layout
 from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
 
 # Under torch.compile the adaptive methods integrate eagerly (a graph break around the whole
@@ -46,8 +46,8 @@ from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
 # in place, and with the slice the output of a compiled graph the backward pass raised "Output 0
 # of Slice is a view and its base ... has been modified inplace" (dopri5, ode_m's method). The
 # fixed-grid methods compile.
-_odeint_eager = torch.compiler.disable(odeint)
-_odeint_adjoint_eager = torch.compiler.disable(odeint_adjoint)
+_odeint_eager = eager_under_compile(odeint)
+_odeint_adjoint_eager = eager_under_compile(odeint_adjoint)
 
 # "scipy_solver" needs a backend option of its own; every other torchdiffeq method is offered.
 ODE_METHODS = tuple(name for name in SOLVERS if name != "scipy_solver")
