@@ -71,9 +71,14 @@ def test_digits_sets_are_the_torchvision_pipeline_on_the_raw_digits():
                 assert torch.equal(x, pipeline(source.clone()))
 
 
-def test_zero_std_is_refused_and_the_transform_pickles():
+def test_bad_settings_are_refused_and_the_transform_pickles():
     with pytest.raises(ValueError, match="std"):
         TensorImageTransform((0.5,), (0.0,), 8)
+    for size in (0, 2.5, True):
+        with pytest.raises(ValueError, match="size must be an integer >= 1"):
+            TensorImageTransform((0.5,), (0.25,), size)
+    with pytest.raises(ValueError, match="crop_pad must be an integer >= 0"):
+        TensorImageTransform((0.5,), (0.25,), 8, crop_pad=-1)
     tf = TensorImageTransform((0.5,), (0.25,), 6, crop_pad=2)
     copy = pickle.loads(pickle.dumps(tf))  # loader workers started by spawn pickle it
     image = torch.rand(1, 8, 8)

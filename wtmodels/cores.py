@@ -78,7 +78,6 @@ class Core(nn.Module):
         return None
 
 
-
 def eager_under_compile(fn):
     """``fn`` run eagerly, a graph break, wherever ``torch.compile`` traces a caller: what
     ``torch.compiler.disable(fn)`` gives, except that ``torch._dynamo`` (whose import takes
@@ -93,6 +92,7 @@ def eager_under_compile(fn):
     """
     lazy = getattr(torch, "_disable_dynamo", None)  # torch >= 2.1; private but torch-wide
     return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
 
 def _check_depth(depth: int) -> int:
     # numbers.Integral: a depth from np.arange (a sweep) is an integer too, as in ModelConfig

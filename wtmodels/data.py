@@ -231,6 +231,10 @@ class TensorImageTransform:
     def __init__(self, mean, std, size: int, crop_pad: int = 0):
         if any(s == 0 for s in std):
             raise ValueError(f"std must have no zero entry, got {tuple(std)}")
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        if isinstance(crop_pad, bool) or not isinstance(crop_pad, numbers.Integral) or crop_pad < 0:
+            raise ValueError(f"crop_pad must be an integer >= 0, got {crop_pad!r}")
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.size, self.crop_pad = int(size), int(crop_pad)
 
