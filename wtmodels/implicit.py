@@ -202,7 +202,7 @@ class DEQ(nn.Module):
             solver = get_solver(self.f_solver)
             z_sol, stats = check_result(self.f_solver, solver(
                 f, z0.detach(), max_iter=self.budget, tol=self.f_tol, stop_mode=self.stop_mode,
-                **self.f_opts), z0)
+                **self.f_opts), z0, tol=self.f_tol, stop_mode=self.stop_mode)
             z_in = z_out = None
             # the output is the same function of the inputs with autograd on or off (eval
             # metrics must come from the model that was trained): f at the solver's iterate
@@ -342,7 +342,7 @@ class DEQ(nn.Module):
         with coarse_precision(coarse):
             u, stats = check_result(self.b_solver, solver(
                 adjoint, g, max_iter=self.b_max_iter, tol=self.b_tol, stop_mode=self.stop_mode,
-                **self.b_opts), g)
+                **self.b_opts), g, tol=self.b_tol, stop_mode=self.stop_mode)
         if scale is not None:  # the adjoint of the loss as it came, and its residuals
             u = u * scale
             peak = peak.to(stats.abs_lowest.device, stats.abs_lowest.dtype)

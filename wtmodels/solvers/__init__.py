@@ -234,19 +234,23 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
     solver = get_solver(method)
     check_options(method, opts)
     z, stats = check_result(method, solver(f, z0, max_iter=max_iter, tol=tol,
-                                           stop_mode=stop_mode, **opts), z0)
+                                           stop_mode=stop_mode, **opts), z0,
+                            tol=tol, stop_mode=stop_mode)
     # no graph, as documented, also from a registered solver that ran f with autograd on (a
     # backward through it would reach f's parameters through its last step only)
     # contiguous, as documented, also from a registered solver (a no-op for the built-in ones)
     return (z.detach() if z.requires_grad else z).contiguous(), stats
 
 
-def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, SolverStats]:
+def check_result(name: str, result, z0: torch.Tensor, *, tol: float | None = None,
+                 stop_mode: str | None = None) -> tuple[torch.Tensor, SolverStats]:
     """``result`` if it is ``(z, SolverStats)`` with ``z`` of ``z0``'s shape, device and
     dtype, else ``ValueError`` naming solver ``name`` (a registered solver returning something
     else would otherwise be unpacked into nonsense: a ``(2, D)`` tensor makes two rows; a ``z``
     moved to the CPU, or cast to float64, would make a GPU model's output a CPU tensor, or fail
-    deep inside ``f``).
+    deep inside ``f``). Also a ``ValueError`` when a sample reported converged has a non-finite
+    ``z`` or, given the solve's ``tol`` and ``stop_mode``, a lowest residual above ``tol`` (or
+    NaN): a solver never reports convergence it did not reach.
 
     Example:
         >>> import torch
@@ -271,7 +275,38 @@ def check_result(name: str, result, z0: torch.Tensor) -> tuple[torch.Tensor, Sol
         raise ValueError(f"solver {name!r} must return (z, SolverStats) with z of z0's shape "
                          f"{tuple(z0.shape)}, got {got}")
     _check_stats(name, result[1], z0.shape[0])
+    _check_converged(name, *result, tol, stop_mode)
     return result
+
+
+def _check_converged(name: str, z: torch.Tensor, stats: SolverStats, tol: float | None,
+                     stop_mode: str | None) -> None:
+    """``ValueError`` naming solver ``name`` and the first offending samples when a sample it
+    reports converged has a non-finite ``z`` or (``tol`` given) a lowest residual of
+    ``stop_mode`` that is not ``<= tol``."""
+    converged = stats.converged
+    finite = torch.isfinite(z.reshape(z.shape[0], -1)).all(1).to(converged.device)  # (B,)
+    bad = converged & ~finite
+    if bool(bad.any()):
+        raise ValueError(f"solver {name!r} reported samples {_first(bad)} converged with a "
+                         "non-finite z; a sample whose z is not finite has not converged")
+    if tol is None or stop_mode is None:
+        return
+    tol = float(tol)  # a checked Fraction or numpy number: what the solver compared with
+    lowest = stats.rel_lowest if stop_mode == "rel" else stats.abs_lowest
+    bad = converged & ~(lowest.to(converged.device) <= tol)  # NaN: not <= tol
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"solver {name!r} reported samples {_first(bad)} converged with a "
+                         f"lowest {stop_mode} residual above tol={tol:g} (sample {first}: "
+                         f"{float(lowest[first]):.3g}); converged means within tol")
+
+
+def _first(mask: torch.Tensor, most: int = 5) -> str:
+    """The first ``most`` indices where ``mask`` is True, for a message."""
+    indices = mask.nonzero().flatten().tolist()
+    more = f" and {len(indices) - most} more" if len(indices) > most else ""
+    return ", ".join(map(str, indices[:most])) + more
 
 
 # SolverStats field -> (dimensions, dtype kind): "int" (not bool), "bool" or "float"
