@@ -74,3 +74,13 @@ def test_a_digits_run_imports_no_scikit_learn_torchdiffeq_or_scipy(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_the_default_ode_method_is_one_validation_need_not_import_torchdiffeq_for():
+    # ModelConfig.validate skips importing torchdiffeq only for the default ode_method
+    from wtmodels.model_config import ModelConfig
+    from wtmodels.ode import ODE_METHODS
+
+    assert ModelConfig.ode_method in ODE_METHODS
+    with pytest.raises(ValueError, match="unknown ode_method 'rk45'; valid methods: dopri8"):
+        ModelConfig(core="unrolled", ode_method="rk45").validate()
