@@ -207,7 +207,8 @@ def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad:
 
 
 class TensorImageTransform:
-    """Resize, pad-and-random-crop and normalise a float ``(C, H, W)`` image tensor: what
+    """Resize, pad-and-random-crop and normalise a float ``(C, H, W)`` (or ``(..., C, H, W)``,
+    one crop for all) image tensor: what
     torchvision's ``v2.Resize((size, size), antialias=True)``, ``v2.RandomCrop(size,
     padding=crop_pad)`` and ``v2.Normalize(mean, std)`` do, bit for bit, with the crop offsets
     drawn from torch's global generator as they draw them (top, then left), but without importing
@@ -239,10 +240,22 @@ class TensorImageTransform:
         self.size, self.crop_pad = int(size), int(crop_pad)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(image) or not image.is_floating_point() or image.ndim < 3:
+            what = (f"{image.dtype} tensor of shape {tuple(image.shape)}" if torch.is_tensor(image)
+                    else type(image).__name__)
+            raise ValueError("TensorImageTransform takes a floating-point (C, H, W) or "
+                             f"(..., C, H, W) image tensor, got a {what}")
         side = self.size
         if tuple(image.shape[-2:]) != (side, side):
-            image = F.interpolate(image[None], size=[side, side], mode="bilinear",
-                                  align_corners=False, antialias=True)[0]  # (C, side, side)
+            # as v2.Resize: leading dims flattened into a batch, and half / bfloat16 (which
+            # interpolate's antialiased bilinear lacks) resized in float32 and cast back
+            shape, dtype = image.shape, image.dtype
+            batch = image.reshape(-1, *shape[-3:])  # (B, C, H, W)
+            if dtype not in (torch.float32, torch.float64):
+                batch = batch.float()
+            batch = F.interpolate(batch, size=[side, side], mode="bilinear",
+                                  align_corners=False, antialias=True)  # (B, C, side, side)
+            image = batch.to(dtype).reshape(*shape[:-2], side, side)
         if self.crop_pad > 0:
             pad = self.crop_pad
             padded = F.pad(image, [pad, pad, pad, pad])  # (C, side + 2 pad, side + 2 pad), zeros
