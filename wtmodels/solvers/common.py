@@ -416,7 +416,10 @@ class Tracker:
         B = x0.shape[0]
         self.pool = pool
         self.small = sm = Small(x0)
-        self.tol, self.rel = tol, stop_mode == "rel"
+        # a tol beyond the dtype (1e39 in float32) would round to inf in the comparisons, and
+        # an infinite residual (f returning inf) would read as converged
+        self.tol = min(tol, float(torch.finfo(x0.dtype).max))
+        self.rel = stop_mode == "rel"
         self.div_factor, self.patience = div_factor, patience
         # traces grow on demand: the memory follows the evaluations made, not max_iter; the
         # first allocation holds 64 evaluations, fewer for a huge batch (a fixed 64 columns
