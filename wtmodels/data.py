@@ -207,12 +207,11 @@ def _small_image_transforms(name: str, image_size: int, augment: bool, crop_pad:
 
 
 class TensorImageTransform:
-    """Resize, pad-and-random-crop and normalise a float ``(C, H, W)`` (or ``(..., C, H, W)``,
-    one crop for all) image tensor: what
-    torchvision's ``v2.Resize((size, size), antialias=True)``, ``v2.RandomCrop(size,
-    padding=crop_pad)`` and ``v2.Normalize(mean, std)`` do, bit for bit, with the crop offsets
-    drawn from torch's global generator as they draw them (top, then left), but without importing
-    torchvision. The digits transform.
+    """Resize, pad-and-random-crop and normalise a float ``(C, H, W)`` image tensor (or a batch
+    ``(..., C, H, W)``, one crop for all): what torchvision's ``v2.Resize((size, size),
+    antialias=True)``, ``v2.RandomCrop(size, padding=crop_pad)`` and ``v2.Normalize(mean, std)``
+    do, bit for bit, with the crop offsets drawn from torch's global generator as they draw them
+    (top, then left), but without importing torchvision. The digits transform.
 
     Args:
         mean, std: per-channel normalisation.
@@ -258,10 +257,10 @@ class TensorImageTransform:
             image = batch.to(dtype).reshape(*shape[:-2], side, side)
         if self.crop_pad > 0:
             pad = self.crop_pad
-            padded = F.pad(image, [pad, pad, pad, pad])  # (C, side + 2 pad, side + 2 pad), zeros
+            padded = F.pad(image, [pad, pad, pad, pad])  # (..., C, side + 2 pad, ...), zeros
             top = int(torch.randint(0, 2 * pad + 1, size=()))
             left = int(torch.randint(0, 2 * pad + 1, size=()))
-            image = padded[..., top:top + side, left:left + side]  # (C, side, side)
+            image = padded[..., top:top + side, left:left + side]  # (..., C, side, side)
         mean = torch.as_tensor(self.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         return image.sub(mean).div_(std)

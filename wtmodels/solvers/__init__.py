@@ -249,8 +249,9 @@ def check_result(name: str, result, z0: torch.Tensor, *, tol: float | None = Non
     else would otherwise be unpacked into nonsense: a ``(2, D)`` tensor makes two rows; a ``z``
     moved to the CPU, or cast to float64, would make a GPU model's output a CPU tensor, or fail
     deep inside ``f``). Also a ``ValueError`` when a sample reported converged has a non-finite
-    ``z`` or, given the solve's ``tol`` and ``stop_mode``, a lowest residual above ``tol`` (or
-    NaN): a solver never reports convergence it did not reach.
+    ``z`` (solvers other than the built-in ones) or, given the solve's ``tol`` and a
+    ``stop_mode`` of ``"rel"`` / ``"abs"``, a lowest residual outside ``[0, tol]`` (or NaN): a
+    solver never reports convergence it did not reach.
 
     Example:
         >>> import torch
@@ -307,7 +308,7 @@ def _check_converged(name: str, z: torch.Tensor, stats: SolverStats, tol: float 
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         raise ValueError(f"solver {name!r} reported samples {_first(bad)} converged with a "
-                         f"lowest {stop_mode} residual above tol={tol:g} (sample {first}: "
+                         f"lowest {stop_mode} residual outside [0, tol={tol:g}] (sample {first}: "
                          f"{float(lowest[first]):.3g}); converged means within tol")
 
 
