@@ -62,6 +62,7 @@ TARGETS = {"anderson": 1.3, "broyden": 1.6}
 # the range (batch 32-64, 16-64 channels, 8-16 px): both corners and cells between
 FULL_CELLS = [(32, 16, 8), (64, 16, 16), (32, 32, 16), (64, 64, 8), (32, 64, 16), (64, 64, 16)]
 QUICK_CELLS = [(32, 16, 8)]
+MAX_ITER = 1000  # --max-iter's bound (see parse_args)
 
 
 def tune_malloc() -> bool:
@@ -485,7 +486,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved timed repeats per solver (default 7; 3 with --quick)")
     p.add_argument("--max-iter", type=int, default=60,
-                   help="most f-evaluations per solve, for every solver (default 60, >= 2)")
+                   help=f"most f-evaluations per solve, for every solver (default 60; 2 to "
+                        f"{MAX_ITER})")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="per-sample relative residual every solver must reach (default 1e-4)")
     p.add_argument("--gain", type=float, default=1.25,
@@ -501,8 +503,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if message := threads_error(args.threads):
         p.error(message)
-    if args.max_iter < 2:  # torchdeq's Anderson evaluates f twice before it checks
-        p.error("--max-iter must be >= 2")
+    # >= 2: torchdeq's Anderson evaluates f twice before it checks; <= MAX_ITER: torchdeq pads
+    # its traces to max_iter in Python and its Broyden allocates max_iter secant pairs per
+    # sample (8.4 MB each on the largest cell): 1e20 hung the run without a word
+    if not 2 <= args.max_iter <= MAX_ITER:
+        p.error(f"--max-iter must be >= 2 and <= {MAX_ITER}, got {args.max_iter}")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
     if not 0 < args.tol < math.inf or not 0 < args.gain < math.inf:
@@ -531,13 +536,13 @@ def say(line: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "cuda" and not torch.cuda.is_available():  # before --out is created
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
     try:  # created like every other script's --out; one that takes no files fails now,
         out = make_out_dir(args.out)  # not after the whole run
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(args.threads)
