@@ -483,8 +483,11 @@ class DEQ(nn.Module):
         0.3). So where the last two iterates span a 2-D subspace that ``J^T`` maps into itself
         (to a relative residual of ``1e-4``: the dominant pair has taken over), the estimate is
         instead the larger modulus of the Ritz values of ``J^T`` on that subspace, exact for
-        the pair; a real dominant eigenvalue, whose iterates align, keeps the mean. Either way
-        it converges as fast as the dominant eigenvalue (or pair) separates from the next.
+        the pair; the two iterates count as spanning a plane while the sine of their angle is
+        above the square root of the products' eps (1.5e-8 in float64, 3.5e-4 in float32, at
+        most 1e-2), so in float64 two close real eigenvalues (0.9 beside 0.89) are resolved
+        too. A real dominant eigenvalue, whose iterates align, keeps the mean. Either way it
+        converges as fast as the dominant eigenvalue (or pair) separates from the next.
 
         Args:
             f: the map.
@@ -527,7 +530,11 @@ class DEQ(nn.Module):
         tail = torch.stack(growth[n_iter // 2:])  # (k, B)
         radius = tail.clamp_min(1e-30).log().mean(0).exp()
         if len(pairs) == 2 and pairs[0][0].shape[1] >= 2:
-            ritz = _ritz_radius(*pairs)
+            # two nearly parallel iterates span the dominant pair only as far as the precision
+            # of the products resolves their angle: float64 ones down to ~1e-8 (close
+            # eigenvalues, 0.9 beside 0.89, stay far from parallel for hundreds of steps)
+            eps = torch.finfo(_coarsest_dtype(z_in, z_out)).eps
+            ritz = _ritz_radius(*pairs, sin_min=min(1e-2, eps ** 0.5))
             radius = torch.where(torch.isnan(ritz), radius.double(), ritz).to(radius.dtype)
         return torch.where((tail == 0).any(0), 0.0, radius).to(z_in.dtype).detach()
 
@@ -599,7 +606,8 @@ def _ritz_radius(first: tuple[torch.Tensor, torch.Tensor], last: tuple[torch.Ten
                  sin_min: float = 1e-2, resid_max: float = 1e-4) -> torch.Tensor:
     """The larger Ritz value modulus of ``J^T`` on ``span(v1, v2)`` per sample, from two
     power-iteration steps ``(v1, J^T v1)``, ``(v2, J^T v2)`` (unit ``v``, ``(B, D)`` float64);
-    NaN where that span is not (nearly) invariant or ``v1``, ``v2`` are nearly parallel.
+    NaN where that span is not (nearly) invariant or the sine of the angle between ``v1`` and
+    ``v2`` is below ``sin_min`` (the span's second direction would be rounding noise).
 
     With ``Y = [v1 v2] = QR`` and ``W = J^T Y``: ``H = Q^T W R^-1`` is ``J^T`` on the span, and
     ``J^T Q = Q H + E`` with ``E = (W - Q Q^T W) R^-1``: the eigenvalues of ``H`` are those of
