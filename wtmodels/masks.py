@@ -177,7 +177,23 @@ def _resolve(shape, k, density, kind, seed, n, m):
             )
         log_possible = _log_comb(numel, ones)
     elif kind == "bernoulli":
-        log_possible = numel * math.log(2)  # every pattern is possible when 0 < density < 1
+        # every pattern is possible when 0 < density < 1, but with under half a one (or, for
+        # k > 1, half a zero) expected per mask nearly every draw is the all-zero (all-ones)
+        # mask: the redraws then failed at build time, after validation had passed
+        if round(density * numel) == 0:
+            raise ValueError(
+                f"density {density} of a weight with {numel} entries expects "
+                f"{density * numel:.3g} ones per 'bernoulli' mask (rounds to 0); use density "
+                f">= {1 / numel:.3g} (one entry)"
+            )
+        if k > 1 and round((1 - density) * numel) == 0:
+            raise ValueError(
+                f"density {density} of a weight with {numel} entries expects "
+                f"{(1 - density) * numel:.3g} zeros per 'bernoulli' mask (rounds to 0): "
+                f"k={k} masks would be all-ones, not distinct; use density <= "
+                f"{1 - 1 / numel!r} (one zero) or density=1 (the dense reference)"
+            )
+        log_possible = numel * math.log(2)
     else:
         log_possible = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m) * _log_comb(m, n)
 
