@@ -46,6 +46,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.transforms import offset_copy
 
 from benchmarks.aggregate import (
     FAILED,
@@ -829,6 +830,9 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
         slot.legend(list(entries.values()), list(entries), loc="center")
     elif len(arm_axes) > 1:  # one legend: under them, or beside the top row (the arms)
         _figure_legend(fig, arm_axes, "right upper" if two_rows else "lower center")
+    elif arm_axes and arm_axes[0].get_legend() is not None:
+        # one panel (quick): under it, as the curves' are, not at "best" over an error bar
+        arm_axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     first = ncols + 1 if two_rows else len(arm_panels) + 1
     for i, curve in enumerate(curves):
         ax = fig.add_subplot(2 if two_rows else 1, ncols, first + i)
@@ -1227,11 +1231,18 @@ def plot_extrapolation(extra_rows: Sequence[dict]) -> Figure | None:
         if factors and factors[0] > 0:
             ax.set_xscale("log", base=2)
             ax.set_xticks(factors)
-            ax.set_xticklabels([f"{v:g}" for v in factors])
+            # 3 digits: 4/3 printed as 1.33333 ran over the 1.5 beside it
+            ax.set_xticklabels([f"{v:.3g}" for v in factors])
             ax.minorticks_off()
         unit = "solver iterations" if mine[0].get("core") == "deq" else "depth"
         _finish(ax, f"test {unit} / training {unit}",
-                ACC_LABEL if i % ncols == 0 else "", label)
+                ACC_LABEL if i % ncols == 0 else "", label, legend=False)
+        # under the panel's axis label (a fixed 30 points below the axes, whatever their
+        # height), not at "best" in it, over an error bar; long names one a row
+        names = ax.get_legend_handles_labels()[1]
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-30, units="points"),
+                  ncol=2 if max(map(len, names), default=0) <= 20 else 1)
     return fig
 
 
