@@ -181,6 +181,8 @@ def _span(values: Sequence, unit: str) -> str:
     if not values:
         return ""
     if len(values) == 1:
+        if values[0] == 1:
+            unit = {"epochs": "epoch", "training images": "training image"}.get(unit, unit)
         return f"{values[0]:g} {unit}" if isinstance(values[0], float) else f"{values[0]} {unit}"
     return f"{values[0]}–{values[-1]} {unit}"
 

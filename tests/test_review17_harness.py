@@ -71,3 +71,10 @@ def test_extrapolation_legends_off_the_axes_and_ratio_ticks_readable():
     assert [t.get_text() for t in ticks] == ["0.5", "0.667", "1", "1.33", "1.5", "2"]
     boxes = [t.get_window_extent(renderer) for t in ticks]
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))  # no label printed over another
+
+
+def test_setting_line_says_one_epoch_not_one_epochs():
+    from benchmarks.plot import describe_setting
+    rows = [{"dataset": "digits", "epochs": 1, "train_size": 1, "config_id": "a", "seed": 0}]
+    assert describe_setting(rows).startswith("digits (sklearn, 8×8), 1 training image, 1 epoch;")
+    assert "2 epochs" in describe_setting([{**rows[0], "epochs": 2}])
