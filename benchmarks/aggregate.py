@@ -107,6 +107,23 @@ def skipped_steps(row: dict) -> bool:
     return value is not None and value > 0
 
 
+def check_statuses(rows: Iterable[dict]) -> None:
+    """``ValueError`` naming the first row whose ``status`` is not one of :data:`STATUSES` (or
+    empty): a hand-typed ``"crashed"`` is neither averaged in as a clean seed nor dropped unseen.
+
+    Example:
+        >>> check_statuses([{"run_id": "a", "status": "ok"}, {"run_id": "b"}])
+        >>> check_statuses([{"run_id": "a", "status": "okk"}])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: status: 'okk' (run 'a') is not one of ok, ...
+    """
+    for row in rows:
+        if row.get("status") not in (None, *STATUSES):
+            raise ValueError(f"status: {row['status']!r} (run {row.get('run_id')!r}) is not one "
+                             f"of {', '.join(STATUSES)} (or empty)")
+
+
 def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
     """One dict per configuration: its config columns, ``n`` (runs, whatever their end),
     ``n_stopped`` (runs the trainer stopped on non-finite losses, or that ended with one:
@@ -131,12 +148,9 @@ def aggregate(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[di
         >>> g["n"], g["n_stopped"], g["test_acc_mean"]
         (2, 1, 0.5)
     """
+    check_statuses(rows)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get("status") not in (None, *STATUSES):  # e.g. a hand-typed "crashed": neither
-            # averaged in as clean nor dropped unseen
-            raise ValueError(f"status: {row['status']!r} (run {row.get('run_id')!r}) is not one "
-                             f"of {', '.join(STATUSES)} (or empty)")
         groups.setdefault(config_key(row), []).append(row)
     out = []
     for members in groups.values():

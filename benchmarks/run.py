@@ -41,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from benchmarks.aggregate import check_statuses
 from benchmarks.launch import LAUNCHERS, run_tasks
 from benchmarks.presets import RunSpec, build_runs, get_preset, list_presets
 from benchmarks.provenance import (
@@ -50,7 +51,7 @@ from benchmarks.provenance import (
     provenance,
     threads_error,
 )
-from benchmarks.results_io import append_row, finished_ids, lock_path
+from benchmarks.results_io import append_row, finished_ids, lock_path, read_rows
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
 from wtmodels.cli import exit_with
@@ -526,6 +527,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
                for k, v in (overrides or {}).items()}
     _check_same_setting(out, smoke, setting, write=not dry_run)
     report = SweepReport(planned=len(runs))
+    # a status the report would refuse stops the sweep now, not after its runs
+    check_statuses(read_rows(os.path.join(out, RESULTS)))
     recorded = finished_ids(os.path.join(out, RESULTS))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
     if dry_run:

@@ -78,3 +78,16 @@ def test_setting_line_says_one_epoch_not_one_epochs():
     rows = [{"dataset": "digits", "epochs": 1, "train_size": 1, "config_id": "a", "seed": 0}]
     assert describe_setting(rows).startswith("digits (sklearn, 8×8), 1 training image, 1 epoch;")
     assert "2 epochs" in describe_setting([{**rows[0], "epochs": 2}])
+
+
+def test_sweep_refuses_unknown_status_before_any_run(tmp_path, capsys):
+    # a hand-typed status used to be refused only by the report after every run had run
+    from benchmarks.run import main
+
+    (tmp_path / "results.csv").write_text("run_id,status\nx,okk\n")
+    assert main(["quick", "--smoke", "--out", str(tmp_path), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "'okk'" in err and "ok, diverged, nonfinite, failed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+    (tmp_path / "results.csv").write_text("run_id,status\nx,ok\n")
+    assert main(["quick", "--smoke", "--out", str(tmp_path), "--dry-run"]) == 0
