@@ -254,6 +254,26 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _candidates(model: nn.Module, patterns: Sequence[str]) -> str:
+    """The tail of a no-match error: the layers a target could name, those already wrapped,
+    and the layers of unsupported types (Conv1d, ...) that ``patterns`` name."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, PEFTLayer)]
+    inside = tuple(f"{n}." for n in wrapped)
+    shown = ", ".join(n for n, m in model.named_modules()
+                      if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside))
+    # layers with a weight of another type (Conv1d, Conv3d, ConvTranspose2d, ...) that a
+    # pattern names: say why they are not candidates
+    other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+             if n and not isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside)
+             and isinstance(getattr(m, "weight", None), torch.Tensor)
+             and any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
+    valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    return (f"; candidate layers: {shown or 'none'}"
+            + (f"; already wrapped: {', '.join(wrapped)}" if wrapped else "")
+            + (f"; the pattern(s) name layers of unsupported types: {', '.join(other)} "
+               f"(LoRA / adapters wrap {valid})" if other else ""))
+
+
 def find_targets(
     model: nn.Module, targets: object, exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
@@ -302,25 +322,12 @@ def find_targets(
     unused = [pat for pat in patterns
               if not any(fnmatch.fnmatchcase(p, pat) for n, _ in selected for p in _prefixes(n))]
     if selected and unused:
-        raise ValueError(f"target pattern(s) {unused} match no layer (misspelt?)")
+        raise ValueError(f"target pattern(s) {unused} match no layer (misspelt?)"
+                         + _candidates(model, unused))
     if not selected:
-        wrapped = [n for n, m in model.named_modules() if isinstance(m, PEFTLayer)]
-        inside = tuple(f"{n}." for n in wrapped)
-        shown = ", ".join(n for n, m in model.named_modules()
-                          if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside))
-        # layers with a weight of another type (Conv1d, Conv3d, ConvTranspose2d, ...) that a
-        # pattern names: say why they are not candidates
-        other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                 if n and not isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside)
-                 and isinstance(getattr(m, "weight", None), torch.Tensor)
-                 and any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
-        valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
         raise ValueError(
             f"no module matched targets {targets!r} (layers already wrapped and excluded ones "
-            f"are skipped); candidate layers: {shown or 'none'}"
-            + (f"; already wrapped: {', '.join(wrapped)}" if wrapped else "")
-            + (f"; the pattern(s) name layers of unsupported types: {', '.join(other)} "
-               f"(LoRA / adapters wrap {valid})" if other else "")
+            "are skipped)" + _candidates(model, patterns)
         )
     if any(name == "" for name, _ in selected):
         raise ValueError(
