@@ -160,3 +160,17 @@ def test_adapter_is_the_hand_formula():
         torch.tanh(h @ (layer.mask_down[i] * d).T + layer.adapter_down_bias)
         @ (layer.mask_up[i] * u).T for i in range(3))
     assert torch.allclose(layer(x), expected, atol=1e-12)
+
+
+def test_attention_out_proj_is_no_candidate_and_is_named_when_targeted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 1)
+            self.fc = nn.Linear(4, 2)
+
+    with pytest.raises(ValueError) as err:
+        add_lora(Net(), rank=1, targets=["att*"])
+    message = str(err.value)
+    assert "candidate layers: fc;" in message  # never att.out_proj, which is never wrapped
+    assert "att.out_proj: an nn.MultiheadAttention's out_proj is never wrapped" in message

@@ -254,13 +254,22 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _attention_projections(model: nn.Module) -> set[str]:
+    """Names of the ``out_proj`` of each ``nn.MultiheadAttention`` in ``model``: it reads that
+    layer's weight directly, so a wrapper there would break it (never a target)."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+
+
 def _candidates(model: nn.Module, patterns: Sequence[str]) -> str:
     """The tail of a no-match error: the layers a target could name, those already wrapped,
     and the layers of unsupported types (Conv1d, ...) that ``patterns`` name."""
     wrapped = [n for n, m in model.named_modules() if isinstance(m, PEFTLayer)]
     inside = tuple(f"{n}." for n in wrapped)
+    never = _attention_projections(model)
     shown = ", ".join(n for n, m in model.named_modules()
-                      if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside))
+                      if n and isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside)
+                      and n not in never)
     # layers with a weight of another type (Conv1d, Conv3d, ConvTranspose2d, ...) that a
     # pattern names: say why they are not candidates
     other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
@@ -268,7 +277,11 @@ def _candidates(model: nn.Module, patterns: Sequence[str]) -> str:
              and isinstance(getattr(m, "weight", None), torch.Tensor)
              and any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
     valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    attention = [n for n in sorted(never)
+                 if any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
     return (f"; candidate layers: {shown or 'none'}"
+            + (f"; {', '.join(attention)}: an nn.MultiheadAttention's out_proj is never wrapped "
+               "(the attention reads its weight directly)" if attention else "")
             + (f"; already wrapped: {', '.join(wrapped)}" if wrapped else "")
             + (f"; the pattern(s) name layers of unsupported types: {', '.join(other)} "
                f"(LoRA / adapters wrap {valid})" if other else ""))
@@ -302,10 +315,7 @@ def find_targets(
     """
     types, patterns = _check_targets(targets)
     skipped: list[str] = list(exclude)
-    # nn.MultiheadAttention reads its out_proj's weight directly: a wrapper there would break it
-    attention_projections = {f"{n}.out_proj" if n else "out_proj"
-                             for n, m in model.named_modules()
-                             if isinstance(m, nn.MultiheadAttention)}
+    attention_projections = _attention_projections(model)
     selected = []
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skipped if s):
