@@ -410,7 +410,8 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
         try:
             root.mkdir(parents=True, exist_ok=True)
             return (tv_cls(root, train=True, transform=train_tf, download=True),
-                    tv_cls(root, train=False, transform=test_tf, download=True), info)
+                    tv_cls(root, train=False, transform=test_tf, download=True),
+                    _read_from(info, root / tv_name / "raw"))
         except (RuntimeError, OSError) as err:  # no network, a failed mirror, a bad folder
             raise ValueError(_download_failed(name, root, err)) from None
     candidates = []
@@ -440,7 +441,7 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
                     raise ValueError(f"dataset {name}: {tv_raw} holds {len(ds.data)} {split} "
                                      f"images but {len(ds.targets)} labels: the images and "
                                      "labels files do not form a pair")
-            return (*pair, info)
+            return (*pair, _read_from(info, tv_raw))
         candidates += [tv_raw, root]
     else:  # the system copies only when no folder was named
         candidates += [Path(p) for p in search]
@@ -448,10 +449,16 @@ def _mnist_like(name: str, tv_name: str, data_dir, download, augment, image_size
         files = (_idx_files(folder, True), _idx_files(folder, False))
         if files[0] and files[1]:
             return (_IdxImages(tv_cls, *files[0], train_tf), _IdxImages(tv_cls, *files[1], test_tf),
-                    info)
+                    _read_from(info, folder))
     where = ", ".join(str(c) for c in candidates) or "nowhere (no --data-dir)"
     raise ValueError(f"dataset {name}: no idx files (train-/t10k-images-idx3-ubyte[.gz]) found in "
                      f"{where}; pass --data-dir DIR or --download")
+
+
+def _read_from(info: dict, folder: Path) -> dict:
+    """``info`` with ``source``: the absolute folder the idx files were read from (a run that
+    found the system copy, without ``--data-dir``, records where its data came from)."""
+    return {**info, "source": str(folder.expanduser().absolute())}
 
 
 def _check_28x28(images: torch.Tensor, name: str, where) -> None:
@@ -666,7 +673,8 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
 
     Returns:
         ``(train_ds, test_ds, info)`` with ``info = {"name", "num_classes", "in_chans",
-        "image_size"}``; items are ``(float tensor (C, H, W), int label)``.
+        "image_size"}`` (MNIST / Fashion-MNIST also ``"source"``: the folder their idx files
+        were read from); items are ``(float tensor (C, H, W), int label)``.
 
     Raises:
         ValueError: unknown name, missing or corrupt files, out-of-range sizes.
