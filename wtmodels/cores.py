@@ -244,8 +244,9 @@ class DEQCore(Core):
     ``F`` is the cell, or with K masks the K-periodic composite ``f_{K-1} o ... o f_0`` (one
     solver step = K masked cell applications; the mask schedule does not apply). In pretrain
     mode (``set_pretrain(True)``, the DEQ warm-up) the core instead unrolls the cell ``depth``
-    times with plain backprop, as :class:`UnrolledCore`. ``set_depth(n)`` sets the forward
-    solver budget of both training and evaluation to ``n`` iterations.
+    times with plain backprop, as :class:`UnrolledCore`; it computes no Jacobian term, so a
+    forward in pretrain mode with ``set_jac_reg(True)`` raises ``ValueError``. ``set_depth(n)``
+    sets the forward solver budget of both training and evaluation to ``n`` iterations.
 
     Args:
         cell: the weight-tied cell ``f(z, x)``.
@@ -295,6 +296,12 @@ class DEQCore(Core):
         self._jac_loss = None
         with forward_pass(self.cell, x):
             if self.pretrain:
+                if self.jac_reg:  # the warm-up computes no Jacobian term: jac_loss() would
+                    # be None (the model's 0.0) without a word, a regulariser silently off
+                    raise ValueError(
+                        "set_jac_reg(True) has no effect in pretrain mode (the unrolled "
+                        "warm-up computes no Jacobian term); call set_jac_reg(False) during "
+                        "set_pretrain(True), as wtmodels.train does")
                 z = unroll(self.cell, x, self.depth)
                 self.last_stats = {"cell_evals": float(self.depth)}
                 return z
