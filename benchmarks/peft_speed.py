@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         cases = tuple(dict.fromkeys(c for c in args.cases.split(",") if c))  # each once
-        args.out = make_out_dir(args.out)  # ~ expanded: the .md is read back from there
+        # ~ expanded: the .md is read back from there; run_speed makes the folder once every
+        # argument is checked (made here first, a bad case or --rank 0 left an empty folder)
+        args.out = os.path.expanduser(args.out)
         rows = run_speed(args.out, cases, args.rank, args.batch, args.repeats, args.threads)
     except (UsageError, ValueError, OSError) as err:
         print(f"python -m benchmarks.peft_speed: error: {err}", file=sys.stderr)
