@@ -254,6 +254,11 @@ def _prefixes(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _named(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a pattern matches ``name`` or the name of a module containing it."""
+    return any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(name) for pat in patterns)
+
+
 def _attention_projections(model: nn.Module) -> set[str]:
     """Names of the ``out_proj`` of each ``nn.MultiheadAttention`` in ``model``: it reads that
     layer's weight directly, so a wrapper there would break it (never a target)."""
@@ -263,7 +268,8 @@ def _attention_projections(model: nn.Module) -> set[str]:
 
 def _candidates(model: nn.Module, patterns: Sequence[str]) -> str:
     """The tail of a no-match error: the layers a target could name, those already wrapped,
-    and the layers of unsupported types (Conv1d, ...) that ``patterns`` name."""
+    and the layers of unsupported types (Conv1d, ...) and attention ``out_proj`` layers that
+    ``patterns`` name."""
     wrapped = [n for n, m in model.named_modules() if isinstance(m, PEFTLayer)]
     inside = tuple(f"{n}." for n in wrapped)
     never = _attention_projections(model)
@@ -275,10 +281,9 @@ def _candidates(model: nn.Module, patterns: Sequence[str]) -> str:
     other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
              if n and not isinstance(m, SUPPORTED_TYPES) and not n.startswith(inside)
              and isinstance(getattr(m, "weight", None), torch.Tensor)
-             and any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
+             and _named(n, patterns)]
     valid = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
-    attention = [n for n in sorted(never)
-                 if any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(n) for pat in patterns)]
+    attention = [n for n in sorted(never) if _named(n, patterns)]
     return (f"; candidate layers: {shown or 'none'}"
             + (f"; {', '.join(attention)}: an nn.MultiheadAttention's out_proj is never wrapped "
                "(the attention reads its weight directly)" if attention else "")
@@ -326,11 +331,11 @@ def find_targets(
         if not isinstance(module, SUPPORTED_TYPES) or name in attention_projections:
             continue
         by_type = isinstance(module, types) if types else False
-        by_name = any(fnmatch.fnmatchcase(p, pat) for p in _prefixes(name) for pat in patterns)
+        by_name = _named(name, patterns)
         if by_type or by_name:
             selected.append((name, module))
     unused = [pat for pat in patterns
-              if not any(fnmatch.fnmatchcase(p, pat) for n, _ in selected for p in _prefixes(n))]
+              if not any(_named(n, [pat]) for n, _ in selected)]
     if selected and unused:
         raise ValueError(f"target pattern(s) {unused} match no layer (misspelt?)"
                          + _candidates(model, unused))
