@@ -6,19 +6,8 @@ labelled "0.666667" and "1.33333", the latter printed over the "1.5" beside it."
 
 from __future__ import annotations
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-
 from benchmarks import plot
-
-
-def _overlaps(a, b) -> bool:
-    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
-
-
-def _renderer(fig):
-    FigureCanvasAgg(fig)
-    fig.canvas.draw()
-    return fig.canvas.get_renderer()
+from tests.test_review15_plot_visual import _overlaps, _renderer
 
 
 def _row(label, depth, seed, acc, **extra):

@@ -8,25 +8,15 @@ import warnings
 import pytest
 import torch
 
+from tests.test_review13_ode import N, _LinCell  # f(z, x) = W z + x, N = 4
 from wtmodels.masks import apply_masks, mask_index
 from wtmodels.ode import ODECore
 
-N = 4
 DT = torch.float64
 I_N = torch.eye(N, dtype=DT)
 X = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(1))
 C = torch.randn(3, N, dtype=DT, generator=torch.Generator().manual_seed(2))
 
-
-class _LinCell(torch.nn.Module):
-    """``f(z, x) = W z + x``: ``dz/dt = (W - I) z + x`` (a masked ``nn.Linear`` inside)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(N, N, bias=False)
-
-    def forward(self, z, x):
-        return self.lin(z) + x
 
 
 def _masked_cell(k, schedule, seed=0):
