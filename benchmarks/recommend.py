@@ -68,9 +68,9 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         "feasible": int, "budget": str, "unstable": [groups], "unmeasured": [groups]}``
         (groups as :func:`benchmarks.aggregate.aggregate`; ``unstable``: configurations within
         the budget left out because a seed diverged or failed, smallest first;
-        ``unmeasured``: configurations with a diverged or failed run and no run that records
-        the budget column (every run failed, or diverged before its first epoch ended), so
-        whether they fit is unknown).
+        ``unmeasured``: configurations no run of which records the budget column (every run
+        failed, or diverged before its first epoch ended, or the column is blank), so whether
+        they fit is unknown).
 
     Raises:
         ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, rows
@@ -115,11 +115,10 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
               and (math.isfinite(g[f"{budget_key}_mean"]) or g["n_stopped"] or g["n_failed"])]
     unstable = sorted((g for g in within if g["n_stopped"] or g["n_failed"]), key=_size_key)
     # a configuration whose every run failed, or diverged before recording the budget column
-    # (no training time when it stopped in its first epoch), records no budget: whether it fits
-    # is unknown, so it is listed apart rather than silently left out
-    unmeasured = sorted((g for g in groups
-                         if (g["n_failed"] or g["n_stopped"]) and math.isnan(cost(g))),
-                        key=_size_key)
+    # (no training time when it stopped in its first epoch), or whose rows leave it blank (a
+    # hand-edited file) records no budget: whether it fits is unknown, so it is listed apart
+    # rather than silently left out
+    unmeasured = sorted((g for g in groups if math.isnan(cost(g))), key=_size_key)
     feasible = [g for g in within if g not in unstable and math.isfinite(g["test_acc_mean"])]
     if not feasible and unstable:
         raise ValueError(f"budget: every configuration with {budget_key} <= {limit:g} had a "
@@ -230,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in pick["unstable"]:
             print("  " + describe(group))
     if pick["unmeasured"]:
-        print(f"\nnot considered: {len(pick['unmeasured'])} configuration(s) whose every run "
-              f"failed or diverged before recording "
-              f"{BUDGETS['params' if args.params is not None else 'time']} (rerun the sweep "
+        print(f"\nnot considered: {len(pick['unmeasured'])} configuration(s) with no "
+              f"{BUDGETS['params' if args.params is not None else 'time']} recorded (every run "
+              "failed or diverged before recording it, or the column is blank; rerun the sweep "
               "for the failed ones):")
         for group in pick["unmeasured"]:
             print("  " + describe(group))
