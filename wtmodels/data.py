@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from wtmodels.keywords import keyword_names, refuse_unknown
+
 # torchvision is imported where a dataset needs it (its import, which pulls in torch._dynamo,
 # takes seconds of every training process's start): digits and synthetic never do.
 
@@ -649,7 +651,7 @@ def list_datasets() -> list[str]:
 def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
                  train_size: int | None = None, test_size: int | None = None, seed: int = 0,
                  augment: bool = True, image_size: int | None = None,
-                 channels: int | None = None, classes: int | None = None):
+                 channels: int | None = None, classes: int | None = None, **unknown):
     """Build the train and test sets of a named dataset.
 
     Args:
@@ -677,7 +679,8 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
         were read from); items are ``(float tensor (C, H, W), int label)``.
 
     Raises:
-        ValueError: unknown name, missing or corrupt files, out-of-range sizes.
+        ValueError: unknown name, missing or corrupt files, out-of-range sizes, an unknown
+            keyword (the message names the valid ones).
 
     Example:
         >>> train_ds, test_ds, info = get_datasets("synthetic", train_size=64, test_size=32,
@@ -685,6 +688,7 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
         >>> len(train_ds), len(test_ds), info["num_classes"], tuple(train_ds[0][0].shape)
         (64, 32, 4, (1, 16, 16))
     """
+    refuse_unknown("get_datasets", unknown, keyword_names(get_datasets))
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
     sizes = {"train_size": train_size, "test_size": test_size, "image_size": image_size,
@@ -800,7 +804,7 @@ class _EpochSampler(DistributedSampler):
 
 def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
                   test_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
-                  rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False, **unknown):
     """Train and test loaders whose order is a pure function of ``(seed, epoch)`` (hashed: no two
     ``(seed, epoch)`` pairs share an order by construction).
 
@@ -836,6 +840,7 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
         >>> bool((next(iter(a))[1] == next(iter(b))[1]).all())
         True
     """
+    refuse_unknown("build_loaders", unknown, keyword_names(build_loaders))
     seed = _check_seed(seed)
     if batch_size < 1 or batch_size % world_size:
         raise ValueError(f"batch_size must be a positive multiple of the {world_size} "

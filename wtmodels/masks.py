@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from wtmodels.keywords import refuse_unknown
+
 MASK_KINDS = ("random", "bernoulli", "nm")
 MASK_SCHEDULES = ("cyclic", "block")
 MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -101,7 +103,7 @@ def make_masks(
         >>> masks.sum(dim=(1, 2)).tolist()
         [36, 36, 36]
     """
-    _refuse_unknown("make_masks", unknown, ("shape", "k", "density", "kind", "seed", "n", "m"))
+    refuse_unknown("make_masks", unknown, ("shape", "k", "density", "kind", "seed", "n", "m"))
     shape, k, density, n, m = _resolve(shape, k, density, kind, seed, n, m)
     if density == 1.0:
         return torch.ones((k, *shape), dtype=torch.bool)
@@ -551,7 +553,7 @@ def apply_masks(
         >>> mask_count(cell), cell[0].weight_masks.shape
         (4, torch.Size([4, 8, 3, 3, 3]))
     """
-    _refuse_unknown("apply_masks", unknown, ("module", "k", "density", "kind", "seed",
+    refuse_unknown("apply_masks", unknown, ("module", "k", "density", "kind", "seed",
                                              "schedule", "types", "n", "m"))
     if schedule not in MASK_SCHEDULES:
         raise ValueError(
@@ -778,10 +780,3 @@ def _weight_trains(layer: nn.Module) -> bool:
     if parametrize.is_parametrized(layer, "weight"):
         return any(p.requires_grad for p in layer.parametrizations.weight.parameters())
     return layer.weight.requires_grad
-
-
-def _refuse_unknown(where: str, unknown: dict, valid: tuple[str, ...]) -> None:
-    """``ValueError`` naming the valid keywords (Python's own ``TypeError`` names none)."""
-    if unknown:
-        raise ValueError(f"{where} got unknown keyword(s) {sorted(unknown)}; "
-                         f"valid: {sorted(valid)}")

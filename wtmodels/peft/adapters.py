@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wtmodels.keywords import keyword_names, refuse_unknown
 from wtmodels.masks import derive_seed
 from wtmodels.peft.wrap import (
     PEFTLayer,
@@ -152,6 +153,7 @@ def add_adapters(
     targets: type | str | Sequence[type | str] = (nn.Conv2d,),
     activation: str = "relu",
     train_head: bool | str = False,
+    **unknown,
 ) -> list[AdapterLayer]:
     """Put a (CapaBoost) bottleneck adapter after selected layers of ``model``.
 
@@ -174,7 +176,8 @@ def add_adapters(
 
     Raises:
         ValueError: ``bottleneck < 1``, ``copies < 1``, density outside (0, 1], unknown mask
-            kind or activation, bad targets, no layer matched, an unknown head.
+            kind or activation, bad targets, no layer matched, an unknown head, an unknown
+            keyword (the message names the valid ones).
 
     Example:
         >>> import torch
@@ -184,6 +187,7 @@ def add_adapters(
         >>> sum(p.numel() for p in net.parameters() if p.requires_grad)  # 2*8 + 2 + 8*2 + 8
         42
     """
+    refuse_unknown("add_adapters", unknown, keyword_names(add_adapters))
     check_adapter_args(bottleneck, copies, density, kind, activation, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from wtmodels.keywords import keyword_names, refuse_unknown
 from wtmodels.masks import MaskedLayer, derive_seed
 from wtmodels.peft.wrap import (
     PEFTLayer,
@@ -454,6 +455,7 @@ def add_lora(
     alpha: float | None = None,
     train_head: bool | str = False,
     impl: str = "auto",
+    **unknown,
 ) -> list[LoRALayer]:
     """Add LoRA (``copies=1, density=1``) or CapaBoost-LoRA updates to layers of ``model``.
 
@@ -487,7 +489,8 @@ def add_lora(
 
     Raises:
         ValueError: ``rank < 1``, ``copies < 1``, density outside (0, 1], unknown mask kind,
-            bad alpha or targets, no layer matched, an unknown head, a grouped convolution.
+            bad alpha or targets, no layer matched, an unknown head, a grouped convolution,
+            an unknown keyword (the message names the valid ones).
 
     Example:
         >>> import torch
@@ -501,6 +504,7 @@ def add_lora(
         >>> net(torch.randn(5, 1, 3, 3)).shape
         torch.Size([5, 3])
     """
+    refuse_unknown("add_lora", unknown, keyword_names(add_lora))
     check_lora_args(rank, copies, density, kind, alpha, impl, seed)
     head = resolve_head(model, train_head)
     selected = find_targets(model, targets, exclude=() if head is None else (head,))
