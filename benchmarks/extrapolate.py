@@ -267,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     # say so when nothing was added (every depth already there, or no run with a checkpoint)
-    print(f"{added} row(s) added to {os.path.join(args.sweep_dir, EXTRAPOLATION)}; redraw the "
-          f"panel with python -m benchmarks.plot {args.sweep_dir}")
+    if added:
+        print(f"{added} row(s) added to {os.path.join(args.sweep_dir, EXTRAPOLATION)}; redraw "
+              f"the panel with python -m benchmarks.plot {args.sweep_dir}")
+    else:
+        print(f"no row added to {os.path.join(args.sweep_dir, EXTRAPOLATION)} (every depth "
+              "already there, or no run with a checkpoint)")
     return 0
 
 

@@ -131,7 +131,9 @@ def test_extrapolate_says_how_many_rows_it_added(tmp_path, capsys):
 
     write_rows(str(tmp_path / "results.csv"), _rows({2: [0.8]}))
     assert extrapolate_main([str(tmp_path)]) == 0
-    assert "0 row(s) added to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no row added to" in out and "no run with a checkpoint" in out
+    assert not (tmp_path / "extrapolation.csv").exists()  # no file was made
 
 
 def test_a_sweep_at_one_width_names_it_in_the_title():
