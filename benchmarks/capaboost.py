@@ -302,8 +302,8 @@ def update_ranks(model: nn.Module) -> list[dict]:
 
 
 def check_config(config: dict) -> None:
-    """``ValueError`` naming the field for an unknown setting, a bad method, dataset, epochs,
-    batch size, rank, copies or density (the harness runs it before any run starts)."""
+    """``ValueError`` naming the field for an unknown setting, a bad method, dataset, seed,
+    epochs, batch size, rank, copies or density (the harness runs it before any run starts)."""
     unknown = sorted(set(config) - set(SETTINGS) - _RUN_KEYS)
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: "
@@ -312,6 +312,9 @@ def check_config(config: dict) -> None:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got "
                          f"{config.get('method')!r}")
     resolve_dataset(config.get("dataset", "auto"))
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     for field in ("finetune_epochs", "pretrain_epochs", "batch_size"):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -458,8 +461,9 @@ def experiment_configs(smoke: bool = False, seeds=(0, 1, 2), **overrides
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(SETTINGS)}")
     seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be integers >= 0 (at least one), got {seeds!r}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64
+                        for s in seeds):  # torch.manual_seed's range
+        raise ValueError(f"seeds must be integers in [0, 2**64) (at least one), got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (a repeated seed would count one run twice in "
                          f"the means and wins), got {seeds!r}")
