@@ -48,6 +48,7 @@ from torch import nn
 import wtmodels as wt
 from wtmodels.atomic import atomic_torch_save, atomic_write_json, atomic_write_jsonl
 from wtmodels.cli import exit_with
+from wtmodels.data import check_seed
 from wtmodels.metrics import peak_memory_mb
 from wtmodels.peft import LoRALayer, add_lora, count_trainable, peft_layers
 from wtmodels.peft.wrap import check_copy_args, check_int
@@ -312,9 +313,7 @@ def check_config(config: dict) -> None:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got "
                          f"{config.get('method')!r}")
     resolve_dataset(config.get("dataset", "auto"))
-    seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    check_seed(config.get("seed", 0))
     for field in ("finetune_epochs", "pretrain_epochs", "batch_size"):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -461,9 +460,9 @@ def experiment_configs(smoke: bool = False, seeds=(0, 1, 2), **overrides
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(SETTINGS)}")
     seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64
-                        for s in seeds):  # torch.manual_seed's range
-        raise ValueError(f"seeds must be integers in [0, 2**64) (at least one), got {seeds!r}")
+    if not seeds:
+        raise ValueError("seeds: give at least one")
+    seeds = [check_seed(s) for s in seeds]  # torch.manual_seed's range
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (a repeated seed would count one run twice in "
                          f"the means and wins), got {seeds!r}")

@@ -701,7 +701,7 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
         sizes[field] = int(value)
     train_size, test_size, image_size, channels, classes = sizes.values()
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     opts = {"seed": seed, "train_size": train_size, "test_size": test_size,
             "channels": channels, "classes": classes}
     if name != "synthetic" and (channels is not None or classes is not None):
@@ -719,10 +719,19 @@ _MASK64 = (1 << 64) - 1
 _SYNTHETIC_P = 1_000_003  # SyntheticImages' seed multiplier
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     """``seed`` as an int in torch's seed range ``[0, 2**64)``; ValueError naming it otherwise
     (torch said "Overflow when unpacking long long", numpy "expected non-negative integer", and
-    a negative seed gave the synthetic images of ``seed + 2**64``)."""
+    a negative seed gave the synthetic images of ``seed + 2**64``).
+
+    Example:
+        >>> check_seed(2**64 - 1) == 2**64 - 1
+        True
+        >>> check_seed(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an integer in [0, 2**64), got -1
+    """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return int(seed)
@@ -841,7 +850,7 @@ def build_loaders(train_ds: Dataset, test_ds: Dataset, batch_size: int, *,
         True
     """
     refuse_unknown("build_loaders", unknown, keyword_names(build_loaders))
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if batch_size < 1 or batch_size % world_size:
         raise ValueError(f"batch_size must be a positive multiple of the {world_size} "
                          f"process(es), got {batch_size}")
