@@ -543,6 +543,11 @@ def _shared_entries(axes: Sequence) -> dict:
     return entries
 
 
+def _legend_under(ax) -> None:
+    """The panel's legend under its x-axis label, in two columns (never on the data)."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+
+
 def _figure_legend(fig: Figure, axes: Sequence, where: str = "lower center") -> None:
     """One legend under the panels for entries the panels share (each label once), instead of
     a legend inside each panel that covers its points."""
@@ -834,7 +839,7 @@ def plot_masks(rows: Sequence[dict], density: float | None = None) -> Figure | N
         _figure_legend(fig, arm_axes, "right upper" if two_rows else "lower center")
     elif arm_axes and arm_axes[0].get_legend() is not None:
         # one panel (quick): under it, as the curves' are, not at "best" over an error bar
-        arm_axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        _legend_under(arm_axes[0])
     first = ncols + 1 if two_rows else len(arm_panels) + 1
     for i, curve in enumerate(curves):
         ax = fig.add_subplot(2 if two_rows else 1, ncols, first + i)
@@ -872,7 +877,7 @@ def _plot_curves(ax, panel, masked, refs, ks, densities, setting, tags=()) -> No
                 legend=False)
     # under the panel: inside ("best") it sat over the error bars and the untied band (beside
     # it, it narrowed the grid's columns and cut the titles of the panels above)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    _legend_under(ax)
 
 
 #: columns that set an experiment apart from another one in a shared directory (presets that
