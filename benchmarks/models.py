@@ -136,7 +136,7 @@ def _memory_row(check: str, net: torch.nn.Module, x: torch.Tensor, **info) -> di
     step()  # warm-up (solver buffers, allocator)
     net.zero_grad(set_to_none=True)
     saved.reset()
-    peak = peak_memory_bytes(step, _device())  # on CUDA: max_memory_allocated
+    peak = peak_memory_bytes(step, x.device.type)  # on CUDA: max_memory_allocated
     net.zero_grad(set_to_none=True)
     return {"check": check, **info, "peak_mb": round(peak / 2**20, 3),
             "saved_for_backward_mb": round(saved.total / 2**20, 3)}

@@ -148,6 +148,8 @@ def test_f_returning_a_cpu_tensor_for_a_cuda_z0_is_a_value_error():
 
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
 def test_deq_outputs_stats_and_diagnostics_stay_on_cuda_and_match_cpu(grad):
+    """z and gradients equal the CPU's; the Jacobian term draws its probes on the device (other
+    numbers than the CPU's), so each device's estimate is held to the exact ||J||_F^2 / numel."""
     torch.manual_seed(0)
     lin = _contractive_linear(8)
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -155,14 +157,18 @@ def test_deq_outputs_stats_and_diagnostics_stay_on_cuda_and_match_cpu(grad):
     for device in ("cpu", "cuda"):
         layer, xd = lin.to(device), x.to(device)
         deq = wt.DEQ(f_max_iter=60, f_tol=1e-10, b_max_iter=60, b_tol=1e-10, grad=grad,
-                     jac_reg=True)
+                     jac_reg=True, jac_reg_samples=1000)
         f = lambda z, layer=layer, xd=xd: torch.tanh(layer(z) + xd)  # noqa: E731
         z, stats = deq(f, torch.zeros_like(xd))
         z.sum().backward()
         radius = deq.spectral_radius(f, z.detach())
         for t in (z, stats.nstep, stats.converged, stats.abs_trace, stats.jac_loss, radius):
             assert t.device.type == device
-        out[device] = (z.detach().cpu(), layer.weight.grad.cpu(), stats.jac_loss.cpu())
+        # J = diag(1 - z*^2) W at the fixed point z* = tanh(W z* + b + x): (B, D) rows summed
+        exact = ((1 - z.detach() ** 2) ** 2 * (layer.weight.detach() ** 2).sum(1)).sum() / z.numel()
+        # Rademacher probes: relative spread <= sqrt(2 / (B * samples)) = 2.6% here
+        assert abs(float(stats.jac_loss.detach()) / float(exact) - 1) < 0.15, device
+        out[device] = (z.detach().cpu(), layer.weight.grad.cpu())
         layer.zero_grad()
     for a, b in zip(out["cuda"], out["cpu"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
@@ -177,3 +183,16 @@ def test_cuda_checkpoint_resumes_on_the_cpu_and_on_cuda(tmp_path, train_killed_a
         final = run({"out": str(out), "resume": True, "progress": "none", "device": target})
         assert final["train_loss"] > 0 and (out / "done.json").exists()
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_models_memory_row_on_cuda_reads_the_cuda_peak():
+    """benchmarks.models on a CUDA batch: max_memory_allocated, at least the saved bytes."""
+    import benchmarks.models as bm
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).cuda()
+    row = bm._memory_row("check", net, torch.randn(8, 4, 32, 32, device="cuda"))
+    # the two ReLU outputs, 8x16x32x32 float32 = 0.5 MiB each
+    assert row["saved_for_backward_mb"] == pytest.approx(1.0, abs=0.01)
+    assert row["saved_for_backward_mb"] <= row["peak_mb"] < 64

@@ -124,7 +124,10 @@ def _retag_as_cuda(path, extra_cuda_states=0):
     """Rewrite a checkpoint as a GPU run would have written it: storages tagged cuda:0."""
     state = torch.load(path, weights_only=True)
     for rng in state["rng"]:
-        rng["cuda"] = [torch.get_rng_state()[:16].clone() for _ in range(extra_cuda_states)]
+        # a CUDA generator's state: its seed, then a Philox offset (a multiple of 4); a state
+        # torch refuses would poison the next CUDA initialisation on a machine with a GPU
+        rng["cuda"] = [torch.tensor([1234 + i, 8 * i], dtype=torch.int64).view(torch.uint8)
+                       for i in range(extra_cuda_states)]
     real = torch.serialization.location_tag
     torch.serialization.location_tag = lambda storage: "cuda:0"
     try:

@@ -83,10 +83,12 @@ def test_channels_last_float64_and_dataparallel_match_the_plain_model(name):
     }
     outs, grads = {}, {}
     for key, (m, inp) in variants.items():
-        out = m(inp)
-        F.cross_entropy(out, y).backward()
-        outs[key] = out.float()
-        grads[key] = [p.grad.float() for p in m.parameters()]
+        # with a GPU, DataParallel moves the model to cuda:0 (TF32 off there: float32 as here)
+        with torch.backends.cudnn.flags(enabled=False, allow_tf32=False):
+            out = m(inp)
+            F.cross_entropy(out, y.to(out.device)).backward()
+        outs[key] = out.float().cpu()
+        grads[key] = [p.grad.float().cpu() for p in m.parameters()]
     assert variants["float64"][0].head.weight.dtype == torch.float64
     assert all(b.dtype == torch.bool for n, b in variants["float64"][0].named_buffers()
                if n.endswith("weight_masks"))

@@ -691,7 +691,8 @@ def test_sweep_cli_results_csv_columns_and_values(tmp_path):
     assert float(row["test_acc"]) == pytest.approx(epochs[-1]["test_acc"])
     assert float(row["best_test_acc"]) == pytest.approx(max(e["test_acc"] for e in epochs))
     assert row["dataset"] == "digits" and row["seed"] == "0" and row["mask_k"] == "0"
-    assert int(row["depth"]) == 2 and row["device"] == "cpu"
+    auto_device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the sweep's default
+    assert int(row["depth"]) == 2 and row["device"] == auto_device
     assert row["torch_version"] == torch.__version__ and row["git_sha"]
     # smoke size of wt_s: width 8 on 1-channel digits, hand count as above
     assert int(row["width"]) == 8 and int(row["params"]) == 88 + 1200 + 90

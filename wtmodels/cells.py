@@ -44,8 +44,9 @@ def make_norm(kind: str, channels: int, groups: int = 8) -> nn.Module:
         The module.
 
     Example:
-        >>> make_norm("group", 32, groups=8)
-        GroupNorm(8, 32, eps=1e-05, affine=True, bias=True)
+        >>> norm = make_norm("group", 32, groups=8)
+        >>> type(norm).__name__, norm.num_groups, norm.num_channels
+        ('GroupNorm', 8, 32)
     """
     if kind == "group":
         if not _is_int(groups) or groups < 1 or channels % groups:
