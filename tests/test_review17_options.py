@@ -176,15 +176,19 @@ def test_jac_reg_weight_frequency_and_pretrain_act_on_the_optimiser_step(tmp_pat
     assert rows["plain"].get("jac_loss") is None and rows["w1"]["jac_loss"] > 0
     # a frequency whose draw skips step 0, or a warm-up over it: the plain step exactly
     p = next(p for p in (0.1, 0.2, 0.3, 0.4, 0.5) if not jac_reg_step(0, 0, p))
-    for name, extra in (("skipped", {"jac_reg_freq": p}), ("warmup", {"pretrain_steps": 1})):
-        run({**BASE, **SGD, "jac_reg_weight": 1.0, **extra, "out": str(tmp_path / name)})
-        got, row = _final(tmp_path / name)
-        assert row["jac_loss"] is None, name
-        if name == "skipped":
-            assert torch.equal(got, theta["plain"])
-        else:  # unrolled: no solver statistics for the training pass, the test pass solves
-            assert row["train_nstep"] is None and row["train_cell_evals"] == 2.0
-            assert 1 <= row["nstep"] <= 8
+    run({**BASE, **SGD, "jac_reg_weight": 1.0, "jac_reg_freq": p, "out": str(tmp_path / "skip")})
+    got, row = _final(tmp_path / "skip")
+    assert row["jac_loss"] is None and torch.equal(got, theta["plain"])
+    # a warm-up over every step would never read the weight: refused before anything is written
+    with pytest.raises(ValueError, match=r"pretrain_steps=1 covers all 1 training steps"):
+        run({**BASE, **SGD, "jac_reg_weight": 1.0, "pretrain_steps": 1,
+             "out": str(tmp_path / "warmup")})
+    assert not (tmp_path / "warmup").exists()
+    # over the first of two steps: step 1 unrolls (no term), step 2 solves and adds it
+    run({**BASE, **SGD, "train_size": 64, "jac_reg_weight": 1.0, "pretrain_steps": 1,
+         "out": str(tmp_path / "warmup2")})
+    _, row = _final(tmp_path / "warmup2")
+    assert row["jac_loss"] > 0 and row["train_nstep"] is not None
 
 
 def test_logged_train_and_test_solver_statistics_equal_the_models_own_solves(tmp_path):

@@ -449,11 +449,17 @@ class _Trainer:
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
+        steps_per_epoch = len(self.train_loader)
+        total_steps = cfg.epochs * steps_per_epoch
+        if cfg.jac_reg_weight > 0 and cfg.pretrain_steps >= total_steps:  # a DEQ core here
+            raise ValueError(  # the Jacobian term is off while the warm-up unrolls
+                f"jac_reg_weight={cfg.jac_reg_weight} would never be read: pretrain_steps="
+                f"{cfg.pretrain_steps} covers all {total_steps} training steps ({cfg.epochs} "
+                f"epochs x {steps_per_epoch}); lower pretrain_steps or drop jac_reg_weight")
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                          cfg.momentum, cfg.nesterov)
-        steps_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(
-            self.optimizer, total_steps=cfg.epochs * steps_per_epoch,
+            self.optimizer, total_steps=total_steps,
             warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), min_lr=cfg.min_lr,
             cosine=cfg.schedule == "cosine")
         fp16 = cfg.amp and cfg.amp_dtype == "float16" and self.ctx.device.type == "cuda"
