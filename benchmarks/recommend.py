@@ -92,7 +92,8 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         rows = [r for r in rows if str(r.get("dataset")) == dataset]
     elif len(datasets) > 1:
         raise ValueError(f"dataset: the results hold runs on {', '.join(datasets)}, whose "
-                         "accuracies are not comparable; choose one with --dataset NAME")
+                         "accuracies are not comparable; choose one with dataset=NAME "
+                         "(--dataset NAME on the command line)")
     groups = aggregate(rows)
     if not groups:
         raise ValueError("results: no finished runs to recommend from")

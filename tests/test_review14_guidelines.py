@@ -76,6 +76,15 @@ def test_a_configuration_that_diverged_before_recording_time_is_listed_under_a_t
     assert [g["config_id"] for g in listed] == ["b"]
 
 
+def test_results_of_two_datasets_ask_for_one_in_the_callers_spelling():
+    """The notebook calls recommend(); its hint named only the command line's --dataset."""
+    rows = [{**r, "dataset": name} for name in ("digits", "fashion_mnist")
+            for r in _diverged_early_rows()[:1]]
+    with pytest.raises(ValueError, match=r"digits, fashion_mnist.*dataset=NAME.*--dataset NAME"):
+        recommend(rows, params=3000)
+    assert recommend(rows, params=3000, dataset="digits")["choice"]["config_id"] == "a"
+
+
 def test_recommend_cli_names_the_diverged_configuration_under_a_time_budget(tmp_path):
     write_rows(tmp_path / "results.csv", _diverged_early_rows())
     out = subprocess.run([sys.executable, "-m", "benchmarks.recommend", str(tmp_path),
