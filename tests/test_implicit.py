@@ -207,6 +207,50 @@ def test_bf16_autocast_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in cell.parameters())
 
 
+@pytest.mark.parametrize("grad", ["ift", "phantom", "unroll"])
+def test_autocast_gradients_reach_every_weight_as_with_the_cast_cache_off(grad):
+    """The solve runs f under no_grad inside the caller's autocast, which caches bf16 copies of
+    the conv weights without autograd history; torch before ~2.10 reused them in the calls
+    with autograd, and the convs' .grad stayed None (torch 2.4: only the GroupNorm's were
+    set). Oracle: the same step with autocast's cache off, where every cast is fresh."""
+    grads = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        cell = Cell()
+        x = torch.randn(2, 4, 6, 6)
+        deq = wt.DEQ(f_tol=1e-3, b_tol=1e-3, grad=grad, f_max_iter=30)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            z, _ = deq(lambda z, cell=cell, x=x: cell(z, x), torch.zeros(2, 4, 6, 6))
+            loss = z.float().square().mean()
+        loss.backward()
+        grads[cache] = {n: p.grad for n, p in cell.named_parameters()}
+    for name, ref in grads[False].items():
+        got = grads[True][name]
+        assert got is not None and ref.abs().sum() > 0, name
+        if grad == "ift":  # one call with autograd: the same casts, the same gradient
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+        else:  # several calls: one cached cast sums their gradients in bf16 (eps 7.8e-3)
+            assert (got - ref).norm() <= 2e-2 * ref.norm(), name
+
+
+def test_jacobian_loss_after_a_no_grad_solve_in_one_autocast_region_reaches_the_weights():
+    grads = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        cell, x = Cell(), torch.randn(2, 4, 6, 6)
+        f = lambda z, cell=cell, x=x: cell(z, x)  # noqa: E731
+        deq = wt.DEQ(f_tol=1e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+            with torch.no_grad():
+                z, _ = deq(f, torch.zeros(2, 4, 6, 6))
+            torch.manual_seed(1)  # the probes
+            deq.jacobian_loss(f, z).backward()
+        grads[cache] = {n: p.grad for n, p in cell.named_parameters() if "weight" in n}
+    for name, ref in grads[False].items():
+        assert grads[True][name] is not None and ref.abs().sum() > 0, name
+        torch.testing.assert_close(grads[True][name], ref, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("z0_dtype", [torch.float32, torch.bfloat16])
 def test_z_star_has_z0s_dtype_in_every_grad_mode_under_autocast(z0_dtype):
     lin = torch.nn.Linear(6, 6)  # under bf16 autocast f returns bf16, whatever z's dtype

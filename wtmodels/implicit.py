@@ -204,6 +204,8 @@ class DEQ(nn.Module):
                 f, z0.detach(), max_iter=self.budget, tol=self.f_tol, stop_mode=self.stop_mode,
                 **self.f_opts), z0, tol=self.f_tol, stop_mode=self.stop_mode)
             z_in = z_out = None
+            if torch.is_grad_enabled():
+                _drop_casts_without_history(z0.device.type)
             # the output is the same function of the inputs with autograd on or off (eval
             # metrics must come from the model that was trained): f at the solver's iterate
             # ("ift"), or the phantom steps from it
@@ -459,6 +461,8 @@ class DEQ(nn.Module):
         create = torch.is_grad_enabled()
         with torch.enable_grad():
             if z_out is None or not z_star.requires_grad:
+                if create:  # (e.g. after a DEQ forward under no_grad in the same autocast)
+                    _drop_casts_without_history(z_star.device.type)
                 z_star = _leaf(z_star)
                 z_out = self._f_at(f, z_star)
             if not z_out.requires_grad:
@@ -651,6 +655,22 @@ def _coarsest_dtype(z_in: torch.Tensor, z_out: torch.Tensor) -> torch.dtype | No
     if torch.is_autocast_enabled(device):
         dtypes.append(torch.get_autocast_dtype(device))
     return max((t for t in dtypes if t.is_floating_point), key=lambda t: torch.finfo(t).eps)
+
+
+def _drop_casts_without_history(device: str) -> None:
+    """Empty autocast's cache of low-precision weight copies before calls with autograd.
+
+    ``f`` evaluated under ``no_grad`` inside an autocast region (the solve) leaves copies of
+    its weights without autograd history in that cache; torch before ~2.10 hands them to later
+    calls with autograd too, silently cutting the weights out of the graph (their ``.grad``
+    stayed ``None``). The cache refills, with history, at the next call.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     _drop_casts_without_history("cpu")
+    """
+    if torch.is_autocast_enabled(device):
+        torch.clear_autocast_cache()
 
 
 def _leaf(z: torch.Tensor) -> torch.Tensor:
