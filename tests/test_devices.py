@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, train_killed_a
     train_killed_after_epoch({**settings, "out": str(moved)})
     _retag_as_cuda(moved / "checkpoint.pt", extra_cuda_states=2)
     if not torch.cuda.is_available():  # what a plain torch.load does with such a file here
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises((RuntimeError, pickle.UnpicklingError), match="CUDA"):  # (torch 2.4)
             torch.load(moved / "checkpoint.pt", weights_only=True)
     assert ckpt_mod.load_checkpoint(moved / "checkpoint.pt")["model"]
     run({"out": str(moved), "resume": True, "progress": "none"})

@@ -231,8 +231,9 @@ def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
     model = wt.create_model("test_deq", in_chans=1, grad=grad, f_max_iter=4, b_max_iter=4)
     twin = copy.deepcopy(model)
     x, y = _images(), torch.tensor([1, 2, 3, 4])
-    saved = functorch_config.donated_buffer
-    functorch_config.donated_buffer = False  # as the README asks for a compiled DEQ
+    saved = getattr(functorch_config, "donated_buffer", None)  # (torch < 2.6: no such flag)
+    if saved is not None:
+        functorch_config.donated_buffer = False  # as the README asks for a compiled DEQ
     try:
         compiled = torch.compile(twin, backend="aot_eager")
         for m, run in ((model, model), (twin, compiled)):
@@ -241,7 +242,8 @@ def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
             loss = F.cross_entropy(run(x), y) + 0.5 * m.jac_loss()
             loss.backward()
     finally:
-        functorch_config.donated_buffer = saved
+        if saved is not None:
+            functorch_config.donated_buffer = saved
     assert model.jac_loss() > 0
     torch.testing.assert_close(twin.jac_loss(), model.jac_loss(), rtol=1e-5, atol=1e-7)
     for p, q in zip(model.parameters(), twin.parameters()):

@@ -616,14 +616,17 @@ def keep_transformer_fused_path_off(model: nn.Module, holds: Callable[[nn.Module
 
     Their fused eval path reads ``linear1`` / ``linear2``'s weights directly, so a masked or
     wrapped layer there would be skipped silently (or fail). torch takes the plain path for a
-    layer with forward hooks, and for a stack whose ``use_nested_tensor`` is False.
+    layer with forward hooks (torch 2.4 does not check them), for a layer whose
+    ``activation_relu_or_gelu`` flag is 0 (every torch since the fused path; read by nothing
+    else but that path's GELU switch, and the plain path applies ``activation``), and for a
+    stack whose ``use_nested_tensor`` is False. A layer gets both the hook and the flag.
 
     Example:
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
         >>> keep_transformer_fused_path_off(layer, lambda m: isinstance(m, torch.nn.Linear))
-        >>> len(layer._forward_pre_hooks)
-        1
+        >>> len(layer._forward_pre_hooks), layer.activation_relu_or_gelu
+        (1, 0)
     """
     for sub in model.modules():
         if not isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
@@ -632,8 +635,10 @@ def keep_transformer_fused_path_off(model: nn.Module, holds: Callable[[nn.Module
             continue
         if isinstance(sub, nn.TransformerEncoder):
             sub.use_nested_tensor = False
-        elif _fused_path_off not in sub._forward_pre_hooks.values():
-            sub.register_forward_pre_hook(_fused_path_off)
+        else:
+            sub.activation_relu_or_gelu = 0
+            if _fused_path_off not in sub._forward_pre_hooks.values():
+                sub.register_forward_pre_hook(_fused_path_off)
 
 
 def remove_masks(module: nn.Module) -> nn.Module:
