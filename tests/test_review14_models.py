@@ -222,6 +222,28 @@ def test_summary_under_inference_mode_with_weight_norm():
     assert info["cell_evals"] == 2.0
 
 
+def test_deq_cores_run_eagerly_under_compile_where_dynamo_cannot_trace_the_solver(monkeypatch):
+    # torch 2.4's dynamo crashed inside the solvers ('NoneType' object has no attribute
+    # 'as_proxy'); there every DEQ core is a graph break, elsewhere only one with jac_reg
+    import wtmodels.models as models_mod
+
+    model = wt.create_model("test_deq", in_chans=1, f_max_iter=4, b_max_iter=4)
+    core = next(c for c in model.cores if isinstance(c, models_mod.DEQCore))
+    monkeypatch.setattr(models_mod, "DEQ_EAGER_UNDER_COMPILE", False)
+    assert not models_mod._runs_eagerly(core)
+    core.set_jac_reg(True)
+    assert models_mod._runs_eagerly(core)
+    core.set_jac_reg(False)
+    monkeypatch.setattr(models_mod, "DEQ_EAGER_UNDER_COMPILE", True)
+    assert models_mod._runs_eagerly(core)
+    twin = copy.deepcopy(model)
+    x, y = _images(), torch.tensor([1, 2, 3, 4])
+    for run in (model, torch.compile(twin, backend="aot_eager")):
+        F.cross_entropy(run(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad", ["ift", "unroll"])
 def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
     # before the fix: loss.backward() raised "torch.compile with aot_autograd does not currently

@@ -155,6 +155,19 @@ def _run_eager(core: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return core(x)
 
 
+#: torch 2.4's dynamo fails inside the solvers ("'NoneType' object has no attribute
+#: 'as_proxy'"; 2.5 and later trace them, with graph breaks): there a DEQ core runs eagerly
+DEQ_EAGER_UNDER_COMPILE = torch.torch_version.TorchVersion(torch.__version__) < (2, 5)
+
+
+def _runs_eagerly(core: nn.Module) -> bool:
+    """Whether ``core`` runs outside torch.compile's graphs: a DEQ core computing its Jacobian
+    regulariser (a double backward, which compiled graphs refuse), and any DEQ core on torch 2.4.
+    """
+    return getattr(core, "jac_reg", False) or (DEQ_EAGER_UNDER_COMPILE
+                                               and isinstance(core, DEQCore))
+
+
 class ImplicitClassifier(nn.Module):
     """stem -> stages of cores (stride-2 transitions between) -> adaptive pool -> linear.
 
@@ -192,10 +205,7 @@ class ImplicitClassifier(nn.Module):
         for i, core in enumerate(self.cores):
             if i:
                 x = self.transitions[i - 1](x)  # (B, Ci, H/2^i, W/2^i)
-            # a DEQ core computing its Jacobian regulariser runs eagerly under torch.compile:
-            # the regulariser is a gradient (create_graph) whose backward is a double backward,
-            # which compiled (aot_autograd) graphs refuse
-            x = _run_eager(core, x) if getattr(core, "jac_reg", False) else core(x)
+            x = _run_eager(core, x) if _runs_eagerly(core) else core(x)  # (see _runs_eagerly)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
