@@ -137,3 +137,19 @@ def test_a_bad_torchrun_environment_is_one_line_and_exit_2(tmp_path, env, messag
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_main_reports_a_bad_input_once_and_the_python_api_prints_nothing(tmp_path, capsys):
+    """main() reports a bad input where the trainer meets it, before the process group is torn
+    down (torch 2.4's torchrun stopped rank 0 in destroy_process_group before main printed, ~1
+    run in 8 here): once, and only for the command line."""
+    from wtmodels import train
+
+    (tmp_path / "file").write_text("x")  # --out is a file: refused inside the trainer
+    assert train.main(_tiny_argv(tmp_path / "file")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wtmodels.train: error: --out"), err
+    assert train._report_at_once is None
+    with pytest.raises(train.BadInput, match="--out"):
+        run({**TINY, "out": str(tmp_path / "file"), "progress": "none"})
+    assert capsys.readouterr().err == ""

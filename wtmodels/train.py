@@ -50,6 +50,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ from wtmodels.train_config import (
 )
 
 EXIT_BAD_INPUT = 2
+#: set by main() for the command line: reports a bad input where the trainer meets it
+_report_at_once: Callable[[Exception], None] | None = None
 EXIT_DIVERGED = 3
 
 CONFIG_FILE = "config.json"
@@ -349,7 +352,9 @@ class _Trainer:
         self._donated = _donated_buffer_setting()
         try:
             self._setup(cfg, explicit)
-        except BaseException:
+        except BaseException as err:
+            if _report_at_once is not None and isinstance(err, BadInput):
+                _report_at_once(err)  # before the process group goes (see main)
             self.close()
             raise
 
@@ -916,21 +921,31 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["--epochs", "0"])
         2
     """
+    global _report_at_once
     argv = sys.argv[1:] if argv is None else argv
     # not int(): a RANK=abc crashed here with a traceback (DistContext reports it in one line)
     is_main = os.environ.get("RANK", "0").strip() in ("", "0")
     settings: dict = {}
+
+    def report(err: Exception) -> None:
+        # settings errors arise on every rank alike: rank 0 reports them; a data error arises on
+        # the rank whose shard holds the bad file, which must say so (it was lost under torchrun)
+        if (is_main or getattr(err, "rank_local", False)) and not getattr(err, "reported", False):
+            where = "" if is_main else f"rank {os.environ.get('RANK')}: "
+            print(f"wtmodels.train: error: {where}{err}".replace("\n", " "), file=sys.stderr)
+            err.reported = True
+
+    # reported where the trainer meets it, before the process group is destroyed: torch 2.4's
+    # destroy_process_group on rank 0 waited for the other ranks to exit, and torchrun then
+    # stopped rank 0 before its line was printed
+    _report_at_once = report
     try:
         settings = parse_settings(argv)
         if "out" not in settings or settings["out"] is None:
             raise UsageError("--out DIR is required")
         run(settings)
     except (UsageError, BadInput) as err:
-        # settings errors arise on every rank alike: rank 0 reports them; a data error arises on
-        # the rank whose shard holds the bad file, which must say so (it was lost under torchrun)
-        if is_main or getattr(err, "rank_local", False):
-            where = "" if is_main else f"rank {os.environ.get('RANK')}: "
-            print(f"wtmodels.train: error: {where}{err}".replace("\n", " "), file=sys.stderr)
+        report(err)
         return EXIT_BAD_INPUT
     except MainRankFailed:  # a rank > 0 after rank 0's write failed: rank 0 reports it
         return 1
@@ -943,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wtmodels.train: interrupted; {_after_interrupt(settings.get('out'))}",
                   file=sys.stderr)
         return 130
+    finally:
+        _report_at_once = None
     return 0
 
 
