@@ -253,7 +253,7 @@ def test_compiled_deq_trains_with_the_jacobian_regulariser(grad):
     model = wt.create_model("test_deq", in_chans=1, grad=grad, f_max_iter=4, b_max_iter=4)
     twin = copy.deepcopy(model)
     x, y = _images(), torch.tensor([1, 2, 3, 4])
-    saved = getattr(functorch_config, "donated_buffer", None)  # (torch < 2.6: no such flag)
+    saved = getattr(functorch_config, "donated_buffer", None)  # (torch 2.4 has no such flag)
     if saved is not None:
         functorch_config.donated_buffer = False  # as the README asks for a compiled DEQ
     try:

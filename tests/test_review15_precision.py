@@ -141,7 +141,7 @@ def test_compile_wraps_the_trained_model_without_donated_buffers(monkeypatch, tm
                       kwargs))
         return model
 
-    before = getattr(fconfig, "donated_buffer", None)  # (torch < 2.6 has no such flag)
+    before = getattr(fconfig, "donated_buffer", None)  # (torch 2.4 has no such flag)
     monkeypatch.setattr(torch, "compile", fake_compile)
     run({**TINY, "model": "test_deq", "compile": True, "out": str(tmp_path / "c")})
     assert calls == [("ImplicitClassifier", None if before is None else False, (), {})]

@@ -294,7 +294,7 @@ def test_compiled_deq_with_ift_trains_past_a_recompilation(tmp_path, monkeypatch
     compile_with_inductor = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda model, **kw: compile_with_inductor(model, backend=backend, **kw))
-    before = getattr(functorch_config, "donated_buffer", None)  # (torch < 2.6: no such flag)
+    before = getattr(functorch_config, "donated_buffer", None)  # (torch 2.4 has no such flag)
     out = tmp_path / "run"
     final = run({**BASE, "model": "test_deq", "train_size": 80, "epochs": 1, "compile": True,
                  "out": str(out)})  # batches 32, 32, 16
