@@ -30,8 +30,8 @@ if [[ $steps == *,suite,* ]]; then
     echo "== the whole suite (12 workers, one file per worker at a time)"
     start=$SECONDS
     timeout 290 python3 -m pytest -p no:cacheprovider -o addopts="-q --doctest-modules" \
-        -n 12 --dist loadfile --ignore tests/test_notebook.py -k "not notebook" \
-        --deselect tests/test_review14_plots.py::test_extrapolation_title_reads_the_image_size_from_the_results_rows \
+        -n 12 --dist loadfile --ignore tests/harness/test_notebook.py -k "not notebook" \
+        --deselect tests/harness/test_figures_draw_the_results.py::test_extrapolation_title_reads_the_image_size_from_the_results_rows \
         -rfE > "$out/full_suite_gpu.log" 2>&1 || failed+=("test suite")
     echo "suite: $((SECONDS - start)) s" | tee -a "$out/full_suite_gpu.log"
     tail -25 "$out/full_suite_gpu.log"

@@ -2,7 +2,7 @@
 the order the ``digits`` dataset holds them: what scikit-learn's ``train_test_split(
 np.arange(1797), test_size=0.2, stratify=target, random_state=0)`` returns (scikit-learn
 1.9.1), written out so that no training process imports scikit-learn (about a second of every
-start). ``tests/test_digits_split.py`` checks it against scikit-learn.
+start). ``tests/data/test_digits_split.py`` checks it against scikit-learn.
 
 Example:
     >>> from wtmodels.digits_split import TEST_INDICES, TRAIN_INDICES

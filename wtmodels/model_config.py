@@ -197,9 +197,9 @@ class ModelConfig:
         _check_choice("f_solver", self.f_solver, tuple(list_solvers()))
         _check_choice("b_solver", self.b_solver, tuple(list_solvers()))
         if self.core == "ode" or self.ode_method != ModelConfig.ode_method:
-            # the default is one of torchdiffeq's methods (tests/test_digits_split.py): importing
-            # torchdiffeq, with scipy half a second, for a model that solves no ODE only to
-            # check the default would lengthen every such process's start
+            # the default is one of torchdiffeq's methods (tests/data/test_digits_split.py):
+            # importing torchdiffeq, with scipy half a second, for a model that solves no ODE
+            # only to check the default would lengthen every such process's start
             from wtmodels.ode import check_method
 
             check_method(self.ode_method)

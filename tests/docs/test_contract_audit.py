@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import wtmodels as wt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 F64 = torch.float64
 
 

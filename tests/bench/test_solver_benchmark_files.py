@@ -11,7 +11,7 @@ import pytest
 import torch
 
 solvers_bench = pytest.importorskip("benchmarks.solvers")
-from test_review8_bench_solvers import tiny_run  # noqa: E402 (after the skip)
+from tests.bench.test_solver_benchmark_cli import tiny_run  # noqa: E402 (after the skip)
 
 
 def test_csv_rows_carry_the_settings_and_the_load(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.test_ddp import ENV, _rows, _torchrun
+from tests.train.test_ddp import ENV, _rows, _torchrun
 from wtmodels.train import run
 
 TINY = {"model": "test_wt", "dataset": "digits", "train_size": 64, "test_size": 16,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_ddp import ENV, SETTINGS, _torchrun
+from tests.train.test_ddp import ENV, SETTINGS, _torchrun
 from wtmodels.checkpoint import load_checkpoint
 from wtmodels.train import run
 

@@ -1,5 +1,5 @@
 """The digits transform without torchvision: bit-equal to torchvision's v2 pipeline it replaces,
-with the same random draws (tests/test_digits_split.py checks that a digits run imports no
+with the same random draws (tests/data/test_digits_split.py checks that a digits run imports no
 torchvision)."""
 
 from __future__ import annotations

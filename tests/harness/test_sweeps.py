@@ -19,7 +19,8 @@ from benchmarks.presets import Preset, Variant, build_runs
 from benchmarks.results_io import read_rows, write_rows
 from benchmarks.run import RESULTS, run_dir_of, sweep
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# tests/, where benchmark_fakes.py is
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN_COLUMNS = ("run_id", "model", "dataset", "depth", "width", "mask_k", "mask_density",
                   "seed", "test_acc", "best_test_acc", "epoch_time_s", "images_per_s",
                   "peak_mem_mb", "params", "git_sha", "torch_version", "device")

@@ -15,7 +15,7 @@ import torch.autograd.forward_ad as fwAD
 
 import wtmodels as wt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -19,7 +19,7 @@ from benchmarks.recommend import recommend
 from benchmarks.results_io import write_rows
 from benchmarks.summary import summary_table, to_markdown
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _row(config, seed, acc, **extra):

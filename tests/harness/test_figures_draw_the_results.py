@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import plot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _write(folder, rows, name="results.csv"):

@@ -7,7 +7,7 @@ labelled "0.666667" and "1.33333", the latter printed over the "1.5" beside it."
 from __future__ import annotations
 
 from benchmarks import plot
-from tests.test_review15_plot_visual import _overlaps, _renderer
+from tests.harness.test_figures_as_seen import _overlaps, _renderer
 
 
 def _row(label, depth, seed, acc, **extra):

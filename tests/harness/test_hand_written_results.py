@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_review7_harness import _one_error_line
 
 from benchmarks import plot
 from benchmarks.results_io import write_rows
+from tests.harness.test_harness_user_inputs import _one_error_line
 
 COLUMNS = ["run_id", "label", "model", "core", "depth", "width", "seed", "test_acc", "params",
            "status"]

@@ -9,7 +9,7 @@ import nbclient
 import nbformat
 from benchmark_fakes import write_fake_sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "guidelines.ipynb")
 
 

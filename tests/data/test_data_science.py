@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_data_correctness import _write_cifar10
+from tests.data.test_data_correctness import _write_cifar10
 from wtmodels.data import SyntheticImages, get_datasets
 
 torch.set_num_threads(1)

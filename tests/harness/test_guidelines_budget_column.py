@@ -12,7 +12,7 @@ from pathlib import Path
 from benchmarks.recommend import main, recommend
 from benchmarks.results_io import read_rows
 
-QUICK = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quick" / "results.csv"
+QUICK = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "quick" / "results.csv"
 
 
 def _blanked(label: str, depth: str) -> list[dict]:

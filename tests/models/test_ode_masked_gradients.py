@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tests.test_review13_ode import N, _LinCell  # f(z, x) = W z + x, N = 4
+from tests.models.test_ode_closed_forms import N, _LinCell  # f(z, x) = W z + x, N = 4
 from wtmodels.masks import apply_masks, mask_index
 from wtmodels.ode import ODECore
 

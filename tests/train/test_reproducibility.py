@@ -29,7 +29,7 @@ from wtmodels.data import SyntheticImages
 from wtmodels.provenance import git_sha
 from wtmodels.train import run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"epoch_time_s", "eval_time_s", "images_per_s", "peak_mem_mb"}
 TINY = dict(dataset="digits", train_size=64, test_size=32, batch_size=32, threads=1,
             progress="none", device="cpu")

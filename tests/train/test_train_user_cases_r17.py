@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_data import _write_mnist_folder
+from tests.data.test_data_loading import _write_mnist_folder
 from wtmodels import data
 from wtmodels.data import get_datasets
 from wtmodels.train import run

@@ -154,7 +154,7 @@ def test_peft_speed_rows_record_the_repeats_behind_each_median(monkeypatch):
     assert {(r["measure"], r["repeats"]) for r in rows} == {("train_step", 2), ("inference", 6)}
 
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @pytest.mark.parametrize("name", ["train_speed_cpu", "gpu/train_speed_cuda",

@@ -225,7 +225,7 @@ def test_gpu_scripts_run_their_benchmarks_on_cuda_only():
     import re
     import shlex
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     for script in ("gpu_check.sh", "gpu_step_time.sh"):
         text = (root / script).read_text().replace("\\\n", " ")
         calls = re.findall(r"python3 -m (benchmarks\.\w+)([^|>\n]*)", text)

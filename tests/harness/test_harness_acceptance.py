@@ -115,8 +115,8 @@ def test_notebook_survives_a_sweep_with_no_recommendation(tmp_path, monkeypatch)
         row["status"] = "diverged" if row["seed"] == 0 else "ok"
     write_rows(str(tmp_path / "results.csv"), rows)
     monkeypatch.setenv("WTMODELS_RESULTS", str(tmp_path))
-    notebook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "notebooks", "guidelines.ipynb")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    notebook = os.path.join(root, "notebooks", "guidelines.ipynb")
     nb = nbformat.read(notebook, as_version=4)
     nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={
         "metadata": {"path": os.path.dirname(notebook)}}).execute()

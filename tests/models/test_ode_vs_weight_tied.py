@@ -11,7 +11,7 @@ from scipy.integrate import solve_ivp
 from torch import nn
 from torchdiffeq import odeint
 
-from tests.test_review14_ode import Counted
+from tests.models.test_ode_vs_scipy import Counted
 from wtmodels.cells import ConvCell
 from wtmodels.masks import apply_masks, mask_index
 from wtmodels.ode import ODECore

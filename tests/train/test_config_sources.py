@@ -18,7 +18,7 @@ from wtmodels.cli import build_parser, parse_settings
 from wtmodels.models import ModelConfig, get_config, list_models
 from wtmodels.train_config import TrainConfig, load_config_file, resolve_config, train_field_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 # a valid value, away from the default, for every setting (the test fails on a new field)
