@@ -1,4 +1,4 @@
-"""Review 12: the benchmark scripts refuse an absurd --threads and an --out that takes no files
+"""The benchmark scripts refuse an absurd --threads and an --out that takes no files
 before measuring (one line on stderr, exit 2)."""
 
 from __future__ import annotations

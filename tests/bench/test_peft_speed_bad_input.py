@@ -1,4 +1,4 @@
-"""Review 17 of the speed scripts: bad input to ``benchmarks.peft_speed`` writes nothing.
+"""The speed scripts: bad input to ``benchmarks.peft_speed`` writes nothing.
 
 ``main`` created ``--out`` before ``run_speed`` checked the cases and sizes, so an unknown case
 or ``--rank 0`` left a new empty output folder behind (the other speed scripts check every

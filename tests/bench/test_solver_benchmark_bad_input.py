@@ -1,4 +1,4 @@
-"""Review 17 of the solver benchmark's command line: bad input is one line on stderr, exit 2,
+"""The solver benchmark's command line: bad input is one line on stderr, exit 2,
 and nothing written."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Review 14: the solver benchmark's measures (benchmarks/solvers.py) and the DEQ's Jacobian
+"""The solver benchmark's measures (benchmarks/solvers.py) and the DEQ's Jacobian
 term / spectral radius (wtmodels/implicit.py), each against an independent answer."""
 
 import math

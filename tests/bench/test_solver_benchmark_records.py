@@ -1,4 +1,4 @@
-"""Review 13 (new user, foundation and solver benchmark): what the benchmark's files record."""
+"""The solver benchmark's files: what they record for a reader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review 13, speed benchmarks: provenance a reader needs to reproduce the committed numbers."""
+"""Speed benchmarks: provenance a reader needs to reproduce the committed numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review 14, speed scripts (benchmarks.models, step_time, train_speed, peft_speed): where
+"""Speed scripts (benchmarks.models, step_time, train_speed, peft_speed): where
 ``--out`` points, and the provenance each CSV row carries."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review 14, data: CIFAR / ImageFolder / synthetic, written here in their real on-disk formats.
+"""Data: CIFAR / ImageFolder / synthetic, written here in their real on-disk formats.
 
 Known answers: pixels and labels equal the ones written (after undoing the documented
 normalisation by hand, and PIL's own resize as the oracle of the documented resize); damaged or

@@ -1,4 +1,4 @@
-"""Review 15, data science: leakage, subsets, normalisation statistics, resizing, label mapping.
+"""Data science: leakage, subsets, normalisation statistics, resizing, label mapping.
 
 Known answers come from independent computations: scikit-learn's own split and numpy statistics,
 idx bytes parsed here with gzip + numpy, numpy's ``default_rng`` draw the README documents,

@@ -1,4 +1,4 @@
-"""Review 13 (data): a new user's real files, loaded through the real code.
+"""A new user's real files, loaded through the real code.
 
 Files are written here in the real on-disk formats (idx in torchvision's ``<root>/MNIST/raw``
 layout); expectations come from the idx format itself, not from the code under test.

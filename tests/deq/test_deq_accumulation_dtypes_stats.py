@@ -1,4 +1,4 @@
-"""Review 11 of wt.DEQ: gradient accumulation, mixed dtypes and shapes, stats in train / eval,
+"""wt.DEQ: gradient accumulation, mixed dtypes and shapes, stats in train / eval,
 an adjoint solve that stops short, checkpointed and nested cells, batched gradients. Every
 expected value is a closed form or a dense solve, never the layer's own output."""
 

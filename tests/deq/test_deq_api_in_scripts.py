@@ -1,4 +1,4 @@
-"""Review 14: the public solver / DEQ API used the way a researcher's own scripts use it."""
+"""The public solver / DEQ API used the way a researcher's own scripts use it."""
 
 import pytest
 import torch

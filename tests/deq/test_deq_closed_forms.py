@@ -1,4 +1,4 @@
-"""Review 13 of wt.DEQ (a new user's acceptance pass). Every expected value is a closed form,
+"""wt.DEQ (a new user's acceptance pass). Every expected value is a closed form,
 never the layer's own output."""
 
 import warnings

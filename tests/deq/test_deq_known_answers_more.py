@@ -1,4 +1,4 @@
-"""Review 17: wt.DEQ against known answers on cases the other DEQ tests leave out.
+"""wt.DEQ against known answers on cases the other DEQ tests leave out.
 
 Oracles: the exact implicit gradient (solve ``(I - J)^T v = dL/dz`` per sample with
 ``torch.linalg.solve``), central finite differences, the truncated Neumann series of the phantom

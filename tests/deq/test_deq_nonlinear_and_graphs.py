@@ -1,4 +1,4 @@
-"""Review round 9 of wt.DEQ: known answers on a new nonlinear map, graphs with several uses,
+"""wt.DEQ: known answers on a new nonlinear map, graphs with several uses,
 the regulariser and radius against dense Jacobians, and an f with nothing to differentiate."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Review 15 of wt.DEQ: oracles (dense implicit gradients, finite differences, hand-written
+"""wt.DEQ: oracles (dense implicit gradients, finite differences, hand-written
 iterations, closed forms, numpy eigenvalues) on cases the earlier DEQ tests leave out."""
 
 import math

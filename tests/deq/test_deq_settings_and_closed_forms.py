@@ -1,4 +1,4 @@
-"""Review 10 of the DEQ layer: settings checks, repr, backward stats, closed-form gradients."""
+"""The DEQ layer: settings checks, repr, backward stats, closed-form gradients."""
 
 import re
 

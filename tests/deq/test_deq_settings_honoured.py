@@ -1,4 +1,4 @@
-"""Review 17: every DEQ setting is honoured (observably) or refused, never silently ignored.
+"""Every DEQ setting is honoured (observably) or refused, never silently ignored.
 
 wt.DEQ, DEQ models from wt.create_model and the training run: the solver actually called (a
 recording solver in the registry), iteration counts against hand-computed closed forms, cell

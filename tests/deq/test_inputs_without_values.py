@@ -1,4 +1,4 @@
-"""Review 12 of the solvers and wt.DEQ: inputs without values (meta, sparse) through every
+"""The solvers and wt.DEQ: inputs without values (meta, sparse) through every
 DEQ mode, an empty non-batch dimension with the Jacobian regulariser, per-sample step counts
 and residuals checked against hand-computed values. Every expected value is a closed form."""
 

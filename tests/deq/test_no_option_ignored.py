@@ -1,4 +1,4 @@
-"""Review 13: no option is silently ignored, every misspelt one names the valid choices.
+"""No option is silently ignored, every misspelt one names the valid choices.
 
 A new user's checks of the entry points: ``wt.make_masks`` / ``apply_masks`` keywords, and
 settings the training run would never read (``f_solver`` under ``grad="unroll"``, which only

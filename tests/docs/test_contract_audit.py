@@ -1,4 +1,4 @@
-"""Review 15: an audit of every name, default, shape, flag and file in ../shared/DESIGN.md.
+"""An audit of every name, default, shape, flag and file in ../shared/DESIGN.md.
 
 Each check calls the contract as DESIGN.md spells it (keywords and example values verbatim) and
 compares against an independent oracle: numpy linear algebra for fixed points and gradients,

@@ -1,4 +1,4 @@
-"""Review 15, README walk-through: what a new user running the README's commands met.
+"""README walk-through: what a new user running the README's commands met.
 
 `benchmarks.run PRESET --set KEY=VALUE` with a key no setting has (a typo) must name the valid
 choices, and those are the keys `--set` accepts: the README says `seed, out, resume, progress,

@@ -1,4 +1,4 @@
-"""Review 17 (contract walk): an unknown keyword to ``add_lora``, ``add_adapters``,
+"""An unknown keyword to ``add_lora``, ``add_adapters``,
 ``get_datasets`` or ``build_loaders`` raised Python's ``TypeError``, which names no valid
 keyword; like ``make_masks``, ``DEQ``, ``solve`` and ``create_model`` they now raise a
 ``ValueError`` listing the keywords they take."""

@@ -1,4 +1,4 @@
-"""Review 15 of the figures as a reader sees them, checked through matplotlib objects (axis
+"""The figures as a reader sees them, checked through matplotlib objects (axis
 limits, legends' places, titles, artists) on small hand-made rows: no accuracy axis past 100 %,
 no legend over the data, no axes title contradicting the figure's title, no point hidden under
 a bar, no unlabelled end of a log axis, no key to bars that are not drawn."""

@@ -1,4 +1,4 @@
-"""Review 14 of benchmarks/plot.py and notebooks/guidelines.ipynb: what the figures draw is
+"""benchmarks/plot.py and notebooks/guidelines.ipynb: what the figures draw is
 read back from the matplotlib artists and compared with means / sample stds worked out by hand
 from a results.csv the test writes."""
 

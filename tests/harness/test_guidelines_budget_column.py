@@ -1,4 +1,4 @@
-"""Review 17 of the guideline tools: a clean configuration whose rows leave the budget column
+"""The guideline tools: a clean configuration whose rows leave the budget column
 blank (a hand-edited results file) was dropped by ``recommend`` without a word, even when it was
 the most accurate; it is now listed under "not considered" with the configurations whose runs
 failed before recording the budget."""

@@ -1,4 +1,4 @@
-"""Review 14: the numbers behind the guideline curves, from hand-made results files with known
+"""The numbers behind the guideline curves, from hand-made results files with known
 answers (grouping, seeds, recommend's listings, CSV cells, extrapolate's bad run configs)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review 12 of the sweep harness's outputs, tried as a new user would: hand-written results
+"""The sweep harness's outputs, tried as a new user would: hand-written results
 files, outputs that cannot be written, and odd command lines. Each test pins a bug found so."""
 
 from __future__ import annotations

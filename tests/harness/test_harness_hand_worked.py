@@ -1,4 +1,4 @@
-"""Review 14: the sweep harness (benchmarks/run.py, benchmarks/presets.py), against hand-worked
+"""The sweep harness (benchmarks/run.py, benchmarks/presets.py), against hand-worked
 answers; --dry-run and plain functions only, so each test takes about a second."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Review round 15 (mine): fixes found while reading the helpers' reports."""
+"""Regressions: a sweep started inside a torchrun job, thread settings, a float16 f in unroll mode,
+registered solvers' corner cases, Ctrl-C before the first checkpoint."""
 
 from __future__ import annotations
 

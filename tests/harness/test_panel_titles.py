@@ -1,4 +1,4 @@
-"""Review 13, guideline plots read by a new user: a panel's title names only what it draws."""
+"""Guideline plots read by a new user: a panel's title names only what it draws."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review 17 of the sweep harness as a new user (quick --smoke, 3 seeds): the masks figure
+"""The sweep harness as a new user (quick --smoke, 3 seeds): the masks figure
 of a single density (quick's shape) and the extrapolation figure put their legends inside the
 axes at matplotlib's "best", over error bars (README: "legends sit beside or under the panels,
 never on the data"); the extrapolation ratios 2/3 and 4/3 (a model trained at depth 3) were

@@ -1,4 +1,4 @@
-"""Review 15: the sweep statistics against hand-computed answers and scipy.stats oracles.
+"""The sweep statistics against hand-computed answers and scipy.stats oracles.
 
 Small hand-made rows with known means / sample stds, recommend's tolerance boundary and ties,
 and the README's paired t-tests recomputed with ``scipy.stats.ttest_rel`` from the committed

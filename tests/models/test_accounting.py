@@ -1,4 +1,4 @@
-"""Review 13, accounting: model_summary against hand counts from the layer shapes.
+"""Accounting: model_summary against hand counts from the layer shapes.
 
 FLOPs as torch's FlopCounterMode defines them: 2 x MACs of convolutions and matmuls (a k x k conv
 ``cin -> cout`` on an ``H x W`` output: ``2 * cin * cout * k * k * H * W``; conv biases, norms,

@@ -1,4 +1,4 @@
-"""Review 14: cells, cores, masks and models checked against independent answers."""
+"""Cells, cores, masks and models checked against independent answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review 15: the science of the static masks and of CapaBoost, checked against independent
+"""The science of the static masks and of CapaBoost, checked against independent
 computations (hand-written cell formula, numpy sums and ranks, closed-form expectations)."""
 
 import math

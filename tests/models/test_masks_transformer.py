@@ -1,4 +1,4 @@
-"""Review 13: masks on the linear layers of torch's transformer encoder take effect in eval mode
+"""Masks on the linear layers of torch's transformer encoder take effect in eval mode
 (its fused eval path reads linear1 / linear2's weights directly and skipped the masks)."""
 
 import copy

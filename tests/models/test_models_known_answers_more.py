@@ -1,4 +1,4 @@
-"""Review 17 of the models, cores and masks: known answers the earlier tests leave out.
+"""The models, cores and masks: known answers the earlier tests leave out.
 
 - ``bernoulli`` masks expecting under half a one (or, with k > 1, half a zero) per mask are
   refused when a config is validated (they passed, then drawing failed after 1000 redraws);

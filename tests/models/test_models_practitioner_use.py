@@ -1,4 +1,4 @@
-"""Review 14: whole models as a practitioner uses them (wrappers, dtypes, layouts, depth, copies).
+"""Whole models as a practitioner uses them (wrappers, dtypes, layouts, depth, copies).
 
 Known answers: parameter counts by hand (test_* variants, in_chans=1: stem conv 1*8*9 = 72 +
 GroupNorm 16; one cell 2 * 8*8*9 + 3 * 16 = 1200; head 8*10 + 10 = 90), and oracles that do not

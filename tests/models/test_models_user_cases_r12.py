@@ -1,4 +1,4 @@
-"""Review 12 (models, masks, cores, ODE): checks a new user ran, against hand-computed answers."""
+"""Models, masks, cores, ODE: checks a new user ran, against hand-computed answers."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Review 13 of the ODE core and the untied baseline, as a new user: closed-form answers of a
+"""The ODE core and the untied baseline, as a new user: closed-form answers of a
 linear cell (matrix exponentials, the Runge-Kutta Taylor recursion), masks per time segment,
 gradients against finite differences, a DataParallel replica under the adjoint, bad values."""
 

@@ -1,4 +1,4 @@
-"""Review 17 of the ODE core against closed forms: gradients (direct and adjoint) of a masked
+"""The ODE core against closed forms: gradients (direct and adjoint) of a masked
 linear cell after ``set_depth`` equal autograd through the product of matrix exponentials;
 fixed-grid methods keep their order when masked runs of segments are integrated together; the
 adjoint under bf16 autocast stays within bf16 precision of float32 backprop."""

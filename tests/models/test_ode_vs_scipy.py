@@ -1,4 +1,4 @@
-"""Review 14 of the ODE core against independent answers: scipy's solve_ivp (DOP853, float64,
+"""The ODE core against independent answers: scipy's solve_ivp (DOP853, float64,
 tolerance 1e-13) on the core's own dynamics ``f(z, x) - z`` wrapped as a numpy function, the
 convergence order of every fixed-grid method, a counter wrapped around the cell, direct
 backprop vs the adjoint, and the validation of settings."""

@@ -1,4 +1,4 @@
-"""Review 15 of the ODE core, as a researcher comparing Neural ODEs with weight-tied nets:
+"""The ODE core, as a researcher comparing Neural ODEs with weight-tied nets:
 hand-written Runge-Kutta loops on a nonlinear masked cell (which mask at which stage), the
 multistep methods restarting at each mask change, torchdiffeq called directly, scipy's
 solve_ivp with variational dropout held fixed, gradients against finite differences, options a

@@ -1,4 +1,4 @@
-"""Review 14: the CapaBoost benchmark (benchmarks/capaboost.py) against independent answers."""
+"""The CapaBoost benchmark (benchmarks/capaboost.py) against independent answers."""
 
 from __future__ import annotations
 

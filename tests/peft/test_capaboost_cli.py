@@ -1,4 +1,4 @@
-"""Review 17: CLI checks of the CapaBoost experiment (benchmarks/capaboost.py)."""
+"""CLI checks of the CapaBoost experiment (benchmarks/capaboost.py)."""
 
 from __future__ import annotations
 

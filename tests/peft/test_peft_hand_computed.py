@@ -1,4 +1,4 @@
-"""Review 17: CapaBoost / LoRA / adapters against hand-computed answers."""
+"""CapaBoost / LoRA / adapters against hand-computed answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review 12 (PEFT): a forward pass cut short by Ctrl-C, and the CapaBoost experiment's
+"""A forward pass cut short by Ctrl-C, and the CapaBoost experiment's
 Fashion-MNIST lookup."""
 
 import pytest

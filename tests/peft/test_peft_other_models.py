@@ -1,4 +1,4 @@
-"""Review 14 of the PEFT API on models the other tests do not cover, against manual
+"""The PEFT API on models the other tests do not cover, against manual
 computations (``W + scale * sum_i (M_B^i * B)(M_A^i * A)``, finite differences)."""
 
 from __future__ import annotations

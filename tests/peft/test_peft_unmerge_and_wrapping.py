@@ -1,4 +1,4 @@
-"""Review 13 (PEFT): unmerge after the base weight was changed through ``.data``; wrapped
+"""Unmerge after the base weight was changed through ``.data``; wrapped
 layers of a transformer encoder in eval mode."""
 
 import copy

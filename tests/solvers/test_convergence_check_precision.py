@@ -1,4 +1,4 @@
-"""Review of check_result's convergence check: a tol beyond float32 does not let an infinite
+"""check_result's convergence check: a tol beyond float32 does not let an infinite
 residual converge (built-in solvers and the check), a negative or overflowed residual claimed
 within tol is refused, a wrapper comparing equal to a built-in is still scanned, and a
 registered solver's own stop mode (no residual of it in SolverStats) is not judged by abs."""

@@ -1,4 +1,4 @@
-"""Review 13 (new-user acceptance of the solvers): low-precision rounding floors are no
+"""Low-precision rounding floors are no
 divergence; scipy oracles on new problems; stats invariants on mixed batches."""
 
 import math

@@ -1,4 +1,4 @@
-"""Review 15 of the solvers (a researcher burned by torchdeq): every iterate of Anderson and
+"""The solvers (a researcher burned by torchdeq): every iterate of Anderson and
 Broyden against a dense numpy implementation of the documented algorithm; divergence caught
 at the hand-counted evaluation; abs / rel traces by hand; an f returning a coarser dtype than
 the solve's; options given as exact fractions; peak memory flat in max_iter."""

@@ -1,4 +1,4 @@
-"""Review 10b of the fixed-point solvers: option numerics against scipy and closed forms, what
+"""The fixed-point solvers: option numerics against scipy and closed forms, what
 ``f`` and ``z0`` may be (sparse, meta), bf16 autocast, bit-identical repeated solves."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Review 17 of the solvers: finite termination on linear maps (Anderson with lam=0 is GMRES,
+"""The solvers: finite termination on linear maps (Anderson with lam=0 is GMRES,
 D + 2 evaluations; good Broyden needs at most 2D steps, Gay 1979), plain / damped iteration's
 closed-form nstep, traces and iterate per sample across trace growth in a batch above 16384,
 and a batch mixing a NaN mid-run, a runaway, a start at the fixed point and ordinary problems

@@ -1,4 +1,4 @@
-"""Review 11 of the solvers: odd inputs, per-sample problems against scipy, stop modes across
+"""The solvers: odd inputs, per-sample problems against scipy, stop modes across
 scales, f's output dtype / storage, an f that raises, huge batches (known answers only)."""
 
 import math

@@ -1,4 +1,4 @@
-"""Review 14: fixed-point solvers, findings of a randomized sweep (float32 values near overflow).
+"""Fixed-point solvers, findings of a randomized sweep (float32 values near overflow).
 
 Known answers: a constant map ``f(z) = c`` has the fixed point ``c``, reached by every solver's
 first step (``z1 = f(z0) = c``), so its second evaluation has residual 0.

@@ -1,4 +1,4 @@
-"""Review 10 of the batched fixed-point solvers: cases found by a new user's checks."""
+"""The batched fixed-point solvers: cases found by a new user's checks."""
 
 import pytest
 import torch

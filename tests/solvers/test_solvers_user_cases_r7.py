@@ -1,4 +1,4 @@
-"""Review 7 of the solvers and the DEQ layer: cases a new user hit (see each test's comment)."""
+"""The solvers and the DEQ layer: cases a new user hit (see each test's comment)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Review 9 of the fixed-point solvers: cases a new user hit (see each test's comment)."""
+"""The fixed-point solvers: cases a new user hit (see each test's comment)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Review 12: checkpoints, atomic writes, provenance and resume, as a new user meets them.
+"""Checkpoints, atomic writes, provenance and resume, as a new user meets them.
 
 Known answers: a resumed run equals an uninterrupted one bit for bit (CPU); generator draws after
 a restore equal the draws made right after the capture; the ranks of a DDP run hold distinct

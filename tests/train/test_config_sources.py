@@ -1,4 +1,4 @@
-"""Review 14: every training / model setting reaches the same config from a flag, a config file
+"""Every training / model setting reaches the same config from a flag, a config file
 (YAML and JSON) and ``run()``'s dict; ranges and choices refused alike on every path; YAML number
 forms read as the command line reads them; README's variant table; config.json round trip."""
 

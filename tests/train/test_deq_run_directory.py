@@ -1,4 +1,4 @@
-"""Review 13: a DEQ run directory checked as a new user would, against values computed apart.
+"""A DEQ run directory checked as a new user would, against values computed apart.
 
 Tiny ``test_deq`` runs on subsets of the built-in digits, one CPU thread, seconds each.
 """

@@ -1,4 +1,4 @@
-"""Review 15: the training command's precision / layout / compile options on every core.
+"""The training command's precision / layout / compile options on every core.
 
 Each option must change something measurable (the dtype the cell convolutions compute in, the
 memory format of weights and activations, the call to ``torch.compile``), the solver statistics

@@ -1,4 +1,4 @@
-"""Review 17: ``--resume`` is bit-exact on the CPU for model families and options the older
+"""``--resume`` is bit-exact on the CPU for model families and options the older
 resume tests do not combine (README "Training", Reliability: "``--resume`` after a kill at any
 moment continues bit-exactly on the CPU: the final weights and every metrics line (timings
 aside) equal an uninterrupted run's").

@@ -1,4 +1,4 @@
-"""Thread, workspace and dtype robustness, against closed forms (helper-122 review).
+"""Thread, workspace and dtype robustness, against closed forms.
 
 - ``wt.solve`` / ``wt.DEQ`` run concurrently in several Python threads (each keeps its own CPU
   history buffers) give, bit for bit, what the same solve gives alone, and that is the linear

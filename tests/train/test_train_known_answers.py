@@ -1,4 +1,4 @@
-"""Review 14: training harness (resume refusals, schedule, metrics) against known answers."""
+"""Training harness (resume refusals, schedule, metrics) against known answers."""
 
 from __future__ import annotations
 

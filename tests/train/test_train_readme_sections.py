@@ -1,4 +1,4 @@
-"""Review 8 of the README's Data and Training sections, as a new user: the defects found."""
+"""The README's Data and Training sections, as a new user: the defects found."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Review 12: datasets and the single-run command, tried as a new user would.
+"""Datasets and the single-run command, tried as a new user would.
 
 Every dataset here is written by the test in its real on-disk format and read back through the
 real loading code; expected values come from the files written, not from the code under test.

@@ -1,4 +1,4 @@
-"""Review 17 of training / data as a new user: a run that read Fashion-MNIST from the system
+"""Training / data as a new user: a run that read Fashion-MNIST from the system
 copy (no ``--data-dir``) recorded ``data_dir: null`` and nothing else, so its run directory did
 not say which files it trained on; ``info["source"]`` (``config.json``'s ``data_info``) now names
 the folder the idx files were read from."""
