@@ -120,6 +120,25 @@ def match_layout(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def check_cell_output(out, z: torch.Tensor) -> torch.Tensor:
+    """``out`` (a cell's ``f(z, x)``) if it is a tensor of ``z``'s shape, else ``ValueError``.
+
+    The cores iterate ``z <- f(z, x)`` from ``z0 = zeros_like(x)``, so a cell must return a
+    tensor of the stage input's shape: one returning another shape failed deep inside the next
+    application, or (a broadcasting cell, or depth 1) came back silently with the wrong shape.
+
+    Example:
+        >>> check_cell_output(torch.ones(2, 3), torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    if not isinstance(out, torch.Tensor) or out.shape != z.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the cell f(z, x) must return a tensor of z's shape {tuple(z.shape)} (the stage "
+            f"input x's: the cores start from z0 = zeros_like(x)), got {got}")
+    return out
+
+
 def unroll(cell: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
     """Apply ``cell`` ``depth`` times from ``z0 = 0``, mask ``mask_index(t)`` at iteration t.
 
@@ -136,7 +155,7 @@ def unroll(cell: nn.Module, x: torch.Tensor, depth: int) -> torch.Tensor:
     for t in range(depth):
         if k:
             set_mask_index(cell, mask_index(t, depth, k, schedule))
-        z = cell(z, x)
+        z = check_cell_output(cell(z, x), z)
     return z
 
 
@@ -233,7 +252,7 @@ class UntiedCore(Core):
             elif t:  # cells built differently: masks of their own
                 reset_dropout(cell, x)
             with parametrize.cached():  # one masked weight per cell: mask on the fly
-                z = cell(z, x)
+                z = check_cell_output(cell(z, x), z)
         self.last_stats = {"cell_evals": float(depth)}
         return z
 
@@ -313,7 +332,7 @@ class DEQCore(Core):
                 for i in range(max(k, 1)):
                     if k:
                         set_mask_index(self.cell, i)
-                    z = self.cell(z, x)
+                    z = check_cell_output(self.cell(z, x), z)
                 evals[0] += max(k, 1)
                 return z
 

@@ -282,7 +282,16 @@ def register_model(factory: Callable[[], dict]) -> Callable[[], dict]:
         True
         >>> _ = _REGISTRY.pop("doc_tiny")
     """
-    name = factory.__name__
+    name = getattr(factory, "__name__", None)
+    if not callable(factory) or not isinstance(name, str) or not name.isidentifier():
+        # @register_model("my_variant") failed with an AttributeError, and a lambda was
+        # registered under the name "<lambda>" without a word
+        what = repr(factory) if isinstance(factory, str) else type(factory).__name__
+        raise ValueError(
+            "register_model takes the variant's factory itself, a function named after the "
+            "variant that returns a dict of ModelConfig fields (@wt.register_model over "
+            f"def my_variant(): return dict(core='unrolled', depth=4)), got {what}"
+            + (f" named {name!r}" if isinstance(name, str) else ""))
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = factory
@@ -314,7 +323,11 @@ def get_config(name: str, **overrides) -> ModelConfig:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    return ModelConfig.from_dict({**_REGISTRY[name](), **overrides})
+    fields = _REGISTRY[name]()
+    if not isinstance(fields, dict):  # else a TypeError "... is not a mapping"
+        raise ValueError(f"model {name!r}: its factory must return a dict of ModelConfig "
+                         f"fields, got {type(fields).__name__}")
+    return ModelConfig.from_dict({**fields, **overrides})
 
 
 def create_model(name: str, **overrides) -> ImplicitClassifier:

@@ -38,7 +38,14 @@ from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from wtmodels.cores import Core, _check_depth, eager_under_compile, forward_pass, match_layout
+from wtmodels.cores import (
+    Core,
+    _check_depth,
+    check_cell_output,
+    eager_under_compile,
+    forward_pass,
+    match_layout,
+)
 from wtmodels.masks import mask_count, mask_index, mask_schedule, set_mask_index
 
 # Under torch.compile the adaptive methods integrate eagerly (a graph break around the whole
@@ -165,7 +172,7 @@ class _Dynamics(nn.Module):
             set_mask_index(self.cell, self.index)
         self.counter[0] += 1
         z = match_layout(z, self.x)  # a segment after the first starts from a stack slice
-        return self.cell(z, self.x) - z  # (B, C, H, W)
+        return check_cell_output(self.cell(z, self.x), z) - z  # (B, C, H, W)
 
 
 class ODECore(Core):
