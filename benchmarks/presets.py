@@ -14,6 +14,34 @@ names ``function(config: dict, out_dir: str) -> dict`` (called in a fresh proces
 ``function(smoke: bool) -> list[dict]`` that lists its runs (each dict a config, with an optional
 ``"label"`` key). The ``capaboost`` preset is defined this way by ``benchmarks/capaboost.py``.
 
+Your own sweep, without editing the library: in a module of your own (on the current directory
+or ``PYTHONPATH``), decorate its build function with :func:`preset` exactly as the presets below
+are, then name it ``MODULE:NAME`` (``NAME`` is the name given to ``@preset``) on the command line.
+For example, this file saved as ``my_sweeps.py``::
+
+    from benchmarks.presets import Variant, preset
+
+    DATA = {"dataset": "digits", "optimizer": "adamw", "lr": 1e-2, "batch_size": 64}
+
+
+    @preset("ablation", "my ablation: WT with and without distinct masks at depths 2 and 4",
+            seeds=(0, 1))
+    def ablation(smoke: bool) -> list[Variant]:
+        model, width = ("test_wt", 8) if smoke else ("wt_s", 32)
+        size = {"train_size": 64, "test_size": 32, "epochs": 1} if smoke else {"epochs": 10}
+        return [Variant(label, {"model": model, "depth": d, "width": width, **extra,
+                                **DATA, **size})
+                for d in (2, 4)
+                for label, extra in (("WT", {}), ("WT + masks", {"mask_k": d}))]
+
+runs with ``python -m benchmarks.run my_sweeps:ablation --out results/ablation`` (and
+``--smoke``, ``--dry-run``, ``--seeds``, ``--set``, ``--only``, ``--jobs``, reruns into the same
+directory, plots and summary, ``runner=...``, like a built-in preset). The harness imports the
+module; the runs themselves (``python -m wtmodels.train`` processes) do not need it. A user
+preset may not take a built-in preset's name, and is listed by neither :func:`list_presets` nor
+``--help``. A module, name or build function that is not right is a ValueError (on the command
+line: one line on stderr, exit status 2, nothing written).
+
 Example:
     >>> runs = build_runs("quick", smoke=True, seeds=[0])
     >>> sorted({r.label for r in runs}) == sorted(LABELS_QUICK)
@@ -28,6 +56,7 @@ import hashlib
 import importlib
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -147,11 +176,27 @@ class Preset:
     smoke_seeds: tuple[int, ...] = field(default=(0,))
 
 
-_PRESETS: dict[str, Preset] = {}
+_PRESETS: dict[str, Preset] = {}  # the built-in presets (those this module defines)
+_USER_PRESETS: dict[str, Preset] = {}  # "module:name" -> a preset defined in a user's module
+
+#: the options ``@preset`` takes (the :class:`Preset` fields after ``build``)
+PRESET_OPTIONS = ("seeds", "smoke_seeds", "extrapolate", "jobs", "threads", "runner")
 
 
 def preset(name: str, description: str, **options):
     """Register ``build(smoke) -> list[Variant]`` as the preset ``name``.
+
+    In this module it is a built-in preset; applied in any other module ``mod``, it defines
+    the preset ``"mod:name"`` that :func:`get_preset` and ``python -m benchmarks.run mod:name``
+    find after importing ``mod`` (see the module docstring).
+
+    Args:
+        name: the preset's name.
+        description: one line for the dry-run listing.
+        **options: :data:`PRESET_OPTIONS` (``seeds=(0, 1)``, ``jobs=2``, ``runner="m:f"`` ...).
+
+    Raises:
+        ValueError: an unknown option, or a user preset named like a built-in one.
 
     Example:
         >>> @preset("demo_once", "a one-run demo")
@@ -160,16 +205,33 @@ def preset(name: str, description: str, **options):
         >>> len(build_runs("demo_once", smoke=True))
         1
     """
+    module = sys._getframe(1).f_globals.get("__name__", "")  # the module applying @preset
+    unknown = sorted(set(options) - set(PRESET_OPTIONS))
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown option {unknown[0]!r}; valid: "
+                         f"{', '.join(PRESET_OPTIONS)}")
+    if not isinstance(name, str) or not name.strip() or ":" in name:
+        raise ValueError(f"preset: name {name!r} must be a non-empty string without ':'")
+    if module != __name__ and name in _PRESETS:
+        raise ValueError(f"preset {name!r} in {module}: {name!r} is a built-in preset; give "
+                         f"yours another name (built-in: {', '.join(list_presets())})")
 
     def register(build: Callable[[bool], list[Variant]]):
-        _PRESETS[name] = Preset(name, description, build, **options)
+        if not callable(build):
+            raise ValueError(f"preset {name!r}: @preset decorates a function build(smoke) -> "
+                             f"list[Variant], not a {type(build).__name__}")
+        spec = Preset(name, description, build, **options)
+        if module == __name__:
+            _PRESETS[name] = spec
+        else:
+            _USER_PRESETS[f"{module}:{name}"] = spec
         return build
 
     return register
 
 
 def list_presets() -> list[str]:
-    """Names of the registered presets.
+    """Names of the built-in presets (a user's ``module:name`` presets are not listed).
 
     Example:
         >>> {"quick", "fashion", "cifar10", "capaboost"} <= set(list_presets())
@@ -179,32 +241,78 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
-    """The registered :class:`Preset` called ``name``.
+    """The :class:`Preset` called ``name``: a built-in one, or ``"module:name"``, a preset
+    that ``module`` (imported now, from the current directory or ``PYTHONPATH``) defines with
+    :func:`preset`.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        ValueError: unknown name (the message lists the valid ones); for ``module:name``, a
+            module that is not there, or that defines no preset ``name``.
 
     Example:
         >>> get_preset("depth").name
         'depth'
     """
+    if ":" in name:
+        return _user_preset(name)
     if name not in _PRESETS:
         raise ValueError(f"preset: unknown name {name!r}; choose one of: "
-                         f"{', '.join(list_presets())}")
+                         f"{', '.join(list_presets())}, or MODULE:NAME for a preset your own "
+                         "module defines with @preset")
     return _PRESETS[name]
+
+
+def _user_preset(target: str) -> Preset:
+    """The preset ``"module:name"``: import ``module``, then look ``name`` up among the
+    presets it registered with :func:`preset`."""
+    module_name, _, name = target.partition(":")
+    if not name or not all(part.isidentifier() for part in module_name.split(".")):
+        raise ValueError(f"preset: expected a built-in name or MODULE:NAME (e.g. "
+                         f"my_sweeps:ablation), got {target!r}")
+    module = _import(module_name, target, "preset")
+    if module.__name__ == __name__:  # benchmarks.presets:quick is quick
+        return get_preset(name)
+    key = f"{module.__name__}:{name}"
+    if key in _USER_PRESETS:
+        return _USER_PRESETS[key]
+    prefix = module.__name__ + ":"
+    defined = sorted(k[len(prefix):] for k in _USER_PRESETS if k.startswith(prefix))
+    theirs = (f"its presets: {', '.join(defined)}" if defined
+              else "it defines none with @preset")
+    if hasattr(module, name):
+        value = getattr(module, name)
+        other = next((p.name for k, p in _USER_PRESETS.items()
+                      if k.startswith(prefix) and p.build is value), None)
+        if other is not None:
+            raise ValueError(f"preset: {name!r} in {module_name} is the build function of "
+                             f"preset {other!r}: run {module_name}:{other}")
+        raise ValueError(f"preset: {module_name}.{name} is a {type(value).__name__}, not a "
+                         f"preset defined with @preset({name!r}, ...) from benchmarks.presets "
+                         f"({theirs})")
+    raise ValueError(f"preset: module {module_name!r} defines no preset {name!r} ({theirs}; "
+                     "define one with @preset(NAME, DESCRIPTION) from benchmarks.presets)")
+
+
+def _import(module_name: str, target: str, what: str):
+    """Import ``module_name``; a module that is not there (not one that fails to import its
+    own dependencies) is a clear ValueError."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name == err.name
+                                     or module_name.startswith(err.name + ".")):
+            hint = (f"; name the module, not its file: {module_name[:-3]}:..."
+                    if module_name.endswith(".py") else "")
+            raise ValueError(f"{what}: module {module_name!r} is not there ({target!r} is "
+                             "needed; modules are looked up on the current directory and "
+                             f"PYTHONPATH){hint}") from err
+        raise
 
 
 def _load(target: str, what: str):
     """Import ``"module:function"``; a missing module or name is a clear ValueError."""
     module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is not None and module_name.startswith(err.name):
-            raise ValueError(f"{what}: module {module_name!r} is not there ({target!r} is "
-                             "needed); it is written by the work that owns this experiment"
-                             ) from err
-        raise
+    module = _import(module_name, target, what)
     if not hasattr(module, attr):
         raise ValueError(f"{what}: {module_name!r} has no function {attr!r} (needed: {target!r})")
     return getattr(module, attr)
@@ -266,7 +374,31 @@ def _variants(name: str, smoke: bool) -> tuple[Preset, list[Variant]]:
             config = dict(item)
             variants.append(Variant(str(config.pop("label", name)), config))
         return spec, variants
-    return spec, spec.build(smoke)
+    return spec, _checked_variants(name, spec.build(smoke), smoke)
+
+
+def _checked_variants(name: str, variants, smoke: bool) -> list[Variant]:
+    """What a build function returned, if it is a non-empty list of :class:`Variant`."""
+    what = f"preset {name!r}: its build function (smoke={smoke})"
+    if not isinstance(variants, (list, tuple)):
+        raise ValueError(f"{what} returned a {type(variants).__name__}, expected a list of "
+                         "Variant(label, config)")
+    if not variants:
+        raise ValueError(f"{what} returned no variants")
+    for i, variant in enumerate(variants):
+        if not isinstance(variant, Variant):
+            raise ValueError(f"{what} returned a {type(variant).__name__} at index {i}, "
+                             "expected Variant(label, config)")
+        if not isinstance(variant.label, str) or not variant.label.strip():
+            raise ValueError(f"{what}: variant {i} has the label {variant.label!r}, expected "
+                             "a non-empty string")
+        if not isinstance(variant.config, dict):
+            raise ValueError(f"{what}: variant {i} ({variant.label!r}) has a "
+                             f"{type(variant.config).__name__} config, expected a dict")
+        if "seed" in variant.config:
+            raise ValueError(f"{what}: variant {i} ({variant.label!r}) sets seed; give seeds "
+                             "with @preset(..., seeds=(0, 1)) or --seeds")
+    return list(variants)
 
 
 def build_runs(name: str, smoke: bool = False, seeds: Sequence[int] | None = None,

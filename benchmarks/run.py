@@ -19,6 +19,7 @@ Command line::
     python -m benchmarks.run cifar10 --out results/c10 --launcher submitit --gpus-per-node 1
     python -m benchmarks.run sparsity --out results/sp --dry-run  # list the runs, run nothing
     python -m benchmarks.run quick --out /tmp/q --smoke           # the tiny size the tests use
+    python -m benchmarks.run my_sweeps:ablation --out results/abl # @preset in your own module
 
 Example:
     >>> import tempfile
@@ -467,7 +468,8 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     """Run (or list) the runs of ``preset`` into ``out``; see the module docstring.
 
     Args:
-        preset: a name of :func:`benchmarks.presets.list_presets`.
+        preset: a name of :func:`benchmarks.presets.list_presets`, or ``"module:name"`` for
+            a preset that ``module`` defines with :func:`benchmarks.presets.preset`.
         out: the sweep directory.
         smoke: the preset's tiny size.
         seeds: override the preset's seeds.
@@ -636,7 +638,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m benchmarks.run``."""
     p = _Parser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("preset", help=f"one of: {', '.join(list_presets())}")
+    p.add_argument("preset", help=f"one of: {', '.join(list_presets())}; or MODULE:NAME, a "
+                   "preset your own module defines with @preset (see benchmarks.presets)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--jobs", type=int, help="runs at once (default: the preset's)")
