@@ -144,6 +144,35 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: /proc/cpuinfo flags that decide which vector kernels torch and oneDNN run
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_vector_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vector-extension flags among :data:`VECTOR_FLAGS` (from ``cpuinfo``, without
+    importing torch), space-separated; ``"unknown"`` where that file or its flags are missing.
+
+    A seeded CPU run is bit-identical on the same machine, but another vector ISA (AVX2 here,
+    AVX-512 there) rounds differently and training amplifies it: "AMD EPYC" alone does not say
+    which the numbers came from.
+
+    Example:
+        >>> flags = cpu_vector_flags()
+        >>> flags == "unknown" or set(flags.split()) <= set(VECTOR_FLAGS)
+        True
+    """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return " ".join(flag for flag in VECTOR_FLAGS if flag in present)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _memory_gb() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -183,6 +212,7 @@ def describe_machine(sha: str | None = None) -> dict:
         "date": now_utc(),
         "host": platform.node(),
         "cpu_model": _cpu_model(),
+        "cpu_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count() or 1,
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gb": _memory_gb(),

@@ -42,7 +42,7 @@ RUN_ID = "run_id"
 TEXT_COLUMNS = frozenset(
     {RUN_ID, "key", "config_id", "git_sha", "run_git_sha", "model", "dataset", "label", "core",
      "torch_version", "device", "date", "f_solver", "b_solver", "grad", "mask_kind", "host",
-     "runner", "status", "data_dir", "resumed_with"}
+     "runner", "status", "data_dir", "resumed_with", "cpu_isa", "cpu_flags"}
 )
 
 

@@ -64,7 +64,7 @@ LEADING_COLUMNS = (
     "epoch_time_s", "train_time_s", "images_per_s", "peak_mem_mb", "params",
     "nonzero_params_per_iter", "cell_evals", "flops_per_image", "nstep", "rel_residual",
     "rel_residual_max", "converged", "diverged", "diverged_max", "skipped_steps", "nfe",
-    "git_sha", "torch_version", "device", "threads", "wall_s", "cpu_s", "date",
+    "git_sha", "torch_version", "device", "threads", "cpu_isa", "wall_s", "cpu_s", "date",
 )
 
 #: fields of the run's resolved config copied into the row when present
@@ -172,7 +172,7 @@ def summarise_metrics(epochs: list[dict]) -> dict:
 
 
 #: what a resumed process may change that the row's provenance columns describe
-_RESUME_ENV = ("git_sha", "torch_version", "device", "threads", "world_size")
+_RESUME_ENV = ("git_sha", "torch_version", "device", "threads", "world_size", "cpu_isa")
 
 
 def _resumed_with(env: dict, resumes) -> str | None:
@@ -229,7 +229,8 @@ def assemble_row(run_dir: str, provenance: dict | None = None) -> dict:
     run_config = _read_json(os.path.join(run_dir, "config.json")) or {}
     env = run_config.get("env") or {}
     row.update(provenance or {})
-    row.update({k: env[k] for k in ("device", "threads", "torch_version") if k in env})
+    row.update({k: env[k] for k in ("device", "threads", "torch_version", "cpu_isa")
+                if k in env})
     if env.get("git_sha"):  # the code the run trained at (its first process), not the code
         # of the sweep recording it: a rerun records a run finished before a kill, maybe
         # after the code moved on; a resumed run's later processes: resumed_with

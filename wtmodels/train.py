@@ -576,7 +576,11 @@ class _Trainer:
                 "device_name": (torch.cuda.get_device_name(self.ctx.device)
                                 if self.ctx.device.type == "cuda" else platform.processor()
                                 or platform.machine()),
-                "threads": torch.get_num_threads(), "world_size": self.ctx.world_size}
+                "threads": torch.get_num_threads(), "world_size": self.ctx.world_size,
+                # the vector ISA torch's CPU kernels dispatch to (AVX2, AVX512, ...): the
+                # same seeded run gives other numbers on another one, training amplifying
+                # their rounding differences
+                "cpu_isa": torch.backends.cpu.get_cpu_capability()}
 
     def _wrap_model(self) -> None:
         self.train_model = self.model

@@ -181,6 +181,37 @@ def test_a_run_resumed_with_other_threads_says_so(tmp_path, train_killed_after_e
     assert len(json.loads((out / "config.json").read_text())["resumes"]) == 1
 
 
+def test_a_run_records_its_cpu_isa_and_a_resume_on_another_says_so(
+        tmp_path, train_killed_after_epoch, monkeypatch):
+    # the same seeded run gives other numbers where torch's CPU kernels dispatch to another
+    # vector ISA (the committed quick sweep did not reproduce bit for bit on an AVX2 VM):
+    # config.json, the results row and resumed_with name it
+    out = tmp_path / "run"
+    train_killed_after_epoch(dict(TINY, model="test_wt", epochs=2, out=str(out)))
+    here = torch.backends.cpu.get_cpu_capability()
+    other = "AVX512" if here != "AVX512" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    run({"out": str(out), "resume": True})
+    config = json.loads((out / "config.json").read_text())
+    assert config["env"]["cpu_isa"] == here
+    assert config["resumes"][0]["env"]["cpu_isa"] == other
+    (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
+    row = assemble_row(str(out))
+    assert row["cpu_isa"] == here and row["resumed_with"] == f"epoch 2-: cpu_isa {other}"
+
+
+def test_cpu_vector_flags_reads_the_flags_line(tmp_path):
+    from benchmarks.provenance import cpu_vector_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"
+                    "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_bf16 sha_ni\n")
+    assert cpu_vector_flags(str(info)) == "avx2 fma avx512f avx512bw avx512_bf16"
+    info.write_text("processor\t: 0\n")
+    assert cpu_vector_flags(str(info)) == "unknown"
+    assert cpu_vector_flags(str(tmp_path / "missing")) == "unknown"
+
+
 def test_a_run_resumed_alike_has_no_resumed_with_column(tmp_path, train_killed_after_epoch):
     out = tmp_path / "run"
     train_killed_after_epoch(dict(TINY, model="test_wt", epochs=2, out=str(out)))
