@@ -189,7 +189,10 @@ def _resumed_with(env: dict, resumes) -> str | None:
         other = resume.get("env") if isinstance(resume, dict) else None
         if not isinstance(other, dict):
             continue
-        diff = [f"{k} {other[k]}" for k in _RESUME_ENV if k in other and other[k] != env.get(k)]
+        # a key the first process did not record (cpu_isa before it was recorded) is unknown,
+        # not different
+        diff = [f"{k} {other[k]}" for k in _RESUME_ENV
+                if k in other and k in env and other[k] != env[k]]
         if diff:
             parts.append(f"epoch {int(resume.get('from_epoch') or 0) + 1}-: {', '.join(diff)}")
     return "; ".join(parts) or None

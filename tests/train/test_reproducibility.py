@@ -198,6 +198,10 @@ def test_a_run_records_its_cpu_isa_and_a_resume_on_another_says_so(
     (out / "spec.json").write_text(json.dumps({"run_id": "r", "label": "WT", "config": {}}))
     row = assemble_row(str(out))
     assert row["cpu_isa"] == here and row["resumed_with"] == f"epoch 2-: cpu_isa {other}"
+    # a run begun before cpu_isa was recorded: unknown, not different
+    del config["env"]["cpu_isa"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert "resumed_with" not in assemble_row(str(out))
 
 
 def test_cpu_vector_flags_reads_the_flags_line(tmp_path):
