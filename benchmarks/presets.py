@@ -221,10 +221,16 @@ def preset(name: str, description: str, **options):
             raise ValueError(f"preset {name!r}: @preset decorates a function build(smoke) -> "
                              f"list[Variant], not a {type(build).__name__}")
         spec = Preset(name, description, build, **options)
-        if module == __name__:
-            _PRESETS[name] = spec
-        else:
-            _USER_PRESETS[f"{module}:{name}"] = spec
+        table, key = (_PRESETS, name) if module == __name__ else (_USER_PRESETS,
+                                                                 f"{module}:{name}")
+        # a second @preset(name) in one module silently replaced the first; the same
+        # function defined again (the module reloaded) is still one preset
+        old = getattr(table[key].build, "__qualname__", None) if key in table else None
+        if old is not None and old != getattr(build, "__qualname__", None):
+            raise ValueError(f"preset {name!r} is defined twice in {module} (by {old} and "
+                             f"{getattr(build, '__qualname__', build)}); give each its own "
+                             "name")
+        table[key] = spec
         return build
 
     return register
@@ -281,11 +287,12 @@ def _user_preset(target: str) -> Preset:
               else "it defines none with @preset")
     if hasattr(module, name):
         value = getattr(module, name)
-        other = next((p.name for k, p in _USER_PRESETS.items()
-                      if k.startswith(prefix) and p.build is value), None)
+        # its own preset under another name, or one another module defines (a package's
+        # __init__ re-exporting it): name that module
+        other = next((k for k, p in _USER_PRESETS.items() if p.build is value), None)
         if other is not None:
             raise ValueError(f"preset: {name!r} in {module_name} is the build function of "
-                             f"preset {other!r}: run {module_name}:{other}")
+                             f"preset {other.partition(':')[2]!r}: run {other}")
         raise ValueError(f"preset: {module_name}.{name} is a {type(value).__name__}, not a "
                          f"preset defined with @preset({name!r}, ...) from benchmarks.presets "
                          f"({theirs})")
