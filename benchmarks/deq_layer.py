@@ -376,7 +376,8 @@ def bench_cell(B: int, C: int, H: int, solvers, repeats: int, s: Settings, gain:
                  else math.nan)
         # z* = relu(pre(z_sol)): a unit on at the solver's iterate where it is off at the exact
         # z* (or the reverse) puts a piece of another Jacobian into the gradient
-        flips = int(((z.detach() > 0) != ref.active.to(z.device)).sum()) if ref else -1
+        flips = (int(((z.detach() > 0) != ref.active.to(z.device)).sum()) if ref
+                 else math.nan)  # no reference: unknown, like the accuracy columns
         rows[key] = {"B": B, "C": C, "H": H, "impl": key[0], "solver": key[1],
                      "f_evals": fwd_calls, "bwd_f_evals": f.calls - fwd_calls, "vjps": f.vjps,
                      "fwd_res": float(res.max()), "z_err": z_err, "relu_flips": flips,

@@ -19,7 +19,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from wtmodels.provenance import git_sha
+from wtmodels.provenance import cpu_isa, git_sha  # noqa: F401 (cpu_isa: re-exported)
 
 # the most torch threads a benchmark accepts: far more crashed the process (libgomp could not
 # create them; --threads 1000000 was a segmentation fault, 1e20 an OverflowError traceback)
@@ -79,25 +79,6 @@ def make_out_dir(out: str | os.PathLike) -> Path:
                       ) from None
     check_writable(out)
     return out
-
-
-def cpu_isa() -> str:
-    """The CPU's vector ISA as torch dispatches to it (``AVX2``, ``AVX512``, ...), with
-    `` bf16`` where the CPU has native bf16 (AVX512-BF16 / AMX): without it ``amp`` runs ~20x
-    slower than fp32, with it faster; "AMD EPYC" alone does not say which.
-
-    Example:
-        >>> import torch
-        >>> cpu_isa().split()[0] == torch.backends.cpu.get_cpu_capability()
-        True
-    """
-    import torch
-
-    isa = torch.backends.cpu.get_cpu_capability()
-    if any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                           "_is_amx_tile_supported")):
-        isa += " bf16"
-    return isa
 
 
 def package_version(package: str) -> str:

@@ -70,7 +70,7 @@ from wtmodels.cli import UsageError, exit_with, parse_settings
 from wtmodels.distributed import BadEnvironment, DistContext, MainRankFailed
 from wtmodels.metrics import EpochMeter, peak_memory_mb, reset_peak_memory
 from wtmodels.optim import build_optimizer, build_scheduler
-from wtmodels.provenance import git_sha
+from wtmodels.provenance import cpu_isa, git_sha
 from wtmodels.train_config import (
     RUNTIME_FIELDS,
     TrainConfig,
@@ -580,7 +580,7 @@ class _Trainer:
                 # the vector ISA torch's CPU kernels dispatch to (AVX2, AVX512, ...): the
                 # same seeded run gives other numbers on another one, training amplifying
                 # their rounding differences
-                "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+                "cpu_isa": cpu_isa()}
 
     def _wrap_model(self) -> None:
         self.train_model = self.model
