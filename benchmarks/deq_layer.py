@@ -155,6 +155,20 @@ def _worst_rel_step(new: torch.Tensor, old: torch.Tensor) -> float:
     return float(torch.where(diff == 0, 0.0, diff / norm).max())
 
 
+def _plain_iteration(g, start: torch.Tensor, tol: float, max_iter: int, what: str,
+                     hint: str = "") -> tuple[torch.Tensor, int]:
+    """``x <- g(x)`` from ``start`` until every sample's relative step is ``<= tol``; returns
+    ``(x, iterations)``, ``RuntimeError`` (naming ``what``) after ``max_iter``."""
+    x, iters, step = start, 0, math.inf
+    while not step <= tol:  # (a NaN step is no convergence)
+        if iters == max_iter:
+            raise RuntimeError(f"reference: plain iteration of {what} reached a relative step "
+                               f"of {step:.3g}, not {tol:g}, in {max_iter} steps{hint}")
+        x_new = g(x)
+        step, x, iters = _worst_rel_step(x_new, x), x_new, iters + 1
+    return x, iters
+
+
 def reference_gradients(f, z0: torch.Tensor, inputs, w: torch.Tensor, tol: float = REF_TOL,
                         max_iter: int = 20_000) -> Reference:
     """Fixed point and gradients of ``L = sum(z* * w)`` by plain iteration, independent of any
@@ -185,25 +199,14 @@ def reference_gradients(f, z0: torch.Tensor, inputs, w: torch.Tensor, tol: float
         True
     """
     with torch.no_grad():
-        z, fwd_iters, step = z0, 0, math.inf
-        while not step <= tol:  # (a NaN step is no convergence)
-            if fwd_iters == max_iter:
-                raise RuntimeError(f"reference: plain iteration of z = f(z) reached a relative "
-                                   f"step of {step:.3g}, not {tol:g}, in {max_iter} steps (f "
-                                   "not contractive at z*?)")
-            fz = f(z)
-            step, z, fwd_iters = _worst_rel_step(fz, z), fz, fwd_iters + 1
+        z, fwd_iters = _plain_iteration(f, z0, tol, max_iter, "z = f(z)",
+                                        " (f not contractive at z*?)")
     z_in = z.detach().requires_grad_()
     with torch.enable_grad():
         out = f(z_in)
-        u, bwd_iters, step = w, 0, math.inf
-        while not step <= tol:  # (a NaN step is no convergence)
-            if bwd_iters == max_iter:
-                raise RuntimeError(f"reference: plain iteration of u = J^T u + w reached a "
-                                   f"relative step of {step:.3g}, not {tol:g}, in {max_iter} "
-                                   "steps")
-            u_new = torch.autograd.grad(out, z_in, u, retain_graph=True)[0] + w
-            step, u, bwd_iters = _worst_rel_step(u_new, u), u_new, bwd_iters + 1
+        u, bwd_iters = _plain_iteration(
+            lambda u: torch.autograd.grad(out, z_in, u, retain_graph=True)[0] + w, w, tol,
+            max_iter, "u = J^T u + w")
         grads = torch.autograd.grad(out, list(inputs), u, allow_unused=True)
     return Reference(z.detach(), tuple(None if g is None else g.detach() for g in grads),
                      fwd_iters, bwd_iters)
