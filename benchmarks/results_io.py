@@ -29,7 +29,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from wtmodels.atomic import atomic_write_text
 
@@ -229,6 +229,32 @@ def append_rows(path: str | os.PathLike, new_rows: Iterable[dict], key: str = RU
         if added:
             write_rows(path, rows, _columns(rows, first=[key]))
         return added
+
+
+def order_rows(path: str | os.PathLike, order: Sequence[str], key: str = RUN_ID) -> bool:
+    """Rewrite the CSV at ``path`` with the rows whose ``key`` is in ``order`` in that order,
+    first, and every other row after them as it was (under the append lock, atomically).
+
+    Runs that finish in parallel are appended as they finish, so without this the row order,
+    and with it the summary table's and the legends' order, depended on timing. Returns whether
+    the file changed (a missing file, or one already in order, is left alone).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "r.csv")
+        >>> _ = append_rows(p, [{"run_id": "b"}, {"run_id": "x"}, {"run_id": "a"}])
+        >>> order_rows(p, ["a", "b"]), [r["run_id"] for r in read_rows(p)]
+        (True, ['a', 'b', 'x'])
+    """
+    path = os.fspath(path)
+    rank = {str(run_id): i for i, run_id in enumerate(order)}
+    with file_lock(lock_path(path)):
+        rows = read_rows(path)
+        ordered = sorted(rows, key=lambda r: rank.get(str(r.get(key)), len(rank)))  # stable
+        if ordered == rows:
+            return False
+        write_rows(path, ordered, _columns(rows, first=[key]))
+        return True
 
 
 def append_row(path: str | os.PathLike, row: dict, key: str = RUN_ID) -> bool:

@@ -52,7 +52,7 @@ from benchmarks.provenance import (
     provenance,
     threads_error,
 )
-from benchmarks.results_io import append_row, finished_ids, lock_path, read_rows
+from benchmarks.results_io import append_row, finished_ids, lock_path, order_rows, read_rows
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
 from wtmodels.cli import exit_with
@@ -508,6 +508,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
+    planned_ids = [r.run_id for r in runs]  # the preset's order, --only or not
     if only:
         matching = [r for r in runs if only in r.run_id]
         if not matching:
@@ -555,6 +556,9 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
                          folder=os.path.join(out, "submitit"), **(launcher_options or {}))
     report.sweep_wall_s = time.perf_counter() - phase_start + setup_s
     _tally(report, outcomes)
+    # parallel runs were appended as they finished: put the rows in the preset's order, so
+    # that the summary table and the figures list the configurations alike in every rerun
+    order_rows(os.path.join(out, RESULTS), planned_ids)
     report.harness_s += setup_s
     if jobs == 1 and launcher == "local":  # sequential: everything outside the runs is ours
         report.harness_s = report.sweep_wall_s - report.runs_wall_s

@@ -137,6 +137,21 @@ def test_rerun_skips_finished_runs_and_records_a_finished_but_unrecorded_one(qui
     assert open(log).read() == log_before  # recorded from its files, not trained again
 
 
+def test_rows_end_in_the_preset_s_order_whatever_order_the_runs_finished(quick_d2, tmp_path):
+    # two runs at a time were appended as they finished, so the summary table's order (labels
+    # by first appearance) changed from one rerun of the same sweep to the next
+    out, _ = quick_d2
+    copy = tmp_path / "quick"
+    shutil.copytree(out, copy)
+    write_rows(copy / RESULTS, read_rows(copy / RESULTS)[::-1])  # as if finished in reverse
+    report = sweep("quick", str(copy), smoke=True, only="_d2_", echo=_quiet)
+    planned = [r for r in build_runs("quick", smoke=True) if "_d2_" in r.run_id]
+    assert report.ran == 0
+    assert [r["run_id"] for r in read_rows(copy / RESULTS)] == [r.run_id for r in planned]
+    labels = list(dict.fromkeys(r.label for r in planned))
+    assert [r["label"] for r in read_rows(copy / "summary.csv")] == labels
+
+
 def _orphans(path: str) -> list[int]:
     pids = []
     for pid in os.listdir("/proc"):
