@@ -114,15 +114,20 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _cpu_model() -> str:
+def _cpuinfo_field(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first ``key : value`` line of ``cpuinfo``; None where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 #: /proc/cpuinfo flags that decide which vector kernels torch and oneDNN run
@@ -143,15 +148,11 @@ def cpu_vector_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
         >>> flags == "unknown" or set(flags.split()) <= set(VECTOR_FLAGS)
         True
     """
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return " ".join(flag for flag in VECTOR_FLAGS if flag in present)
-    except OSError:
-        pass
-    return "unknown"
+    flags = _cpuinfo_field("flags", cpuinfo)
+    if flags is None:
+        return "unknown"
+    present = set(flags.split())
+    return " ".join(flag for flag in VECTOR_FLAGS if flag in present)
 
 
 def _memory_gb() -> float | None:

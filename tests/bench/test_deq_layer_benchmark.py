@@ -19,16 +19,20 @@ MEMORY_COLUMNS = {"impl", "solver", "f_max_iter", "b_max_iter", "B", "C", "H", "
                   "vjps", "peak_mb", "git_sha", "torch_version", "device"}
 
 
-def test_quick_run_writes_its_files(tmp_path, capsys):
+def _quick(tmp_path, *argv: str) -> int:
+    """``main(--quick ...)`` at one thread, one repeat, into ``tmp_path``; torch's thread
+    count is put back (the benchmark sets it)."""
     threads = torch.get_num_threads()
     try:
-        # gain 0.6: a cell contractive enough for 12 iterations to come close
-        rc = bench.main(["--quick", "--threads", "1", "--malloc", "default", "--repeats", "1",
-                         "--gain", "0.6", "--f-max-iter", "12", "--b-max-iter", "12",
-                         "--out", str(tmp_path)])
+        return bench.main(["--quick", "--threads", "1", "--malloc", "default", "--repeats", "1",
+                           *argv, "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    assert rc == 0
+
+
+def test_quick_run_writes_its_files(tmp_path, capsys):
+    # gain 0.6: a cell contractive enough for 12 iterations to come close
+    assert _quick(tmp_path, "--gain", "0.6", "--f-max-iter", "12", "--b-max-iter", "12") == 0
     rows = list(csv.DictReader((tmp_path / "deq_layer_quick.csv").open()))
     memory = list(csv.DictReader((tmp_path / "deq_layer_quick_memory.csv").open()))
     impls = {"wtmodels"} | ({"torchdeq"} if bench.torchdeq_missing() is None else set())
@@ -159,14 +163,7 @@ def test_without_torchdeq_it_runs_ours_and_says_so(monkeypatch, tmp_path, capsys
 
     for name in ("torchdeq", "torchdeq.solver"):
         monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
-    threads = torch.get_num_threads()
-    try:
-        rc = bench.main(["--quick", "--threads", "1", "--malloc", "default", "--repeats", "1",
-                         "--solvers", "anderson", "--f-max-iter", "5", "--b-max-iter", "5",
-                         "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
-    assert rc == 0
+    assert _quick(tmp_path, "--solvers", "anderson", "--f-max-iter", "5", "--b-max-iter", "5") == 0
     assert "torchdeq is not installed" in capsys.readouterr().err
     rows = list(csv.DictReader((tmp_path / "deq_layer_quick.csv").open()))
     assert [(r["impl"], r["solver"], r["torchdeq_version"]) for r in rows] == [
