@@ -208,7 +208,9 @@ def describe_machine(sha: str | None = None) -> dict:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-        info["gpus"] = [g.strip() for g in out.stdout.splitlines() if g.strip()]
+        # a failing nvidia-smi (no driver: exit 9, no device: 6) says why on stdout
+        info["gpus"] = ([g.strip() for g in out.stdout.splitlines() if g.strip()]
+                        if out.returncode == 0 else [])
     except (OSError, subprocess.SubprocessError):
         info["gpus"] = []
     return info
