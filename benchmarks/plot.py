@@ -371,14 +371,21 @@ def _pct(value: float) -> float:
     return 100.0 * value
 
 
-def _errorbar(ax, xs, groups, metric, **style):
+def _errorbar(ax, xs, groups, metric, shift_points: float = 0.0, **style):
     """Means in percent with one-std bars (none from a single clean run); flagged points
-    (:func:`benchmarks.aggregate.flags`) marked."""
+    (:func:`benchmarks.aggregate.flags`) marked. ``shift_points`` draws the whole series that
+    many points to the right (a dodge: the data, and so the axis ticks, keep their values)."""
     ys = [_pct(g[f"{metric}_mean"]) for g in groups]
     es = [_pct(g[f"{metric}_std"]) if g.get(f"{metric}_count", g["n"]) > 1 else 0.0
           for g in groups]
+    if shift_points:
+        style["transform"] = offset_copy(ax.transData, fig=ax.figure, x=shift_points,
+                                         units="points")
     ax.errorbar(xs, ys, yerr=es, elinewidth=0.9, **style)
-    _mark_flagged(ax, xs, ys, groups)
+    if shift_points:  # autoscaling skips the bars of a shifted series: their ends, unshifted
+        ax.update_datalim([(x, y + s * e) for x, y, e in zip(xs, ys, es) for s in (-1, 1)])
+        ax.autoscale_view()
+    _mark_flagged(ax, xs, ys, groups, style.get("transform"))
 
 
 #: legend entry of the flagged points
@@ -386,16 +393,19 @@ FLAG_LEGEND = ("x: k/n runs diverged, failed or without accuracy\n"
                "(excluded from the mean) or skipped steps (kept)")
 
 
-def _mark_flagged(ax, xs, ys, groups) -> None:
+def _mark_flagged(ax, xs, ys, groups, transform=None) -> None:
     """A red cross and a ``k/n ...`` note on each point whose runs diverged, failed or skipped
-    steps, and one legend entry per axis saying what the marks mean."""
+    steps (at the point as drawn: ``transform``, default data coordinates), and one legend
+    entry per axis saying what the marks mean."""
     from matplotlib.lines import Line2D
 
+    transform = transform or ax.transData
     flagged = [(x, y, text) for x, y, g in zip(xs, ys, groups) if (text := flags(g))]
     for x, y, text in flagged:
-        ax.plot([x], [y], marker="x", color="red", markersize=7, linestyle="none", zorder=5)
-        ax.annotate(text, (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6,
-                    color="red")
+        ax.plot([x], [y], marker="x", color="red", markersize=7, linestyle="none", zorder=5,
+                transform=transform)
+        ax.annotate(text, (x, y), xycoords=transform, xytext=(4, -9),
+                    textcoords="offset points", fontsize=6, color="red")
     if flagged and FLAG_LEGEND not in ax.get_legend_handles_labels()[1]:
         ax.add_line(Line2D([], [], marker="x", color="red", linestyle="none",
                            label=FLAG_LEGEND))
@@ -557,6 +567,11 @@ def _figure_legend(fig: Figure, axes: Sequence, where: str = "lower center") -> 
         fig.legend(list(entries.values()), list(entries), loc=f"outside {where}", ncol=ncol)
 
 
+#: dodge of the lines of an accuracy-vs-depth (width) plot: points between neighbours, and the
+#: most points between the outermost two
+DODGE_STEP, DODGE_SPAN = 5.0, 24.0
+
+
 def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str,
                 line_name: str) -> Figure | None:
     """Accuracy vs ``x`` with a line per (label, ``line`` value, other setting); labels without
@@ -585,9 +600,12 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     fig = Figure(figsize=(PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.15), layout="constrained")
     ax = fig.add_subplot()
     order = _labels([{"label": k[0]} for k in lines])
-    for (label, value, setting), pts in sorted(lines.items(), key=lambda item: (
+    # lines meeting at one x would hide each other's error bars: each is drawn a few points
+    # apart (at most DODGE_SPAN points for all), centred on the true x
+    step = min(DODGE_STEP, DODGE_SPAN / max(len(lines) - 1, 1))
+    for n, ((label, value, setting), pts) in enumerate(sorted(lines.items(), key=lambda item: (
             order.index(item[0][0]), line_values.index(item[0][1])
-            if item[0][1] in line_values else -1, str(item[0][2]))):
+            if item[0][1] in line_values else -1, str(item[0][2])))):
         pts = sorted(pts, key=lambda g: g[x])
         i = line_values.index(value) if value in line_values else 0
         name = label
@@ -601,7 +619,8 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
             j = sorted(settings[(label, value)], key=str).index(setting)
             color = _shade(color, _SHADES[(j - 1) % len(_SHADES)]) if j else color
         # colour and marker: the family; line style (and open markers): the width (depth)
-        _errorbar(ax, [g[x] for g in pts], pts, "test_acc", color=color,
+        _errorbar(ax, [g[x] for g in pts], pts, "test_acc",
+                  shift_points=step * (n - (len(lines) - 1) / 2), color=color,
                   marker=label_marker(label), markerfacecolor="white" if i % 2 else None,
                   linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
     bands = [g for g in groups  # implicit / continuous cores have no depth or are not swept
@@ -621,6 +640,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
             i = kin.index(g)
         _reference_line(ax, g, name, linestyle=_LINESTYLES[i % len(_LINESTYLES)])
     _log2_axis(ax, [g[x] for pts in lines.values() for g in pts])
+    ax.margins(x=0.08)  # room for the outermost dodged series
     if len(line_values) == 1:  # the legend names no width (depth): say it in the title
         value = line_values[0]
         value = f"{value:g}" if isinstance(value, (int, float)) else value

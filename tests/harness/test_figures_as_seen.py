@@ -132,3 +132,28 @@ def test_mask_curve_legends_are_under_their_panels():
         assert "no mask" in [t.get_text() for t in legend.get_texts()]
         box, frame = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
         assert not _overlaps(box, frame) and box.y1 <= frame.y0
+
+
+def test_lines_meeting_at_one_depth_are_drawn_apart_with_their_whole_bars_in_view():
+    # WT and untied share every depth: their markers and error bars were drawn on top of each
+    # other; each series is now shifted a few points (its data, and the ticks, stay at 2 / 4)
+    rows = [_row(label, depth, s, acc + 0.02 * s)
+            for label, acc in (("WT", 0.9), ("untied", 0.9)) for depth in (2, 4)
+            for s in (0, 1)]
+    fig = plot.plot_accuracy_vs_depth(rows)
+    _renderer(fig)
+    ax = fig.axes[0]
+    series = [c for c in ax.containers if c.get_label() in ("WT", "untied")]
+    lines = [c.lines[0] for c in series]
+    assert [list(line.get_xdata()) for line in lines] == [[2, 4], [2, 4]]
+    drawn = [line.get_transform().transform(list(zip(line.get_xdata(), line.get_ydata())))
+             for line in lines]
+    assert drawn[0][0][1] == drawn[1][0][1]  # same mean: same height on the page
+    assert drawn[1][0][0] - drawn[0][0][0] >= 3.0  # but pixels apart
+    bars = [c.lines[2][0] for c in series]
+    xs = {round(float(seg[0][0]), 6) for c in bars for seg in
+          (c.get_transform().transform(s) for s in c.get_segments())}
+    assert len(xs) == 4  # four bars at four places on the page, not two
+    # the bars' ends (mean 91 +- 1.41 points) stay inside the axis
+    low, high = ax.get_ylim()
+    assert low < 91.0 - 1.41 and high > 91.0 + 1.41
