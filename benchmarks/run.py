@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import importlib
 import json
 import os
@@ -319,16 +320,28 @@ def _finished(run_dir: str) -> bool:
     return any(os.path.exists(os.path.join(run_dir, name)) for name in (DONE, STOPPED))
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the launching thread dies (Linux), so a
-    killed sweep leaves no orphaned training process writing into its run directory."""
+@functools.cache
+def _die_with_parent():
+    """A ``preexec_fn`` for a child to get SIGKILL when the launching thread dies (Linux), so a
+    killed sweep leaves no orphaned training process writing into its run directory; ``None``
+    where ``prctl`` is missing.
+
+    libc is loaded here, in the parent, once: the child (forked from a process whose other
+    threads may hold the dynamic loader's lock, with ``--jobs`` > 1) only makes the call."""
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+    death_signal = int(signal.SIGKILL)
+
+    def set_death_signal() -> None:
+        prctl(1, death_signal)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
 
 
 def _last_line(path: str) -> str:
@@ -448,7 +461,7 @@ def _launch(task: RunTask, spec: RunSpec, run_dir: str) -> tuple[int, float, flo
         log.flush()
         run_start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent())
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
         except BaseException:
