@@ -467,11 +467,11 @@ def _reference_line(ax, g: dict, label: str, metric: str = "test_acc",
         ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
 
 
-def _setting(g: dict, x: str, follows: bool = True) -> tuple:
-    """What else distinguishes configurations of one label on an ``x`` axis: the mask count
-    (``"D"`` when it follows the depth, as in ``mask_k = depth``, and ``follows``: the label has
-    K = depth at two depths or more; a fixed K = 4 is K 4 at depth 4 too), density, solver,
-    gradient."""
+def _setting(g: dict, follows: bool = True) -> tuple:
+    """What else distinguishes configurations of one label along a depth or width axis: the
+    mask count (``"D"`` when it follows the depth, as in ``mask_k = depth``, and ``follows``:
+    the label has K = depth at two depths or more; a fixed K = 4 is K 4 at depth 4 too),
+    density, solver, gradient."""
     k = g.get("mask_k")
     if follows and k and k == g.get("depth"):
         k = "D"
@@ -586,7 +586,7 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     for g in groups:
         if g.get(x) is not None:
             follows = len(depth_k.get(g.get("label"), ())) >= 2
-            lines.setdefault((g.get("label"), g.get(line), _setting(g, x, follows)),
+            lines.setdefault((g.get("label"), g.get(line), _setting(g, follows)),
                              []).append(g)
     lines = _split_duplicates(lines, x)
     lines = {k: v for k, v in lines.items() if len({g[x] for g in v}) >= 2}
@@ -633,8 +633,8 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
         kin = [b for b in bands if b.get("label") == g.get("label")
                and b.get(line) == g.get(line)]
         if len(kin) > 1:  # one label, several settings (e.g. grad ift / phantom): name each
-            setting = _setting(g, x)
-            if len({_setting(b, x) for b in kin}) < len(kin):
+            setting = _setting(g)
+            if len({_setting(b) for b in kin}) < len(kin):
                 setting = (*setting, _tags(g, _distinguishing(kin)))
             name = name.replace(" (no", f" ({_setting_name(setting)}; no", 1)
             i = kin.index(g)
