@@ -644,7 +644,7 @@ def _depth_grid(variants_by_depth: Callable[[int], list[Variant]], depths: Seque
 
 
 @preset("quick", "digits: weight-tied vs DEQ vs untied vs WT + distinct masks at a few depths "
-        "(< 10 min on 2 CPU cores)", seeds=(0, 1), extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
+        "(4-11 min on 2 CPU cores)", seeds=(0, 1), extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
 def quick(smoke: bool) -> list[Variant]:
     """The README's main job: four model families on scikit-learn's digits."""
     data = _data("digits", smoke, epochs=15, batch_size=64)

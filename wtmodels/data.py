@@ -666,8 +666,9 @@ def get_datasets(name: str, data_dir: str | os.PathLike | None = None, download:
         test_size: likewise for the test set (synthetic default 256).
         seed: seed of the subsets and of the synthetic images.
         augment: apply the dataset's standard training augmentation (digits: pad-1 random crop;
-            (Fashion-)MNIST: pad-2 random crop, plus flip for Fashion; CIFAR: pad-4 random crop +
-            flip; imagefolder: random resized crop + flip). Test sets are never augmented.
+            (Fashion-)MNIST: pad-2 random crop, plus flip for Fashion; CIFAR: random crop
+            padded by ``image_size // 8`` (4 at 32 px) + flip; imagefolder: random resized
+            crop + flip). Test sets are never augmented.
         image_size: resize to this square size (imagefolder default 224, synthetic 32, others
             their native size).
         channels: synthetic only: image channels (default 3).

@@ -71,9 +71,10 @@ def make_masks(
           first, in PyTorch's ``(in, kh, kw)`` order): every group of ``m`` consecutive entries
           of a row holds exactly ``n`` ones. ``m`` defaults to 4 and ``n`` to ``density * m``
           (2:4 at density 0.5). A 1-d shape is a single row. For a linear layer this is the
-          2:4 layout sparse tensor cores use; for a conv a group spans kernel positions of one
-          input channel, not the channels at one position (NVIDIA's layout), so these masks
-          study the structure, not hardware speed.
+          2:4 layout sparse tensor cores use; for a conv a group spans consecutive kernel
+          positions (with a 3x3 kernel some groups cross into the next input channel), not
+          the channels at one position (NVIDIA's layout), so these masks study the
+          structure, not hardware speed.
 
     The k masks are pairwise distinct (duplicates are redrawn). ``density=1`` is the dense
     reference: it returns k identical all-ones masks. Any other request that admits fewer than k
