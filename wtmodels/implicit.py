@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .solvers import check_options, check_result, get_solver, list_solvers, solver_options
+from .solvers import (
+    TORCHDEQ_FIXED_POINT,
+    check_options,
+    check_result,
+    get_solver,
+    list_solvers,
+    solver_options,
+)
 from .solvers.common import (
     DIVERGENCE_DEFAULTS,
     STOP_MODES,
@@ -121,10 +128,16 @@ class DEQ(nn.Module):
         """
         for field in ("f_solver", "b_solver"):
             if getattr(self, field) not in list_solvers():
+                hint = (" (torchdeq's fixed-point iterations are 'fixed_point' here)"
+                        if getattr(self, field) in TORCHDEQ_FIXED_POINT else "")
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}; "
-                                 f"valid solvers: {list_solvers()}")
+                                 f"valid solvers: {list_solvers()}{hint}")
         if self.grad not in GRAD_MODES:
-            raise ValueError(f"grad must be one of {list(GRAD_MODES)}, got {self.grad!r}")
+            hint = ""
+            if isinstance(self.grad, numbers.Integral) and not isinstance(self.grad, bool):
+                hint = (f" (torchdeq's grad={self.grad} is grad='phantom', "
+                        f"phantom_steps={self.grad} here)")
+            raise ValueError(f"grad must be one of {list(GRAD_MODES)}, got {self.grad!r}{hint}")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, "
                              f"got {self.stop_mode!r}")
@@ -561,7 +574,30 @@ def _unknown_keywords(where: str, unknown: dict, valid: list[str]) -> str:
         hint = "; DEQ takes f_/b_-prefixed settings (f_max_iter, f_tol, f_solver, ...)"
     elif where == "DEQ" and set(names) & set(solver_opts):
         hint = f"; solver options ({solver_opts}) go in f_opts / b_opts"
+    elif where == "DEQ" and (torchdeq := [n for n in names if n in TORCHDEQ_KEYWORDS]):
+        hint = "; torchdeq's " + "; ".join(f"{n}: {TORCHDEQ_KEYWORDS[n]}" for n in torchdeq)
     return f"{where} got unknown keyword(s) {names}; valid: {valid}{hint}"
+
+
+_NO_STATES = "no equivalent (the DEQ returns z* alone; grad='unroll' backpropagates every step)"
+#: torchdeq's ``get_deq`` keywords that DEQ does not take, and what to write instead (in the
+#: error a torchdeq user's settings get, since torchdeq itself ignores unknown keywords)
+TORCHDEQ_KEYWORDS = {
+    "f_stop_mode": "stop_mode (one mode for both solves)",
+    "b_stop_mode": "stop_mode (one mode for both solves)",
+    "ift": "grad='ift' (the default)",
+    "hook_ift": "grad='ift' (the default)",
+    "eval_factor": "eval_f_max_iter=<iterations> (a count, not a factor)",
+    "args": "the settings as keywords (there is no config object)",
+    "core": "no equivalent (one core)",
+    "n_states": _NO_STATES,
+    "indexing": _NO_STATES,
+    "sup_gap": _NO_STATES,
+    "sup_loc": _NO_STATES,
+    "norm_type": "no equivalent (apply weight / spectral norm in the cell)",
+    "no_stat": "no equivalent (the statistics are always returned: the per-sample stopping "
+               "computes them anyway)",
+}
 
 
 def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:

@@ -132,7 +132,14 @@ def get_solver(name: str) -> Callable:
     try:
         return _SOLVERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown solver {name!r}; valid solvers: {list_solvers()}") from None
+        hint = (" (torchdeq's fixed-point iterations are 'fixed_point' here)"
+                if name in TORCHDEQ_FIXED_POINT else "")
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {list_solvers()}"
+                         f"{hint}") from None
+
+
+#: torchdeq's names of plain fixed-point iteration (``fixed_point`` here), named in the error
+TORCHDEQ_FIXED_POINT = ("fixed_point_iter", "simple_fixed_point_iter")
 
 
 def solver_options(name: str) -> list[str] | None:
