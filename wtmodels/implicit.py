@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from .solvers import (
-    TORCHDEQ_FIXED_POINT,
     check_options,
     check_result,
     get_solver,
     list_solvers,
     solver_options,
+    torchdeq_hint,
 )
 from .solvers.common import (
     DIVERGENCE_DEFAULTS,
@@ -128,10 +128,8 @@ class DEQ(nn.Module):
         """
         for field in ("f_solver", "b_solver"):
             if getattr(self, field) not in list_solvers():
-                hint = (" (torchdeq's fixed-point iterations are 'fixed_point' here)"
-                        if getattr(self, field) in TORCHDEQ_FIXED_POINT else "")
-                raise ValueError(f"unknown {field} {getattr(self, field)!r}; "
-                                 f"valid solvers: {list_solvers()}{hint}")
+                raise ValueError(f"unknown {field} {getattr(self, field)!r}; valid solvers: "
+                                 f"{list_solvers()}{torchdeq_hint(getattr(self, field))}")
         if self.grad not in GRAD_MODES:
             hint = ""
             if isinstance(self.grad, numbers.Integral) and not isinstance(self.grad, bool):

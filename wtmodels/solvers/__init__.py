@@ -132,14 +132,20 @@ def get_solver(name: str) -> Callable:
     try:
         return _SOLVERS[name]
     except (KeyError, TypeError):
-        hint = (" (torchdeq's fixed-point iterations are 'fixed_point' here)"
-                if name in TORCHDEQ_FIXED_POINT else "")
         raise ValueError(f"unknown solver {name!r}; valid solvers: {list_solvers()}"
-                         f"{hint}") from None
+                         f"{torchdeq_hint(name)}") from None
 
 
-#: torchdeq's names of plain fixed-point iteration (``fixed_point`` here), named in the error
-TORCHDEQ_FIXED_POINT = ("fixed_point_iter", "simple_fixed_point_iter")
+def torchdeq_hint(name) -> str:
+    """The note an unknown solver ``name`` gets when it is torchdeq's name of one of ours.
+
+    Example:
+        >>> torchdeq_hint("fixed_point_iter")
+        " (torchdeq's fixed-point iterations are 'fixed_point' here)"
+    """
+    if isinstance(name, str) and name in ("fixed_point_iter", "simple_fixed_point_iter"):
+        return " (torchdeq's fixed-point iterations are 'fixed_point' here)"
+    return ""
 
 
 def solver_options(name: str) -> list[str] | None:
