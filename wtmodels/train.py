@@ -169,12 +169,16 @@ def _identity(cfg: TrainConfig) -> dict:
 
 
 def _saved_identity(state: dict) -> dict | None:
-    """A checkpoint's identity, without fields that have since become runtime fields."""
+    """A checkpoint's identity, without fields that have since become runtime fields, and with
+    the defaults of settings added since (an older version had no such setting: its run
+    computed what the default computes, as ``config.json`` without the key resolves to it;
+    before, e.g. ``tf32``, added later, refused every older run as "a different run")."""
     identity = state.get("identity")
     if not isinstance(identity, dict) or not isinstance(identity.get("train"), dict):
         return identity
     train = {k: v for k, v in identity["train"].items() if k not in RUNTIME_FIELDS}
-    return {**identity, "train": train}
+    added = {k: v for k, v in _identity(TrainConfig())["train"].items() if k not in train}
+    return {**identity, "train": {**_jsonable(added), **train}}
 
 
 def _jsonable(d: dict) -> dict:
