@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from benchmarks.aggregate import aggregate
+from benchmarks.aggregate import GROUP_COLUMNS, aggregate
 
 #: (column title, group key, kind) of the table, in order; a column shows when any row has it
 COLUMNS = (
@@ -105,7 +105,23 @@ def _visible(table: Sequence[dict]) -> list[tuple[str, str, str]]:
                 shown.append((title, key, kind))
         elif any(math.isfinite(g.get(f"{key}_mean", math.nan)) for g in table):
             shown.append((title, key, kind))
-    return shown
+    at = next((i for i, c in enumerate(shown) if c[1] == "n"), 0)  # settings, then "seeds"
+    return shown[:at] + _telling_apart(table, [key for _, key, _ in shown[:at]]) + shown[at:]
+
+
+def _telling_apart(table: Sequence[dict], keys: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Columns for the settings (of :data:`GROUP_COLUMNS`) that differ between configurations
+    whose shown settings ``keys`` are identical (e.g. two learning rates of one label), which
+    would otherwise read as one configuration listed twice."""
+    alike: dict[tuple, list[dict]] = {}
+    for g in table:
+        alike.setdefault(tuple(_cell(g, key, "text") for key in keys), []).append(g)
+    extra = []
+    for members in alike.values():
+        extra += [key for key in GROUP_COLUMNS if key not in keys and key not in extra
+                  and len({repr(g.get(key)) for g in members}) > 1]
+    titles = {key: title for title, key, _ in COLUMNS}
+    return [(titles.get(key, key.replace("_", " ")), key, "text") for key in extra]
 
 
 def _cell(g: dict, key: str, kind: str) -> str:

@@ -320,3 +320,20 @@ def test_recommend_with_one_seed_or_no_runs_says_what_it_measured(tmp_path):
     assert "95.0 % over 1 seed(s)" in text and "±" not in text  # one seed has no std
     with pytest.raises(ValueError, match="no finished runs"):
         recommend([], params=2000)  # a results.csv with a header only
+
+
+def test_summary_names_the_setting_that_tells_two_alike_configurations_apart():
+    # one label at one depth and width, trained with two learning rates (a preset whose lr
+    # changed between two sweeps into one folder): two identical-looking "WT 2 8" lines before
+    from benchmarks.summary import summary_table, to_markdown
+
+    rows = [{"config_id": cid, "label": "WT", "depth": 2, "width": 8, "seed": s, "lr": lr,
+             "batch_size": 32, "test_acc": acc}
+            for cid, lr, acc in (("a", 0.01, 0.9), ("b", 0.005, 0.8)) for s in (0, 1)]
+    lines = to_markdown(summary_table(rows)).splitlines()
+    assert lines[0] == "| label | depth | width | lr | seeds | test acc % |"
+    assert lines[2:4] == ["| WT | 2 | 8 | 0.01 | 2 | 90.0 ± 0.0 |",
+                          "| WT | 2 | 8 | 0.005 | 2 | 80.0 ± 0.0 |"]
+    # configurations the shown settings already tell apart get no extra column
+    rows = [dict(r, depth=2 if r["config_id"] == "a" else 4) for r in rows]
+    assert "lr" not in to_markdown(summary_table(rows)).splitlines()[0]
