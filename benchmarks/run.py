@@ -41,11 +41,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from benchmarks.aggregate import check_statuses
 from benchmarks.launch import LAUNCHERS, run_tasks
-from benchmarks.presets import RunSpec, build_runs, get_preset, list_presets
+from benchmarks.presets import RunSpec, build_runs, config_id_for, get_preset, list_presets
 from benchmarks.provenance import (
     describe_machine,
     load_average,
@@ -267,9 +268,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool) -> None:
+def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool,
+                        planned_configs: Collection[str] | None = None) -> None:
     """Refuse to mix sweeps of another size or other ``--set`` values into one directory:
-    plots, the summary and ``recommend`` would pool them. Records the setting on first use."""
+    plots, the summary and ``recommend`` would pool them. Records the setting on first use.
+
+    A directory with sweep rows but no recorded setting (older versions wrote none) is taken on
+    only when every row's ``config_id`` is one of ``planned_configs`` (this sweep's
+    configurations, any seed): the other rows' setting is unknown. Rows written by hand
+    (without a ``config_id``) are taken on as they are."""
     path = os.path.join(out, SETTING)
     setting = {"smoke": bool(smoke), "overrides": {k: overrides[k] for k in sorted(overrides)}}
     try:
@@ -284,6 +291,17 @@ def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool) -> 
             f"--out {out} holds sweeps with {_describe(saved)}, not {_describe(setting)}: one "
             "directory holds one setting (its plots and tables pool every row); use another "
             "--out")
+    if saved is None and planned_configs is not None:
+        strangers = [r for r in read_rows(os.path.join(out, RESULTS))  # a sweep's rows
+                     if r.get("config_id") is not None
+                     and r["config_id"] not in planned_configs]
+        if strangers:
+            raise ValueError(
+                f"--out {out} holds {len(strangers)} results row(s) this sweep "
+                f"({_describe(setting)}) would not produce (e.g. {strangers[0].get('run_id')!r}) "
+                f"and no {SETTING} saying their setting (older versions wrote none): its plots "
+                "and tables would pool them; use another --out, or, if they share this "
+                f"setting, write {json.dumps(setting)} to {path}")
     if saved is None and write:
         try:
             os.makedirs(out, exist_ok=True)
@@ -522,6 +540,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         raise ValueError(f"--out {out} exists and is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     planned_ids = [r.run_id for r in runs]  # the preset's order, --only or not
+    every_run = runs
     if only:
         matching = [r for r in runs if only in r.run_id]
         if not matching:
@@ -541,11 +560,13 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
     # the values as the runs read them (--set lr=.01 and lr=0.01 are one setting, one run id)
     setting = {k: next((r.config[k] for r in runs if k in r.config), v)
                for k, v in (overrides or {}).items()}
-    _check_same_setting(out, smoke, setting, write=not dry_run)
-    report = SweepReport(planned=len(runs))
-    # a status the report would refuse stops the sweep now, not after its runs
+    # a damaged results file, or a status the report would refuse, stops the sweep now, not
+    # after its runs
     check_statuses(read_rows(os.path.join(out, RESULTS)))
     recorded = finished_ids(os.path.join(out, RESULTS))
+    _check_same_setting(out, smoke, setting, write=not dry_run,
+                        planned_configs={config_id_for(r.label, r.config) for r in every_run})
+    report = SweepReport(planned=len(runs))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
     if dry_run:
         _list(runs, states, echo)

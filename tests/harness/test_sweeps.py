@@ -297,3 +297,29 @@ def test_one_directory_holds_one_setting(tmp_path, capsys):
     assert main(["quick", "--out", str(out), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "holds sweeps with --smoke and no --set, not --smoke and --set epochs=2" in err
+
+
+def test_rows_without_a_recorded_setting_are_not_pooled_with_another_size(tmp_path, capsys):
+    # a folder from before sweep_setting.json existed: its smoke row was adopted by a full-size
+    # sweep (a 1-epoch test_wt row beside 15-epoch wt_s rows in one table)
+    from benchmarks.run import SETTING, main
+
+    smoke_run = build_runs("quick", smoke=True, seeds=[0])[0]
+    row = {"run_id": smoke_run.run_id, "label": smoke_run.label,
+           "config_id": presets.config_id_for(smoke_run.label, smoke_run.config),
+           "status": "ok", "seed": 0, "test_acc": 0.5}
+    out = tmp_path / "old"
+    out.mkdir()
+    write_rows(out / RESULTS, [row])
+    before = (out / RESULTS).read_bytes()
+    assert main(["quick", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 1 results row(s)" in err
+    assert smoke_run.run_id in err and 'write {"smoke": false, "overrides": {}}' in err
+    assert main(["quick", "--out", str(out)]) == 2  # not a dry run: nothing written either
+    assert sorted(os.listdir(out)) == [RESULTS] and (out / RESULTS).read_bytes() == before
+    # a sweep of the same size (any seeds) takes the folder on
+    assert main(["quick", "--smoke", "--seeds", "5", "--out", str(out), "--dry-run"]) == 0
+    assert main(["quick", "--smoke", "--out", str(out), "--only", "zzz"]) == 2  # --only typo
+    (out / SETTING).write_text(json.dumps({"smoke": False, "overrides": {}}))
+    assert main(["quick", "--out", str(out), "--dry-run"]) == 0  # the way out the message gives
