@@ -1,4 +1,5 @@
-"""Bugs found by the dead-code / code-smell review, each with a known answer."""
+"""`describe_machine` lists GPUs only from a working nvidia-smi (a failing one prints its reason on
+stdout), each with a known answer."""
 
 from __future__ import annotations
 
