@@ -168,17 +168,35 @@ def _identity(cfg: TrainConfig) -> dict:
     return {"train": train, "model_overrides": dict(sorted(cfg.model_overrides.items()))}
 
 
-def _saved_identity(state: dict) -> dict | None:
+def _saved_identity(state: dict, ran_on_cuda: bool = False) -> dict | None:
     """A checkpoint's identity, without fields that have since become runtime fields, and with
     the defaults of settings added since (an older version had no such setting: its run
     computed what the default computes, as ``config.json`` without the key resolves to it;
-    before, e.g. ``tf32``, added later, refused every older run as "a different run")."""
+    before, e.g. ``tf32``, added later, refused every older run as "a different run").
+
+    Except ``tf32`` of a run that ran on CUDA (``ran_on_cuda``): before the setting existed its
+    convolutions took torch's default, TF32 on (``cudnn.allow_tf32``), which ``tf32=False``
+    turns off (and ``tf32=True`` adds TF32 matmuls): no value computes what it computed, so
+    the key stays missing and the run is refused, naming it."""
     identity = state.get("identity")
     if not isinstance(identity, dict) or not isinstance(identity.get("train"), dict):
         return identity
     train = {k: v for k, v in identity["train"].items() if k not in RUNTIME_FIELDS}
-    added = {k: v for k, v in _identity(TrainConfig())["train"].items() if k not in train}
+    added = {k: v for k, v in _identity(TrainConfig())["train"].items()
+             if k not in train and not (k == "tf32" and ran_on_cuda)}
     return {**identity, "train": {**_jsonable(added), **train}}
+
+
+def _ran_on_cuda(state: dict, saved_config: dict) -> bool:
+    """Whether a run ran on CUDA: its first process (``config.json``'s ``env``), a resume
+    recorded there, or the process that saved checkpoint ``state`` (its CUDA generators)."""
+    envs = [saved_config.get("env")] + [r.get("env") for r in saved_config.get("resumes") or []
+                                        if isinstance(r, dict)]
+    if any(isinstance(e, dict) and str(e.get("device", "")).startswith("cuda") for e in envs):
+        return True
+    rngs = state.get("rng")
+    return isinstance(rngs, list) and any(isinstance(r, dict) and len(r.get("cuda") or ()) > 0
+                                          for r in rngs)
 
 
 def _jsonable(d: dict) -> dict:
@@ -477,14 +495,28 @@ class _Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        if _saved_identity(state) != _jsonable(_identity(self.cfg)):
-            theirs = _saved_identity(state) or {}
+        try:
+            saved_config = json.loads((path.parent / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            saved_config = {}
+        # tf32 only acts on CUDA: an older CUDA run continued on the CPU takes the default
+        theirs = _saved_identity(state, self.ctx.device.type == "cuda" and _ran_on_cuda(
+            state, saved_config if isinstance(saved_config, dict) else {}))
+        if theirs != _jsonable(_identity(self.cfg)):
+            theirs = theirs or {}
             ours = _jsonable(_identity(self.cfg))
             diff = sorted(k for part in ("train", "model_overrides")
                           for k in set(ours.get(part, {})) | set(theirs.get(part, {}))
                           if ours.get(part, {}).get(k) != theirs.get(part, {}).get(k))
+            why = ""
+            if "tf32" in diff and isinstance(theirs.get("train"), dict) \
+                    and "tf32" not in theirs["train"]:
+                why = ("; it was saved before the tf32 setting existed, on CUDA, where its "
+                       "convolutions used TF32 (torch's default) and its matmuls did not: "
+                       "neither --tf32 nor --no-tf32 computes that; resume it with the code "
+                       "it started with")
             raise BadInput(f"checkpoint {path} belongs to a different run (differs in: "
-                           f"{', '.join(diff) or 'format'})")
+                           f"{', '.join(diff) or 'format'}){why}")
         shapes = {"epoch": int, "global_step": int, "model": dict, "optimizer": dict,
                   "scheduler": dict, "rng": list, "history": list}
         damaged = sorted(k for k, kind in shapes.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from wtmodels.checkpoint import load_checkpoint, save_checkpoint
@@ -68,4 +69,36 @@ def test_an_older_checkpoint_of_another_run_is_still_refused(tmp_path, train_kil
     err = capsys.readouterr().err.splitlines()
     assert err == [f"wtmodels.train: error: checkpoint {old / 'checkpoint.pt'} belongs to a "
                    "different run (differs in: lr)"]
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+
+
+def test_an_older_cuda_run_keeps_tf32_missing():
+    """Before tf32 existed a CUDA run's convolutions used TF32 (torch's default
+    cudnn.allow_tf32=True, matmuls off): tf32=False (the default now) turns them off and
+    tf32=True adds TF32 matmuls, so neither value is what it computed."""
+    from wtmodels.train import _ran_on_cuda, _saved_identity
+
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    state = {"identity": {"train": {"lr": 0.01}, "model_overrides": {}},
+             "rng": [{"cuda": [], "torch": None}]}
+    assert _saved_identity(state)["train"]["tf32"] is False  # a CPU run: the default
+    assert "tf32" not in _saved_identity(state, ran_on_cuda=True)["train"]
+    assert _saved_identity(state, ran_on_cuda=True)["train"]["lr"] == 0.01
+    assert not _ran_on_cuda(state, {"env": {"device": "cpu"}})
+    assert _ran_on_cuda(state, {"env": {"device": "cuda:0"}})
+    assert _ran_on_cuda(state, {"env": {"device": "cpu"},
+                                "resumes": [{"from_epoch": 1, "env": {"device": "cuda:1"}}]})
+    assert _ran_on_cuda({**state, "rng": [{"cuda": [torch.zeros(16, dtype=torch.uint8)]}]}, {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_older_cuda_run_resumed_on_cuda_is_refused(tmp_path, train_killed_after_epoch,
+                                                      capsys):
+    old = tmp_path / "old"
+    train_killed_after_epoch({**BASE, "out": str(old), "device": "cuda"}, epoch=1)
+    _as_older_version(old, "tf32")
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    assert main(["--out", str(old), "--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "(differs in: tf32); it was saved before the tf32" in err[0]
     assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
