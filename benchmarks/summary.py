@@ -120,7 +120,13 @@ def _telling_apart(table: Sequence[dict], keys: Sequence[str]) -> list[tuple[str
     for members in alike.values():
         extra += [key for key in GROUP_COLUMNS if key not in keys and key not in extra
                   and len({repr(g.get(key)) for g in members}) > 1]
+    # a setting outside GROUP_COLUMNS (e.g. capaboost's LoRA rank, jac_reg_weight) is not in
+    # the entries: configurations still alike are told apart by their config_id
+    seen = [tuple(_cell(g, key, "text") for key in [*keys, *extra]) for g in table]
+    if len(set(seen)) < len(seen) and any(g.get("config_id") is not None for g in table):
+        extra.append("config_id")
     titles = {key: title for title, key, _ in COLUMNS}
+    titles["config_id"] = "config"
     return [(titles.get(key, key.replace("_", " ")), key, "text") for key in extra]
 
 

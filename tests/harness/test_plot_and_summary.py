@@ -337,3 +337,20 @@ def test_summary_names_the_setting_that_tells_two_alike_configurations_apart():
     # configurations the shown settings already tell apart get no extra column
     rows = [dict(r, depth=2 if r["config_id"] == "a" else 4) for r in rows]
     assert "lr" not in to_markdown(summary_table(rows)).splitlines()[0]
+
+
+def test_summary_tells_apart_configurations_differing_outside_the_group_columns():
+    # capaboost's LoRA at ranks 1 and 2 (rank is no aggregate.GROUP_COLUMNS setting): without
+    # a column the two rows read "LoRA 4 16" twice
+    from benchmarks.summary import summary_table, to_markdown
+
+    rows = [{"config_id": cid, "label": "LoRA", "depth": 4, "width": 16, "seed": 0,
+             "rank": rank, "test_acc": acc}
+            for cid, rank, acc in (("c1", 1, 0.85), ("c2", 2, 0.865))]
+    lines = to_markdown(summary_table(rows)).splitlines()
+    assert lines[0] == "| label | depth | width | config | seeds | test acc % |"
+    assert lines[2:4] == ["| LoRA | 4 | 16 | c1 | 1 | 85.0 |", "| LoRA | 4 | 16 | c2 | 1 | 86.5 |"]
+    # told apart by a group setting (lr): that column, no config column
+    rows = [dict(r, lr=0.01 * r["rank"]) for r in rows]
+    assert to_markdown(summary_table(rows)).splitlines()[0] == (
+        "| label | depth | width | lr | seeds | test acc % |")
