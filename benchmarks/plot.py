@@ -648,6 +648,14 @@ def _sweep_plot(rows: Sequence[dict], x: str, line: str, xlabel: str, title: str
     _finish(ax, xlabel, ACC_LABEL, title, legend=False)
     _family_legend(ax)
     _footnote(fig, [g for g in everything if g.get(x) is not None])
+    # the outermost series sit half the dodge (points) beyond the first / last x, plus a
+    # marker and a bar cap: a fixed 8 % margin clipped them on an axis narrowed by a long
+    # legend; the margin m keeps m * W / (1 + 2 m) >= that room on an axis W points wide
+    fig.draw_without_rendering()  # the constrained layout: the axis width as drawn
+    room = step * (len(lines) - 1) / 2 + 6.0
+    width = ax.get_position().width * fig.get_figwidth() * 72.0
+    if width > 2 * room:
+        ax.margins(x=max(0.08, room / (width - 2 * room)))
     return fig
 
 

@@ -157,3 +157,33 @@ def test_lines_meeting_at_one_depth_are_drawn_apart_with_their_whole_bars_in_vie
     # the bars' ends (mean 91 +- 1.41 points) stay inside the axis
     low, high = ax.get_ylim()
     assert low < 91.0 - 1.41 and high > 91.0 + 1.41
+
+
+def test_every_dodged_series_stays_inside_a_narrow_axis():
+    # six lines on a log width axis whose legend (with the long key to the red x of one
+    # diverged run) narrows the panel to ~165 px: the outermost series sit 12 points (half the
+    # 24-point dodge) beyond widths 8 and 64, and the fixed 8 % margin (~8 points here) drew
+    # their first / last markers and bars outside the axis
+    rows = [_row(label, depth, s, 0.9 + 0.01 * s, width=w,
+                 **({"mask_k": depth, "mask_density": 0.5} if "masks" in label else {}))
+            for label in ("WT", "WT + distinct masks", "untied") for depth in (2, 4)
+            for w in (8, 16, 32, 64) for s in (0, 1)]
+    rows[7]["status"] = "diverged"  # WT, depth 2, width 64, seed 1
+    fig = plot.plot_accuracy_vs_width(rows)
+    renderer = _renderer(fig)
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(renderer)
+    series = [c for c in ax.containers if c.get_label().startswith(("WT", "untied"))]
+    assert len(series) == 6
+    drawn = {}
+    for c in series:
+        line = c.lines[0]
+        drawn[c.get_label()] = line.get_transform().transform(
+            list(zip(line.get_xdata(), line.get_ydata())))
+        for px, _ in drawn[c.get_label()]:
+            assert frame.x0 + 3 < px < frame.x1 - 3, c.get_label()
+    # the red x sits on the dodged marker of its point (WT, depth 2 at width 64)
+    (red,) = [line for line in ax.lines if line.get_color() == "red" and len(line.get_xdata())]
+    at = red.get_transform().transform(list(zip(red.get_xdata(), red.get_ydata())))[0]
+    assert abs(at[0] - drawn["WT, depth 2"][3][0]) < 0.01
+    assert abs(at[1] - drawn["WT, depth 2"][3][1]) < 0.01
