@@ -59,7 +59,7 @@ from benchmarks.aggregate import (
     mean_std,
     number,
 )
-from benchmarks.results_io import check_unique, read_rows, write_rows
+from benchmarks.results_io import SETTING, check_unique, read_rows, setting_note, write_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write, atomic_write_text
@@ -119,15 +119,17 @@ def _styled(fn=None, *, bars: bool = True):
         return functools.partial(_styled, bars=bars)
 
     @functools.wraps(fn)
-    def wrapper(rows, *args, context: Sequence[dict] = (), **kwargs):
+    def wrapper(rows, *args, context: Sequence[dict] = (), note: str = "", **kwargs):
         # context: rows the title reads the columns ``rows`` lack from (the results rows, for
-        # the extrapolation rows, which hold no image size)
+        # the extrapolation rows, which hold no image size); note: the sweep's setting
+        # (:func:`benchmarks.results_io.setting_note`), ending the title
         import matplotlib
 
         with matplotlib.rc_context(STYLE):
             fig = fn(rows, *args, **kwargs)
             if fig is not None:
-                _suptitle(fig, describe_setting(rows, context, bars=bars))
+                title = describe_setting(rows, context, bars=bars)
+                _suptitle(fig, f"{title}; {note}" if note else title)
                 _cap_accuracy(fig)
         return fig
 
@@ -1312,11 +1314,14 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
         []
     """
     rows = load_results(sweep_dir)
-    panels = {**PANELS, "masks": lambda r: plot_masks(r, density=mask_density)}
-    figures = {name: fn(rows) if rows else None for name, fn in panels.items()}
+    # a --set sweep's figures say so in their titles (but what describe_setting names)
+    note = setting_note(sweep_dir, leave_out=("dataset", "train_size", "image_size", "epochs"))
+    panels = {**PANELS, "masks": lambda r, **kw: plot_masks(r, density=mask_density, **kw)}
+    figures = {name: fn(rows, note=note) if rows else None for name, fn in panels.items()}
     # the extrapolation rows hold no image size (older files: no dataset or epochs): the
     # results rows do
-    figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir), context=rows)
+    figures["extrapolation"] = plot_extrapolation(load_extrapolation(sweep_dir), context=rows,
+                                                  note=note)
     out_dir = out_dir or os.path.join(sweep_dir, PLOTS)
     for name in [k for k, v in figures.items() if v is None]:
         # a panel the results no longer support (rows edited out, extrapolation.csv removed):
@@ -1376,6 +1381,8 @@ def write_summary(sweep_dir: str) -> str:
     markdown = to_markdown(table)
     if table:
         markdown += "\n\n" + SPREAD_NOTE
+        if note := setting_note(sweep_dir):
+            markdown += f" Every run of this directory: {note} ({SETTING})."
         write_rows(os.path.join(sweep_dir, "summary.csv"), to_csv_rows(table))
         atomic_write_text(os.path.join(sweep_dir, "summary.md"), markdown + "\n")
     return markdown

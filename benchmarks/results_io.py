@@ -46,6 +46,37 @@ TEXT_COLUMNS = frozenset(
 )
 
 
+#: A sweep directory's setting (``--smoke`` or not, the ``--set`` values), from its first sweep
+SETTING = "sweep_setting.json"
+
+
+def setting_note(sweep_dir: str | os.PathLike, leave_out: Iterable[str] = ()) -> str:
+    """What a sweep directory's :data:`SETTING` adds to its tables and figures: ``"smoke size"``
+    and the ``--set`` values but those in ``leave_out`` (named elsewhere), ``""`` for a
+    full-size sweep without any (or no readable file).
+
+    Example:
+        >>> import json, os, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> with open(os.path.join(d, SETTING), "w") as f:
+        ...     json.dump({"smoke": False, "overrides": {"lr": 0.003, "epochs": 4}}, f)
+        >>> setting_note(d)
+        '--set lr=0.003 epochs=4'
+    """
+    try:
+        with open(os.path.join(sweep_dir, SETTING)) as f:
+            setting = json.load(f)
+        overrides = setting.get("overrides") or {}
+        parts = ["smoke size"] if setting.get("smoke") else []
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not an object
+        return ""
+    shown = {k: v for k, v in overrides.items() if k not in set(leave_out)} if isinstance(
+        overrides, dict) else {}
+    if shown:
+        parts.append("--set " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    return ", ".join(parts)
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` body.

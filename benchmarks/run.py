@@ -54,7 +54,14 @@ from benchmarks.provenance import (
     provenance,
     threads_error,
 )
-from benchmarks.results_io import append_row, finished_ids, lock_path, order_rows, read_rows
+from benchmarks.results_io import (
+    SETTING,
+    append_row,
+    finished_ids,
+    lock_path,
+    order_rows,
+    read_rows,
+)
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
 from wtmodels.cli import exit_with
@@ -246,9 +253,6 @@ def validate_runs(runs: list[RunSpec]) -> None:
                                  f"{', '.join(list_datasets())}")
         except ValueError as err:
             raise ValueError(f"run {run.run_id}: {err}") from None
-
-
-SETTING = "sweep_setting.json"
 
 
 def _runs_here(launcher: str, launcher_options: dict | None) -> bool:

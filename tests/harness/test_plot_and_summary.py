@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -354,3 +355,41 @@ def test_summary_tells_apart_configurations_differing_outside_the_group_columns(
     rows = [dict(r, lr=0.01 * r["rank"]) for r in rows]
     assert to_markdown(summary_table(rows)).splitlines()[0] == (
         "| label | depth | width | lr | seeds | test acc % |")
+
+
+def test_a_set_sweeps_tables_and_figure_titles_name_its_setting(tmp_path, monkeypatch):
+    # a --set lr=0.003 sweep's summary and figures read like the default sweep's: a figure in a
+    # paper or a table in a report lost the one setting that made it
+    import json
+
+    from benchmarks.plot import make_plots, write_summary
+
+    write_fake_sweep(str(tmp_path))
+    (tmp_path / "sweep_setting.json").write_text(json.dumps(
+        {"smoke": False, "overrides": {"lr": 0.003, "epochs": 4}}))
+    assert write_summary(str(tmp_path)).endswith(
+        "Every run of this directory: --set lr=0.003 epochs=4 (sweep_setting.json).")
+    assert (tmp_path / "summary.md").read_text().rstrip().endswith("(sweep_setting.json).")
+    titles = {}
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: titles.setdefault(
+        os.path.basename(path), fig.get_suptitle()) and path)
+    assert len(make_plots(str(tmp_path))) >= 4
+    for name, title in titles.items():  # epochs are named earlier in the title: not again
+        assert title.replace("\n", "; ").endswith("; --set lr=0.003"), (name, title)
+    # a sweep without --set (or without the file): titles and summary as before
+    (tmp_path / "sweep_setting.json").write_text(json.dumps({"smoke": False, "overrides": {}}))
+    assert "Every run" not in write_summary(str(tmp_path))
+    titles.clear()
+    make_plots(str(tmp_path))
+    assert titles and not any("--set" in t for t in titles.values())
+
+
+def test_setting_note_leaves_out_what_the_title_names(tmp_path):
+    import json
+
+    (tmp_path / "sweep_setting.json").write_text(json.dumps(
+        {"smoke": True, "overrides": {"dataset": "fashion_mnist", "width": 24}}))
+    assert plot.setting_note(str(tmp_path)) == "smoke size, --set dataset=fashion_mnist width=24"
+    assert plot.setting_note(str(tmp_path), leave_out=("dataset",)) == "smoke size, --set width=24"
+    (tmp_path / "sweep_setting.json").write_text("[1, 2")  # damaged: no note, no error
+    assert plot.setting_note(str(tmp_path)) == ""
