@@ -137,7 +137,15 @@ def _fashion_mnist_dir() -> str | None:
 
 def check_installed(dataset: str) -> None:
     """``ValueError`` when ``dataset`` resolves to Fashion-MNIST and its files are missing: the
-    experiment reads them from the system folder only (it has no ``--data-dir``)."""
+    experiment reads them from the system folder only (it has no ``--data-dir``).
+
+    Example:
+        >>> check_installed("digits")  # bundled with scikit-learn: nothing to install
+        >>> check_installed("mnist")
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown dataset 'mnist'; valid datasets: auto, fashion_mnist, digits
+    """
     if resolve_dataset(dataset) == "fashion_mnist" and _fashion_mnist_dir() is None:
         from wtmodels import data
 
@@ -158,6 +166,12 @@ def load_tasks(dataset: str, image_size: int | None, pretrain_size: int | None,
 
     Returns:
         ``{"a_train", "a_test", "b_train", "b_test"}`` -> ``(x (N, C, H, W), y (N,))``.
+
+    Example:
+        >>> tasks = load_tasks("digits", None, None, None)
+        >>> x, y = tasks["b_test"]
+        >>> tuple(x.shape[1:]), sorted(y.unique().tolist())
+        ((1, 8, 8), [0, 1, 2, 3, 4])
     """
     from wtmodels.data import get_datasets
 
@@ -196,7 +210,16 @@ def _epoch(model: nn.Module, data, batch_size: int, opt, gen: torch.Generator) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 1000) -> dict:
-    """Test loss and accuracy of ``model`` on ``(x, y)``."""
+    """Test loss and accuracy of ``model`` on ``(x, y)``.
+
+    Example (a model that always says class 0, right on half the images):
+        >>> model = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.zero_(), model.bias.copy_(torch.tensor([1.0, 0.0]))
+        >>> m = evaluate(model, (torch.randn(4, 2), torch.tensor([0, 0, 1, 1])))
+        >>> m["test_acc"], round(m["test_loss"], 4)  # (log(1 + e^-1) + log(1 + e)) / 2
+        (0.5, 0.8133)
+    """
     x, y = data
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -240,6 +263,16 @@ def pretrained(config: dict, dataset: str, cache_dir: str) -> tuple[dict, dict]:
 
     A file lock keeps parallel runs from pretraining twice; the checkpoint is written
     atomically. Returns ``(state_dict, info)`` with the pretrain test accuracy in ``info``.
+
+    Example (a cached checkpoint is loaded, not trained again):
+        >>> import tempfile
+        >>> cache, config = tempfile.mkdtemp(), sweep(smoke=True)[0]
+        >>> path = os.path.join(cache, f"pretrained_{_pretrain_key(config, 'digits')}.pt")
+        >>> atomic_torch_save(path, {"state_dict": {"w": torch.ones(2)},
+        ...                          "info": {"pretrain_test_acc": 0.9}})
+        >>> state, info = pretrained(config, "digits", cache)
+        >>> state["w"].tolist(), info["pretrain_test_acc"]
+        ([1.0, 1.0], 0.9)
     """
     from benchmarks.results_io import file_lock
 
@@ -304,7 +337,16 @@ def update_ranks(model: nn.Module) -> list[dict]:
 
 def check_config(config: dict) -> None:
     """``ValueError`` naming the field for an unknown setting, a bad method, dataset, seed,
-    epochs, batch size, rank, copies or density (the harness runs it before any run starts)."""
+    epochs, batch size, rank, copies or density (the harness runs it before any run starts).
+
+    Example:
+        >>> config = {**sweep(smoke=True)[0], "seed": 0}
+        >>> check_config(config)  # valid: returns None
+        >>> check_config({**config, "method": "prune"})
+        Traceback (most recent call last):
+            ...
+        ValueError: method must be one of head, lora, capaboost, full; got 'prune'
+    """
     unknown = sorted(set(config) - set(SETTINGS) - _RUN_KEYS)
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: "
@@ -364,6 +406,13 @@ def run(config: dict, out_dir: str) -> dict:
         Final metrics: ``test_acc``, ``best_test_acc``, ``train_acc``, losses, ``params``
         (trainable), ``total_params``, ``update_rank`` / ``update_erank`` / ``rank_bound``
         (means over layers), ``pretrain_test_acc``, timings, provenance.
+
+    Example (a training run takes seconds; a bad config is refused before any work):
+        >>> import tempfile
+        >>> run({**sweep(smoke=True)[0], "seed": 0, "batch_size": 0}, tempfile.mkdtemp())
+        Traceback (most recent call last):
+            ...
+        ValueError: batch_size must be an integer >= 1, got 0
     """
     check_config(config)
     check_installed(config["dataset"])
@@ -496,9 +545,13 @@ def run_capaboost(out_dir: str, smoke: bool = False, seeds=(0, 1, 2), threads: i
     Returns:
         The rows of ``results.csv``.
 
-    Example::
-
-        rows = run_capaboost("results/capaboost", smoke=True, seeds=(0,))
+    Example (``run_capaboost(out, smoke=True, seeds=(0,))`` takes seconds; a bad seed list is
+    refused before any run):
+        >>> import tempfile
+        >>> run_capaboost(tempfile.mkdtemp(), smoke=True, seeds=())
+        Traceback (most recent call last):
+            ...
+        ValueError: seeds: give at least one
     """
     from benchmarks.presets import config_id_for, run_id_for
     from benchmarks.results_io import write_rows
@@ -684,7 +737,22 @@ def _plot_results(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def write_summary(rows: list[dict], out_dir: str) -> str:
-    """``summary.md``: accuracy, parameters, update rank and time per configuration."""
+    """``summary.md``: accuracy, parameters, update rank and time per configuration.
+
+    Example (one seed of LoRA and of CapaBoost d=2 at rank 1):
+        >>> import tempfile
+        >>> common = {"dataset": "digits", "model": "test_wt", "width": 8, "depth": 2,
+        ...           "stages": 1, "pretrain_test_acc": 0.95, "finetune_images": 716,
+        ...           "finetune_epochs": 3, "lr": 3e-3, "test_images": 180, "git_sha": "abc",
+        ...           "torch_version": "2.4", "threads": 1, "date": "2024-01-01", "seed": 0,
+        ...           "rank": 1, "params": 500, "train_time_s": 1.0}
+        >>> rows = [{**common, "label": "LoRA", "test_acc": 0.80, "update_rank": 1,
+        ...          "update_erank": 1.0},
+        ...         {**common, "label": "CapaBoost d=2", "test_acc": 0.85, "update_rank": 2,
+        ...          "update_erank": 1.5}]
+        >>> print(write_summary(rows, tempfile.mkdtemp()).splitlines()[-1])
+        | CapaBoost d=2 | 1 | 500 | 85.00 | +5.00 (1/1) | 2.0 | 1.50 | 1.0 |
+    """
     from wtmodels.atomic import atomic_write_text
 
     groups = _groups(rows)
@@ -745,7 +813,14 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.capaboost --out DIR [--smoke]``; returns the exit status."""
+    """``python -m benchmarks.capaboost --out DIR [--smoke]``; returns the exit status.
+
+    Example (bad arguments: exit status 2, one line on stderr, nothing created):
+        >>> import tempfile
+        >>> out = os.path.join(tempfile.mkdtemp(), "capaboost")
+        >>> main(["--out", out, "--smoke", "--threads", "0"]), os.path.exists(out)
+        (2, False)
+    """
     from wtmodels.cli import OneLineParser, UsageError
 
     parser = OneLineParser(prog="python -m benchmarks.capaboost", description=__doc__,
