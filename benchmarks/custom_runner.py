@@ -35,9 +35,18 @@ def run_custom(run_dir: str) -> dict:
     Raises:
         ValueError: no runner in the spec, or the runner did not return a dict.
 
-    Example::
-
-        run_custom("results/capaboost/runs/lora_s0_1a2b3c4d")
+    Example (a runner must return a dict: ``collections.ChainMap(config, run_dir)`` is not one,
+    so no ``done.json`` is written and a rerun retries):
+        >>> import tempfile
+        >>> run_dir = tempfile.mkdtemp()
+        >>> atomic_write_json(os.path.join(run_dir, "spec.json"),
+        ...                   {"run_id": "r0", "runner": "collections:ChainMap", "config": {}})
+        >>> run_custom(run_dir)
+        Traceback (most recent call last):
+            ...
+        ValueError: runner: collections:ChainMap returned ChainMap, expected a dict of final metrics
+        >>> os.path.exists(os.path.join(run_dir, "done.json"))
+        False
     """
     with open(os.path.join(run_dir, "spec.json")) as f:
         spec = json.load(f)
@@ -55,7 +64,12 @@ def run_custom(run_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``python -m benchmarks.custom_runner RUN_DIR``."""
+    """Command-line entry: ``python -m benchmarks.custom_runner RUN_DIR``.
+
+    Example (no RUN_DIR: the usage line on stderr, exit status 2):
+        >>> main([])
+        2
+    """
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m benchmarks.custom_runner RUN_DIR", file=sys.stderr)
