@@ -95,7 +95,12 @@ REF_TOL = 1e-12
 
 @dataclass(frozen=True)
 class Settings:
-    """The DEQ settings both libraries get (stop mode relative, for both solves)."""
+    """The DEQ settings both libraries get (stop mode relative, for both solves).
+
+    Example:
+        >>> Settings(f_max_iter=10)
+        Settings(f_max_iter=10, f_tol=0.0001, b_max_iter=30, b_tol=1e-06)
+    """
 
     f_max_iter: int = 30
     f_tol: float = 1e-4
@@ -138,7 +143,15 @@ class CountedVJP(Counted):
 @dataclass
 class Reference:
     """The float64 reference: fixed point ``z`` ``(B, ...)``, ``grads`` of ``sum(z * w)`` (one
-    per input, ``None`` where it does not reach one), plain-iteration counts of each solve."""
+    per input, ``None`` where it does not reach one), plain-iteration counts of each solve.
+
+    Example (:func:`reference_gradients` of ``z = z / 2 + b``: ``z* = 2 b``, ``dL/db = 2 w``):
+        >>> b = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+        >>> ref = reference_gradients(lambda z: z / 2 + b, torch.zeros(1, 1, dtype=torch.float64),
+        ...                           [b], torch.full((1, 1), 3.0, dtype=torch.float64))
+        >>> round(ref.z.item(), 9), round(ref.grads[0].item(), 9), ref.active
+        (2.0, 6.0, None)
+    """
 
     z: torch.Tensor
     grads: tuple
@@ -320,7 +333,17 @@ def _cell_problem(B: int, C: int, H: int, gain: float, device: str):
 def cell_reference(cell, x: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> Reference | None:
     """:func:`reference_gradients` of the cell in float64 for ``(conv weight, x)``, with
     ``active``: the ReLU units on at ``z*`` (bool, ``(B, C, H, W)``); None where plain iteration
-    does not converge."""
+    does not converge.
+
+    Example (``z*`` is a fixed point of the cell to float64 precision):
+        >>> cell, x, w, z0 = _cell_problem(1, 4, 4, 0.5, "cpu")
+        >>> ref = cell_reference(cell, x, w, z0)
+        >>> tuple(ref.active.shape), ref.active.dtype, [tuple(g.shape) for g in ref.grads]
+        ((1, 4, 4, 4), torch.bool, [(4, 4, 3, 3), (1, 4, 4, 4)])
+        >>> cell64 = copy.deepcopy(cell).double()
+        >>> float((cell64(ref.z, x.detach().double()) - ref.z).abs().max().detach()) < 1e-10
+        True
+    """
     cell64 = copy.deepcopy(cell).double()
     x64 = x.detach().double().requires_grad_()
     try:
@@ -458,7 +481,21 @@ def _fmt(key: str, v) -> str:
 
 
 def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
-    """The results as Markdown tables, with provenance, settings and memory growth."""
+    """The results as Markdown tables, with provenance, settings and memory growth.
+
+    Example (one hand-made row, no memory rows):
+        >>> prov = {"git_sha": "abc1234", "torch_version": "2.4", "torchdeq_version": "0.1",
+        ...         "device": "cpu", "threads": 2, "date": "2024-01-01",
+        ...         "load_average_1min": 0.5, "cpu_count": 4, "cpu_model": "x86", "malloc": "tuned"}
+        >>> row = {"B": 4, "C": 8, "H": 8, "impl": "wtmodels", "solver": "anderson",
+        ...        "step_ms": 12.5, "fwd_ms": 8.25, "bwd_ms": 4.25, "f_evals": 11,
+        ...        "bwd_f_evals": 0, "vjps": 9, "fwd_res": 5e-5, "z_err": 1e-4, "relu_flips": 0,
+        ...        "dW_err": 2e-4, "dW_cos": 0.99999999, "dx_err": float("nan"), "dx_cos": 1.0}
+        >>> md = markdown([row], [], prov, parse_args(["--quick"]))
+        >>> print(md.splitlines()[-1])  # doctest: +NORMALIZE_WHITESPACE
+        | 4 | 8 | 8 | wtmodels | anderson | 12.50 | 8.25 | 4.25 | 11 | 0 | 9 | 5.00e-05 |
+        1.00e-04 | 0 | 2.00e-04 | 0.99999999 | nan | 1.00000000 |
+    """
     missing = torchdeq_missing()
     lines = [
         "# DEQ layer benchmark (benchmarks/deq_layer.py)", "",
@@ -521,6 +558,17 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
 
 
 def parse_args(argv):
+    """The command-line arguments of ``python -m benchmarks.deq_layer``, checked.
+
+    Example (a bad value: one line on stderr, exit status 2):
+        >>> args = parse_args(["--quick", "--solvers", "broyden,broyden"])
+        >>> args.repeats, args.solvers, args.f_max_iter
+        (2, ['broyden'], 30)
+        >>> parse_args(["--f-max-iter", "1"])
+        Traceback (most recent call last):
+            ...
+        SystemExit: 2
+    """
     p = _Parser(prog="python -m benchmarks.deq_layer", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="one tiny cell, 2 repeats, memory at f_max_iter 10 and 40 on it "
@@ -578,6 +626,15 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    """``python -m benchmarks.deq_layer``: benchmark, then write the csv / md files; exit status.
+
+    Example (a run takes minutes; bad arguments stop it before any work, with exit status 2):
+        >>> try:
+        ...     main(["--solvers", "newton"])
+        ... except SystemExit as stop:
+        ...     print("exit status", stop.code)
+        exit status 2
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():  # before --out is created
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
