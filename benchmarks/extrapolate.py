@@ -60,7 +60,20 @@ def depth_grid(depth: int, factors: Sequence[float]) -> list[int]:
 
 def read_run_config(run_dir: str) -> dict:
     """A run's parsed ``config.json``; ``ValueError`` naming the file if it is missing or
-    damaged."""
+    damaged.
+
+    Example:
+        >>> import tempfile
+        >>> run_dir = tempfile.mkdtemp()
+        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
+        ...     json.dump({"train": {"model": "wt_s"}, "data_info": {}}, f)
+        >>> read_run_config(run_dir)["train"]
+        {'model': 'wt_s'}
+        >>> read_run_config(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: .../config.json: not a readable run config (FileNotFoundError(2, ...))
+    """
     path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
@@ -75,7 +88,17 @@ def read_run_config(run_dir: str) -> dict:
 def run_trained_depth(run_dir: str) -> int:
     """:func:`trained_depth` of a run directory's ``config.json``; ``ValueError`` naming the file
     when its ``model_config`` is missing or records no depth (a run written by older code, or a
-    hand-edited file), not a ``KeyError`` traceback."""
+    hand-edited file), not a ``KeyError`` traceback.
+
+    Example:
+        >>> import tempfile
+        >>> run_dir = tempfile.mkdtemp()
+        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
+        ...     json.dump({"train": {}, "data_info": {},
+        ...                "model_config": {"core": "deq", "depth": 6, "f_max_iter": 20}}, f)
+        >>> run_trained_depth(run_dir)  # a deq core's depth: its solver budget
+        20
+    """
     config = read_run_config(run_dir)
     try:
         return trained_depth(config["model_config"])
@@ -92,9 +115,22 @@ def load_trained_model(run_dir: str):
     Returns:
         ``(model, config)`` where ``config`` is the parsed ``config.json``.
 
-    Example::
-
-        model, config = load_trained_model("results/quick/runs/wt_d4_w32_s0_1234abcd")
+    Example (a hand-made run directory of the tiny ``test_wt`` model):
+        >>> import tempfile
+        >>> import torch
+        >>> import wtmodels as wt
+        >>> from wtmodels.checkpoint import save_checkpoint
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = torch.manual_seed(0)
+        >>> model = wt.create_model("test_wt", num_classes=10, in_chans=1)  # depth 2
+        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
+        ...     json.dump({"train": {"model": "test_wt", "dataset": "digits", "test_size": 100},
+        ...                "data_info": {"num_classes": 10, "in_chans": 1},
+        ...                "model_config": {"depth": 2}}, f)
+        >>> save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": model.state_dict()})
+        >>> loaded, config = load_trained_model(run_dir)
+        >>> loaded.training, torch.equal(loaded.head.weight, model.head.weight)
+        (False, True)
     """
     import wtmodels as wt
     from wtmodels.checkpoint import load_checkpoint
@@ -151,6 +187,25 @@ def evaluate_depths(run_dir: str, factors: Sequence[float], device: str | None =
     Returns:
         One dict per test depth: ``train_depth``, ``test_depth``, ``factor``, ``test_acc``,
         ``test_loss`` and the model's averaged ``core_stats()`` (``nstep``, ``rel_residual``...).
+
+    Example (a hand-made run directory of the tiny ``test_wt`` model, on 100 digits images):
+        >>> import tempfile
+        >>> import torch
+        >>> import wtmodels as wt
+        >>> from wtmodels.checkpoint import save_checkpoint
+        >>> run_dir = tempfile.mkdtemp()
+        >>> _ = torch.manual_seed(0)
+        >>> model = wt.create_model("test_wt", num_classes=10, in_chans=1)  # depth 2
+        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
+        ...     json.dump({"train": {"model": "test_wt", "dataset": "digits", "test_size": 100},
+        ...                "data_info": {"num_classes": 10, "in_chans": 1},
+        ...                "model_config": {"depth": 2}}, f)
+        >>> save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": model.state_dict()})
+        >>> rows = evaluate_depths(run_dir, (0.5, 1.0), device="cpu")
+        >>> [(r["train_depth"], r["test_depth"], r["factor"]) for r in rows]
+        [(2, 1, 0.5), (2, 2, 1.0)]
+        >>> all(0 <= r["test_acc"] <= 1 for r in rows)
+        True
     """
     import torch
     import torch.nn.functional as F
@@ -195,6 +250,16 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
 
     Returns:
         The number of rows added.
+
+    Example (a run in ``results.csv`` whose ``runs/<run_id>`` was not copied: skipped, said so):
+        >>> import tempfile
+        >>> from benchmarks.results_io import write_rows
+        >>> sweep_dir = tempfile.mkdtemp()
+        >>> write_rows(os.path.join(sweep_dir, "results.csv"),
+        ...            [{"run_id": "wt_d2_s0", "core": "unrolled", "status": "ok"}])
+        >>> extrapolate_sweep(sweep_dir, (0.5, 1.0))
+          skipped 1 run(s) without runs/<run_id>/checkpoint.pt (e.g. wt_d2_s0)
+        0
     """
     import torch
 
@@ -237,7 +302,12 @@ def extrapolate_sweep(sweep_dir: str, factors: Sequence[float], threads: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.extrapolate DIR --factors 0.5,1,2``."""
+    """``python -m benchmarks.extrapolate DIR --factors 0.5,1,2``; returns the exit status.
+
+    Example (bad factors: one line on stderr, exit status 2):
+        >>> main(["results/quick", "--factors", "0,1"])
+        2
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks.extrapolate",
                                      description="Test-time depth extrapolation of a sweep.")
     parser.add_argument("sweep_dir")
