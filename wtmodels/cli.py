@@ -54,11 +54,29 @@ def exit_with(main: Callable[[], int]) -> None:
 
 
 class UsageError(ValueError):
-    """Bad command-line input (unknown flag, unparsable or out-of-range value)."""
+    """Bad command-line input (unknown flag, unparsable or out-of-range value).
+
+    Example:
+        >>> parse_settings(["--epochs", "two"])
+        Traceback (most recent call last):
+        ...
+        wtmodels.cli.UsageError: argument --epochs: invalid int value: 'two'
+    """
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser that raises :class:`UsageError` instead of printing usage and exiting."""
+    """An ArgumentParser that raises :class:`UsageError` instead of printing usage and exiting.
+
+    Example:
+        >>> parser = OneLineParser(prog="demo")
+        >>> _ = parser.add_argument("--depth", type=int)
+        >>> parser.parse_args(["--depth", "3"]).depth
+        3
+        >>> parser.parse_args(["--width", "3"])
+        Traceback (most recent call last):
+        ...
+        wtmodels.cli.UsageError: unrecognized arguments: --width 3
+    """
 
     def error(self, message: str):
         raise UsageError(message)

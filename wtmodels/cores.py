@@ -57,7 +57,16 @@ def forward_pass(cell: nn.Module, x: torch.Tensor) -> Iterator[None]:
 
 
 class Core(nn.Module):
-    """Base of the cores: ``forward(x) -> z`` plus the per-forward statistics ``last_stats``."""
+    """Base of the cores: ``forward(x) -> z`` plus the per-forward statistics ``last_stats``.
+
+    Example:
+        >>> from wtmodels.cells import ConvCell
+        >>> core = UnrolledCore(ConvCell(8), depth=3)
+        >>> isinstance(core, Core), core(torch.randn(1, 8, 4, 4)).shape
+        (True, torch.Size([1, 8, 4, 4]))
+        >>> core.last_stats, core.jac_loss()  # 3 cell applications; no Jacobian regulariser
+        ({'cell_evals': 3.0}, None)
+    """
 
     def __init__(self):
         super().__init__()

@@ -24,7 +24,16 @@ import torch.distributed as dist
 
 class BadEnvironment(ValueError):
     """WORLD_SIZE / RANK / LOCAL_RANK unreadable or inconsistent: this process's rank cannot
-    be trusted, so every process reports it (not rank 0 alone)."""
+    be trusted, so every process reports it (not rank 0 alone).
+
+    Example:
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"RANK": "abc"}):  # doctest: +ELLIPSIS
+        ...     DistContext.from_env("cpu")
+        Traceback (most recent call last):
+        ...
+        wtmodels.distributed.BadEnvironment: environment variable RANK='abc' is not an integer ...
+    """
 
 
 def _env_int(name: str, default: int) -> int:
@@ -41,7 +50,14 @@ def _env_int(name: str, default: int) -> int:
 
 class MainRankFailed(RuntimeError):
     """Raised on ranks > 0 by :meth:`DistContext.run_on_main` when rank 0's call failed; its
-    message is rank 0's error (rank 0 reports it)."""
+    message is rank 0's error (rank 0 reports it).
+
+    Example:
+        >>> raise MainRankFailed("rank 0 failed: OSError: disk full")
+        Traceback (most recent call last):
+        ...
+        wtmodels.distributed.MainRankFailed: rank 0 failed: OSError: disk full
+    """
 
 
 @dataclass
@@ -54,6 +70,11 @@ class DistContext:
         local_rank: rank on this node (selects the GPU).
         device: the torch device this process computes on.
         initialised: whether this context created the process group (and must destroy it).
+
+    Example:
+        >>> ctx = DistContext()  # one process, as from_env gives without torchrun
+        >>> ctx.is_main, ctx.all_reduce_sum([1.0, 2.0]), ctx.run_on_main(lambda: "written")
+        (True, [1.0, 2.0], 'written')
     """
 
     rank: int = 0

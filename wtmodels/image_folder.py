@@ -25,7 +25,18 @@ __all__ = ["IMG_EXTENSIONS", "VisibleImageFolder", "hidden", "load_rgb", "visibl
 def load_rgb(path: str):
     """ImageFolder's loader: any image as 8-bit RGB. 16-bit grayscale (PIL modes ``I;16*`` and
     ``I``, e.g. 16-bit PNGs) is scaled from 0..65535 to 0..255; torchvision's own loader clips it
-    to 255, turning every such image white."""
+    to 255, turning every such image white.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = os.path.join(tmp, "wide.png")
+        ...     Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16)).save(path)
+        ...     img = load_rgb(path)  # a 16-bit grayscale PNG (PIL mode I;16)
+        >>> img.mode, [img.getpixel((i, 0)) for i in range(3)]  # 0, 257, 65535 -> 0, 1, 255
+        ('RGB', [(0, 0, 0), (1, 1, 1), (255, 255, 255)])
+    """
     from PIL import Image
 
     try:
@@ -47,7 +58,12 @@ def load_rgb(path: str):
 
 
 def hidden(name: str) -> bool:
-    """A dot name (``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._x.png`` resource forks)."""
+    """A dot name (``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._x.png`` resource forks).
+
+    Example:
+        >>> hidden("._cat.png"), hidden(".DS_Store"), hidden("cat.png")
+        (True, True, False)
+    """
     return name.startswith(".")
 
 
@@ -55,7 +71,20 @@ class VisibleImageFolder(ImageFolder):
     """ImageFolder without hidden entries, as the shell's ``ROOT/train/<class>/*`` reads it:
     torchvision made a class of ``.ipynb_checkpoints`` (refused as "no valid file", or trained
     on as an extra class) and read ``._x.png`` resource forks as images. Defined at module
-    level: loader workers started by spawn / forkserver pickle the dataset."""
+    level: loader workers started by spawn / forkserver pickle the dataset.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     for name in ("cat/1.png", "cat/._1.png", "dog/2.png", ".ipynb_checkpoints/3.png"):
+        ...         os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        ...         Image.new("RGB", (2, 2)).save(os.path.join(root, name))
+        ...     data = VisibleImageFolder(root, transform=None, loader=load_rgb)
+        ...     found = data.classes, len(data), data[1][1]
+        >>> found  # classes, images (no ._1.png), label of dog/2.png
+        (['cat', 'dog'], 2, 1)
+    """
 
     def __init__(self, root: str, transform, loader):
         super().__init__(root, transform=transform, loader=loader,

@@ -353,6 +353,16 @@ def apply_to_mask_stacks(module: nn.Module, names: tuple[str, ...], module_apply
     (``.to(memory_format=torch.channels_last)`` refuses a 5-d ``(K, out, in, kh, kw)`` tensor
     itself). The buffers keep their place in the state dict and stay bool (``Module.type``
     converts every tensor).
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> lin.register_buffer("masks", torch.ones(4, 2, 3, dtype=torch.bool))  # (K, out, in)
+        >>> _ = apply_to_mask_stacks(lin, ("masks",), lin._apply, lambda t: t.double())
+        >>> lin.weight.dtype, lin.masks.dtype, lin.masks.shape
+        (torch.float64, torch.bool, torch.Size([4, 2, 3]))
+        >>> conv = apply_masks(nn.Conv2d(2, 4, 3), k=3).to(memory_format=torch.channels_last)
+        >>> conv.weight_masks[0].is_contiguous(memory_format=torch.channels_last)
+        True
     """
     held = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
     for n in held:
@@ -378,6 +388,16 @@ class MaskedLayer:
     :func:`apply_masks` swaps a layer's class to a subclass with this mixin (as
     ``torch.nn.utils.parametrize`` does), so the layer keeps its parameters, parametrizations
     (weight norm, spectral norm) and ``state_dict`` keys, plus the buffer ``weight_masks``.
+
+    Example:
+        >>> conv = apply_masks(nn.Conv2d(2, 4, 3), k=3, density=0.5)
+        >>> isinstance(conv, MaskedLayer), conv.weight_masks.shape
+        (True, torch.Size([3, 4, 2, 3, 3]))
+        >>> set_mask_index(conv, 2)
+        >>> torch.equal(conv.masked_weight(), conv.weight * conv.weight_masks[2])
+        True
+        >>> int(conv.masked_weight().count_nonzero()), conv.weight.numel()  # density 0.5
+        (36, 72)
     """
 
     weight_masks: torch.Tensor  # (K, *weight.shape) bool
@@ -414,19 +434,49 @@ class MaskedLayer:
 
 
 class MaskedConv1d(MaskedLayer, nn.Conv1d):
-    """``nn.Conv1d`` with static masks (made by :func:`apply_masks`)."""
+    """``nn.Conv1d`` with static masks (made by :func:`apply_masks`).
+
+    Example:
+        >>> conv = apply_masks(nn.Conv1d(2, 4, 3), k=2, types=(nn.Conv1d,))
+        >>> type(conv).__name__, conv.weight_masks.shape, conv(torch.randn(1, 2, 5)).shape
+        ('MaskedConv1d', torch.Size([2, 4, 2, 3]), torch.Size([1, 4, 3]))
+    """
 
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
-    """``nn.Conv2d`` with static masks (made by :func:`apply_masks`)."""
+    """``nn.Conv2d`` with static masks (made by :func:`apply_masks`).
+
+    Example:
+        >>> conv = apply_masks(nn.Conv2d(2, 4, 3, padding=1), k=2)
+        >>> set_mask_index(conv, 1)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> ref = F.conv2d(x, conv.weight * conv.weight_masks[1], conv.bias, padding=1)
+        >>> type(conv).__name__, torch.allclose(conv(x), ref)
+        ('MaskedConv2d', True)
+    """
 
 
 class MaskedConv3d(MaskedLayer, nn.Conv3d):
-    """``nn.Conv3d`` with static masks (made by :func:`apply_masks`)."""
+    """``nn.Conv3d`` with static masks (made by :func:`apply_masks`).
+
+    Example:
+        >>> conv = apply_masks(nn.Conv3d(2, 4, 3), k=2, types=(nn.Conv3d,))
+        >>> type(conv).__name__, conv(torch.randn(1, 2, 3, 3, 3)).shape
+        ('MaskedConv3d', torch.Size([1, 4, 1, 1, 1]))
+    """
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
-    """``nn.Linear`` with static masks (made by :func:`apply_masks`)."""
+    """``nn.Linear`` with static masks (made by :func:`apply_masks`).
+
+    Example:
+        >>> lin = apply_masks(nn.Linear(4, 3), k=2, density=0.5, types=(nn.Linear,))
+        >>> set_mask_index(lin, 1)
+        >>> x = torch.randn(5, 4)
+        >>> ref = x @ (lin.weight * lin.weight_masks[1]).T + lin.bias
+        >>> type(lin).__name__, torch.allclose(lin(x), ref)
+        ('MaskedLinear', True)
+    """
 
 
 _MASKED_CLASSES: dict[type, type] = {

@@ -27,7 +27,17 @@ from wtmodels.distributed import DistContext
 
 
 class EpochMeter:
-    """Running sums of one pass (train or test) over an epoch."""
+    """Running sums of one pass (train or test) over an epoch.
+
+    Example:
+        >>> m = EpochMeter()
+        >>> m.update(loss_sum=6.0, correct=2, count=3, stats={"nstep": 4.0, "abs_max": 1.0})
+        >>> m.update(loss_sum=2.0, correct=1, count=1, stats={"nstep": 8.0, "abs_max": math.nan})
+        >>> m.reduce()  # nstep by batch size: (3 * 4 + 1 * 8) / 4; a NaN maximum reads inf
+        {'loss': 2.0, 'acc': 0.75, 'count': 4, 'nstep': 5.0, 'abs_max': inf}
+        >>> EpochMeter().reduce()  # an empty pass
+        {'loss': nan, 'acc': nan, 'count': 0}
+    """
 
     def __init__(self):
         self.loss_sum = 0.0

@@ -65,6 +65,14 @@ class ModelConfig:
             cell's norms see a near-zero input: with GroupNorm from ``z0 = 0`` its gradients
             were measured 30-190% off direct backprop; within ~1e-3 with ``norm="none"``).
         ode_T: integration end time.
+
+    Example:
+        >>> ModelConfig(core="deq", depth=4, width=16, stages=2).validate().stage_widths()
+        [16, 32]
+        >>> ModelConfig(core="deep").validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown core 'deep'; valid choices: unrolled, deq, ode, untied
     """
 
     num_classes: int = 10

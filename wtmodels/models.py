@@ -355,71 +355,143 @@ _TINY = dict(depth=2, width=8, stages=1, norm_groups=4)
 
 @register_model
 def wt_s():
-    """Weight-tied cell unrolled, small."""
+    """Weight-tied cell unrolled, small.
+
+    Example:
+        >>> cfg = get_config("wt_s")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('unrolled', 6, [32, 64])
+    """
     return dict(core="unrolled", **_SMALL)
 
 
 @register_model
 def wt_m():
-    """Weight-tied cell unrolled, medium."""
+    """Weight-tied cell unrolled, medium.
+
+    Example:
+        >>> cfg = get_config("wt_m")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('unrolled', 8, [64, 128, 256])
+    """
     return dict(core="unrolled", **_MEDIUM)
 
 
 @register_model
 def test_wt():
-    """Weight-tied cell unrolled, tiny (tests)."""
+    """Weight-tied cell unrolled, tiny (tests).
+
+    Example:
+        >>> cfg = get_config("test_wt")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('unrolled', 2, [8])
+    """
     return dict(core="unrolled", **_TINY)
 
 
 @register_model
 def deq_s():
-    """DEQ (Anderson, implicit gradient), small."""
+    """DEQ (Anderson, implicit gradient), small.
+
+    Example:
+        >>> cfg = get_config("deq_s")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.f_max_iter
+        ('deq', 6, [32, 64], 20)
+    """
     return dict(core="deq", f_max_iter=20, b_max_iter=20, **_SMALL)
 
 
 @register_model
 def deq_m():
-    """DEQ (Anderson, implicit gradient), medium."""
+    """DEQ (Anderson, implicit gradient), medium.
+
+    Example:
+        >>> cfg = get_config("deq_m")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.f_max_iter
+        ('deq', 8, [64, 128, 256], 30)
+    """
     return dict(core="deq", f_max_iter=30, b_max_iter=30, **_MEDIUM)
 
 
 @register_model
 def test_deq():
-    """DEQ, tiny (tests)."""
+    """DEQ, tiny (tests).
+
+    Example:
+        >>> cfg = get_config("test_deq")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.f_max_iter
+        ('deq', 2, [8], 8)
+    """
     return dict(core="deq", f_max_iter=8, b_max_iter=8, **_TINY)
 
 
 @register_model
 def ode_s():
-    """Neural ODE (rk4, ``depth`` fixed steps: 4 x depth evaluations), small."""
+    """Neural ODE (rk4, ``depth`` fixed steps: 4 x depth evaluations), small.
+
+    Example:
+        >>> cfg = get_config("ode_s")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.ode_method
+        ('ode', 6, [32, 64], 'rk4')
+    """
     return dict(core="ode", ode_method="rk4", **_SMALL)
 
 
 @register_model
 def ode_m():
-    """Neural ODE (dopri5, adaptive steps), medium."""
+    """Neural ODE (dopri5, adaptive steps), medium.
+
+    Example:
+        >>> cfg = get_config("ode_m")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.ode_method
+        ('ode', 8, [64, 128, 256], 'dopri5')
+    """
     return dict(core="ode", ode_method="dopri5", **_MEDIUM)
 
 
 @register_model
 def test_ode():
-    """Neural ODE (rk4, fixed steps), tiny (tests)."""
+    """Neural ODE (rk4, fixed steps), tiny (tests).
+
+    Example:
+        >>> cfg = get_config("test_ode")
+        >>> cfg.core, cfg.depth, cfg.stage_widths(), cfg.ode_method
+        ('ode', 2, [8], 'rk4')
+    """
     return dict(core="ode", ode_method="rk4", **_TINY)
 
 
 @register_model
 def untied_s():
-    """Untied cells (explicit baseline), small."""
+    """Untied cells (explicit baseline), small.
+
+    Example:
+        >>> cfg = get_config("untied_s")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('untied', 6, [32, 64])
+    """
     return dict(core="untied", **_SMALL)
 
 
 @register_model
 def untied_m():
-    """Untied cells (explicit baseline), medium."""
+    """Untied cells (explicit baseline), medium.
+
+    Example:
+        >>> cfg = get_config("untied_m")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('untied', 8, [64, 128, 256])
+    """
     return dict(core="untied", **_MEDIUM)
 
 
 @register_model
 def test_untied():
-    """Untied cells, tiny (tests)."""
+    """Untied cells, tiny (tests).
+
+    Example:
+        >>> cfg = get_config("test_untied")
+        >>> cfg.core, cfg.depth, cfg.stage_widths()
+        ('untied', 2, [8])
+    """
     return dict(core="untied", **_TINY)

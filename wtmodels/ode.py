@@ -114,7 +114,16 @@ def per_sample_rms_norm(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_method(method: str) -> str:
-    """Return ``method`` or raise ``ValueError`` listing the valid ODE methods."""
+    """Return ``method`` or raise ``ValueError`` listing the valid ODE methods.
+
+    Example:
+        >>> check_method("rk4")
+        'rk4'
+        >>> check_method("rk45")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown ode_method 'rk45'; valid methods: ...dopri5, ...rk4...
+    """
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ode_method {method!r}; valid methods: {', '.join(ODE_METHODS)}")
     return method
