@@ -74,7 +74,14 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt) -
 
 
 def mask_speed(case, repeats: int, warmup: int = 3) -> dict:
-    """Median step times of the masked (K = D) and unmasked model of one case."""
+    """Median step times of the masked (K = D) and unmasked model of one case.
+
+    Example (the tiny ``test_wt`` model, one timed step each):
+        >>> case = ("tiny", "test_wt", {"depth": 2, "in_chans": 1}, (1, 8, 8), 2)
+        >>> row = mask_speed(case, repeats=1, warmup=0)
+        >>> row["input"], row["mask_k"], row["masked_ms"] > 0 and row["unmasked_ms"] > 0
+        ('1x8x8', 2, True)
+    """
     label, name, overrides, shape, batch = case
     device = _device()
     gen = torch.Generator().manual_seed(0)
@@ -143,7 +150,15 @@ def _memory_row(check: str, net: torch.nn.Module, x: torch.Tensor, **info) -> di
 
 
 def deq_memory(budgets: list[int], batch: int = 32, size: int = 16) -> list[dict]:
-    """DEQ (IFT) peak memory per forward budget (the solver never stops early)."""
+    """DEQ (IFT) peak memory per forward budget (the solver never stops early).
+
+    Example (IFT keeps no solver iterates for backward: the same memory at any budget):
+        >>> rows = deq_memory([2, 6], batch=1, size=4)
+        >>> [r["nstep"] for r in rows]
+        [2.0, 6.0]
+        >>> rows[0]["saved_for_backward_mb"] == rows[1]["saved_for_backward_mb"]
+        True
+    """
     device = _device()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
@@ -159,7 +174,15 @@ def deq_memory(budgets: list[int], batch: int = 32, size: int = 16) -> list[dict
 
 
 def unrolled_memory(depths: list[int], batch: int = 32, size: int = 16) -> list[dict]:
-    """Unrolled weight-tied peak memory per depth, without and with K = D masks."""
+    """Unrolled weight-tied peak memory per depth, without and with K = D masks.
+
+    Example (backprop through the unrolled cell keeps each application's activations):
+        >>> rows = unrolled_memory([1, 2], batch=1, size=4)
+        >>> [(r["depth"], r["mask_k"]) for r in rows]
+        [(1, 0), (2, 0), (1, 1), (2, 2)]
+        >>> rows[1]["saved_for_backward_mb"] > rows[0]["saved_for_backward_mb"]
+        True
+    """
     device = _device()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
@@ -187,7 +210,19 @@ def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def summarise(speed: list[dict], deq: list[dict], unrolled: list[dict]) -> dict:
-    """The headline figures: worst mask ratio, DEQ memory spread, unrolled slopes."""
+    """The headline figures: worst mask ratio, DEQ memory spread, unrolled slopes.
+
+    Example (hand-made rows):
+        >>> deq = [{"peak_mb": 2.0, "saved_for_backward_mb": 1.0},
+        ...        {"peak_mb": 2.2, "saved_for_backward_mb": 1.0}]
+        >>> unrolled = [{"depth": d, "mask_k": 0, "peak_mb": 1.0 + 0.5 * d,
+        ...              "saved_for_backward_mb": 0.25 * d} for d in (2, 4, 8)]
+        >>> summarise([{"ratio_cpu": 1.05, "ratio_wall": 1.2}], deq, unrolled)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'mask_ratio_cpu_max': 1.05, 'mask_ratio_wall_max': 1.2, 'deq_peak_spread': 0.1,
+         'deq_saved_spread': 0.0, 'unrolled_peak_mb_per_iter': 0.5,
+         'unrolled_saved_mb_per_iter': 0.25}
+    """
     out: dict = {}
     if speed:
         out["mask_ratio_cpu_max"] = max(r["ratio_cpu"] for r in speed)
@@ -208,7 +243,17 @@ def summarise(speed: list[dict], deq: list[dict], unrolled: list[dict]) -> dict:
 
 
 def markdown(speed, deq, unrolled, summary, prov: dict, threads: int, command: str) -> str:
-    """The Markdown report."""
+    """The Markdown report.
+
+    Example (the summary and verdict of hand-made figures; no measured rows):
+        >>> prov = {"git_sha": "abc1234", "torch_version": "2.4", "device": "cpu",
+        ...         "date": "2024-01-01", "load_average_1min": 0.5, "cpu_count": 4,
+        ...         "cpu_model": "x86"}
+        >>> md = markdown([], [], [], {"mask_ratio_cpu_max": 1.2, "deq_peak_spread": 0.05},
+        ...               prov, 1, "python -m benchmarks.models")
+        >>> print(md.splitlines()[-1])
+        Verdict: masks MISS the 1.15x target (cpu ratio); DEQ memory meets the 10% target.
+    """
     lines = [
         "# Model benchmark (benchmarks/models.py)",
         "",
@@ -277,6 +322,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+    """The command-line arguments of ``python -m benchmarks.models``; creates ``--out``.
+
+    Example (a bad value: one line on stderr, exit status 2):
+        >>> import tempfile
+        >>> args = parse_args(["--quick", "--out", tempfile.mkdtemp()])
+        >>> args.quick, args.threads, args.repeats
+        (True, 1, 15)
+        >>> parse_args(["--repeats", "0"])
+        Traceback (most recent call last):
+            ...
+        SystemExit: 2
+    """
     p = _Parser(prog="python -m benchmarks.models", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one speed case, fewer budgets/depths")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -295,6 +352,15 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    """``python -m benchmarks.models``: measure, then write the csv / md files; exit status.
+
+    Example (a run takes minutes; bad arguments stop it before any work, with exit status 2):
+        >>> try:
+        ...     main(["--threads", "0"])
+        ... except SystemExit as stop:
+        ...     print("exit status", stop.code)
+        exit status 2
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sha = git_sha()  # the code measured: the checkout as the run starts
     torch.set_num_threads(args.threads)
