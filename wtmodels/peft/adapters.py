@@ -134,7 +134,15 @@ class AdapterLayer(PEFTLayer):
 
 
 def check_adapter_args(bottleneck, copies, density, kind, activation, seed=0) -> None:
-    """Validate the arguments of :func:`add_adapters` before anything is changed."""
+    """Validate the arguments of :func:`add_adapters` before anything is changed.
+
+    Example:
+        >>> check_adapter_args(bottleneck=4, copies=2, density=0.5, kind="nm", activation="gelu")
+        >>> check_adapter_args(4, 2, 0.5, "random", activation="relu6")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown activation 'relu6'; valid activations: relu, gelu, silu, tanh
+    """
     check_int("bottleneck", bottleneck)
     check_copy_args(copies, density, kind, seed)
     if activation not in ACTIVATIONS:

@@ -351,7 +351,18 @@ class LoRALayer(PEFTLayer):
 
 
 class LoRALinear(LoRALayer):
-    """LoRA / CapaBoost update of an ``nn.Linear``: ``x -> (x A_cat^T) B_cat^T``."""
+    """LoRA / CapaBoost update of an ``nn.Linear``: ``x -> (x A_cat^T) B_cat^T``.
+
+    Example:
+        >>> layer = LoRALayer.wrap(nn.Linear(4, 3), rank=2)
+        >>> type(layer).__name__, layer.lora_A.shape, layer.lora_B.shape
+        ('LoRALinear', torch.Size([2, 4]), torch.Size([3, 2]))
+        >>> _ = nn.init.normal_(layer.lora_B)  # B starts at zero: a non-zero update
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(layer(x), F.linear(x, layer.weight + layer.delta_weight(), layer.bias),
+        ...                atol=1e-6)
+        True
+    """
 
     def _update(self, x, a_cat, b_cat):
         return F.linear(F.linear(x, a_cat), b_cat)  # (..., d*r) -> (..., out)
@@ -361,7 +372,18 @@ class LoRALinear(LoRALayer):
 
 
 class LoRAConv2d(LoRALayer):
-    """LoRA / CapaBoost update of an ``nn.Conv2d``: ``k x k`` conv to ``d r`` channels, then 1x1."""
+    """LoRA / CapaBoost update of an ``nn.Conv2d``: ``k x k`` conv to ``d r`` channels, then 1x1.
+
+    Example:
+        >>> layer = LoRALayer.wrap(nn.Conv2d(2, 4, 3, padding=1), rank=2)
+        >>> type(layer).__name__, layer.lora_A.shape, layer.lora_B.shape
+        ('LoRAConv2d', torch.Size([2, 2, 3, 3]), torch.Size([4, 2]))
+        >>> _ = nn.init.normal_(layer.lora_B)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> ref = F.conv2d(x, layer.weight + layer.delta_weight(), layer.bias, padding=1)
+        >>> torch.allclose(layer(x), ref, atol=1e-5)
+        True
+    """
 
     def _update(self, x, a_cat, b_cat):
         h = self.base._conv_forward(x, a_cat, None)  # (N, d*r, H', W'), base stride/padding
@@ -380,7 +402,16 @@ def _fingerprint(tensor: torch.Tensor) -> str:
 
 def dense_capable(base: nn.Module) -> bool:
     """Whether ``base``'s forward is the plain (or statically masked) conv / linear forward,
-    with no forward hooks (which a weight-level shortcut would skip)."""
+    with no forward hooks (which a weight-level shortcut would skip).
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> dense_capable(lin)
+        True
+        >>> _ = lin.register_forward_hook(lambda module, args, out: None)
+        >>> dense_capable(lin)
+        False
+    """
     return _plain_forward(base) and not _has_hooks(base)
 
 
@@ -427,13 +458,29 @@ def choose_impl(base: nn.Module, width: int, threshold: float = DENSE_THRESHOLD)
 
 
 def check_impl(impl: object) -> None:
-    """``ValueError`` unless ``impl`` is one of :data:`IMPLS`."""
+    """``ValueError`` unless ``impl`` is one of :data:`IMPLS`.
+
+    Example:
+        >>> check_impl("dense")
+        >>> check_impl("fast")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown impl 'fast'; valid impls: auto, factorized, dense
+    """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; valid impls: {', '.join(IMPLS)}")
 
 
 def check_lora_args(rank, copies, density, kind, alpha, impl="auto", seed=0) -> None:
-    """Validate the arguments of :func:`add_lora` before anything is changed."""
+    """Validate the arguments of :func:`add_lora` before anything is changed.
+
+    Example:
+        >>> check_lora_args(rank=4, copies=2, density=0.5, kind="nm", alpha=8.0)
+        >>> check_lora_args(rank=4, copies=2, density=0.5, kind="nm", alpha=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha must be a finite number > 0 or None, got 0
+    """
     check_int("rank", rank)
     check_copy_args(copies, density, kind, seed)
     check_impl(impl)
@@ -568,6 +615,20 @@ def unmerge_lora(model: nn.Module) -> int:
 
     Raises:
         RuntimeError: a LoRA layer of ``model`` is not merged (nothing is changed then).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = add_lora(net, rank=2, targets=nn.Linear)
+        >>> _ = nn.init.normal_(net[0].lora_B)  # B starts at zero: a non-zero update
+        >>> w = net[0].weight.clone()
+        >>> merge_lora(net), torch.equal(net[0].weight, w)  # the update is in the weight
+        (1, False)
+        >>> unmerge_lora(net), torch.equal(net[0].weight, w), net[0].merged
+        (1, True, False)
+        >>> unmerge_lora(net)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: some LoRA layers are not merged; merge_lora(model) first
     """
     layers = peft_layers(model, LoRALayer)
     if not all(layer.merged for layer in layers):

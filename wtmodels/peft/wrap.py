@@ -67,6 +67,14 @@ class PEFTLayer(nn.Module):
     ``in_features``, ``out_channels``, ``kernel_size``, ...; ``weight`` and ``bias`` are the
     base's own, without the update: a LoRA layer's effective weight is
     ``weight + delta_weight()``), so code written for the layer keeps working.
+
+    Example:
+        >>> from wtmodels.peft import LoRALayer
+        >>> layer = LoRALayer.wrap(nn.Conv2d(3, 8, 3), rank=2)
+        >>> isinstance(layer, PEFTLayer), layer.out_channels, layer.weight is layer.base.weight
+        (True, 8, True)
+        >>> [tuple(p.shape) for p in layer.peft_parameters()]  # A (r, in, kh, kw), B (out, r)
+        [(2, 3, 3, 3), (8, 2)]
     """
 
     def __init__(self, base: nn.Module):
@@ -128,14 +136,32 @@ class PEFTLayer(nn.Module):
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int, or ``ValueError`` naming ``name`` and the valid range."""
+    """``value`` as an int, or ``ValueError`` naming ``name`` and the valid range.
+
+    Example:
+        >>> import numpy as np
+        >>> check_int("rank", np.int64(3))
+        3
+        >>> check_int("rank", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: rank must be an integer >= 1, got 0
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def check_copy_args(copies: object, density: object, kind: object, seed: object = 0) -> None:
-    """Validate the CapaBoost arguments shared by every wrapper."""
+    """Validate the CapaBoost arguments shared by every wrapper.
+
+    Example:
+        >>> check_copy_args(copies=4, density=0.5, kind="bernoulli", seed=1)
+        >>> check_copy_args(copies=4, density=1.5, kind="bernoulli")
+        Traceback (most recent call last):
+        ...
+        ValueError: density must be in (0, 1], got 1.5
+    """
     check_int("copies", copies)
     check_int("seed", seed, minimum=0)
     if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
@@ -147,7 +173,15 @@ def check_copy_args(copies: object, density: object, kind: object, seed: object 
 
 
 def check_materialized(base: nn.Module) -> None:
-    """``ValueError`` if ``base`` is a lazy layer whose weight has no shape yet."""
+    """``ValueError`` if ``base`` is a lazy layer whose weight has no shape yet.
+
+    Example:
+        >>> check_materialized(nn.Linear(4, 3))
+        >>> check_materialized(nn.LazyLinear(3))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: LazyLinear is not initialized yet (lazy module): run one forward pass ...
+    """
     if any(nn.parameter.is_lazy(p) for p in base.parameters(recurse=False)):
         raise ValueError(
             f"{type(base).__name__} is not initialized yet (lazy module): run one forward pass "
@@ -180,7 +214,19 @@ def draw_copy_masks(
 
 def wrap_each(selected: list[tuple[str, nn.Module]], build) -> dict[int, nn.Module]:
     """``{id(layer): build(name, layer)}`` for the selected layers; a ``ValueError`` names the
-    layer it came from (a model may hold dozens of similar layers)."""
+    layer it came from (a model may hold dozens of similar layers).
+
+    Example:
+        >>> from wtmodels.peft import LoRALayer
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1))
+        >>> wrappers = wrap_each([("0", net[0])], lambda name, layer: LoRALayer.wrap(layer, 1))
+        >>> list(wrappers) == [id(net[0])], type(wrappers[id(net[0])]).__name__
+        (True, 'LoRALinear')
+        >>> wrap_each(list(net.named_children()), lambda name, layer: LoRALayer.wrap(layer, 1))
+        Traceback (most recent call last):
+        ...
+        ValueError: layer '1' (Conv1d): LoRA wraps nn.Conv2d or nn.Linear, got Conv1d
+    """
     wrappers = {}
     for name, layer in selected:
         try:
@@ -353,7 +399,16 @@ def find_targets(
 
 
 def replace_layers(model: nn.Module, wrappers: dict[int, nn.Module]) -> None:
-    """Put each wrapper where its base layer (keyed by ``id``) sits, under every parent."""
+    """Put each wrapper where its base layer (keyed by ``id``) sits, under every parent.
+
+    Example:
+        >>> from wtmodels.peft import LoRALayer
+        >>> lin = nn.Linear(3, 3)
+        >>> net = nn.Sequential(lin, nn.ReLU(), lin)  # one layer under two names
+        >>> replace_layers(net, {id(lin): LoRALayer.wrap(lin, rank=1)})
+        >>> [type(m).__name__ for m in net], net[0] is net[2]
+        (['LoRALinear', 'ReLU', 'LoRALinear'], True)
+    """
     parents = list(model.modules())  # listed before the swap: never recurse into wrappers
     for parent in parents:
         for child_name, child in list(parent._modules.items()):  # duplicates included
@@ -362,7 +417,18 @@ def replace_layers(model: nn.Module, wrappers: dict[int, nn.Module]) -> None:
 
 
 def resolve_head(model: nn.Module, train_head: bool | str) -> str | None:
-    """Name of the module whose parameters stay trainable (``True`` means ``"head"``)."""
+    """Name of the module whose parameters stay trainable (``True`` means ``"head"``).
+
+    Example:
+        >>> net = nn.Sequential()
+        >>> net.body, net.head = nn.Linear(3, 3), nn.Linear(3, 2)
+        >>> resolve_head(net, True), resolve_head(net, False), resolve_head(net, "body")
+        ('head', None, 'body')
+        >>> resolve_head(net, "fc")
+        Traceback (most recent call last):
+        ...
+        ValueError: train_head: no module named 'fc'; top-level modules: body, head
+    """
     if train_head is False or train_head is None:
         return None
     name = "head" if train_head is True else train_head
@@ -376,7 +442,15 @@ def resolve_head(model: nn.Module, train_head: bool | str) -> str | None:
 
 
 def freeze_base(model: nn.Module, head: str | None) -> None:
-    """Freeze every parameter except those of PEFT wrappers and of the module ``head``."""
+    """Freeze every parameter except those of PEFT wrappers and of the module ``head``.
+
+    Example:
+        >>> net = nn.Sequential()
+        >>> net.body, net.head = nn.Linear(3, 3), nn.Linear(3, 2)
+        >>> freeze_base(net, "head")
+        >>> [name for name, p in net.named_parameters() if p.requires_grad]
+        ['head.weight', 'head.bias']
+    """
     keep = {id(p) for m in model.modules() if isinstance(m, PEFTLayer) for p in m.peft_parameters()}
     if head is not None:
         keep |= {id(p) for p in model.get_submodule(head).parameters()}
@@ -396,7 +470,17 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def peft_layers(model: nn.Module, kind: type = PEFTLayer) -> list[PEFTLayer]:
-    """The PEFT wrappers of class ``kind`` inside ``model`` (each once)."""
+    """The PEFT wrappers of class ``kind`` inside ``model`` (each once).
+
+    Example:
+        >>> from wtmodels.peft import LoRAConv2d, LoRALinear, add_lora
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> _ = add_lora(net, rank=1, targets=nn.Linear)
+        >>> len(peft_layers(net)), len(peft_layers(net, LoRALinear)), peft_layers(net, LoRAConv2d)
+        (2, 2, [])
+        >>> count_trainable(net)  # the factors alone: A (1, 3) + B (3, 1), A (1, 3) + B (2, 1)
+        11
+    """
     return [m for m in model.modules() if isinstance(m, kind)]
 
 
@@ -456,6 +540,17 @@ def install_forming_hooks(model: nn.Module) -> None:
     ``KeyboardInterrupt`` formed (torch skips the hook then) is dropped by the next pass.
     Installing twice is a no-op. Transformer encoder layers holding wrappers are kept off
     torch's fused eval path (:func:`~wtmodels.masks.keep_transformer_fused_path_off`).
+
+    Example:
+        >>> from wtmodels.peft import LoRALayer
+        >>> layer = LoRALayer.wrap(nn.Linear(4, 4), rank=2, copies=2, density=0.5)
+        >>> net = nn.Sequential(layer, layer)  # one wrapper applied twice (weight tied)
+        >>> install_forming_hooks(net); install_forming_hooks(net)
+        >>> seen = []  # whether the copies were formed already when the wrapper runs
+        >>> _ = layer.register_forward_pre_hook(lambda m, args: seen.append(m._formed is not None))
+        >>> _ = net(torch.randn(1, 4))
+        >>> seen, layer._formed is None, len(net._forward_pre_hooks)  # formed once, then dropped
+        ([True, True], True, 1)
     """
     keep_transformer_fused_path_off(model, lambda m: isinstance(m, PEFTLayer))
     if _form_all in model._forward_pre_hooks.values():
