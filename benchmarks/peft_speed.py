@@ -91,7 +91,17 @@ def _interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
 
 
 def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
-    """Train-step and inference rows of one model (see the module docstring)."""
+    """Train-step and inference rows of one model (see the module docstring).
+
+    Example (a measurement takes seconds: five LoRA variants warmed up and timed, then
+    inference; the name must be a key of :data:`CASES`):
+        >>> sorted(CASES)
+        ['capaboost_model', 'wt_s']
+        >>> measure_case("wt_m", rank=4, batch=8, repeats=1)
+        Traceback (most recent call last):
+            ...
+        KeyError: 'wt_m'
+    """
     overrides, size = CASES[name]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, size, size, generator=gen)  # (B, 1, H, W)
@@ -154,7 +164,17 @@ def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], machine: dict) -> str:
-    """The rows as a Markdown table with a provenance line."""
+    """The rows as a Markdown table with a provenance line.
+
+    Example (one hand-made train-step row):
+        >>> machine = {"git_sha": "abc1234", "torch_version": "2.4", "cpu_model": "x86",
+        ...            "date": "2024-01-01", "load_average_1min": 0.5, "cpu_count": 4}
+        >>> row = {"case": "wt_s", "measure": "train_step", "variant": "capaboost_d4",
+        ...        "impl": "dense:6", "batch": 64, "median_ms": 12.34, "ratio": 1.1,
+        ...        "ratio_to": "lora", "target": 1.2, "meets_target": True, "threads": 1}
+        >>> print(markdown([row], machine).splitlines()[-1])
+        | wt_s | train_step | capaboost_d4 | dense:6 | 64 | 12.3 | 1.100 | lora | <= 1.2 ok |
+    """
     lines = [
         "# CapaBoost-LoRA speed (`python -m benchmarks.peft_speed`)",
         "",
@@ -192,9 +212,16 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
     Returns:
         The rows written.
 
-    Example::
-
-        run_speed("benchmarks/results", cases=("capaboost_model",), repeats=3)
+    Example (a run takes tens of seconds; bad arguments are refused before any folder or
+    measurement):
+        >>> run_speed("benchmarks/results", cases=("wt_m",))
+        Traceback (most recent call last):
+            ...
+        ValueError: unknown case 'wt_m'; valid cases: wt_s, capaboost_model
+        >>> run_speed("benchmarks/results", repeats=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: repeats must be an integer >= 1, got 0
     """
     if not cases:
         raise ValueError(f"no case given; valid cases: {', '.join(CASES)}")
@@ -223,7 +250,14 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.peft_speed``; returns the exit status."""
+    """``python -m benchmarks.peft_speed``; returns the exit status (1: a target missed).
+
+    Example (bad arguments: one line on stderr, exit status 2, no folder made):
+        >>> import tempfile
+        >>> out = os.path.join(tempfile.mkdtemp(), "speed")
+        >>> main(["--out", out, "--rank", "0"]), os.path.exists(out)
+        (2, False)
+    """
     parser = OneLineParser(prog="python -m benchmarks.peft_speed", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
