@@ -646,7 +646,14 @@ def _depth_grid(variants_by_depth: Callable[[int], list[Variant]], depths: Seque
 @preset("quick", "digits: weight-tied vs DEQ vs untied vs WT + distinct masks at a few depths "
         "(4-11 min on 2 CPU cores)", seeds=(0, 1), extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
 def quick(smoke: bool) -> list[Variant]:
-    """The README's main job: four model families on scikit-learn's digits."""
+    """The README's main job: four model families on scikit-learn's digits.
+
+    Example:
+        >>> sorted({v.label for v in quick(smoke=False)})
+        ['DEQ', 'WT', 'WT + distinct masks', 'untied']
+        >>> len(quick(smoke=False)), len(build_runs("quick")), len(build_runs("quick", smoke=True))
+        (10, 20, 7)
+    """
     data = _data("digits", smoke, epochs=15, batch_size=64)
     width = 8 if smoke else 32
     depths = (2, 3) if smoke else (2, 4, 8)
@@ -662,7 +669,15 @@ def quick(smoke: bool) -> list[Variant]:
 @preset("deq_vs_wt", "digits: WT vs DEQ (Anderson / Broyden x IFT / phantom) vs ODE: accuracy, "
         "stability, time, memory", seeds=(0, 1, 2), extrapolate=(0.5, 1.0, 2.0))
 def deq_vs_wt(smoke: bool) -> list[Variant]:
-    """Weight-tied unrolled models against their implicit and continuous counterparts."""
+    """Weight-tied unrolled models against their implicit and continuous counterparts.
+
+    Example:
+        >>> [v.label for v in deq_vs_wt(smoke=True)][3:]  # doctest: +NORMALIZE_WHITESPACE
+        ['DEQ anderson / ift', 'DEQ anderson / phantom', 'DEQ broyden / ift',
+         'DEQ broyden / phantom', 'ODE']
+        >>> len(build_runs("deq_vs_wt")), len(build_runs("deq_vs_wt", smoke=True))
+        (24, 8)
+    """
     data = _data("digits", smoke, epochs=20, batch_size=64)
     width, depth = (8, 2) if smoke else (32, 8)
     variants = [Variant(WT, {**_tied(depth, width, "s", smoke), **data}),
@@ -680,7 +695,17 @@ def deq_vs_wt(smoke: bool) -> list[Variant]:
         "with test-time depth extrapolation", seeds=(0, 1, 2),
         extrapolate=(0.5, 1.0, 1.5, 2.0, 3.0))
 def depth(smoke: bool) -> list[Variant]:
-    """Depth sweep; a line per width in the accuracy-vs-depth plot."""
+    """Depth sweep; a line per width in the accuracy-vs-depth plot.
+
+    Example:
+        >>> variants = depth(smoke=False)
+        >>> sorted({v.config["depth"] for v in variants})
+        [1, 2, 4, 8, 16]
+        >>> sorted({v.config["width"] for v in variants})
+        [16, 32]
+        >>> len(variants), len(build_runs("depth", smoke=True))
+        (30, 6)
+    """
     data = _data("digits", smoke, epochs=20, batch_size=64)
     widths = (8,) if smoke else (16, 32)
     depths = (1, 2) if smoke else (1, 2, 4, 8, 16)
@@ -692,7 +717,15 @@ def depth(smoke: bool) -> list[Variant]:
 @preset("width", "digits: accuracy vs width for WT, WT + masks and untied at depth 4",
         seeds=(0, 1, 2))
 def width(smoke: bool) -> list[Variant]:
-    """Width sweep at a fixed depth."""
+    """Width sweep at a fixed depth.
+
+    Example:
+        >>> variants = width(smoke=False)
+        >>> sorted({v.config["width"] for v in variants}), {v.config["depth"] for v in variants}
+        ([8, 16, 32, 64], {4})
+        >>> len(build_runs("width", smoke=True))
+        6
+    """
     data = _data("digits", smoke, epochs=20, batch_size=64)
     widths = (4, 8) if smoke else (8, 16, 32, 64)
     d = 2 if smoke else 4
@@ -704,7 +737,15 @@ def width(smoke: bool) -> list[Variant]:
 @preset("sparsity", "digits: mask density x number of distinct masks vs one shared mask "
         "(mask_k=1) and no mask, WT depth 8", seeds=(0, 1, 2))
 def sparsity(smoke: bool) -> list[Variant]:
-    """Does varying the shared weights with distinct masks add capacity, and at which density?"""
+    """Does varying the shared weights with distinct masks add capacity, and at which density?
+
+    Example:
+        >>> masked = [v.config for v in sparsity(smoke=False) if v.config.get("mask_k")]
+        >>> sorted({c["mask_density"] for c in masked}), sorted({c["mask_k"] for c in masked})
+        ([0.25, 0.5, 0.75], [1, 2, 4, 8])
+        >>> len(masked), len(build_runs("sparsity", smoke=True))
+        (12, 4)
+    """
     data = _data("digits", smoke, epochs=20, batch_size=64)
     width, d = (8, 2) if smoke else (32, 8)
     densities = (0.5,) if smoke else (0.25, 0.5, 0.75)
@@ -723,7 +764,15 @@ def sparsity(smoke: bool) -> list[Variant]:
         extrapolate=(0.5, 1.0, 1.5, 2.0), jobs=2)
 def fashion(smoke: bool) -> list[Variant]:
     """A real task on a CPU budget: seeded subsets of Fashion-MNIST (10k train, 5k test)
-    resized to 14x14, six epochs."""
+    resized to 14x14, six epochs.
+
+    Example (the smoke size trains on synthetic 14x14 images: no download):
+        >>> c = fashion(smoke=False)[0].config
+        >>> c["dataset"], c["train_size"], c["test_size"], c["image_size"], c["epochs"]
+        ('fashion_mnist', 10000, 5000, 14, 6)
+        >>> fashion(smoke=True)[0].config["dataset"], len(build_runs("fashion", smoke=True))
+        ('synthetic', 9)
+    """
     if smoke:
         data = _smoke_dataset((1, 14, 14))
     else:
@@ -762,14 +811,29 @@ def _cifar(num_classes: int, smoke: bool) -> list[Variant]:
 @preset("cifar10", "CIFAR-10, full size, for a GPU: WT / WT + masks / untied at depths 4-16 and "
         "widths 64, 128, plus DEQ and ODE", seeds=(0, 1, 2), extrapolate=(0.5, 1.0, 2.0))
 def cifar10(smoke: bool) -> list[Variant]:
-    """Full-size CIFAR-10 sweep (``data_dir`` must hold the dataset or pass ``download``)."""
+    """Full-size CIFAR-10 sweep (``data_dir`` must hold the dataset or pass ``download``).
+
+    Example:
+        >>> variants = cifar10(smoke=False)
+        >>> {v.config["dataset"] for v in variants}, sorted({v.config["model"] for v in variants})
+        ({'cifar10'}, ['deq_m', 'ode_m', 'untied_m', 'wt_m'])
+        >>> len(variants), len(build_runs("cifar10", smoke=True))
+        (22, 8)
+    """
     return _cifar(10, smoke)
 
 
 @preset("cifar100", "CIFAR-100, full size, for a GPU: as cifar10", seeds=(0, 1, 2),
         extrapolate=(0.5, 1.0, 2.0))
 def cifar100(smoke: bool) -> list[Variant]:
-    """Full-size CIFAR-100 sweep."""
+    """Full-size CIFAR-100 sweep.
+
+    Example:
+        >>> {v.config["dataset"] for v in cifar100(smoke=False)}
+        {'cifar100'}
+        >>> cifar100(smoke=True)[0].config["synthetic_classes"]  # the smoke size's 100-class head
+        100
+    """
     return _cifar(100, smoke)
 
 
