@@ -93,7 +93,14 @@ STOPPED_FILE = "stopped.json"  # the run gave up on non-finite losses (removed o
 
 
 class BadInput(ValueError):
-    """A run cannot start: bad settings, missing data, a foreign checkpoint, a busy --out."""
+    """A run cannot start: bad settings, missing data, a foreign checkpoint, a busy --out.
+
+    Example:
+        >>> run({"model": "test_wt", "dataset": "digits", "resume": True})
+        Traceback (most recent call last):
+        ...
+        wtmodels.train.BadInput: --resume needs --out DIR (the run to continue)
+    """
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,6 +108,11 @@ class TrainingDiverged(RuntimeError):
 
     ``epoch`` (1-based) and ``skipped_steps`` (the steps of that unfinished epoch skipped for
     non-finite losses, which no ``metrics.jsonl`` row records) say where.
+
+    Example:
+        >>> err = TrainingDiverged("5 non-finite losses in a row", epoch=2, skipped_steps=5)
+        >>> isinstance(err, RuntimeError), err.epoch, err.skipped_steps
+        (True, 2, 5)
     """
 
     def __init__(self, message: str, epoch: int = 0, skipped_steps: int = 0):

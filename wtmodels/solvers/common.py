@@ -42,7 +42,16 @@ STOP_MODES = ("abs", "rel")
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     """Return ``int(value)`` if it is an integer ``>= minimum`` (numpy integers too), else
-    raise ``ValueError``."""
+    raise ``ValueError``.
+
+    Example:
+        >>> check_positive_int("max_iter", np.int64(30))
+        30
+        >>> check_positive_int("max_iter", True)
+        Traceback (most recent call last):
+        ...
+        ValueError: max_iter must be an int >= 1, got True
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
@@ -50,7 +59,20 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 def check_float(name: str, value, low: float, high: float = math.inf, *,
                 low_open: bool = True, high_open: bool = False) -> float:
-    """Return ``float(value)`` if it lies in the interval, else raise ``ValueError``."""
+    """Return ``float(value)`` if it lies in the interval, else raise ``ValueError``.
+
+    Example:
+        >>> check_float("tau", 1, 0.0, 1.0)  # (0, 1]
+        1.0
+        >>> check_float("tau", 1.5, 0.0, 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: tau must lie in (0.0, 1.0], got 1.5
+        >>> check_float("tol", math.nan, 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: tol must be a number, got nan
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     too_low = value <= low if low_open else value < low
@@ -64,7 +86,17 @@ def check_float(name: str, value, low: float, high: float = math.inf, *,
 def check_common(max_iter, tol, stop_mode) -> tuple[int, float]:
     """Validate the arguments every solver shares (``ValueError`` naming the field); returns
     ``(int(max_iter), float(tol))`` (a ``Fraction`` tol passes the check but cannot be
-    compared with a tensor)."""
+    compared with a tensor).
+
+    Example:
+        >>> from fractions import Fraction
+        >>> check_common(np.int64(20), Fraction(1, 4), "abs")
+        (20, 0.25)
+        >>> check_common(20, 1e-4, "max")
+        Traceback (most recent call last):
+        ...
+        ValueError: stop_mode must be one of ['abs', 'rel'], got 'max'
+    """
     max_iter = check_positive_int("max_iter", max_iter)
     tol = check_float("tol", tol, 0.0, high_open=True)  # finite: inf "converges" anything
     if stop_mode not in STOP_MODES:
@@ -84,7 +116,16 @@ DIVERGENCE_CHECKS: dict[str, Callable] = {
 
 def check_values(checks: dict[str, Callable], **opts) -> list:
     """Run ``checks[name](value)`` for every option given (``ValueError`` naming the field);
-    returns the checked values, as ``int`` / ``float``, in the order given."""
+    returns the checked values, as ``int`` / ``float``, in the order given.
+
+    Example:
+        >>> check_values(DIVERGENCE_CHECKS, div_factor=2, patience=np.int64(3))
+        [2.0, 3]
+        >>> check_values(DIVERGENCE_CHECKS, div_factor=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: div_factor must lie in [1.0, inf], got 0.5
+    """
     return [checks[name](value) for name, value in opts.items()]
 
 
@@ -124,6 +165,17 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> Iterator[t
     fresh one, and so does a solve outside ``torch.inference_mode`` after one inside it (its
     buffers are inference tensors). :func:`clear_workspace` releases the kept buffers. On GPUs
     the caching allocator already reuses memory, so a plain allocation is returned.
+
+    Example:
+        >>> like = torch.zeros(3)
+        >>> with scratch("doc.buf", (2, 3), like) as buf:
+        ...     first = buf.data_ptr()
+        >>> with scratch("doc.buf", (2, 3), like) as buf:  # on CPU: the same memory again
+        ...     buf.data_ptr() == first, buf.shape, buf.dtype
+        (True, torch.Size([2, 3]), torch.float32)
+        >>> with scratch("doc.buf", (2, 3), like) as a, scratch("doc.buf", (2, 3), like) as b:
+        ...     a.data_ptr() != b.data_ptr()  # a nested solve gets a buffer of its own
+        True
     """
     dtype, device = like.dtype, like.device
     if device.type != "cpu":
@@ -172,6 +224,17 @@ class Problem:
     ``torch.inference_mode`` tensors have no version counter, so such a write cannot be seen:
     there ``f`` always gets a copy of the iterate (one ``(B, D)`` copy per evaluation, into a
     buffer kept for the solve).
+
+    Example:
+        >>> prob = Problem(lambda z: 0.5 * z + 1, torch.zeros(2, 1, 3))
+        >>> prob.x0.shape, prob.compute_dtype  # (B, D) in the compute dtype
+        (torch.Size([2, 3]), torch.float32)
+        >>> prob(prob.x0).tolist(), prob.restore(prob.x0).shape
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], torch.Size([2, 1, 3]))
+        >>> Problem(lambda z: z[:, :1], torch.zeros(2, 3))(torch.zeros(2, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: f must return a tensor of shape (2, 3) (the shape of z0), got (2, 1)
     """
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor):
@@ -310,6 +373,18 @@ class Pool:
     and page-fault it back, which slows ``f`` itself; iterates written into these (kept,
     :func:`scratch`) buffers avoid that. ``take(*live)`` returns a buffer that holds none of
     ``live``.
+
+    Example:
+        >>> with contextlib.ExitStack() as ctx:
+        ...     pool = Pool(ctx, "doc.pool", torch.zeros(2, 3), size=2)
+        ...     a = pool.take()
+        ...     b = pool.take(a)  # a is still needed: another buffer
+        ...     pool.take(a, b)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: iterate pool exhausted
+        >>> a.shape, a.data_ptr() != b.data_ptr()
+        (torch.Size([2, 3]), True)
     """
 
     def __init__(self, ctx: contextlib.ExitStack, name: str, like: torch.Tensor, size: int = 4):
@@ -331,6 +406,13 @@ class Small:
     CPU the arrays share memory with torch tensors (``.numpy()``, ``torch.from_numpy``); on
     other devices :meth:`of` copies a small device tensor to the host (one synchronisation)
     and :meth:`torch` copies an array back to the device.
+
+    Example:
+        >>> small = Small(torch.zeros(1, dtype=torch.float64))
+        >>> A = np.array([[[2.0, 0.0], [0.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]]])  # 2nd singular
+        >>> x, ok = small.solve(A, np.array([[2.0, 2.0], [1.0, 2.0]]))
+        >>> x[0].tolist(), ok.tolist()
+        ([1.0, 0.5], [True, False])
     """
 
     xp = np
@@ -408,6 +490,18 @@ class Tracker:
 
     Call :meth:`update` once per f-evaluation; it returns ``True`` when every sample has
     stopped. :meth:`freeze` keeps stopped samples at their best iterate.
+
+    Example:
+        >>> x = torch.tensor([[2.0], [0.0]], dtype=torch.float64)  # sample 0 starts at z* = 2
+        >>> tr = Tracker(x, max_iter=50, tol=2**-10, stop_mode="abs", div_factor=10.0,
+        ...              patience=5)
+        >>> while True:  # z <- f(z) = 0.5 z + 1: the residual halves at every step
+        ...     fx = 0.5 * x + 1
+        ...     if tr.update(x, fx, fx - x):
+        ...         break
+        ...     x = tr.freeze(fx)
+        >>> tr.nstep.tolist(), tr.converged.tolist(), tr.result().flatten().tolist()
+        ([1, 11], [True, True], [2.0, 1.998046875])
     """
 
     def __init__(self, x0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
