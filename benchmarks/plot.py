@@ -1400,7 +1400,13 @@ def make_report(sweep_dir: str, mask_density: float | None = None) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.plot DIR``: plots and summary table; prints the table."""
+    """``python -m benchmarks.plot DIR``: plots and summary table; prints the table.
+
+    Example (a folder without ``results.csv``: one line on stderr, exit status 2):
+        >>> import tempfile
+        >>> main([tempfile.mkdtemp()])
+        2
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
                                      description="Plots and summary table of a sweep directory.")
     parser.add_argument("sweep_dir", help="a directory with results.csv")

@@ -76,6 +76,19 @@ def recommend(rows: Sequence[dict], *, params: float | None = None, time_s: floa
         ValueError: not exactly one budget, a budget <= 0, a negative tolerance, no rows, rows
             of several datasets and no ``dataset``, or no measured configuration within the
             budget whose runs all finished cleanly.
+
+    Example (two seeds each of depths 2 and 4; depth 2 is within 1 point of depth 4):
+        >>> rows = [{"label": "WT", "depth": d, "width": 32, "params": 1000 * d, "seed": s,
+        ...          "test_acc": a} for d, accs in ((2, (.94, .95)), (4, (.95, .96)))
+        ...         for s, a in enumerate(accs)]
+        >>> pick = recommend(rows, params=5000, tolerance=1.0)
+        >>> pick["choice"]["depth"], pick["best"]["depth"], pick["feasible"]
+        (2, 4, 2)
+        >>> try:
+        ...     recommend(rows, params=1000)
+        ... except ValueError as err:
+        ...     print(err)
+        budget: no measured configuration has params <= 1000; the smallest measured is 2000
     """
     if (params is None) == (time_s is None):
         raise ValueError("budget: give exactly one of --params N or --time S")
@@ -186,7 +199,26 @@ def describe(group: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.recommend DIR --params N | --time S [--tolerance P] [--dataset D]``
-    (exit 2 with one line on bad input)."""
+    (exit 2 with one line on bad input).
+
+    Example (a hand-made ``results.csv``: two seeds of one configuration):
+        >>> import tempfile
+        >>> from benchmarks.results_io import write_rows
+        >>> sweep_dir = tempfile.mkdtemp()
+        >>> write_rows(os.path.join(sweep_dir, "results.csv"),
+        ...            [{"label": "WT", "depth": 4, "width": 32, "params": 4000, "seed": s,
+        ...              "test_acc": a} for s, a in ((0, 0.95), (1, 0.96))])
+        >>> main([sweep_dir, "--params", "5000"])
+        budget params <= 5000: 1 measured configuration(s) fit; best 95.5 %.
+        recommended (smallest within 0.5 points of the best):
+          WT, depth 4, width 32: 95.5 ± 0.7 % over 2 seed(s), 4000 params
+        <BLANKLINE>
+        candidates within 0.5 points, smallest first:
+        | label | depth | width | seeds | test acc % | params |
+        | --- | --- | --- | --- | --- | --- |
+        | WT | 4 | 32 | 2 | 95.5 ± 0.7 | 4000 |
+        0
+    """
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.recommend",
         description="The smallest measured configuration within a tolerance of the best "
