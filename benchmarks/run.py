@@ -87,6 +87,12 @@ class RunTask:
         provenance: sweep-wide columns added to the row.
         device: ``--device`` for the training CLI (None: its default).
         verbose: print one line when the run ends.
+
+    Example (picklable: submitit sends it to the worker as is):
+        >>> import pickle
+        >>> task = RunTask(build_runs("quick", smoke=True)[0].to_json(), "out", threads=2)
+        >>> pickle.loads(pickle.dumps(task)) == task, task.spec["config"]["model"]
+        (True, 'test_wt')
     """
 
     spec: dict
@@ -110,6 +116,11 @@ class RunOutcome:
         harness_s: seconds the harness spent on the run outside that process.
         message: the failure's last log line, or "".
         cpu_s: CPU seconds of the run's process (0 when it did not run now).
+
+    Example:
+        >>> outcome = RunOutcome("wt_d2_s0", "failed", 3.5, 0.1, "exit 1: out of memory")
+        >>> outcome.status, outcome.cpu_s
+        ('failed', 0.0)
     """
 
     run_id: str
@@ -137,6 +148,12 @@ class SweepReport:
         harness_s: time the harness itself spent around the runs.
         sweep_wall_s: wall time of the run phase.
         post_s: seconds in extrapolation, plots and the summary.
+
+    Example:
+        >>> SweepReport(planned=2, ran=2, runs_wall_s=10.0, harness_s=0.5).overhead
+        0.05
+        >>> SweepReport().overhead  # nothing ran
+        0.0
     """
 
     planned: int = 0
@@ -394,6 +411,19 @@ def execute_run(task: RunTask) -> RunOutcome:
 
     Returns:
         A :class:`RunOutcome`; failures are reported, not raised.
+
+    Example (training runs in a child process and takes seconds; a run whose lock another
+    process holds is left alone):
+        >>> import tempfile
+        >>> spec = build_runs("quick", smoke=True)[0]
+        >>> sweep_dir = tempfile.mkdtemp()
+        >>> run_dir = run_dir_of(sweep_dir, spec.run_id)
+        >>> os.makedirs(os.path.dirname(run_dir))
+        >>> with open(lock_path(run_dir), "w") as held:  # as another sweep would hold it
+        ...     fcntl.flock(held, fcntl.LOCK_EX)
+        ...     outcome = execute_run(RunTask(spec.to_json(), sweep_dir))
+        >>> outcome.status, outcome.message
+        ('busy', 'another process is running it')
     """
     outcome = _execute(task)
     if task.verbose:
@@ -678,7 +708,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``python -m benchmarks.run``."""
+    """The command-line parser of ``python -m benchmarks.run``.
+
+    Example:
+        >>> args = build_parser().parse_args(["quick", "--out", "o", "--seeds", "0,2", "--smoke"])
+        >>> args.preset, args.seeds, args.smoke, args.launcher
+        ('quick', [0, 2], True, 'local')
+    """
     p = _Parser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("preset", help=f"one of: {', '.join(list_presets())}; or MODULE:NAME, a "
                    "preset your own module defines with @preset (see benchmarks.presets)")
@@ -732,7 +768,20 @@ def _launcher_options(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (1 if a run failed)."""
+    """Command-line entry point; returns the exit status (1 if a run failed).
+
+    Example (``--dry-run`` lists the runs and their state, here the one whose id holds
+    ``ode_``; bad input: one line on stderr, exit status 2):
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> main(["deq_vs_wt", "--out", out, "--smoke", "--dry-run", "--only", "ode_"])
+        ... # doctest: +ELLIPSIS
+             todo  ode_w8_s0_41bf2713   ... model=test_ode width=8 ... seed=0
+        1 runs: 0 recorded, 0 finished, 0 partial, 1 todo
+        0
+        >>> main(["deq_vs_wt", "--out", out, "--smoke", "--jobs", "0"])
+        2
+    """
     args = build_parser().parse_args(argv)
     try:
         options = _launcher_options(args)
