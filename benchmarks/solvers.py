@@ -89,7 +89,14 @@ def tune_malloc() -> bool:
 
 
 class ConvCell(nn.Module):
-    """``f(z) = relu(GroupNorm(conv3x3(z) + x))``: a conv-norm-relu cell with input injection."""
+    """``f(z) = relu(GroupNorm(conv3x3(z) + x))``: a conv-norm-relu cell with input injection.
+
+    Example:
+        >>> cell = ConvCell(8)
+        >>> z = cell(torch.zeros(2, 8, 4, 4), torch.randn(2, 8, 4, 4))
+        >>> tuple(z.shape), bool((z >= 0).all()), cell.norm.num_groups
+        ((2, 8, 4, 4), True, 4)
+    """
 
     def __init__(self, channels: int, gain: float = 1.25, groups: int = 4):
         super().__init__()
@@ -102,7 +109,13 @@ class ConvCell(nn.Module):
 
 
 class Counted:
-    """``f`` with a call counter and, if ``timed``, the wall time spent inside it."""
+    """``f`` with a call counter and, if ``timed``, the wall time spent inside it.
+
+    Example:
+        >>> f = Counted(lambda z: 2 * z, timed=True)
+        >>> f(1), f(3), f.calls, f.seconds > 0
+        (2, 6, 2, True)
+    """
 
     def __init__(self, f, timed: bool = False):
         self.f, self.calls, self.timed, self.seconds = f, 0, timed, 0.0
@@ -136,7 +149,16 @@ def torchdeq_missing() -> str | None:
 
 def solver_table(max_iter: int, tol: float) -> dict:
     """name -> (implementation, solve(f, z0) -> (z, converged (B,) bool)); torchdeq's solvers
-    only where it is installed (see ``torchdeq_missing``)."""
+    only where it is installed (see ``torchdeq_missing``).
+
+    Example (``z = z / 2 + 1``: ``z* = 2``):
+        >>> table = solver_table(max_iter=50, tol=1e-6)
+        >>> [name for name, (impl, _) in table.items() if impl == "wtmodels"]
+        ['anderson', 'broyden', 'fixed_point']
+        >>> z, converged = table["anderson"][1](lambda z: 0.5 * z + 1, torch.zeros(2, 3))
+        >>> bool(torch.allclose(z, torch.full((2, 3), 2.0), atol=1e-5)), converged.tolist()
+        (True, [True, True])
+    """
 
     def ours(method):
         def run(f, z0):
@@ -174,6 +196,10 @@ def share_converged(f, z: torch.Tensor, tol: float) -> float:
     Measured by the benchmark on what each solver returns, the same way for all: the solvers'
     own flags differ (torchdeq's ``rel_lowest`` is that of its best iterate ``x``, while its
     Anderson returns ``f(x)``).
+
+    Example (``f(z) = z / 2 + 1``: the first sample is at ``z* = 2``, the second is not):
+        >>> share_converged(lambda z: 0.5 * z + 1, torch.tensor([[2.0, 2.0], [0.0, 0.0]]), 1e-4)
+        0.5
     """
     fz = f(z)
     rel = (fz - z).flatten(1).norm(dim=1) / (fz.flatten(1).norm(dim=1) + 1e-8)
@@ -185,6 +211,11 @@ def bench_cell(B: int, C: int, H: int, repeats: int, max_iter: int, tol: float,
     """Time every solver on one cell; returns one row per solver.
 
     On CUDA every timed region starts and ends with ``torch.cuda.synchronize``.
+
+    Example (a tiny cell, one repeat, a budget of 5 f-evaluations):
+        >>> rows = bench_cell(1, 4, 4, repeats=1, max_iter=5, tol=1e-3, gain=1.0)
+        >>> [(r["solver"], r["f_evals"] <= 5) for r in rows if r["impl"] == "wtmodels"]
+        [('anderson', True), ('broyden', True), ('fixed_point', True)]
     """
     torch.manual_seed(0)
     cell = ConvCell(C, gain)
@@ -228,6 +259,12 @@ def summarize(s: list[tuple], device: str = "cpu") -> dict:
 
     Every ratio divides a repeat by its own ``f_evals``; ``overhead_best`` is the lowest solve
     time per f-evaluation over the lowest time of one f.
+
+    Example (one repeat: 10 f-evals in 20 ms, 1 ms per f, 12 ms of it inside f):
+        >>> row = summarize([(10, 0.020, 0.001, 1.0, 0.020, 0.001, 0.012)])
+        >>> row  # doctest: +NORMALIZE_WHITESPACE
+        {'f_evals': 10, 'wall_ms': 20.0, 'f_ms': 1.0, 'overhead': 2.0, 'overhead_best': 2.0,
+         'overhead_cpu': 2.0, 'f_slowdown': 1.2, 'solver_ops': 0.8, 'converged': 1.0}
     """
     cpu = device == "cpu"
     return {
@@ -281,7 +318,12 @@ class SavedBytes:
 
 def peak_memory_bytes(fn, device: str = "cpu") -> int:
     """Peak memory allocated on ``device`` while ``fn()`` runs, above what was allocated
-    before it."""
+    before it.
+
+    Example (one 1 MiB float32 tensor):
+        >>> peak_memory_bytes(lambda: torch.empty(2**18))
+        1048576
+    """
     if device == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
@@ -321,7 +363,13 @@ def _memory_records(prof) -> list[tuple[int, int]]:
 
 def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16,
                  device: str = "cpu") -> list[dict]:
-    """Peak memory of forward + backward per gradient mode and forward budget."""
+    """Peak memory of forward + backward per gradient mode and forward budget.
+
+    Example (IFT saves the same for backward at any budget; unrolling saves every step):
+        >>> rows = memory_check([2, 8], B=2, C=8, H=8)
+        >>> [(r["grad"], r["f_max_iter"], r["saved_for_backward_mb"]) for r in rows]
+        [('ift', 2, 0.01), ('ift', 8, 0.01), ('unroll', 2, 0.02), ('unroll', 8, 0.09)]
+    """
     torch.manual_seed(0)
     cell = ConvCell(C).to(device)
     x = torch.randn(B, C, H, H, device=device)
@@ -349,6 +397,13 @@ def memory_check(budgets: list[int], B: int = 32, C: int = 32, H: int = 16,
 
 
 def to_csv(rows: list[dict], extra: dict) -> str:
+    """``rows`` as CSV text, each with the columns of ``extra`` (the same values) appended.
+
+    Example:
+        >>> print(to_csv([{"solver": "anderson", "f_evals": 12}], {"git_sha": "abc"}), end="")
+        solver,f_evals,git_sha
+        anderson,12,abc
+    """
     buf = io.StringIO()
     cols = list(rows[0]) + list(extra)
     writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
@@ -360,7 +415,12 @@ def to_csv(rows: list[dict], extra: dict) -> str:
 
 def solver_settings() -> str:
     """What each side runs with and what the f-evaluation comparison holds equal, read from
-    the solvers' signatures (each with its defaults; the two ``lam`` differ in kind)."""
+    the solvers' signatures (each with its defaults; the two ``lam`` differ in kind).
+
+    Example (the text depends on whether torchdeq is installed; ours is always described):
+        >>> "ours Anderson m=5, lam=0.0001" in solver_settings()
+        True
+    """
     import inspect
 
     def defaults(fn):
@@ -392,7 +452,23 @@ def solver_settings() -> str:
 
 
 def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
-    """The results as Markdown tables, with the targets checked."""
+    """The results as Markdown tables, with the targets checked.
+
+    Example (hand-made rows: one solver row, IFT memory at two budgets):
+        >>> row = {"B": 32, "C": 16, "H": 8, "solver": "anderson", "f_evals": 12,
+        ...        "wall_ms": 5.0, "f_ms": 0.3, "overhead": 1.2, "overhead_best": 1.1,
+        ...        "overhead_cpu": 1.2, "f_slowdown": 1.05, "solver_ops": 0.15, "converged": 1.0}
+        >>> mem = [{"grad": "ift", "f_max_iter": n, "peak_mb": mb, "saved_for_backward_mb": 1.0}
+        ...        for n, mb in ((10, 2.0), (40, 2.1))]
+        >>> prov = {"git_sha": "abc1234", "torch_version": "2.4", "device": "cpu", "threads": 2,
+        ...         "date": "2024-01-01", "load_average_1min": 0.5, "cpu_count": 4,
+        ...         "cpu_model": "x86", "malloc": "tuned"}
+        >>> md = markdown([row], mem, prov, parse_args(["--quick"]))
+        >>> print(md.splitlines()[-1])
+        IFT peak memory from f_max_iter 10 to 40: +5.0% (target within 10%: met).
+        >>> [line for line in md.splitlines() if line.startswith("| 32 | 16 | 8 | anderson | 1.2")]
+        ['| 32 | 16 | 8 | anderson | 1.2 / 1.1 (<= 1.3; no torchdeq) | nan | 12 / - | yes | n/a |']
+    """
     by = {(r["B"], r["C"], r["H"], r["solver"]): r for r in rows}
     lines = [
         "# Solver benchmark (benchmarks/solvers.py)", "",
@@ -473,6 +549,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+    """The command-line arguments of ``python -m benchmarks.solvers``, checked.
+
+    Example (a bad value: one line on stderr, exit status 2):
+        >>> args = parse_args(["--quick", "--max-iter", "30"])
+        >>> args.repeats, args.max_iter, args.tol, args.device
+        (3, 30, 0.0001, 'cpu')
+        >>> parse_args(["--allow-tf32"])
+        Traceback (most recent call last):
+            ...
+        SystemExit: 2
+    """
     p = _Parser(prog="python -m benchmarks.solvers", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="one small cell, 3 repeats, memory check at f_max_iter 10 and 40 "
@@ -525,7 +612,12 @@ def parse_args(argv):
 
 def say(line: str) -> None:
     """Print a progress line; a reader gone away (``| head``) must not cost the results: stdout
-    goes to ``os.devnull`` from then on and the run still writes its files."""
+    goes to ``os.devnull`` from then on and the run still writes its files.
+
+    Example:
+        >>> say("B= 32 C= 16 H=  8 anderson")
+        B= 32 C= 16 H=  8 anderson
+    """
     try:
         print(line, flush=True)
     except BrokenPipeError:
@@ -535,6 +627,15 @@ def say(line: str) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m benchmarks.solvers``: benchmark, then write the csv / md files; exit status.
+
+    Example (a run takes minutes; bad arguments stop it before any work, with exit status 2):
+        >>> try:
+        ...     main(["--max-iter", "1"])
+        ... except SystemExit as stop:
+        ...     print("exit status", stop.code)
+        exit status 2
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():  # before --out is created
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
