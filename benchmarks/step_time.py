@@ -178,7 +178,18 @@ def time_steps(model_name: str, variant: str, batch_size: int, image_size: int, 
 def write(rows: list[dict], out: Path, command: str, device: torch.device,
           sha: str | None = None) -> Path:
     """Write ``step_time_<device>_<models>.csv`` and ``.md`` into ``out``; returns the ``.md``.
-    ``sha``: the code's git sha when the run started (default: now)."""
+    ``sha``: the code's git sha when the run started (default: now).
+
+    Example (one hand-made row):
+        >>> import tempfile
+        >>> rows = [{"model": "wt_s", "variant": "base", "batch": 64, "ms_per_step": 12.5}]
+        >>> md = write(rows, Path(tempfile.mkdtemp()), "python -m benchmarks.step_time",
+        ...            torch.device("cpu"), sha="abc1234")
+        >>> md.name, md.read_text().splitlines()[-1]
+        ('step_time_cpu_wt_s.md', '| wt_s | base | 64 | 12.5 |')
+        >>> (md.parent / "step_time_cpu_wt_s.csv").read_text().splitlines()[1][:22]
+        'wt_s,base,64,12.5,cpu,'
+    """
     out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine(sha)
     # provenance on every CSV row too (the .md has it in its header line)
@@ -205,6 +216,12 @@ def write(rows: list[dict], out: Path, command: str, device: torch.device,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.step_time``: time training steps, write the csv / md; exit status.
+
+    Example (bad arguments: one line on stderr, exit status 2, before any timing):
+        >>> main(["--variants", "base,fast"])
+        2
+    """
     parser = OneLineParser(prog="python -m benchmarks.step_time",
                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="wt_s,deq_s", help="comma-separated model names")
