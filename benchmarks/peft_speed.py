@@ -90,6 +90,11 @@ def _interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _check_case(name: str) -> None:
+    if name not in CASES:
+        raise ValueError(f"unknown case {name!r}; valid cases: {', '.join(CASES)}")
+
+
 def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
     """Train-step and inference rows of one model (see the module docstring).
 
@@ -100,8 +105,9 @@ def measure_case(name: str, rank: int, batch: int, repeats: int) -> list[dict]:
         >>> measure_case("wt_m", rank=4, batch=8, repeats=1)
         Traceback (most recent call last):
             ...
-        KeyError: 'wt_m'
+        ValueError: unknown case 'wt_m'; valid cases: wt_s, capaboost_model
     """
+    _check_case(name)
     overrides, size = CASES[name]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, size, size, generator=gen)  # (B, 1, H, W)
@@ -225,9 +231,8 @@ def run_speed(out_dir: str, cases=tuple(CASES), rank: int = 4, batch: int = 64,
     """
     if not cases:
         raise ValueError(f"no case given; valid cases: {', '.join(CASES)}")
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        raise ValueError(f"unknown case {unknown[0]!r}; valid cases: {', '.join(CASES)}")
+    for case in cases:
+        _check_case(case)
     for field, value in (("rank", rank), ("batch", batch), ("repeats", repeats),
                          ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
