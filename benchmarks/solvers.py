@@ -596,9 +596,9 @@ def parse_args(argv):
     if not 2 <= args.max_iter <= MAX_ITER:
         p.error(f"--max-iter must be >= 2 and <= {MAX_ITER}, got {args.max_iter}")
     if args.repeats is not None and args.repeats < 1:
-        p.error("--repeats must be >= 1")
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 < args.tol < math.inf or not 0 < args.gain < math.inf:
-        p.error("--tol and --gain must be finite and > 0")
+        p.error(f"--tol and --gain must be finite and > 0, got {args.tol} and {args.gain}")
     if not args.out.strip():
         p.error("--out must name a directory (an empty one would write into the current one)")
     if args.allow_tf32 and args.device != "cuda":

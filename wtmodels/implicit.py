@@ -124,7 +124,7 @@ class DEQ(nn.Module):
             >>> deq.check_settings()
             Traceback (most recent call last):
                 ...
-            ValueError: m must be an int >= 1, got 0
+            ValueError: m must be an integer >= 1, got 0
         """
         for field in ("f_solver", "b_solver"):
             if getattr(self, field) not in list_solvers():

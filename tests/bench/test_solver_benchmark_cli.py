@@ -55,9 +55,9 @@ def test_with_torchdeq_every_row_of_the_cell_is_printed(monkeypatch, tmp_path, c
     (["--allow-tf32", "--device", "cpu"], "--allow-tf32 applies to --device cuda only"),
     (["--tag", ""], "--tag must be"),
     (["--threads", "-2"], "--threads must be >= 1"),
-    (["--repeats", "-1"], "--repeats must be >= 1"),
+    (["--repeats", "-1"], "--repeats must be >= 1, got -1"),
     (["--max-iter", "1e3"], "invalid int value"),
-    (["--gain", "-1"], "must be finite and > 0"),
+    (["--gain", "-1"], "must be finite and > 0, got 0.0001 and -1.0"),
     (["--malloc", "fast"], "invalid choice"),
 ])
 def test_misused_flags_exit_2_with_one_line(argv, says, capsys, monkeypatch):

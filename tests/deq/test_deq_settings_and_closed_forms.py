@@ -26,7 +26,7 @@ def test_jacobian_loss_checks_jac_reg_samples_set_after_construction():
     # deq.jac_reg_samples = 0 after construction: jacobian_loss divided by it and returned NaN
     deq = wt.DEQ()
     deq.jac_reg_samples = 0
-    with pytest.raises(ValueError, match="jac_reg_samples must be an int >= 1"):
+    with pytest.raises(ValueError, match="jac_reg_samples must be an integer >= 1"):
         deq.jacobian_loss(lambda z: 0.5 * z, torch.ones(2, 3))
     with pytest.raises(ValueError, match="jac_reg_samples"):
         deq(lambda z: 0.5 * z, torch.ones(2, 3), jac_reg=True)

@@ -50,10 +50,10 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
         >>> check_positive_int("max_iter", True)
         Traceback (most recent call last):
         ...
-        ValueError: max_iter must be an int >= 1, got True
+        ValueError: max_iter must be an integer >= 1, got True
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
