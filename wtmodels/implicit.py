@@ -572,15 +572,17 @@ def _unknown_keywords(where: str, unknown: dict, valid: list[str]) -> str:
         hint = "; DEQ takes f_/b_-prefixed settings (f_max_iter, f_tol, f_solver, ...)"
     elif where == "DEQ" and set(names) & set(solver_opts):
         hint = f"; solver options ({solver_opts}) go in f_opts / b_opts"
-    elif where == "DEQ" and (torchdeq := [n for n in names if n in TORCHDEQ_KEYWORDS]):
-        hint = "; torchdeq's " + "; ".join(f"{n}: {TORCHDEQ_KEYWORDS[n]}" for n in torchdeq)
+    elif torchdeq := [n for n in names if n in TORCHDEQ_KEYWORDS.get(where, {})]:
+        hint = "; torchdeq's " + "; ".join(f"{n}: {TORCHDEQ_KEYWORDS[where][n]}"
+                                           for n in torchdeq)
     return f"{where} got unknown keyword(s) {names}; valid: {valid}{hint}"
 
 
 _NO_STATES = "no equivalent (the DEQ returns z* alone; grad='unroll' backpropagates every step)"
-#: torchdeq's ``get_deq`` keywords that DEQ does not take, and what to write instead (in the
-#: error a torchdeq user's settings get, since torchdeq itself ignores unknown keywords)
-TORCHDEQ_KEYWORDS = {
+#: torchdeq's keywords that ``DEQ(...)`` (its ``get_deq``'s) and a call (its DEQ's
+#: ``forward``'s) do not take, and what to write instead (in the error a torchdeq user's
+#: settings get, since torchdeq itself ignores unknown keywords)
+TORCHDEQ_KEYWORDS: dict[str, dict[str, str]] = {"DEQ": {
     "f_stop_mode": "stop_mode (one mode for both solves)",
     "b_stop_mode": "stop_mode (one mode for both solves)",
     "ift": "grad='ift' (the default)",
@@ -595,7 +597,11 @@ TORCHDEQ_KEYWORDS = {
     "norm_type": "no equivalent (apply weight / spectral norm in the cell)",
     "no_stat": "no equivalent (the statistics are always returned: the per-sample stopping "
                "computes them anyway)",
-}
+}, "DEQ.forward": {
+    "solver_kwargs": "DEQ(f_opts={...}, b_opts={...}) (solver options, validated when built)",
+    "sradius_mode": "deq.spectral_radius(f, z_star) (a separate call)",
+    "backward_writer": "deq.last_backward_stats (the latest adjoint solve's statistics)",
+}}
 
 
 def _nonfinite_rows(z0: torch.Tensor) -> torch.Tensor | None:

@@ -69,4 +69,18 @@ def test_every_keyword_of_torchdeqs_deq_is_ours_or_explained():
                    if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
     theirs.add("core")  # get_deq's choice of class
     ours = set(inspect.signature(wt.DEQ.__init__).parameters) - {"self", "unknown"}
-    assert theirs - ours - set(TORCHDEQ_KEYWORDS) == set()
+    assert theirs - ours - set(TORCHDEQ_KEYWORDS["DEQ"]) == set()
+
+
+def test_every_keyword_of_a_torchdeq_call_is_explained():
+    core = pytest.importorskip("torchdeq.core")
+    theirs = set()
+    for cls in (core.DEQIndexing, core.DEQSliced):
+        theirs |= {n for n, p in list(inspect.signature(cls.forward).parameters.items())[3:]
+                   if p.kind is not inspect.Parameter.VAR_KEYWORD}  # after self, func, z
+    assert theirs and theirs - set(TORCHDEQ_KEYWORDS["DEQ.forward"]) == set()
+    deq = wt.DEQ()
+    with pytest.raises(ValueError, match=r"torchdeq's solver_kwargs: DEQ\(f_opts="):
+        deq(lambda z: 0.5 * z, torch.zeros(2, 3), solver_kwargs={"m": 3})
+    with pytest.raises(ValueError, match=r"sradius_mode: deq.spectral_radius"):
+        deq(lambda z: 0.5 * z, torch.zeros(2, 3), sradius_mode=True)
