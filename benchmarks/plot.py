@@ -1294,6 +1294,18 @@ PANELS: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
 }
 
 
+def figure_note(sweep_dir: str) -> str:
+    """The end of a sweep's figure titles: its ``--set`` values (and smoke size) from
+    ``sweep_setting.json``, less what :func:`describe_setting` already names (dataset, training
+    images, image size, epochs); ``""`` for a default sweep. Pass it as ``note=`` to a panel.
+
+    Example:
+        >>> figure_note("/nonexistent")
+        ''
+    """
+    return setting_note(sweep_dir, leave_out=("dataset", "train_size", "image_size", "epochs"))
+
+
 def make_plots(sweep_dir: str, out_dir: str | None = None,
                mask_density: float | None = None) -> list[str]:
     """Draw every supported panel of a sweep as PNG, with a vector PDF beside each; returns
@@ -1314,8 +1326,7 @@ def make_plots(sweep_dir: str, out_dir: str | None = None,
         []
     """
     rows = load_results(sweep_dir)
-    # a --set sweep's figures say so in their titles (but what describe_setting names)
-    note = setting_note(sweep_dir, leave_out=("dataset", "train_size", "image_size", "epochs"))
+    note = figure_note(sweep_dir)
     panels = {**PANELS, "masks": lambda r, **kw: plot_masks(r, density=mask_density, **kw)}
     figures = {name: fn(rows, note=note) if rows else None for name, fn in panels.items()}
     # the extrapolation rows hold no image size (older files: no dataset or epochs): the

@@ -29,6 +29,9 @@ def test_notebook_holds_no_library_code():
 
 def test_notebook_draws_the_guideline_curves_from_a_results_dir(tmp_path, monkeypatch):
     rows = write_fake_sweep(str(tmp_path / "sweep"))
+    # a --set sweep: the notebook names its setting as the plot command does
+    (tmp_path / "sweep" / "sweep_setting.json").write_text(
+        '{"smoke": false, "overrides": {"lr": 0.003}}')
     monkeypatch.setenv("WTMODELS_RESULTS", str(tmp_path / "sweep"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
@@ -39,6 +42,7 @@ def test_notebook_draws_the_guideline_curves_from_a_results_dir(tmp_path, monkey
     assert len(images) == 7  # depth, width, masks, capacity, time/memory, stability, extrapolation
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"{len(rows)} runs" in text and "recommended:" in text
+    assert "every run of this directory: --set lr=0.003" in text
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert markdown and markdown[0].startswith("| label |")
     assert not [o for o in outputs if o.output_type == "error"]

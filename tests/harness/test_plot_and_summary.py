@@ -374,6 +374,7 @@ def test_a_set_sweeps_tables_and_figure_titles_name_its_setting(tmp_path, monkey
     monkeypatch.setattr(plot, "save_figure", lambda fig, path: titles.setdefault(
         os.path.basename(path), fig.get_suptitle()) and path)
     assert len(make_plots(str(tmp_path))) >= 4
+    assert plot.figure_note(str(tmp_path)) == "--set lr=0.003"  # what the notebook passes
     for name, title in titles.items():  # epochs are named earlier in the title: not again
         assert title.replace("\n", "; ").endswith("; --set lr=0.003"), (name, title)
     # a sweep without --set (or without the file): titles and summary as before
