@@ -240,7 +240,7 @@ def test_extrapolation_title_reads_the_image_size_from_the_results_rows(tmp_path
     fig = plot.plot_extrapolation(extra, context=rows)
     assert fig._suptitle.get_text().startswith("Fashion-MNIST, 14×14 px")
     source = "".join(c["source"] for c in _notebook()["cells"] if c["cell_type"] == "code")
-    assert "plot.plot_extrapolation(extrapolation, context=rows)" in source
+    assert "plot.plot_extrapolation(extrapolation, context=rows, note=note)" in source
 
 
 def _notebook():
