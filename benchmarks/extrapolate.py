@@ -108,6 +108,27 @@ def run_trained_depth(run_dir: str) -> int:
                          ) from None
 
 
+def _example_run_dir():
+    """``(run_dir, model)``: a hand-made run directory of the tiny ``test_wt`` model (depth 2,
+    digits, 100 test images) with its checkpoint, for this module's examples."""
+    import tempfile
+
+    import torch
+
+    import wtmodels as wt
+    from wtmodels.checkpoint import save_checkpoint
+
+    run_dir = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    model = wt.create_model("test_wt", num_classes=10, in_chans=1)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"train": {"model": "test_wt", "dataset": "digits", "test_size": 100},
+                   "data_info": {"num_classes": 10, "in_chans": 1},
+                   "model_config": {"depth": 2}}, f)
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": model.state_dict()})
+    return run_dir, model
+
+
 def load_trained_model(run_dir: str):
     """Rebuild a run's model from ``config.json`` (its saved ``model_config``) and load
     ``checkpoint.pt`` (eval mode, CPU).
@@ -116,18 +137,8 @@ def load_trained_model(run_dir: str):
         ``(model, config)`` where ``config`` is the parsed ``config.json``.
 
     Example (a hand-made run directory of the tiny ``test_wt`` model):
-        >>> import tempfile
         >>> import torch
-        >>> import wtmodels as wt
-        >>> from wtmodels.checkpoint import save_checkpoint
-        >>> run_dir = tempfile.mkdtemp()
-        >>> _ = torch.manual_seed(0)
-        >>> model = wt.create_model("test_wt", num_classes=10, in_chans=1)  # depth 2
-        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
-        ...     json.dump({"train": {"model": "test_wt", "dataset": "digits", "test_size": 100},
-        ...                "data_info": {"num_classes": 10, "in_chans": 1},
-        ...                "model_config": {"depth": 2}}, f)
-        >>> save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": model.state_dict()})
+        >>> run_dir, model = _example_run_dir()
         >>> loaded, config = load_trained_model(run_dir)
         >>> loaded.training, torch.equal(loaded.head.weight, model.head.weight)
         (False, True)
@@ -189,18 +200,7 @@ def evaluate_depths(run_dir: str, factors: Sequence[float], device: str | None =
         ``test_loss`` and the model's averaged ``core_stats()`` (``nstep``, ``rel_residual``...).
 
     Example (a hand-made run directory of the tiny ``test_wt`` model, on 100 digits images):
-        >>> import tempfile
-        >>> import torch
-        >>> import wtmodels as wt
-        >>> from wtmodels.checkpoint import save_checkpoint
-        >>> run_dir = tempfile.mkdtemp()
-        >>> _ = torch.manual_seed(0)
-        >>> model = wt.create_model("test_wt", num_classes=10, in_chans=1)  # depth 2
-        >>> with open(os.path.join(run_dir, "config.json"), "w") as f:
-        ...     json.dump({"train": {"model": "test_wt", "dataset": "digits", "test_size": 100},
-        ...                "data_info": {"num_classes": 10, "in_chans": 1},
-        ...                "model_config": {"depth": 2}}, f)
-        >>> save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), {"model": model.state_dict()})
+        >>> run_dir, _ = _example_run_dir()
         >>> rows = evaluate_depths(run_dir, (0.5, 1.0), device="cpu")
         >>> [(r["train_depth"], r["test_depth"], r["factor"]) for r in rows]
         [(2, 1, 0.5), (2, 2, 1.0)]
