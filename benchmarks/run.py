@@ -290,14 +290,15 @@ def _cuda_available() -> bool:
 
 
 def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool,
-                        planned_configs: Collection[str] | None = None) -> None:
+                        planned_configs: Collection[str] | None = None,
+                        rows: Collection[dict] = ()) -> None:
     """Refuse to mix sweeps of another size or other ``--set`` values into one directory:
     plots, the summary and ``recommend`` would pool them. Records the setting on first use.
 
     A directory with sweep rows but no recorded setting (older versions wrote none) is taken on
-    only when every row's ``config_id`` is one of ``planned_configs`` (this sweep's
-    configurations, any seed): the other rows' setting is unknown. Rows written by hand
-    (without a ``config_id``) are taken on as they are."""
+    only when every one of its ``rows`` with a ``config_id`` is one of ``planned_configs`` (this
+    sweep's configurations, any seed): the other rows' setting is unknown.
+    Rows written by hand (without a ``config_id``) are taken on as they are."""
     path = os.path.join(out, SETTING)
     setting = {"smoke": bool(smoke), "overrides": {k: overrides[k] for k in sorted(overrides)}}
     try:
@@ -313,9 +314,8 @@ def _check_same_setting(out: str, smoke: bool, overrides: dict, write: bool,
             "directory holds one setting (its plots and tables pool every row); use another "
             "--out")
     if saved is None and planned_configs is not None:
-        strangers = [r for r in read_rows(os.path.join(out, RESULTS))  # a sweep's rows
-                     if r.get("config_id") is not None
-                     and r["config_id"] not in planned_configs]
+        strangers = [r for r in rows  # a sweep's rows
+                     if r.get("config_id") is not None and r["config_id"] not in planned_configs]
         if strangers:
             raise ValueError(
                 f"--out {out} holds {len(strangers)} results row(s) this sweep "
@@ -574,7 +574,7 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         raise ValueError(f"--out {out} exists and is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     planned_ids = [r.run_id for r in runs]  # the preset's order, --only or not
-    every_run = runs
+    planned_configs = {config_id_for(r.label, r.config) for r in runs}  # any seed
     if only:
         matching = [r for r in runs if only in r.run_id]
         if not matching:
@@ -596,10 +596,11 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
                for k, v in (overrides or {}).items()}
     # a damaged results file, or a status the report would refuse, stops the sweep now, not
     # after its runs
-    check_statuses(read_rows(os.path.join(out, RESULTS)))
+    existing = read_rows(os.path.join(out, RESULTS))
+    check_statuses(existing)
     recorded = finished_ids(os.path.join(out, RESULTS))
     _check_same_setting(out, smoke, setting, write=not dry_run,
-                        planned_configs={config_id_for(r.label, r.config) for r in every_run})
+                        planned_configs=planned_configs, rows=existing)
     report = SweepReport(planned=len(runs))
     states = {r.run_id: run_state(out, r.run_id, recorded) for r in runs}
     if dry_run:

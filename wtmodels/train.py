@@ -514,9 +514,9 @@ class _Trainer:
         # tf32 only acts on CUDA: an older CUDA run continued on the CPU takes the default
         theirs = _saved_identity(state, self.ctx.device.type == "cuda" and _ran_on_cuda(
             state, saved_config if isinstance(saved_config, dict) else {}))
-        if theirs != _jsonable(_identity(self.cfg)):
+        ours = _jsonable(_identity(self.cfg))
+        if theirs != ours:
             theirs = theirs or {}
-            ours = _jsonable(_identity(self.cfg))
             diff = sorted(k for part in ("train", "model_overrides")
                           for k in set(ours.get(part, {})) | set(theirs.get(part, {}))
                           if ours.get(part, {}).get(k) != theirs.get(part, {}).get(k))
