@@ -252,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         unknown = [v for v in args.variants if v not in VARIANTS]
-        if unknown or not args.variants:
+        if unknown:
             raise UsageError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if not args.variants:
+            raise UsageError(f"--variants names no variant; choose from {', '.join(VARIANTS)}")
         wt.get_config(args.model)  # ValueError listing the registered models
         for name in ("image_size", "batch_size", "train_size", "repeats", "threads"):
             value = getattr(args, name)

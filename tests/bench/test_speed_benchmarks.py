@@ -61,6 +61,7 @@ def test_unknown_variant_raises_value_error():
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--image-size", "-1"], "--image-size must be >= 1"),
     (["--variants", "base,foo"], "unknown variant(s) ['foo']; choose from base"),
+    (["--variants", ","], "--variants names no variant; choose from base"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_train_speed_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
