@@ -1,5 +1,6 @@
 """The solvers and wt.DEQ: inputs without values (meta, sparse) through every
-DEQ mode, an empty non-batch dimension with the Jacobian regulariser, per-sample step counts
+DEQ mode, a non-finite (NaN) start that must not poison the other samples' gradients, an empty
+non-batch dimension with the Jacobian regulariser, per-sample step counts
 and residuals checked against hand-computed values. Every expected value is a closed form."""
 
 import pytest
@@ -100,3 +101,36 @@ def test_an_f_writing_its_argument_in_place_under_inference_mode_matches_the_clo
                    lambda k: 2 * 0.5 ** k / (4 * (1 - 0.5 ** (k + 1)) + 1e-8)]
             assert st.nstep.tolist() == [next(k + 1 for k in range(200) if r(k) <= tol)
                                          for r in rel]
+
+
+@pytest.mark.parametrize("grad", GRADS)
+def test_a_non_finite_start_does_not_poison_the_other_samples_gradients(grad):
+    # a warm start cached from a step that blew up: one sample's z0 is NaN. The solvers flag it
+    # diverged and hand it back as it came; the DEQ then evaluated f at it with autograd, and
+    # 0 x NaN in f's backward made every parameter's gradient NaN, even with that sample left
+    # out of the loss (as a diverging sample, whose gradients stay finite, may be)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4, dtype=F64)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    x = torch.randn(3, 4, dtype=F64)
+    deq = wt.DEQ(grad=grad, f_tol=1e-10, b_tol=1e-10, f_max_iter=60, b_max_iter=60,
+                 jac_reg=True)
+
+    def grads(z0, rows):
+        lin.zero_grad()
+        z, stats = deq(lambda z: torch.tanh(lin(z)) + x[rows], z0)
+        (z[[0, -1]].square().sum() + stats.jac_loss * 0.0).backward()
+        return z, stats, lin.weight.grad.clone()
+
+    z0 = torch.zeros(3, 4, dtype=F64)
+    z0[1, 2] = float("nan")
+    z, stats, g = grads(z0, [0, 1, 2])
+    assert stats.diverged.tolist() == [False, True, False]
+    assert not stats.converged[1] and torch.isfinite(stats.jac_loss)
+    assert torch.equal(z[1].isnan(), z0[1].isnan())  # back as it came
+    _, _, g_ref = grads(torch.zeros(2, 4, dtype=F64), [0, 2])  # the batch without it
+    torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():  # the same output with autograd off
+        z_eval, _ = deq(lambda z: torch.tanh(lin(z)) + x, z0)
+    torch.testing.assert_close(z_eval, z.detach(), equal_nan=True)

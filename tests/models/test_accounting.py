@@ -12,6 +12,7 @@ from torch import nn
 import wtmodels as wt
 from wtmodels.masks import apply_masks
 from wtmodels.models import model_summary
+from wtmodels.peft import add_lora
 
 
 def test_summary_of_a_module_without_cores():
@@ -64,3 +65,14 @@ def test_cell_evals_ode_fixed_steps_and_deq_count_cell_calls():
     steps = sum(core.last_stats["nstep"] for core in deq.cores)
     # K = 2 applications per solver step, plus one K-fold application at the fixed point
     assert info["cell_evals"] == calls[0] == 2 * (steps + 2)
+
+
+def test_nonzero_params_per_iter_of_a_masked_model_under_lora():
+    # the frozen masked cell weights are not trainable parameters: their masks subtract nothing
+    # (the count was -63808 for wt_s with K = 4 masks at density 0.25 under LoRA)
+    for weight_norm in (False, True):
+        model = wt.create_model("test_wt", in_chans=1, mask_k=2, mask_density=0.25,
+                                weight_norm=weight_norm)
+        add_lora(model, rank=2, copies=2, density=0.5, train_head=True)
+        info = model_summary(model, (1, 8, 8))
+        assert info["nonzero_params_per_iter"] == info["params"] > 0

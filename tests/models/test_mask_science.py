@@ -303,3 +303,43 @@ def test_module_type_keeps_weight_and_capaboost_masks_bool():
     lora = LoRALayer.wrap(nn.Linear(8, 8), rank=4, copies=2, density=0.5).type(torch.float64)
     assert lora.mask_A.dtype == lora.mask_B.dtype == torch.bool
     assert lora.lora_A.dtype == torch.float64
+
+
+def _by_hand(cell, indices, x):
+    """The cell applied with masks ``indices`` in turn, written out from the README formula."""
+    z = torch.zeros_like(x)
+    for i in indices:
+        w1 = cell.conv1.weight * cell.conv1.weight_masks[i]
+        w2 = cell.conv2.weight * cell.conv2.weight_masks[i]
+        y = F.relu(cell.norm1(F.conv2d(z, w1, padding=1)))
+        y = cell.norm2(F.conv2d(y, w2, padding=1))
+        z = cell.norm3(F.relu(z + x + y))
+    return z
+
+
+@pytest.mark.parametrize("schedule, depth, k, indices", [
+    ("cyclic", 5, 3, [0, 1, 2, 0, 1]),
+    ("block", 6, 3, [0, 0, 1, 1, 2, 2]),
+    ("block", 5, 2, [0, 0, 0, 1, 1]),
+])
+def test_mask_schedule_by_hand_in_every_core(schedule, depth, k, indices):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    kw = dict(depth=depth, mask_k=k, mask_schedule=schedule)
+    tied = wt.create_model("test_wt", **kw).double().cores[0]
+    want = _by_hand(tied.cell, indices, x)
+    assert torch.equal(tied(x), want)
+    ode = wt.create_model("test_ode", ode_method="euler", ode_T=float(depth), **kw).double()
+    ode = ode.cores[0]
+    ode.cell.load_state_dict(tied.cell.state_dict())
+    torch.testing.assert_close(ode(x), want, rtol=0, atol=1e-12)
+    untied = wt.create_model("test_untied", **kw).double().cores[0]
+    for cell in untied.cells:
+        cell.load_state_dict(tied.cell.state_dict())
+    assert torch.equal(untied(x), want)
+    # the DEQ composite f_{K-1} o ... o f_0, one solver step from z0 = 0 (schedule unused)
+    deq = wt.create_model("test_deq", f_solver="fixed_point", f_max_iter=1, f_tol=1e-30,
+                          **kw).double().eval().cores[0]
+    deq.cell.load_state_dict(tied.cell.state_dict())
+    with torch.no_grad():
+        assert torch.equal(deq(x), _by_hand(tied.cell, list(range(k)), x))

@@ -1,6 +1,7 @@
 """Tests of masks: generation (counts, structure, distinctness, seeds) and attaching to layers."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -287,3 +288,19 @@ def test_make_masks_takes_numpy_numbers_and_refuses_fractional_shapes():
     assert masks.shape == (2, 4, 8) and masks.sum().item() == 2 * 16
     with pytest.raises(ValueError, match="shape must be an int or a sequence of ints"):
         wt.make_masks((2.7, 8), k=2)  # was silently (2, 8)
+
+
+def test_apply_masks_takes_one_layer_class():
+    layer = apply_masks(nn.Linear(3, 4), k=2, types=nn.Linear)
+    assert layer.weight_masks.shape == (2, 4, 3)
+    with pytest.raises(ValueError, match=r"got \('Linear',\)"):
+        apply_masks(nn.Linear(3, 4), k=2, types="Linear")
+
+
+@pytest.mark.parametrize("numel", [1, 2, 3, 10, 576, 100_000])
+def test_density_hint_of_a_too_sparse_mask_is_valid(numel):
+    # round() halves to even: the hint 0.5 / numel (e.g. 0.05 for 10 entries) failed itself
+    with pytest.raises(ValueError, match="rounds to 0 ones") as err:
+        wt.make_masks((numel,), k=1, density=1e-9)
+    hint = float(re.search(r">= ([0-9.e+-]+)", str(err.value)).group(1))
+    assert int(wt.make_masks((numel,), k=1, density=hint).sum()) == 1

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,3 +317,25 @@ def test_numpy_scalars_from_a_sweep_are_taken_as_python_numbers():
     json.dumps(dataclasses.asdict(cfg))  # numpy scalars would not serialise
     with pytest.raises(ValueError, match="depth must be an integer >= 1"):
         ModelConfig.from_dict({"depth": np.float64(3.0)})
+
+
+@pytest.mark.parametrize("name", ["test_wt", "test_deq", "test_ode"])
+def test_set_depth_accepts_numpy_integers(name):
+    # a depth-extrapolation sweep over np.arange: create_model(depth=np.int64(..)) was accepted
+    # but set_depth(np.int64(3)) raised "depth must be an integer >= 1, got np.int64(3)"
+    model = wt.create_model(name, in_chans=1, f_solver="fixed_point", f_tol=1e-30)
+    model.set_depth(np.int64(3))
+    with torch.no_grad():
+        model(torch.randn(2, 1, 6, 5))
+    stats = model.core_stats()
+    if name == "test_wt":
+        assert stats["cell_evals"] == 3.0  # 3 applications
+    elif name == "test_ode":
+        assert stats["nfe"] == 12.0  # rk4: 3 steps x 4 evaluations
+    else:
+        assert stats["nstep"] == 3.0  # solver budget 3, tolerance unreachable
+    assert type(model.cores[0].depth if name != "test_deq" else model.cores[0].deq.f_max_iter) \
+        is int
+    for bad in (np.int64(0), 2.0, True):
+        with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+            model.set_depth(bad)

@@ -1,10 +1,13 @@
 """Tests of the ODE core: NFE counting, known answers, adjoint gradients, masks."""
 
+import warnings
+
 import pytest
 import torch
 
 import wtmodels as wt
 from wtmodels.cells import ConvCell
+from wtmodels.model_config import ModelConfig, fields_without_effect
 from wtmodels.ode import ODECore
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -125,3 +128,28 @@ def test_adaptive_tolerance_holds_per_sample_whatever_the_batch(adjoint):
     assert (batched[:1] - exact[:1]).abs().max() < 1e-6
     assert torch.allclose(batched[:1], alone, rtol=0, atol=1e-12)
     assert (batched - exact).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("method", ["implicit_adams", "fixed_adams"])
+def test_implicit_adams_reads_the_tolerances(method):
+    # its Adams-Moulton corrector iterates until rtol / atol are met: the run must not refuse
+    # --ode-rtol as a setting without effect
+    assert "ode_rtol" not in fields_without_effect(ModelConfig(core="ode", ode_method=method))
+    assert "ode_rtol" in fields_without_effect(ModelConfig(core="ode", ode_method="rk4"))
+    assert "ode_rtol" in fields_without_effect(ModelConfig(core="ode", ode_method="explicit_adams"))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for tol in (1e-1, 1e-7):
+        torch.manual_seed(0)
+        model = wt.create_model("test_ode", in_chans=1, ode_method=method, depth=10,
+                                ode_rtol=tol, ode_atol=tol).eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # "functional iteration did not converge"
+            outs.append(model(x))
+    assert not torch.equal(outs[0], outs[1])
+
+
+
+def test_ode_core_takes_an_empty_batch():
+    model = wt.create_model("test_ode", in_chans=1, ode_method="dopri5")
+    assert model(torch.randn(0, 1, 5, 7)).shape == (0, 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import capaboost
 from benchmarks import capaboost as cb
 
 
@@ -34,3 +35,13 @@ def test_check_config_refuses_seed_out_of_range():
         cb.check_config(config)
     with pytest.raises(ValueError, match="seed"):
         cb.check_config({**config, "seed": -1})
+
+
+@pytest.mark.parametrize("kind", ["file", "below_file"])
+def test_capaboost_cli_unusable_out_one_line_exit_2(tmp_path, capsys, kind):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker if kind == "file" else blocker / "sub"
+    assert capaboost.main(["--out", str(out), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err

@@ -1,4 +1,5 @@
-"""Tests of LoRA / CapaBoost-LoRA: rank, parameter parity, factorisation, merge, masks, grads."""
+"""Tests of LoRA / CapaBoost-LoRA: rank, parameter parity, factorisation, merge, masks, grads,
+errors that name the layer and the factor."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from wtmodels.peft import (
     LoRAConv2d,
     LoRALayer,
     LoRALinear,
+    add_adapters,
     add_lora,
     count_trainable,
     merge_lora,
@@ -477,3 +479,20 @@ def test_attention_out_projection_is_skipped():
     assert {type(m.base) for m in layers} == {nn.Linear}  # linear1, linear2
     assert len(layers) == 2
     assert block(torch.randn(3, 5, 8)).shape == (3, 5, 8)
+
+
+def test_peft_errors_name_the_layer_and_factor():
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2))
+    with pytest.raises(ValueError, match=r"layer '1' \(Conv2d\): LoRA on a grouped"):
+        add_lora(net, rank=1)
+    model = wt.create_model("test_wt", in_chans=1)
+    with pytest.raises(ValueError, match=r"layer 'stem.0' \(Conv2d\): masks of lora_A"):
+        add_lora(model, rank=4, copies=2, density=0.5, kind="nm")
+    with pytest.raises(ValueError, match=r"layer 'cores.0.cell.conv1' .*masks of lora_B"):
+        add_lora(model, rank=3, copies=2, density=0.5, kind="nm", targets="cores")
+    with pytest.raises(ValueError, match=r"layer '0' .*masks of adapter_up"):
+        add_adapters(nn.Sequential(nn.Linear(3, 4)), bottleneck=3, copies=2, density=0.5,
+                     kind="nm", targets=nn.Linear)
+    with pytest.raises(ValueError, match="targets must be layer types"):
+        add_lora(net, rank=1, targets=3)
+    assert not any(type(m).__name__.startswith("LoRA") for m in model.modules())

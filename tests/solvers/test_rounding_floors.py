@@ -1,5 +1,5 @@
-"""Low-precision rounding floors are no
-divergence; scipy oracles on new problems; stats invariants on mixed batches."""
+"""Low-precision rounding floors (bf16 / float16, and float32 under a tol below its
+precision) are no divergence; scipy oracles on new problems; stats invariants on mixed batches."""
 
 import math
 
@@ -11,6 +11,7 @@ import torch
 import wtmodels as wt
 
 SOLVERS = ["fixed_point", "anderson", "broyden"]
+F64 = torch.float64
 
 
 def contractive_cells(B, D, seed=0, norm=0.5):
@@ -140,3 +141,22 @@ def test_stats_invariants_on_a_batch_of_easy_hard_hopeless_and_nan_samples(metho
                                atol=1e-300)
     np.testing.assert_allclose(stats.rel_lowest[:4].numpy(), r[:4].numpy(), rtol=1e-9,
                                atol=1e-300)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_a_tol_below_the_precision_does_not_flag_samples_at_their_rounding_floor(method):
+    # float32, tol 1e-10: the residuals stall at ~4e-8 (rounding) and bump around a lucky low;
+    # 1-2% of the samples were flagged diverged (and a DEQ whose b_tol was that tight warned
+    # that f's Jacobian had spectral radius >= 1)
+    torch.manual_seed(0)
+    W = torch.randn(16, 16) * 0.15
+    x = torch.randn(256, 16)
+    z, stats = wt.solve(lambda z: torch.tanh(z @ W.T + x), torch.zeros(256, 16),
+                        method=method, tol=1e-10, max_iter=100)
+    assert not stats.diverged.any()
+    assert float(stats.rel_lowest.max()) < 1e-6
+    # a real divergence is still caught, in float32 and float64
+    for dtype in (torch.float32, F64):
+        _, stats = wt.solve(lambda z: 1.5 * z + 1.0, torch.zeros(2, 3, dtype=dtype),
+                            method="fixed_point", tol=1e-10, max_iter=100)
+        assert stats.diverged.all() and not stats.converged.any()

@@ -282,3 +282,15 @@ def test_a_dense_z0_with_the_batch_innermost_gives_contiguous_iterates_and_resul
         torch.testing.assert_close(z, want, atol=1e-5, rtol=0)
     z, stats = wt.solve(lambda z: z * math.nan, z0, method=method)
     assert z.is_contiguous() and torch.equal(z, z0) and stats.diverged.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_a_non_float_z0_is_refused_naming_the_valid_dtypes(dtype):
+    # the message read "must be a floating-point tensor": for a complex z0 (whose values are
+    # floating point) it named no dtype the solvers take
+    with pytest.raises(ValueError, match=r"float32, float64, bfloat16 or float16.*" + str(dtype)):
+        wt.solve(lambda z: z, torch.zeros(2, 3, dtype=dtype))
+    with pytest.raises(ValueError, match=r"z0 must be a tensor of shape \(B, \.\.\.\).*got list"):
+        wt.solve(lambda z: z, [[0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        wt.solve(lambda z: z, torch.tensor(0.0))

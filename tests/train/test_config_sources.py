@@ -318,3 +318,32 @@ def test_config_json_round_trip_and_resume(tmp_path, capsys):
         train_mod.run({"out": str(out), "resume": True, "model-overrides": {"depth": 4}})
     with pytest.raises(ValueError, match="depth=4"):
         train_mod.run({"out": str(out), "resume": True, "model_overrides": {"depth": 4}})
+
+
+def test_a_flag_overrides_a_model_setting_nested_in_the_config_file(tmp_path: Path):
+    """``--config FILE`` with flags: "flags override the file", also for a model setting the
+    file gives under ``model_overrides`` (config.json's form); it was refused as given twice."""
+    from wtmodels.cli import parse_settings
+    from wtmodels.train_config import resolve_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: test_wt\nlr: 0.1\nmodel_overrides:\n  depth: 2\n  width: 8\n")
+    cfg = resolve_config(parse_settings(["--config", str(path), "--depth", "3"]))
+    assert cfg.model_overrides == {"depth": 3, "width": 8} and cfg.lr == 0.1
+    cfg = resolve_config(parse_settings(["--config", str(path)]))
+    assert cfg.model_overrides == {"depth": 2, "width": 8}
+
+
+def test_a_run_directory_config_json_given_as_config_names_the_way_out():
+    """A run's ``config.json`` (train / model_overrides / model_config / data_info / env) is no
+    config file; the error says so and what to pass instead of only listing valid keys."""
+    from wtmodels.train_config import resolve_config
+
+    run_json = {"train": {"model": "test_wt"}, "model_overrides": {}, "model_config": {},
+                "data_info": {}, "env": {}}
+    with pytest.raises(ValueError, match="run directory's config.json: pass its 'train' and "
+                                         "'model_overrides' entries flattened"):
+        resolve_config(run_json)
+    with pytest.raises(ValueError, match=r"unknown setting 'lrr'; valid: ") as err:
+        resolve_config({"model": "test_wt", "lrr": 0.1})
+    assert "config.json" not in str(err.value)

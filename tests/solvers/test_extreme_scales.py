@@ -1,4 +1,7 @@
-"""The fixed-point solvers: cases a new user hit (see each test's comment)."""
+"""The fixed-point solvers at extreme scales of the values and of the residuals: fixed points
+of large float32 values are found (not flagged diverged), tiny residuals do not underflow into a
+false convergence, and Anderson takes as many steps whatever the scale of its residuals or the
+length of its history. Residuals are checked against a float64 scaled norm and closed forms."""
 
 import pytest
 import torch

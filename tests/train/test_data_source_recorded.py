@@ -1,7 +1,8 @@
-"""Training / data as a new user: a run that read Fashion-MNIST from the system
-copy (no ``--data-dir``) recorded ``data_dir: null`` and nothing else, so its run directory did
-not say which files it trained on; ``info["source"]`` (``config.json``'s ``data_info``) now names
-the folder the idx files were read from."""
+"""The data source a run read is recorded: ``get_datasets``' ``info["source"]`` for each idx
+layout, and ``config.json``'s ``data_info`` of a training run. A run that read Fashion-MNIST from
+the system copy (no ``--data-dir``) recorded ``data_dir: null`` and nothing else, so its run
+directory did not say which files it trained on; ``info["source"]`` (``config.json``'s
+``data_info``) now names the folder the idx files were read from."""
 
 from __future__ import annotations
 
