@@ -610,6 +610,9 @@ def apply_masks(
         raise ValueError(
             f"unknown mask schedule {schedule!r}; valid schedules: {', '.join(MASK_SCHEDULES)}"
         )
+    # derive_seed would take int(seed): 1.5 and True silently became seed 1, -1 was accepted
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     # one class (or a stray string) is one item, as add_lora's targets take it
     types = (types,) if isinstance(types, (type, str)) else tuple(types)
     bad = [t for t in types if not (isinstance(t, type) and issubclass(t, MASKABLE_TYPES))]
