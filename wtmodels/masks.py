@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,10 @@ MASKABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Redraws allowed per mask before giving up on distinctness (only reachable when nearly
 # every possible mask has already been drawn, e.g. bernoulli at a density close to 1).
 _MAX_REDRAWS = 1000
+# A weight admitting at most this many masks draws its k from the list of all of them (the
+# same distribution) when redrawing would be slow: when the k - 1 likeliest masks carry over
+# half the probability (redraws could take minutes, or fail, when k is near the count).
+_ENUMERATE_LIMIT = 2**14
 
 
 def make_masks(
@@ -76,11 +81,14 @@ def make_masks(
           the channels at one position (NVIDIA's layout), so these masks study the
           structure, not hardware speed.
 
-    The k masks are pairwise distinct (duplicates are redrawn). ``density=1`` is the dense
-    reference: it returns k identical all-ones masks. Any other request that admits fewer than k
-    distinct masks raises ``ValueError``. The masks depend only on the arguments: the same seed
-    gives the same masks bit for bit, whatever the global random state (a private
-    ``torch.Generator`` is used).
+    The k masks are pairwise distinct (duplicates are redrawn). Where redrawing would be slow, on
+    a weight of a handful of entries (at most 2**14 possible masks) whose k - 1 likeliest masks
+    hold over half the probability, the k are drawn from the list of all masks instead, with the
+    same distribution, so every k up to the count of possible masks succeeds at once.
+    ``density=1`` is the dense reference: it returns k identical all-ones masks. Any other
+    request that admits fewer than k distinct masks raises ``ValueError``. The masks depend only
+    on the arguments: the same seed gives the same masks bit for bit, whatever the global
+    random state (a private ``torch.Generator`` is used).
 
     Args:
         shape: shape of the weight to mask, e.g. ``(C_out, C_in, kh, kw)``.
@@ -111,6 +119,8 @@ def make_masks(
 
     numel = math.prod(shape)
     generator = torch.Generator().manual_seed(int(seed))
+    if (every := _every_mask_if_crowded(shape, k, density, kind, n, m)) is not None:
+        return _draw_from_all(every, k, generator).reshape(k, *shape)
     if kind == "random":
         ones = round(density * numel)
         draw = lambda count: _draw_random(count, numel, ones, generator)  # noqa: E731
@@ -178,7 +188,6 @@ def _resolve(shape, k, density, kind, seed, n, m):
                 f"density {density} of a weight with {numel} entries rounds to 0 ones; "
                 f"use density >= {1 / numel:.3g} (one entry)"
             )
-        log_possible = _log_comb(numel, ones)
     elif kind == "bernoulli":
         # every pattern is possible when 0 < density < 1, but with under half a one (or, for
         # k > 1, half a zero) expected per mask nearly every draw is the all-zero (all-ones)
@@ -196,16 +205,69 @@ def _resolve(shape, k, density, kind, seed, n, m):
                 f"k={k} masks would be all-ones, not distinct; use density <= "
                 f"{1 - 1 / numel!r} (one zero) or density=1 (the dense reference)"
             )
-        log_possible = numel * math.log(2)
-    else:
-        log_possible = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m) * _log_comb(m, n)
-
+    log_possible = _log_possible(shape, kind, density, n, m)
     if log_possible < math.log(k) - 1e-9:
         raise ValueError(
             f"only {round(math.exp(log_possible))} distinct {kind!r} masks of shape "
             f"{tuple(shape)} at density {density} exist, fewer than k={k}"
         )
     return shape, k, density, n, m
+
+
+def _log_possible(shape, kind, density, n, m) -> float:
+    """log of the number of distinct masks of ``kind`` for a weight of ``shape`` (density < 1)."""
+    numel = math.prod(shape)
+    if kind == "random":
+        return _log_comb(numel, round(density * numel))
+    if kind == "bernoulli":
+        return numel * math.log(2)
+    return _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m) * _log_comb(m, n)
+
+
+def _every_mask(shape, kind, density, n, m) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every possible mask of a small weight as ``(P, numel)`` bool, with the log-probability
+    (up to a constant) that one draw of ``kind`` gives each: uniform for ``random`` / ``nm``,
+    ``ones * log(density) + zeros * log(1 - density)`` for ``bernoulli``."""
+    numel = math.prod(shape)
+    if kind == "bernoulli":
+        every = (torch.arange(2**numel)[:, None] >> torch.arange(numel)) & 1  # (P, numel)
+        ones = every.sum(dim=1, dtype=torch.float64)
+        return every.bool(), ones * math.log(density) + (numel - ones) * math.log1p(-density)
+    if kind == "random":
+        groups, size, per_group = 1, numel, round(density * numel)
+    else:
+        groups, size, per_group = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m), m, n
+    choices = torch.tensor(list(itertools.combinations(range(size), per_group)))  # (C, ones)
+    patterns = torch.zeros(len(choices), size, dtype=torch.bool)
+    patterns.scatter_(1, choices, True)  # (C, size): one group's possible patterns
+    rank = torch.arange(len(choices) ** groups)
+    digits = torch.stack([rank // len(choices) ** g % len(choices) for g in range(groups)], 1)
+    every = patterns[digits].reshape(len(rank), groups * size)  # (P, numel)
+    return every, torch.zeros(len(rank), dtype=torch.float64)
+
+
+def _every_mask_if_crowded(shape, k, density, kind, n, m):
+    """``_every_mask(...)`` when redraws would be slow (the k - 1 likeliest of at most
+    ``_ENUMERATE_LIMIT`` masks hold over half the probability, so later draws mostly repeat);
+    else None, and the masks are drawn as always."""
+    log_possible = _log_possible(shape, kind, density, n, m)
+    if k == 1 or log_possible > math.log(_ENUMERATE_LIMIT):
+        return None
+    if kind != "bernoulli" and k - 1 <= 0.5 * round(math.exp(log_possible)):  # uniform
+        return None
+    every = _every_mask(shape, kind, density, n, m)
+    p = (every[1] - every[1].max()).exp()
+    return every if p.sort(descending=True).values[:k - 1].sum() > 0.5 * p.sum() else None
+
+
+def _draw_from_all(every: tuple[torch.Tensor, torch.Tensor], k: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """k distinct rows of ``every[0]`` in the order of drawing one at a time with probabilities
+    ``exp(every[1])`` and setting repeats aside (Gumbel top-k, exact: Plackett-Luce)."""
+    masks, log_p = every
+    uniform = torch.rand(len(log_p), generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    return masks[(log_p + gumbel).topk(k).indices].clone()  # (k, numel)
 
 
 def _log_comb(n: int, r: int) -> float:
