@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from benchmarks.results_io import append_rows, check_unique, finished_ids, read_rows
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 
 EXTRAPOLATION = "extrapolation.csv"
 KEY = "key"
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["results/quick", "--factors", "0,1"])
         2
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.extrapolate",
+    parser = DashValueParser(prog="python -m benchmarks.extrapolate",
                                      description="Test-time depth extrapolation of a sweep.")
     parser.add_argument("sweep_dir")
     parser.add_argument("--factors", default="0.5,1,1.5,2",

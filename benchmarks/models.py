@@ -24,7 +24,6 @@ Writes ``DIR/models.csv`` (one row per measurement) and ``DIR/models.md`` (``--q
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from benchmarks.provenance import (
 from benchmarks.results_io import rows_to_csv
 from benchmarks.solvers import SavedBytes, peak_memory_bytes, tune_malloc
 from wtmodels.atomic import atomic_write_text
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 
 MASK_TARGET = 1.15
 DEQ_MEMORY_TARGET = 0.10
@@ -315,7 +314,7 @@ def markdown(speed, deq, unrolled, summary, prov: dict, threads: int, command: s
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(DashValueParser):
     def error(self, message):  # one line on stderr, exit status 2
         sys.stderr.write(f"benchmarks.models: error: {message}\n")
         sys.exit(2)

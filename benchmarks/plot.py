@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -63,7 +62,7 @@ from benchmarks.results_io import SETTING, check_unique, read_rows, setting_note
 from benchmarks.rows import failed_rows
 from benchmarks.summary import summary_table, to_csv_rows, to_markdown
 from wtmodels.atomic import atomic_write, atomic_write_text
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 
 RESULTS = "results.csv"
 EXTRAPOLATION = "extrapolation.csv"
@@ -1418,7 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> main([tempfile.mkdtemp()])
         2
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
+    parser = DashValueParser(prog="python -m benchmarks.plot",
                                      description="Plots and summary table of a sweep directory.")
     parser.add_argument("sweep_dir", help="a directory with results.csv")
     parser.add_argument("--mask-density", type=float, default=None, metavar="D",

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ from benchmarks.aggregate import aggregate, config_key, flags, number
 from benchmarks.results_io import check_unique, read_rows
 from benchmarks.rows import failed_rows
 from benchmarks.summary import to_markdown
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 
 BUDGETS = {"params": "params", "time": "train_time_s"}
 
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         | WT | 4 | 32 | 2 | 95.5 ± 0.7 | 4000 |
         0
     """
-    parser = argparse.ArgumentParser(
+    parser = DashValueParser(
         prog="python -m benchmarks.recommend",
         description="The smallest measured configuration within a tolerance of the best "
                     "accuracy under a parameter or training-time budget.")

@@ -64,7 +64,7 @@ from benchmarks.results_io import (
 )
 from benchmarks.rows import assemble_row
 from wtmodels.atomic import atomic_write_json
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 
 RESULTS = "results.csv"
 RUNS = "runs"
@@ -572,6 +572,11 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         raise ValueError(message)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
+    parent = os.path.abspath(out)  # a path under a file: reading results.csv raised
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out} cannot be created: {parent} is not a directory")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     planned_ids = [r.run_id for r in runs]  # the preset's order, --only or not
     planned_configs = {config_id_for(r.label, r.config) for r in runs}  # any seed
@@ -703,7 +708,7 @@ def _setting(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), value
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(DashValueParser):
     def error(self, message):  # one line on stderr, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 

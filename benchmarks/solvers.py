@@ -33,7 +33,6 @@ also carry the run's ``tol``, ``max_iter``, ``gain``, ``repeats`` and torchdeq's
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -55,7 +54,7 @@ from benchmarks.provenance import (
     threads_error,
 )
 from wtmodels.atomic import atomic_write_text
-from wtmodels.cli import exit_with
+from wtmodels.cli import DashValueParser, exit_with
 from wtmodels.solvers import anderson, broyden  # wt.solvers exists only once imported
 
 TARGETS = {"anderson": 1.3, "broyden": 1.6}
@@ -540,7 +539,7 @@ def markdown(rows: list[dict], mem: list[dict], prov: dict, args) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(DashValueParser):
     """Bad arguments: one line on stderr, exit status 2."""
 
     def error(self, message):

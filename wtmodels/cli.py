@@ -64,7 +64,29 @@ class UsageError(ValueError):
     """
 
 
-class OneLineParser(argparse.ArgumentParser):
+class DashValueParser(argparse.ArgumentParser):
+    """An ArgumentParser that reads ``--flag=--`` as the value ``'--'``, as Python 3.13 does.
+
+    Before 3.13 argparse took that ``--`` for the separator and handed the flag an empty list,
+    which every command then compared or formatted as a number or path (a ``TypeError``
+    traceback instead of one line and exit 2). Every command-line parser here derives from it.
+
+    Example:
+        >>> parser = DashValueParser(prog="demo")
+        >>> _ = parser.add_argument("--name")
+        >>> parser.parse_args(["--name=--"]).name
+        '--'
+    """
+
+    def _get_values(self, action, arg_strings):
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            value = self._get_value(action, "--")  # int / float: "invalid ... value: '--'"
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
+
+class OneLineParser(DashValueParser):
     """An ArgumentParser that raises :class:`UsageError` instead of printing usage and exiting.
 
     Example:

@@ -1,0 +1,83 @@
+"""Findings of a randomized fuzz of the command lines: bad input is one line on stderr, exit 2.
+
+- ``--flag=--`` (Python < 3.13 argparse handed the flag an empty list): a ``TypeError`` traceback
+  in every program but ``wtmodels.train`` / ``peft_speed`` (which said "got []").
+- ``benchmarks.run --out FILE/sub``: a ``NotADirectoryError`` traceback reading results.csv.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from wtmodels.cli import DashValueParser
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _exit_code(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # the argparse-based ones exit from parse_args
+        return exc.code
+
+
+def test_dash_value_is_the_string_dashes():
+    parser = DashValueParser(prog="demo")
+    parser.add_argument("--name")
+    parser.add_argument("rest", nargs="?")
+    assert parser.parse_args(["--name=--"]).name == "--"
+    assert parser.parse_args(["--name", "a", "--", "--"]).rest == "--"  # separator unchanged
+    assert parser.parse_args(["--name=a"]).name == "a"
+
+
+SWEEP = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "quick")
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("wtmodels.train", ["--model", "test_wt", "--epochs=--"], "--epochs"),
+    ("benchmarks.run", ["quick", "--smoke", "--dry-run", "--jobs=--"], "--jobs"),
+    ("benchmarks.recommend", [SWEEP, "--params=--"], "--params"),
+    ("benchmarks.extrapolate", [SWEEP, "--threads=--"], "--threads"),
+    ("benchmarks.plot", [SWEEP, "--mask-density=--"], "--mask-density"),
+    ("benchmarks.capaboost", ["--smoke", "--threads=--"], "--threads"),
+    ("benchmarks.solvers", ["--quick", "--repeats=--"], "--repeats"),
+    ("benchmarks.deq_layer", ["--quick", "--repeats=--"], "--repeats"),
+    ("benchmarks.models", ["--quick", "--repeats=--"], "--repeats"),
+    ("benchmarks.step_time", ["--steps=--"], "--steps"),
+    ("benchmarks.train_speed", ["--repeats=--"], "--repeats"),
+    ("benchmarks.peft_speed", ["--repeats=--"], "--repeats"),
+])
+def test_flag_equals_dashes_is_one_line_exit_2(module, argv, flag, tmp_path, capsys):
+    out = tmp_path / "out"
+    if module not in ("benchmarks.recommend", "benchmarks.extrapolate", "benchmarks.plot"):
+        argv = [*argv, "--out", str(out)]
+    main = importlib.import_module(module).main
+    assert _exit_code(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"argument {flag}: invalid" in err and "'--'" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--dry-run"], ["--no-plots"]])
+def test_run_out_under_a_file_is_one_line_exit_2(extra, tmp_path, capsys):
+    import benchmarks.run as run
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    code = run.main(["quick", "--smoke", "--out", str(afile / "sub" / "deeper"), *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m benchmarks.run: error: --out {afile / 'sub' / 'deeper'} cannot be "
+                   f"created: {afile} is not a directory\n")
+    assert sorted(os.listdir(tmp_path)) == before and afile.read_text() == "x"
