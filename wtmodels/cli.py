@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class UsageError(ValueError):
 
 
 class DashValueParser(argparse.ArgumentParser):
-    """An ArgumentParser that reads ``--flag=--`` as the value ``'--'``, as Python 3.13 does.
+    """An ArgumentParser that reads ``--flag=--`` as the value ``'--'``, as Python 3.13 does,
+    and ``--flag -1e-5`` / ``--flag -inf`` as values, not as unknown flags.
 
     Before 3.13 argparse took that ``--`` for the separator and handed the flag an empty list,
     which every command then compared or formatted as a number or path (a ``TypeError``
@@ -76,7 +78,16 @@ class DashValueParser(argparse.ArgumentParser):
         >>> _ = parser.add_argument("--name")
         >>> parser.parse_args(["--name=--"]).name
         '--'
+        >>> parser.parse_args(["--name", "-1e-5"]).name
+        '-1e-5'
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # also -1e-5, -inf, -nan as values (argparse took them for flags: "expected one
+        # argument", naming neither the value nor what is wrong with it)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def _get_values(self, action, arg_strings):
         if action.nargs is None and action.option_strings and arg_strings == ["--"]:

@@ -2,6 +2,8 @@
 
 - ``--flag=--`` (Python < 3.13 argparse handed the flag an empty list): a ``TypeError`` traceback
   in every program but ``wtmodels.train`` / ``peft_speed`` (which said "got []").
+- ``--min-lr -1e-5`` / ``--tolerance -inf``: argparse took the value for a flag ("expected one
+  argument", naming neither the value nor the rule it breaks).
 - ``benchmarks.run --out FILE/sub``: a ``NotADirectoryError`` traceback reading results.csv.
 """
 
@@ -37,6 +39,33 @@ def test_dash_value_is_the_string_dashes():
     assert parser.parse_args(["--name=--"]).name == "--"
     assert parser.parse_args(["--name", "a", "--", "--"]).rest == "--"  # separator unchanged
     assert parser.parse_args(["--name=a"]).name == "a"
+
+
+def test_negative_exponent_and_infinity_are_values(capsys):
+    parser = DashValueParser(prog="demo")
+    parser.add_argument("--x", type=float)
+    for text, value in (("-1e-5", -1e-5), ("-1.5E3", -1500.0), ("-inf", float("-inf")),
+                        ("-3", -3.0), ("-.5", -0.5)):
+        assert parser.parse_args(["--x", text]).x == value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--x", "-y"])  # a flag-looking word is still no value
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("wtmodels.train", ["--model", "test_wt", "--min-lr", "-1e-5"],
+     "min_lr must be >= 0; got -1e-05"),
+    ("benchmarks.recommend", [None, "--params", "1e5", "--tolerance", "-inf"],
+     "tolerance: must be a finite number >= 0 points, got -inf"),
+])
+def test_negative_number_reaches_the_range_check(module, argv, message, tmp_path, capsys):
+    argv = [SWEEP if a is None else a for a in argv]
+    if module == "wtmodels.train":
+        argv += ["--out", str(tmp_path / "out")]
+    assert _exit_code(importlib.import_module(module).main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(message), err
+    assert os.listdir(tmp_path) == []
 
 
 SWEEP = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "quick")
