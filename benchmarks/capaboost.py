@@ -821,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["--out", out, "--smoke", "--threads", "0"]), os.path.exists(out)
         (2, False)
     """
+    from benchmarks.provenance import threads_error
     from wtmodels.cli import OneLineParser, UsageError
 
     parser = OneLineParser(prog="python -m benchmarks.capaboost", description=__doc__,
@@ -835,8 +836,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         seeds = (_seeds(args.seeds) if args.seeds is not None
                  else (0,) if args.smoke else (0, 1, 2))
-        if args.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {args.threads}")
+        if message := threads_error(args.threads):  # --threads 1000000 was a segfault
+            raise ValueError(message)
         overrides = {} if args.dataset is None else {"dataset": args.dataset}
         configs = experiment_configs(args.smoke, seeds, **overrides)  # before any folder
         for dataset in {config["dataset"] for _, config in configs}:

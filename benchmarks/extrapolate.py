@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from benchmarks.provenance import threads_error
 from benchmarks.results_io import append_rows, check_unique, finished_ids, read_rows
 from wtmodels.cli import DashValueParser, exit_with
 
@@ -327,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: sweep_dir: no results.csv in {args.sweep_dir!r}",
               file=sys.stderr)
         return 2
-    if args.threads is not None and args.threads < 1:
-        print(f"{parser.prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+    if message := threads_error(args.threads):  # --threads 1000000 was a segfault
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     try:
         added = extrapolate_sweep(args.sweep_dir, factors, threads=args.threads)

@@ -4,6 +4,9 @@
   in every program but ``wtmodels.train`` / ``peft_speed`` (which said "got []").
 - ``--min-lr -1e-5`` / ``--tolerance -inf``: argparse took the value for a flag ("expected one
   argument", naming neither the value nor the rule it breaks).
+- ``capaboost`` / ``extrapolate --threads 1000000``: a segmentation fault (exit 139; capaboost
+  had made --out first), and 10**20 "Overflow when unpacking long long" (capaboost: exit 2 with
+  --out created); the other commands cap --threads at 1024.
 - ``benchmarks.run --out FILE/sub``: a ``NotADirectoryError`` traceback reading results.csv.
 """
 
@@ -110,3 +113,15 @@ def test_run_out_under_a_file_is_one_line_exit_2(extra, tmp_path, capsys):
     assert err == (f"python -m benchmarks.run: error: --out {afile / 'sub' / 'deeper'} cannot be "
                    f"created: {afile} is not a directory\n")
     assert sorted(os.listdir(tmp_path)) == before and afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("module", ["benchmarks.capaboost", "benchmarks.extrapolate"])
+@pytest.mark.parametrize("threads", ["1000000", str(10**20), "0"])
+def test_threads_beyond_the_cap_is_one_line_exit_2(module, threads, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = (["--smoke", "--out", str(out)] if module == "benchmarks.capaboost"
+            else [SWEEP]) + ["--threads", threads]
+    assert _exit_code(importlib.import_module(module).main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --threads must be >= 1 and <= 1024, got {threads}\n"), err
+    assert err.count("\n") == 1 and not out.exists()
