@@ -796,6 +796,8 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
 def _make_out_dir(out: str) -> None:
     """Create the experiment directory, or ``ValueError`` saying why it cannot be (a file in
     the way, no permission), before anything runs."""
+    if not str(out).strip():  # an unset shell variable ("--out  cannot be created" said)
+        raise ValueError("--out: empty path; give the experiment directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
     try:

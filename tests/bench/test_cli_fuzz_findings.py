@@ -7,6 +7,7 @@
 - ``capaboost`` / ``extrapolate --threads 1000000``: a segmentation fault (exit 139; capaboost
   had made --out first), and 10**20 "Overflow when unpacking long long" (capaboost: exit 2 with
   --out created); the other commands cap --threads at 1024.
+- ``capaboost --out ''``: "--out  cannot be created: No such file or directory".
 - ``benchmarks.run --out FILE/sub``: a ``NotADirectoryError`` traceback reading results.csv.
 """
 
@@ -125,3 +126,14 @@ def test_threads_beyond_the_cap_is_one_line_exit_2(module, threads, tmp_path, ca
     err = capsys.readouterr().err
     assert err.endswith(f"error: --threads must be >= 1 and <= 1024, got {threads}\n"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_capaboost_empty_out_says_so(out, tmp_path, monkeypatch, capsys):
+    import benchmarks.capaboost as cb
+
+    monkeypatch.chdir(tmp_path)
+    assert cb.main(["--smoke", "--out", out]) == 2
+    assert capsys.readouterr().err == ("python -m benchmarks.capaboost: error: --out: empty path; "
+                                       "give the experiment directory\n")
+    assert os.listdir(tmp_path) == []
