@@ -619,7 +619,7 @@ def parse_args(argv):
     if not args.out.strip():
         p.error("--out must name a directory (an empty one would write into the current one)")
     if args.tag is not None and not args.tag.replace("_", "").replace("-", "").isalnum():
-        p.error("--tag must be letters, digits, '-' or '_'")
+        p.error(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     return args

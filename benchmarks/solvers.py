@@ -603,7 +603,7 @@ def parse_args(argv):
     if args.allow_tf32 and args.device != "cuda":
         p.error("--allow-tf32 applies to --device cuda only")
     if args.tag is not None and not args.tag.replace("_", "").replace("-", "").isalnum():
-        p.error("--tag must be letters, digits, '-' or '_'")
+        p.error(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     return args

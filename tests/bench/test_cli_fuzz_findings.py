@@ -8,6 +8,7 @@
   had made --out first), and 10**20 "Overflow when unpacking long long" (capaboost: exit 2 with
   --out created); the other commands cap --threads at 1024.
 - ``capaboost --out ''``: "--out  cannot be created: No such file or directory".
+- ``solvers`` / ``deq_layer --tag ../x``: the message did not name the refused tag.
 - ``benchmarks.run --out FILE/sub``: a ``NotADirectoryError`` traceback reading results.csv.
 """
 
@@ -137,3 +138,14 @@ def test_capaboost_empty_out_says_so(out, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ("python -m benchmarks.capaboost: error: --out: empty path; "
                                        "give the experiment directory\n")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("module", ["benchmarks.solvers", "benchmarks.deq_layer"])
+@pytest.mark.parametrize("tag", ["../x", "", "a b"])
+def test_bad_tag_is_named(module, tag, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out), "--tag", tag]
+    assert _exit_code(importlib.import_module(module).main, argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --tag must be letters, digits, '-' or '_', got {tag!r}\n"
+    assert not out.exists()
