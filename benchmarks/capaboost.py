@@ -793,19 +793,6 @@ def write_summary(rows: list[dict], out_dir: str) -> str:
     return text
 
 
-def _make_out_dir(out: str) -> None:
-    """Create the experiment directory, or ``ValueError`` saying why it cannot be (a file in
-    the way, no permission), before anything runs."""
-    if not str(out).strip():  # an unset shell variable ("--out  cannot be created" said)
-        raise ValueError("--out: empty path; give the experiment directory")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a directory")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {out} cannot be created: {err.strerror or err}") from None
-
-
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
@@ -823,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["--out", out, "--smoke", "--threads", "0"]), os.path.exists(out)
         (2, False)
     """
-    from benchmarks.provenance import threads_error
+    from benchmarks.provenance import make_out_dir, threads_error
     from wtmodels.cli import OneLineParser, UsageError
 
     parser = OneLineParser(prog="python -m benchmarks.capaboost", description=__doc__,
@@ -844,7 +831,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = experiment_configs(args.smoke, seeds, **overrides)  # before any folder
         for dataset in {config["dataset"] for _, config in configs}:
             check_installed(dataset)
-        _make_out_dir(args.out)
+        try:  # '~' expanded, writable, before any run
+            args.out = str(make_out_dir(args.out))
+        except OSError as err:
+            raise ValueError(str(err)) from None
         rows = run_capaboost(args.out, smoke=args.smoke, seeds=seeds, threads=args.threads,
                              **overrides)
     except (UsageError, ValueError) as err:

@@ -72,6 +72,8 @@ def make_out_dir(out: str | os.PathLike) -> Path:
     if not os.fspath(out).strip():
         raise ValueError("--out: empty path; give the output directory")
     out = Path(os.path.expanduser(os.fspath(out)))
+    if out.exists() and not out.is_dir():  # makedirs would say only "File exists"
+        raise OSError(f"--out {os.fspath(out)} exists and is not a directory")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:  # a file in the way, no permission

@@ -136,7 +136,7 @@ def test_capaboost_empty_out_says_so(out, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cb.main(["--smoke", "--out", out]) == 2
     assert capsys.readouterr().err == ("python -m benchmarks.capaboost: error: --out: empty path; "
-                                       "give the experiment directory\n")
+                                       "give the output directory\n")
     assert os.listdir(tmp_path) == []
 
 
@@ -149,3 +149,21 @@ def test_bad_tag_is_named(module, tag, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: --tag must be letters, digits, '-' or '_', got {tag!r}\n"
     assert not out.exists()
+
+
+def test_capaboost_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    # --out=~/x (no shell expands it) made a folder named '~' in the working directory
+    import benchmarks.capaboost as cb
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert cb.main(["--smoke", "--out=~/x", "--threads", "0"]) == 2  # refused before any folder
+    assert not home.exists() and os.listdir(work) == []
+    monkeypatch.setattr(cb, "run_capaboost", lambda out, **kw: [])
+    monkeypatch.setattr(cb, "write_summary", lambda rows, out: f"summary in {out}\n")
+    assert cb.main(["--smoke", "--out=~/x"]) == 0
+    assert capsys.readouterr().out == f"summary in {home / 'x'}\n"
+    assert (home / "x").is_dir() and os.listdir(work) == []
+

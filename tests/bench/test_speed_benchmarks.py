@@ -147,7 +147,8 @@ def test_peft_speed_bad_out_exits_2_before_measuring(tmp_path, monkeypatch, caps
     (tmp_path / "file").write_text("x")
     assert ps.main(["--cases", "wt_s", "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
-    assert "File exists" in err and err.count("\n") == 1
+    assert f"--out {tmp_path / 'file'} exists and is not a directory" in err
+    assert err.count("\n") == 1
 
 
 def test_models_saved_for_backward_counts_each_storage_once():
