@@ -959,13 +959,13 @@ def _after_interrupt(out) -> str:
     ``--resume`` starts over from, or nothing yet (the same command again starts the run).
 
     Example:
-        >>> _after_interrupt(None)
-        'no checkpoint was written yet: --resume starts the run over'
+        >>> _after_interrupt(None)  # stopped while reading the command line
+        'no run files were written yet: the same command again starts the run'
     """
     run_dir = None if out is None else Path(os.path.expanduser(str(out)))
     if run_dir is not None and (run_dir / CHECKPOINT_FILE).is_file():
         return "--resume continues from the last checkpoint"
-    if run_dir is not None and not (run_dir / CONFIG_FILE).is_file():
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         # stopped before the start files (during data loading, model building): --resume
         # refuses a directory without config.json, the same command again starts the run
         return "no run files were written yet: the same command again starts the run"

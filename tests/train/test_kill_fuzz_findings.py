@@ -42,3 +42,16 @@ def test_ctrl_c_before_the_start_files_names_a_command_that_works(tmp_path, caps
     capsys.readouterr()
     assert train_mod.main([*SETTINGS, "--out", str(other), "--resume"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_reading_the_command_line_does_not_advise_resume(tmp_path, capsys,
+                                                                       monkeypatch):
+    # a SIGINT 56 ms into main() (fuzzing) landed in parse_settings: no --out known yet, and
+    # the line said "--resume starts the run over"
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "parse_settings", interrupted)
+    assert train_mod.main([*SETTINGS, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" not in err and "same command again" in err
