@@ -840,8 +840,19 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as err:
         print(f"python -m benchmarks.capaboost: error: {err}", file=sys.stderr)
         return 2
-    print(write_summary(rows, args.out), end="")
+    except KeyboardInterrupt:  # Ctrl-C: a 70-line traceback and death by SIGINT before
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    try:
+        print(write_summary(rows, args.out), end="")
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     return 0
+
+
+INTERRUPTED = ("python -m benchmarks.capaboost: interrupted; rerun the same command to finish "
+               "(finished runs are kept)")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,22 @@ def test_ctrl_c_while_reading_the_command_line_does_not_advise_resume(tmp_path, 
     assert train_mod.main([*SETTINGS, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--resume" not in err and "same command again" in err
+
+
+def test_ctrl_c_in_the_capaboost_experiment_is_one_line_and_exit_130(tmp_path, capsys,
+                                                                       monkeypatch):
+    # SIGINT mid-experiment printed a ~70-line traceback and the process died by SIGINT (-2),
+    # unlike wtmodels.train and benchmarks.run (one line, exit 130)
+    from benchmarks import capaboost
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("run_capaboost", "write_summary"):
+        with monkeypatch.context() as patch:
+            if name == "write_summary":
+                patch.setattr(capaboost, "run_capaboost", lambda *a, **k: [])
+            patch.setattr(capaboost, name, interrupted)
+            assert capaboost.main(["--out", str(tmp_path / name), "--smoke"]) == 130
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "interrupted; rerun the same command" in err
