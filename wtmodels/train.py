@@ -92,6 +92,35 @@ DONE_FILE = "done.json"
 STOPPED_FILE = "stopped.json"  # the run gave up on non-finite losses (removed on resume)
 
 
+def _does_not_fit(model: str, config, err: BaseException) -> str:
+    """One line for a model whose weights cannot be allocated (a width of 2**31 asked ~77 GB),
+    naming its size settings and the request.
+
+    Example:
+        >>> from wtmodels.model_config import ModelConfig
+        >>> message = _does_not_fit("wt_s", ModelConfig(width=10**6), RuntimeError(
+        ...     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1440000000000"
+        ...     " bytes. Error code 12 (Cannot allocate memory)"))
+        >>> head, tail = message.split(" (tried to allocate ")
+        >>> head
+        'model wt_s (width 1000000, depth 6, stages 1) does not fit in memory'
+        >>> tail
+        '1.44 TB); use a smaller width, depth or number of stages'
+    """
+    import re
+
+    if found := re.search(r"allocate (\d+) bytes", str(err)):  # torch's CPU allocator
+        size = int(found.group(1))
+        unit, scale = next((u, s) for u, s in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9),
+                                                ("MB", 1e6), ("bytes", 1)) if size >= s)
+        asked = f"tried to allocate {size / scale:.3g} {unit}"
+    else:  # a GPU's "CUDA out of memory. Tried to allocate ..."; MemoryError
+        asked = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"model {model} (width {config.width}, depth {config.depth}, stages "
+            f"{config.stages}) does not fit in memory ({asked}); use a smaller width, depth "
+            f"or number of stages")
+
+
 class BadInput(ValueError):
     """A run cannot start: bad settings, missing data, a foreign checkpoint, a busy --out.
 
@@ -482,7 +511,12 @@ class _Trainer:
                                f"({value})")
             overrides[key] = value
         self.model_config = model_registry.get_config(cfg.model, **overrides)
-        self.model = model_registry.create_model(cfg.model, **overrides).to(self.ctx.device)
+        try:
+            self.model = model_registry.create_model(cfg.model, **overrides).to(self.ctx.device)
+        except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(err, MemoryError) and "allocate" not in str(err):
+                raise
+            raise BadInput(_does_not_fit(cfg.model, self.model_config, err)) from None
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 

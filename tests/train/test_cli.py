@@ -300,3 +300,29 @@ def test_an_out_that_cannot_be_created(tmp_path, capsys):
     _bad(["--model", "test_wt", "--epochs", "1", "--out", str(blocker / "run" / "a"), *FAST],
          capsys, "cannot be created")
     assert blocker.read_text() == "x"
+
+
+def test_a_model_too_large_to_allocate_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    # width 10**7: the first cell's weight alone is 10**14 x 9 floats, 3.6 PB, beyond any
+    # address space, so its allocation fails on every machine (before: a RuntimeError
+    # traceback from torch's allocator, exit 1)
+    out = tmp_path / "run"
+    line = _bad(["--model", "test_wt", "--width", str(10**7), "--out", str(out), *FAST], capsys,
+                "model test_wt (width 10000000, depth")
+    assert "does not fit in memory (tried to allocate 3.6 PB)" in line  # 10**14 x 9 x 4 bytes
+    assert not out.exists()
+    # a GPU's out-of-memory error takes the same way (torch.OutOfMemoryError's first line)
+    import wtmodels.models as registry
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+
+    monkeypatch.setattr(registry, "create_model", no_memory)
+    _bad(["--model", "test_wt", "--out", str(out), *FAST], capsys,
+         "(width 8, depth 2, stages 1) does not fit in memory (CUDA out of memory. Tried to "
+         "allocate 2.00 GiB.); use a smaller width")
+    assert not out.exists()
+    # any other error of the build is not read as a memory error
+    monkeypatch.setattr(registry, "create_model", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["--model", "test_wt", "--out", str(out), *FAST])
