@@ -577,6 +577,9 @@ def sweep(preset: str, out: str, *, smoke: bool = False, seeds: list[int] | None
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"--out {out} cannot be created: {parent} is not a directory")
+    if only is not None and not only.strip():  # an unset shell variable picked every run
+        raise ValueError("--only: empty text; give part of the run ids to run (--dry-run "
+                         "lists them)")
     runs = build_runs(preset, smoke=smoke, seeds=seeds, overrides=overrides)
     planned_ids = [r.run_id for r in runs]  # the preset's order, --only or not
     planned_configs = {config_id_for(r.label, r.config) for r in runs}  # any seed

@@ -167,3 +167,15 @@ def test_capaboost_out_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch, ca
     assert capsys.readouterr().out == f"summary in {home / 'x'}\n"
     assert (home / "x").is_dir() and os.listdir(work) == []
 
+
+@pytest.mark.parametrize("only", ["", " "])
+def test_run_empty_only_is_refused_not_every_run(only, tmp_path, capsys):
+    # --only "$UNSET" matched every run of the preset (the empty text is in every run id)
+    import benchmarks.run as run
+
+    out = tmp_path / "sweep"
+    assert run.main(["quick", "--smoke", "--dry-run", "--out", str(out), "--only", only]) == 2
+    assert capsys.readouterr().err == ("python -m benchmarks.run: error: --only: empty text; "
+                                       "give part of the run ids to run (--dry-run lists them)\n")
+    assert not out.exists()
+
