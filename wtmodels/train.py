@@ -111,14 +111,39 @@ def _does_not_fit(model: str, config, err: BaseException) -> str:
 
     if found := re.search(r"allocate (\d+) bytes", str(err)):  # torch's CPU allocator
         size = int(found.group(1))
-        unit, scale = next((u, s) for u, s in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9),
-                                                ("MB", 1e6), ("bytes", 1)) if size >= s)
+        unit, scale = next((u, s) for u, s in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12),
+                                                ("GB", 1e9), ("MB", 1e6), ("bytes", 1))
+                           if size >= s)
         asked = f"tried to allocate {size / scale:.3g} {unit}"
-    else:  # a GPU's "CUDA out of memory. Tried to allocate ..."; MemoryError
+    elif found := re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGTP]?i?B)", str(err)):
+        # a GPU's "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..." (one long line)
+        asked = f"tried to allocate {found.group(1)}"
+    elif "overflow" in str(err).lower():  # a width past ~1e17: sizes past a 64-bit count
+        asked = "its size overflows a 64-bit count"
+    else:  # MemoryError
         asked = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"model {model} (width {config.width}, depth {config.depth}, stages "
             f"{config.stages}) does not fit in memory ({asked}); use a smaller width, depth "
             f"or number of stages")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """True for an error of allocating a model's weights: torch's CPU allocator ("can't allocate
+    memory"), a GPU's out-of-memory error, a size past a 64-bit count ("Storage size calculation
+    overflowed", "Overflow when unpacking long long"), ``MemoryError``; not for any other error
+    that mentions allocation ("its data is not allocated yet").
+
+    Example:
+        >>> _out_of_memory(RuntimeError("The tensor's data is not allocated yet"))
+        False
+        >>> _out_of_memory(TypeError("empty(): ... Overflow when unpacking long long"))
+        True
+    """
+    import re
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or bool(re.search(
+        r"can't allocate memory|[Tt]ried to allocate|out of memory|size calculation overflowed"
+        r"|Overflow when unpacking", str(err)))
 
 
 class BadInput(ValueError):
@@ -513,8 +538,8 @@ class _Trainer:
         self.model_config = model_registry.get_config(cfg.model, **overrides)
         try:
             self.model = model_registry.create_model(cfg.model, **overrides).to(self.ctx.device)
-        except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
-            if not isinstance(err, MemoryError) and "allocate" not in str(err):
+        except (MemoryError, RuntimeError, TypeError) as err:  # OutOfMemoryError: RuntimeError
+            if not _out_of_memory(err):
                 raise
             raise BadInput(_does_not_fit(cfg.model, self.model_config, err)) from None
         if cfg.channels_last:

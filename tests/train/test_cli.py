@@ -311,18 +311,37 @@ def test_a_model_too_large_to_allocate_is_one_line_and_exit_2(tmp_path, capsys, 
                 "model test_wt (width 10000000, depth")
     assert "does not fit in memory (tried to allocate 3.6 PB)" in line  # 10**14 x 9 x 4 bytes
     assert not out.exists()
+    # a width past ~2.6e17 overflows torch's 64-bit size count (a RuntimeError), past 2**63
+    # the argument itself (a TypeError): both were tracebacks
+    for width in (10**18, 2**63):
+        _bad(["--model", "test_wt", "--width", str(width), "--out", str(out), *FAST], capsys,
+             f"(width {width}, depth 2, stages 1) does not fit in memory (its size overflows a "
+             "64-bit count)")
+        assert not out.exists()
     # a GPU's out-of-memory error takes the same way (torch.OutOfMemoryError's first line)
     import wtmodels.models as registry
 
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+    def no_memory(*args, **kwargs):  # torch's message: one line of ~400 characters
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+            "79.15 GiB of which 5.25 MiB is free. Of the allocated memory 78.6 GiB is allocated "
+            "by PyTorch. See documentation for Memory Management")
 
     monkeypatch.setattr(registry, "create_model", no_memory)
-    _bad(["--model", "test_wt", "--out", str(out), *FAST], capsys,
-         "(width 8, depth 2, stages 1) does not fit in memory (CUDA out of memory. Tried to "
-         "allocate 2.00 GiB.); use a smaller width")
+    line = _bad(["--model", "test_wt", "--out", str(out), *FAST], capsys,
+                "(width 8, depth 2, stages 1) does not fit in memory (tried to allocate "
+                "2.00 GiB); use a smaller width")
+    assert "capacity" not in line
     assert not out.exists()
     # any other error of the build is not read as a memory error
     monkeypatch.setattr(registry, "create_model", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
+        main(["--model", "test_wt", "--out", str(out), *FAST])
+
+    def not_allocated(*args, **kwargs):  # mentions allocation, is no memory shortage
+        raise RuntimeError("The tensor has a non-zero number of elements, but its data is not "
+                           "allocated yet")
+
+    monkeypatch.setattr(registry, "create_model", not_allocated)
+    with pytest.raises(RuntimeError, match="not allocated yet"):
         main(["--model", "test_wt", "--out", str(out), *FAST])
