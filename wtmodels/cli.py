@@ -90,10 +90,12 @@ class DashValueParser(argparse.ArgumentParser):
             r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def _get_values(self, action, arg_strings):
-        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+        # nargs "?" / "+" / "*" too: before 3.13 "--flag=--" gave its const / [] / []
+        if (action.nargs in (None, "?", "+", "*") and action.option_strings
+                and arg_strings == ["--"]):
             value = self._get_value(action, "--")  # int / float: "invalid ... value: '--'"
             self._check_value(action, value)
-            return value
+            return value if action.nargs in (None, "?") else [value]
         return super()._get_values(action, arg_strings)
 
 

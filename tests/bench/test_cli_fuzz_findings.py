@@ -46,6 +46,15 @@ def test_dash_value_is_the_string_dashes():
     assert parser.parse_args(["--name=a"]).name == "a"
 
 
+@pytest.mark.parametrize("nargs, want", [("?", "--"), ("+", ["--"]), ("*", ["--"])])
+def test_dash_value_of_a_flag_taking_several_values(nargs, want):
+    # before 3.13 argparse gave nargs="?" its const and "+" / "*" an empty list
+    parser = DashValueParser(prog="demo")
+    parser.add_argument("--names", nargs=nargs, **({"const": "CONST"} if nargs == "?" else {}))
+    assert parser.parse_args(["--names=--"]).names == want
+    assert parser.parse_args(["--names", "a"]).names == ("a" if nargs == "?" else ["a"])
+
+
 def test_negative_exponent_and_infinity_are_values(capsys):
     parser = DashValueParser(prog="demo")
     parser.add_argument("--x", type=float)
