@@ -82,9 +82,10 @@ def make_masks(
           structure, not hardware speed.
 
     The k masks are pairwise distinct (duplicates are redrawn). Where redrawing would be slow, on
-    a weight of a handful of entries (at most 2**14 possible masks) whose k - 1 likeliest masks
-    hold over half the probability, the k are drawn from the list of all masks instead, with the
-    same distribution, so every k up to the count of possible masks succeeds at once.
+    a weight with at most 2**14 possible masks whose k - 1 likeliest masks hold over half the
+    probability (k near that count; ``"bernoulli"`` at a density near 0 or 1 on a few entries),
+    the k are drawn from the list of all masks instead, with the same distribution, so every k
+    up to the count of possible masks succeeds at once.
     ``density=1`` is the dense reference: it returns k identical all-ones masks. Any other
     request that admits fewer than k distinct masks raises ``ValueError``. The masks depend only
     on the arguments: the same seed gives the same masks bit for bit, whatever the global

@@ -141,7 +141,9 @@ def _out_of_memory(err: BaseException) -> bool:
     """
     import re
 
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or bool(re.search(
+    # torch.OutOfMemoryError from torch 2.5; torch.cuda's (the same class since) in 2.4
+    gpu = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(err, (MemoryError, gpu)) or bool(re.search(
         r"can't allocate memory|[Tt]ried to allocate|out of memory|size calculation overflowed"
         r"|Overflow when unpacking", str(err)))
 

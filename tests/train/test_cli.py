@@ -322,7 +322,7 @@ def test_a_model_too_large_to_allocate_is_one_line_and_exit_2(tmp_path, capsys, 
     import wtmodels.models as registry
 
     def no_memory(*args, **kwargs):  # torch's message: one line of ~400 characters
-        raise torch.OutOfMemoryError(
+        raise torch.cuda.OutOfMemoryError(  # torch.OutOfMemoryError from torch 2.5
             "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
             "79.15 GiB of which 5.25 MiB is free. Of the allocated memory 78.6 GiB is allocated "
             "by PyTorch. See documentation for Memory Management")
