@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+from tests.bench.test_benchmark_cli_refusals import _exit_code
 from wtmodels.cli import DashValueParser
 
 
@@ -28,13 +29,6 @@ def _keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def _exit_code(main, argv):
-    try:
-        return main(argv)
-    except SystemExit as exc:  # the argparse-based ones exit from parse_args
-        return exc.code
 
 
 def test_dash_value_is_the_string_dashes():

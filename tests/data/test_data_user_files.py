@@ -115,12 +115,6 @@ def test_imagefolder_skips_hidden_folders_and_files(tmp_path: Path):
         get_datasets("imagefolder", data_dir=tmp_path)
 
 
-def _write_uint8_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_mnist_torchvision_layout_with_more_images_than_labels_is_refused(tmp_path: Path):
     """Two well-formed idx files that do not pair up (20 images, 15 labels) in torchvision's
     ``MNIST/raw`` layout: before, they loaded as 20 images, and reading image 17 raised an
@@ -128,14 +122,16 @@ def test_mnist_torchvision_layout_with_more_images_than_labels_is_refused(tmp_pa
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    _write_uint8_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)))
-    _write_uint8_idx(raw / "train-labels-idx1-ubyte", np.arange(15) % 10)
-    _write_uint8_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (6, 28, 28)))
-    _write_uint8_idx(raw / "t10k-labels-idx1-ubyte", np.arange(6) % 10)
+    _write_idx(raw / "train-images-idx3-ubyte",
+               rng.integers(0, 256, (20, 28, 28)).astype(np.uint8))
+    _write_idx(raw / "train-labels-idx1-ubyte", (np.arange(15) % 10).astype(np.uint8))
+    _write_idx(raw / "t10k-images-idx3-ubyte",
+               rng.integers(0, 256, (6, 28, 28)).astype(np.uint8))
+    _write_idx(raw / "t10k-labels-idx1-ubyte", (np.arange(6) % 10).astype(np.uint8))
     with pytest.raises(ValueError, match="20 train images but 15 labels"):
         get_datasets("mnist", data_dir=tmp_path)
     # the same files, paired, load with the labels written
-    _write_uint8_idx(raw / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    _write_idx(raw / "train-labels-idx1-ubyte", (np.arange(20) % 10).astype(np.uint8))
     train, test, _ = get_datasets("mnist", data_dir=tmp_path)
     assert [train[i][1] for i in range(20)] == [i % 10 for i in range(20)]
     assert len(test) == 6
