@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 import warnings
@@ -107,8 +108,6 @@ def _does_not_fit(model: str, config, err: BaseException) -> str:
         >>> tail
         '1.44 TB); use a smaller width, depth or number of stages'
     """
-    import re
-
     if found := re.search(r"allocate (\d+) bytes", str(err)):  # torch's CPU allocator
         size = int(found.group(1))
         unit, scale = next((u, s) for u, s in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12),
@@ -139,8 +138,6 @@ def _out_of_memory(err: BaseException) -> bool:
         >>> _out_of_memory(TypeError("empty(): ... Overflow when unpacking long long"))
         True
     """
-    import re
-
     # torch.OutOfMemoryError from torch 2.5; torch.cuda's (the same class since) in 2.4
     gpu = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     return isinstance(err, (MemoryError, gpu)) or bool(re.search(
