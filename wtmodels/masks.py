@@ -120,7 +120,7 @@ def make_masks(
 
     numel = math.prod(shape)
     generator = torch.Generator().manual_seed(int(seed))
-    if (every := _every_mask_if_crowded(shape, k, density, kind, n, m)) is not None:
+    if (every := _all_masks_if_crowded(shape, k, density, kind, n, m)) is not None:
         return _draw_from_all(every, k, generator).reshape(k, *shape)
     if kind == "random":
         ones = round(density * numel)
@@ -225,30 +225,37 @@ def _log_possible(shape, kind, density, n, m) -> float:
     return _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m) * _log_comb(m, n)
 
 
-def _every_mask(shape, kind, density, n, m) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every possible mask of a small weight as ``(P, numel)`` bool, with the log-probability
-    (up to a constant) that one draw of ``kind`` gives each: uniform for ``random`` / ``nm``,
-    ``ones * log(density) + zeros * log(1 - density)`` for ``bernoulli``."""
+def _all_masks(shape, kind, density, n, m):
+    """Every possible mask of a small weight, as ``(log_p, rows)``: ``log_p`` (P,) the
+    log-probability (up to a constant) that one draw of ``kind`` gives each (uniform for
+    ``random`` / ``nm``, ``ones * log(density) + zeros * log(1 - density)`` for ``bernoulli``)
+    and ``rows(index)`` the masks numbered ``index`` as ``(len(index), numel)`` bool, built only
+    for those (a 16384-entry weight with one zero has 16384 masks of 16384 entries)."""
     numel = math.prod(shape)
-    if kind == "bernoulli":
+    if kind == "bernoulli":  # numel <= log2(_ENUMERATE_LIMIT)
         every = (torch.arange(2**numel)[:, None] >> torch.arange(numel)) & 1  # (P, numel)
         ones = every.sum(dim=1, dtype=torch.float64)
-        return every.bool(), ones * math.log(density) + (numel - ones) * math.log1p(-density)
+        log_p = ones * math.log(density) + (numel - ones) * math.log1p(-density)
+        return log_p, lambda index: every[index].bool()
     if kind == "random":
         groups, size, per_group = 1, numel, round(density * numel)
     else:
         groups, size, per_group = _rows_cols(shape)[0] * (_rows_cols(shape)[1] // m), m, n
-    choices = torch.tensor(list(itertools.combinations(range(size), per_group)))  # (C, ones)
-    patterns = torch.zeros(len(choices), size, dtype=torch.bool)
-    patterns.scatter_(1, choices, True)  # (C, size): one group's possible patterns
-    rank = torch.arange(len(choices) ** groups)
-    digits = torch.stack([rank // len(choices) ** g % len(choices) for g in range(groups)], 1)
-    every = patterns[digits].reshape(len(rank), groups * size)  # (P, numel)
-    return every, torch.zeros(len(rank), dtype=torch.float64)
+    few = min(per_group, size - per_group)  # list the ones, or the zeros where they are fewer
+    choices = torch.tensor(list(itertools.combinations(range(size), few))).reshape(-1, few)
+    count = len(choices)  # (count, few): one group's possible patterns
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        digits = torch.stack([index // count**g % count for g in range(groups)], 1)
+        picked = torch.zeros(len(index), groups, size, dtype=torch.bool)
+        picked.scatter_(2, choices[digits], True)  # (len, groups, size)
+        return (picked if few == per_group else ~picked).reshape(len(index), groups * size)
+
+    return torch.zeros(count**groups, dtype=torch.float64), rows
 
 
-def _every_mask_if_crowded(shape, k, density, kind, n, m):
-    """``_every_mask(...)`` when redraws would be slow (the k - 1 likeliest of at most
+def _all_masks_if_crowded(shape, k, density, kind, n, m):
+    """``_all_masks(...)`` when redraws would be slow (the k - 1 likeliest of at most
     ``_ENUMERATE_LIMIT`` masks hold over half the probability, so later draws mostly repeat);
     else None, and the masks are drawn as always."""
     log_possible = _log_possible(shape, kind, density, n, m)
@@ -256,19 +263,18 @@ def _every_mask_if_crowded(shape, k, density, kind, n, m):
         return None
     if kind != "bernoulli" and k - 1 <= 0.5 * round(math.exp(log_possible)):  # uniform
         return None
-    every = _every_mask(shape, kind, density, n, m)
-    p = (every[1] - every[1].max()).exp()
-    return every if p.sort(descending=True).values[:k - 1].sum() > 0.5 * p.sum() else None
+    log_p, rows = _all_masks(shape, kind, density, n, m)
+    p = (log_p - log_p.max()).exp()
+    return (log_p, rows) if p.sort(descending=True).values[:k - 1].sum() > 0.5 * p.sum() else None
 
 
-def _draw_from_all(every: tuple[torch.Tensor, torch.Tensor], k: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """k distinct rows of ``every[0]`` in the order of drawing one at a time with probabilities
-    ``exp(every[1])`` and setting repeats aside (Gumbel top-k, exact: Plackett-Luce)."""
-    masks, log_p = every
+def _draw_from_all(every, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct masks of ``every = (log_p, rows)`` in the order of drawing one at a time with
+    probabilities ``exp(log_p)`` and setting repeats aside (Gumbel top-k, exact: Plackett-Luce)."""
+    log_p, rows = every
     uniform = torch.rand(len(log_p), generator=generator, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    return masks[(log_p + gumbel).topk(k).indices].clone()  # (k, numel)
+    return rows((log_p + gumbel).topk(k).indices)  # (k, numel)
 
 
 def _log_comb(n: int, r: int) -> float:

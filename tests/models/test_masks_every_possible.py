@@ -23,6 +23,8 @@ def as_rows(masks: torch.Tensor) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("shape, density, kind, possible", [
     ((576,), 1 / 576, "random", 576),
     ((6,), 0.5, "random", math.comb(6, 3)),
+    ((7,), 5 / 7, "random", math.comb(7, 5)),  # listed by their zeros
+    ((2, 8), 0.75, "nm", math.comb(4, 3) ** 4),
     ((4,), 0.2, "bernoulli", 2**4),
     ((2, 8), 0.5, "nm", math.comb(4, 2) ** 4),
 ])
@@ -34,7 +36,7 @@ def test_k_equal_to_every_possible_mask_returns_each_once(shape, density, kind, 
         if kind == "random":
             assert (masks.reshape(possible, -1).sum(1) == round(density * math.prod(shape))).all()
         if kind == "nm":
-            assert (masks.reshape(possible, -1, 4).sum(2) == 2).all()
+            assert (masks.reshape(possible, -1, 4).sum(2) == round(4 * density)).all()
     with pytest.raises(ValueError, match=f"only {possible} distinct"):
         wt.make_masks(shape, k=possible + 1, density=density, kind=kind)
 
@@ -85,3 +87,13 @@ def test_random_draws_are_uniform_over_sets_of_masks(k):
     assert len(set(drawn)) == sets and all(len(d) == k for d in drawn)
     expected, sd = trials / sets, math.sqrt(trials * (1 / sets) * (1 - 1 / sets))
     assert all(abs(drawn.count(one) - expected) <= 4 * sd for one in set(drawn))
+
+
+def test_a_large_weight_with_one_zero_lists_its_masks_without_forming_them_all():
+    # 4096 entries, one zero: 4096 possible masks; k = 3000 comes from the list, each mask with
+    # exactly one zero, all distinct (listing every mask's 4095 ones took ~60 s and GBs)
+    masks = wt.make_masks((64, 64), k=3000, density=1 - 1 / 4096, seed=0)
+    zeros = (~masks).reshape(3000, -1)
+    assert (zeros.sum(1) == 1).all()
+    assert len(set(zeros.float().argmax(1).tolist())) == 3000
+
